@@ -1,0 +1,176 @@
+//! Where this process sits in a job: its worker index and the worker count.
+//!
+//! Batch stages (embed, precompute-knn) split their shards over workers. The slot comes from
+//! flags when given, otherwise from the launcher's environment: a Slurm array task
+//! (`SLURM_ARRAY_TASK_ID` / `SLURM_ARRAY_TASK_COUNT`, offset by `SLURM_ARRAY_TASK_MIN`), a
+//! Slurm step (`SLURM_PROCID` / `SLURM_NTASKS`), torch-style `RANK` / `WORLD_SIZE`, or a
+//! Kubernetes Indexed Job (`JOB_COMPLETION_INDEX`, with the count from flags). A process
+//! alone is worker 0 of 1.
+
+use std::fmt;
+
+/// What is wrong with a worker slot.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ClusterError {
+    /// Index not below count, or count zero.
+    #[error("worker {index} of {count} is not valid: need 0 <= worker < workers and workers >= 1")]
+    InvalidSlot { index: usize, count: usize },
+    /// An environment variable holds no number.
+    #[error("environment variable {name}={value:?} is not a non-negative integer")]
+    BadEnv { name: &'static str, value: String },
+    /// An index came from the environment but no count did.
+    #[error("{name} gives this worker's index but nothing gives the worker count; pass --workers")]
+    MissingCount { name: &'static str },
+}
+
+/// Result with [`ClusterError`].
+pub type Result<T> = std::result::Result<T, ClusterError>;
+
+/// This worker's index among `count` workers; always valid once built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkerSlot {
+    index: usize,
+    count: usize,
+}
+
+impl fmt::Display for WorkerSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "worker {} of {}", self.index, self.count)
+    }
+}
+
+impl WorkerSlot {
+    /// Validates `index < count`.
+    pub fn new(index: usize, count: usize) -> Result<Self> {
+        if count == 0 || index >= count {
+            return Err(ClusterError::InvalidSlot { index, count });
+        }
+        Ok(Self { index, count })
+    }
+
+    /// The single worker of a one-process run.
+    pub fn single() -> Self {
+        Self { index: 0, count: 1 }
+    }
+
+    /// Zero-based index.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Number of workers.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Resolves the slot from flags first, then the environment read through `env`.
+    pub fn resolve(
+        index: Option<usize>,
+        count: Option<usize>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self> {
+        let num = |name: &'static str| -> Result<Option<usize>> {
+            match env(name) {
+                None => Ok(None),
+                Some(v) => v
+                    .trim()
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| ClusterError::BadEnv { name, value: v }),
+            }
+        };
+        let from_env: Option<(usize, Option<usize>, &'static str)> =
+            if let Some(id) = num("SLURM_ARRAY_TASK_ID")? {
+                let min = num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+                let idx = id.checked_sub(min).ok_or(ClusterError::InvalidSlot {
+                    index: id,
+                    count: 0,
+                })?;
+                Some((idx, num("SLURM_ARRAY_TASK_COUNT")?, "SLURM_ARRAY_TASK_ID"))
+            } else if let Some(id) = num("SLURM_PROCID")? {
+                Some((id, num("SLURM_NTASKS")?, "SLURM_PROCID"))
+            } else if let Some(id) = num("RANK")? {
+                Some((id, num("WORLD_SIZE")?, "RANK"))
+            } else {
+                num("JOB_COMPLETION_INDEX")?.map(|id| (id, None, "JOB_COMPLETION_INDEX"))
+            };
+        match (index, count, from_env) {
+            (Some(i), Some(c), _) => Self::new(i, c),
+            (Some(i), None, Some((_, Some(c), _))) => Self::new(i, c),
+            (Some(i), None, _) => Self::new(i, 1),
+            (None, c, Some((i, env_c, name))) => match c.or(env_c) {
+                Some(c) => Self::new(i, c),
+                None => Err(ClusterError::MissingCount { name }),
+            },
+            (None, Some(c), None) => Self::new(0, c),
+            (None, None, None) => Ok(Self::single()),
+        }
+    }
+
+    /// Resolves the slot from flags and this process's environment.
+    pub fn from_flags_or_env(index: Option<usize>, count: Option<usize>) -> Result<Self> {
+        Self::resolve(index, count, |k| std::env::var(k).ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn flags_win() {
+        let s = WorkerSlot::resolve(Some(3), Some(64), env(&[("RANK", "1")])).unwrap();
+        assert_eq!((s.index(), s.count()), (3, 64));
+    }
+
+    #[test]
+    fn slurm_array_is_offset_by_its_minimum() {
+        let e = env(&[
+            ("SLURM_ARRAY_TASK_ID", "12"),
+            ("SLURM_ARRAY_TASK_MIN", "10"),
+            ("SLURM_ARRAY_TASK_COUNT", "4"),
+        ]);
+        assert_eq!(
+            WorkerSlot::resolve(None, None, e).unwrap(),
+            WorkerSlot::new(2, 4).unwrap()
+        );
+    }
+
+    #[test]
+    fn torch_style_and_kubernetes() {
+        let s = WorkerSlot::resolve(None, None, env(&[("RANK", "1"), ("WORLD_SIZE", "2")]));
+        assert_eq!(s.unwrap(), WorkerSlot::new(1, 2).unwrap());
+        let k = WorkerSlot::resolve(None, None, env(&[("JOB_COMPLETION_INDEX", "5")]));
+        assert_eq!(
+            k.unwrap_err(),
+            ClusterError::MissingCount {
+                name: "JOB_COMPLETION_INDEX"
+            }
+        );
+        let k = WorkerSlot::resolve(None, Some(8), env(&[("JOB_COMPLETION_INDEX", "5")]));
+        assert_eq!(k.unwrap(), WorkerSlot::new(5, 8).unwrap());
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        assert!(matches!(
+            WorkerSlot::new(4, 4),
+            Err(ClusterError::InvalidSlot { index: 4, count: 4 })
+        ));
+        let bad = WorkerSlot::resolve(None, None, env(&[("RANK", "x")])).unwrap_err();
+        assert!(matches!(bad, ClusterError::BadEnv { name: "RANK", .. }));
+        assert_eq!(
+            WorkerSlot::resolve(None, None, env(&[])).unwrap(),
+            WorkerSlot::single()
+        );
+    }
+}

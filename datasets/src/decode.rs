@@ -1,0 +1,238 @@
+//! Decoding untrusted image bytes with explicit limits.
+//!
+//! Every failure is a [`RejectReason`], never a panic or an abort: the record is counted,
+//! written to the rejects table with its id and the reason, and the run goes on. Pixel counts
+//! are checked from the header before any pixel buffer exists, so a decompression bomb (a tiny
+//! file declaring 100k x 100k pixels) costs nothing.
+
+use image::{ImageError, ImageReader, RgbImage};
+use std::io::Cursor;
+
+/// Limits applied to each record.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeLimits {
+    /// Largest accepted width x height, read from the header before decoding.
+    pub max_pixels: u64,
+    /// Largest accepted encoded size in bytes.
+    pub max_bytes: u64,
+    /// Colour that transparent pixels are flattened onto.
+    pub background: [u8; 3],
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        Self {
+            max_pixels: 64 * 1024 * 1024,
+            max_bytes: 64 * 1024 * 1024,
+            background: [255, 255, 255],
+        }
+    }
+}
+
+/// Why a record cannot be used. `code()` is the short name counted in summaries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RejectReason {
+    /// Zero bytes.
+    Empty,
+    /// The encoded record is larger than `max_bytes`.
+    TooLarge { bytes: u64, max_bytes: u64 },
+    /// Not a recognised image format.
+    NotAnImage { detail: String },
+    /// The header declares more pixels than `max_pixels`.
+    TooManyPixels {
+        width: u32,
+        height: u32,
+        max_pixels: u64,
+    },
+    /// The data ends before the image does.
+    Truncated { detail: String },
+    /// The image data is invalid.
+    Corrupt { detail: String },
+    /// A container sample (WebDataset key, parquet row) has no image in it.
+    NoImage { detail: String },
+}
+
+impl RejectReason {
+    /// Short stable name, e.g. `truncated`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RejectReason::Empty => "empty",
+            RejectReason::TooLarge { .. } => "too_large",
+            RejectReason::NotAnImage { .. } => "not_an_image",
+            RejectReason::TooManyPixels { .. } => "too_many_pixels",
+            RejectReason::Truncated { .. } => "truncated",
+            RejectReason::Corrupt { .. } => "corrupt",
+            RejectReason::NoImage { .. } => "no_image",
+        }
+    }
+
+    /// Human-readable detail.
+    pub fn detail(&self) -> String {
+        match self {
+            RejectReason::Empty => "zero-length record".into(),
+            RejectReason::TooLarge { bytes, max_bytes } => {
+                format!("{bytes} bytes exceeds max_bytes = {max_bytes}")
+            }
+            RejectReason::TooManyPixels {
+                width,
+                height,
+                max_pixels,
+            } => format!("{width}x{height} exceeds max_pixels = {max_pixels}"),
+            RejectReason::NotAnImage { detail }
+            | RejectReason::Truncated { detail }
+            | RejectReason::Corrupt { detail }
+            | RejectReason::NoImage { detail } => detail.clone(),
+        }
+    }
+}
+
+/// A decoded image in RGB with its original size.
+#[derive(Debug)]
+pub struct DecodedImage {
+    /// Pixels, alpha flattened onto the configured background.
+    pub rgb: RgbImage,
+    /// Original width in pixels.
+    pub width: u32,
+    /// Original height in pixels.
+    pub height: u32,
+}
+
+/// Decodes `bytes` within `limits`.
+pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<DecodedImage, RejectReason> {
+    if bytes.is_empty() {
+        return Err(RejectReason::Empty);
+    }
+    if bytes.len() as u64 > limits.max_bytes {
+        return Err(RejectReason::TooLarge {
+            bytes: bytes.len() as u64,
+            max_bytes: limits.max_bytes,
+        });
+    }
+    let reader = || {
+        ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| RejectReason::Corrupt {
+                detail: e.to_string(),
+            })
+    };
+    let probe = reader()?;
+    if probe.format().is_none() {
+        return Err(RejectReason::NotAnImage {
+            detail: format!("unrecognised header {:02x?}", &bytes[..bytes.len().min(8)]),
+        });
+    }
+    let (width, height) = probe.into_dimensions().map_err(classify)?;
+    if width as u64 * height as u64 > limits.max_pixels {
+        return Err(RejectReason::TooManyPixels {
+            width,
+            height,
+            max_pixels: limits.max_pixels,
+        });
+    }
+    let mut reader = reader()?;
+    let mut image_limits = image::Limits::default();
+    image_limits.max_image_width = Some(width);
+    image_limits.max_image_height = Some(height);
+    // RGBA at 16 bits per channel is the largest buffer a decoder may need, plus slack.
+    image_limits.max_alloc = Some(width as u64 * height as u64 * 8 + (1 << 20));
+    reader.limits(image_limits);
+    let img = reader.decode().map_err(classify)?;
+    let rgb = if img.color().has_alpha() {
+        let rgba = img.to_rgba8();
+        let [br, bg, bb] = limits.background.map(u32::from);
+        RgbImage::from_fn(width, height, |x, y| {
+            let [r, g, b, a] = rgba.get_pixel(x, y).0.map(u32::from);
+            let mix = |c: u32, back: u32| ((c * a + back * (255 - a) + 127) / 255) as u8;
+            image::Rgb([mix(r, br), mix(g, bg), mix(b, bb)])
+        })
+    } else {
+        img.to_rgb8()
+    };
+    Ok(DecodedImage { rgb, width, height })
+}
+
+fn classify(err: ImageError) -> RejectReason {
+    let detail = err.to_string();
+    let lower = detail.to_lowercase();
+    match err {
+        ImageError::IoError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            RejectReason::Truncated { detail }
+        }
+        ImageError::Limits(_) => RejectReason::Corrupt {
+            detail: format!("decoder exceeded its memory limit: {detail}"),
+        },
+        ImageError::Unsupported(_) => RejectReason::NotAnImage { detail },
+        _ if lower.contains("eof")
+            || lower.contains("end of file")
+            || lower.contains("truncated")
+            || lower.contains("unexpected end")
+            || lower.contains("not enough data")
+            || lower.contains("no more data") =>
+        {
+            RejectReason::Truncated { detail }
+        }
+        _ => RejectReason::Corrupt { detail },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(w: u32, h: u32) -> Vec<u8> {
+        let img = RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        let mut out = Vec::new();
+        img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn good_png_decodes() {
+        let d = decode_image(&png(20, 10), &DecodeLimits::default()).unwrap();
+        assert_eq!((d.width, d.height), (20, 10));
+        assert_eq!(d.rgb.get_pixel(3, 4).0, [3, 4, 7]);
+    }
+
+    #[test]
+    fn bad_inputs_get_reasons() {
+        let limits = DecodeLimits::default();
+        assert_eq!(decode_image(&[], &limits).unwrap_err(), RejectReason::Empty);
+        assert!(matches!(
+            decode_image(b"hello world, not an image", &limits).unwrap_err(),
+            RejectReason::NotAnImage { .. }
+        ));
+        let full = png(64, 64);
+        let cut = &full[..full.len() / 2];
+        assert!(matches!(
+            decode_image(cut, &limits).unwrap_err(),
+            RejectReason::Truncated { .. } | RejectReason::Corrupt { .. }
+        ));
+    }
+
+    #[test]
+    fn pixel_limit_is_checked_from_the_header() {
+        let limits = DecodeLimits {
+            max_pixels: 100,
+            ..Default::default()
+        };
+        assert!(matches!(
+            decode_image(&png(20, 10), &limits).unwrap_err(),
+            RejectReason::TooManyPixels {
+                width: 20,
+                height: 10,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn alpha_is_flattened_onto_the_background() {
+        let img = image::RgbaImage::from_pixel(2, 2, image::Rgba([0, 0, 0, 0]));
+        let mut bytes = Vec::new();
+        img.write_to(&mut Cursor::new(&mut bytes), image::ImageFormat::Png)
+            .unwrap();
+        let d = decode_image(&bytes, &DecodeLimits::default()).unwrap();
+        assert_eq!(d.rgb.get_pixel(0, 0).0, [255, 255, 255]);
+    }
+}

@@ -1,0 +1,93 @@
+//! Errors of the datasets crate: one variant per thing a user can act on, each naming the URL,
+//! shard or config key involved. Errors about a single record are not here: those are
+//! [`crate::RejectReason`]s, counted and reported, never fatal.
+
+use std::path::PathBuf;
+
+/// Result with [`DatasetError`].
+pub type Result<T, E = DatasetError> = std::result::Result<T, E>;
+
+/// What went wrong reading a source.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    /// The source or table URL cannot be parsed or has no usable scheme.
+    #[error("invalid URL `{url}`: {reason}")]
+    InvalidUrl { url: String, reason: String },
+
+    /// The store refused our credentials.
+    #[error(
+        "access denied to `{url}`: {detail}. Check the credentials (config `storage.access_key_id` / \
+         `storage.secret_access_key` or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for s3; \
+         GOOGLE_APPLICATION_CREDENTIALS for gs; AZURE_STORAGE_ACCOUNT_KEY for az)"
+    )]
+    AccessDenied { url: String, detail: String },
+
+    /// The object or prefix does not exist.
+    #[error("not found: `{url}`")]
+    NotFound { url: String },
+
+    /// Any other object store failure (network, server error) at `url`.
+    #[error("object store error at `{url}`: {source}")]
+    Store {
+        url: String,
+        #[source]
+        source: object_store::Error,
+    },
+
+    /// The source holds no shard of the configured format.
+    #[error("no {format} shards under `{url}`; check `source.url` and `source.format`")]
+    NoShards { url: String, format: String },
+
+    /// A shard's container (parquet file, tar archive) is unreadable as a whole.
+    #[error("shard `{shard}` is unreadable: {reason}")]
+    CorruptShard { shard: String, reason: String },
+
+    /// A configured column is missing from a parquet shard.
+    #[error("shard `{shard}` has no column `{column}` (has: {available}); set `source.{key}`")]
+    MissingColumn {
+        shard: String,
+        column: String,
+        available: String,
+        key: &'static str,
+    },
+
+    /// Worker index and count do not fit together.
+    #[error("worker {index} of {count} is not valid: need 0 <= worker < workers and workers >= 1")]
+    InvalidWorker { index: usize, count: usize },
+
+    /// A local file could not be read.
+    #[error("cannot read `{path}`: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl DatasetError {
+    /// Classifies an object store error at `url` into the variant a user can act on.
+    pub fn from_store(url: impl Into<String>, source: object_store::Error) -> Self {
+        let url = url.into();
+        match source {
+            object_store::Error::NotFound { .. } => DatasetError::NotFound { url },
+            object_store::Error::PermissionDenied { source, .. }
+            | object_store::Error::Unauthenticated { source, .. } => DatasetError::AccessDenied {
+                url,
+                detail: source.to_string(),
+            },
+            other => {
+                // S3-compatible servers answer a bad signature with 403 through the generic path.
+                let text = other.to_string();
+                if text.contains("SignatureDoesNotMatch")
+                    || text.contains("InvalidAccessKeyId")
+                    || text.contains("AccessDenied")
+                    || text.contains("403 Forbidden")
+                {
+                    DatasetError::AccessDenied { url, detail: text }
+                } else {
+                    DatasetError::Store { url, source: other }
+                }
+            }
+        }
+    }
+}

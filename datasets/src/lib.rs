@@ -1,0 +1,29 @@
+//! Image records in object storage: the first stage of the knn-diffusion pipeline.
+//!
+//! This crate knows where images live and how to get them out safely; it knows nothing of
+//! CLIP, Lance or training. It provides
+//! - [`store`]: one [`object_store::ObjectStore`] for `s3://`, `gs://`, `az://`, `file://` and
+//!   `memory://` URLs, with credentials from the environment or config ([`Secret`] never prints);
+//! - [`shard`]: listing a source into [`Shard`]s and assigning them to workers deterministically;
+//! - [`reader`]: streaming readers for img2dataset parquet, WebDataset tar and plain folders,
+//!   each yielding [`RawRecord`]s with a stable id and bounded memory;
+//! - [`decode`]: decoding with explicit limits (header-checked pixel counts, zero-length and
+//!   truncated files), each failure a [`RejectReason`];
+//! - [`resize`]: Pillow-exact antialiased resampling and center cropping.
+
+pub mod decode;
+pub mod error;
+pub mod reader;
+pub mod record;
+pub mod resize;
+pub mod secret;
+pub mod shard;
+pub mod store;
+
+pub use decode::{decode_image, DecodeLimits, RejectReason};
+pub use error::{DatasetError, Result};
+pub use reader::{read_shard, ReaderOptions};
+pub use record::{record_id, RawRecord};
+pub use secret::Secret;
+pub use shard::{assign_shards, list_shards, Shard, ShardFormat, ShardId};
+pub use store::{SourceLocation, StorageConfig};

@@ -1,0 +1,52 @@
+//! Folder shards: each image file is a record whose key is its path below the source URL.
+
+use super::ReaderOptions;
+use crate::{record_id, DatasetError, RawRecord, RejectReason, Result, Shard, SourceLocation};
+use futures::stream::{self, BoxStream, StreamExt};
+
+pub(super) fn read(
+    loc: SourceLocation,
+    shard: Shard,
+    opts: ReaderOptions,
+) -> BoxStream<'static, Result<RawRecord>> {
+    let shard_id = shard.id.clone();
+    stream::iter(shard.objects)
+        .map(move |meta| {
+            let loc = loc.clone();
+            let shard_id = shard_id.clone();
+            let max = opts.max_record_bytes;
+            async move {
+                let url = loc.url_of(&meta.location);
+                let key = url
+                    .strip_prefix(loc.url.trim_end_matches('/'))
+                    .unwrap_or(&url)
+                    .trim_start_matches('/')
+                    .to_string();
+                let id = record_id(&shard_id, &key);
+                let payload = if meta.size > max {
+                    Err(RejectReason::TooLarge {
+                        bytes: meta.size,
+                        max_bytes: max,
+                    })
+                } else {
+                    let got = loc
+                        .store
+                        .get_opts(&meta.location, Default::default())
+                        .await
+                        .map_err(|e| DatasetError::from_store(&url, e))?;
+                    Ok(got
+                        .bytes()
+                        .await
+                        .map_err(|e| DatasetError::from_store(&url, e))?)
+                };
+                Ok(RawRecord {
+                    id,
+                    key,
+                    shard: shard_id,
+                    payload,
+                })
+            }
+        })
+        .buffered(opts.fetch_concurrency.max(1))
+        .boxed()
+}

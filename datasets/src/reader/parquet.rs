@@ -1,0 +1,245 @@
+//! img2dataset-style parquet shards: one row per record, a binary image column and a key
+//! column. Only those two columns are read, `parquet_batch_rows` rows at a time, through
+//! range requests against the object store.
+
+use super::ReaderOptions;
+use crate::{
+    record_id, DatasetError, RawRecord, RejectReason, Result, Shard, ShardId, SourceLocation,
+};
+use arrow_array::{cast::AsArray, Array, RecordBatch};
+use arrow_schema::DataType;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::{self, BoxStream, StreamExt};
+use object_store::{path::Path, ObjectStore};
+use parquet::arrow::arrow_reader::ArrowReaderOptions;
+use parquet::arrow::async_reader::{AsyncFileReader, ParquetRecordBatchStreamBuilder};
+use parquet::arrow::ProjectionMask;
+use parquet::errors::ParquetError;
+use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
+use std::ops::Range;
+use std::sync::Arc;
+
+/// An [`AsyncFileReader`] over our object store (parquet's own targets another
+/// object_store release).
+struct StoreFile {
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    size: u64,
+}
+
+impl AsyncFileReader for StoreFile {
+    fn get_bytes(&mut self, range: Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
+        Box::pin(async move {
+            let opts = object_store::GetOptions {
+                range: Some(range.into()),
+                ..Default::default()
+            };
+            let got = self
+                .store
+                .get_opts(&self.path, opts)
+                .await
+                .map_err(|e| ParquetError::External(Box::new(e)))?;
+            got.bytes()
+                .await
+                .map_err(|e| ParquetError::External(Box::new(e)))
+        })
+    }
+
+    fn get_metadata<'a>(
+        &'a mut self,
+        _options: Option<&'a ArrowReaderOptions>,
+    ) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
+        Box::pin(async move {
+            let size = self.size;
+            let meta = ParquetMetaDataReader::new()
+                .load_and_finish(self, size)
+                .await?;
+            Ok(Arc::new(meta))
+        })
+    }
+}
+
+pub(super) fn read(
+    loc: SourceLocation,
+    shard: Shard,
+    opts: ReaderOptions,
+) -> BoxStream<'static, Result<RawRecord>> {
+    let opened = async move {
+        let meta = shard
+            .objects
+            .first()
+            .cloned()
+            .ok_or_else(|| DatasetError::CorruptShard {
+                shard: shard.id.to_string(),
+                reason: "no object".into(),
+            })?;
+        let corrupt = |reason: String| DatasetError::CorruptShard {
+            shard: shard.id.to_string(),
+            reason,
+        };
+        let file = StoreFile {
+            store: loc.store.clone(),
+            path: meta.location.clone(),
+            size: meta.size,
+        };
+        let builder = ParquetRecordBatchStreamBuilder::new(file)
+            .await
+            .map_err(|e| corrupt(format!("cannot read parquet footer: {e}")))?;
+        let schema = builder.schema().clone();
+        let available = || {
+            schema
+                .fields()
+                .iter()
+                .map(|f| f.name().as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let image_idx =
+            schema
+                .index_of(&opts.image_column)
+                .map_err(|_| DatasetError::MissingColumn {
+                    shard: shard.id.to_string(),
+                    column: opts.image_column.clone(),
+                    available: available(),
+                    key: "image_column",
+                })?;
+        let key_idx = match &opts.key_column {
+            Some(k) => Some(
+                schema
+                    .index_of(k)
+                    .map_err(|_| DatasetError::MissingColumn {
+                        shard: shard.id.to_string(),
+                        column: k.clone(),
+                        available: available(),
+                        key: "key_column",
+                    })?,
+            ),
+            None => None,
+        };
+        let mut roots = vec![image_idx];
+        roots.extend(key_idx);
+        let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
+        let batches = builder
+            .with_projection(mask)
+            .with_batch_size(opts.parquet_batch_rows.max(1))
+            .build()
+            .map_err(|e| corrupt(e.to_string()))?;
+        Ok::<_, DatasetError>((batches, shard.id, opts))
+    };
+    stream::once(opened)
+        .flat_map(|opened| match opened {
+            Err(e) => stream::once(async move { Err(e) }).boxed(),
+            Ok((batches, shard_id, opts)) => {
+                let mut row_base = 0usize;
+                batches
+                    .flat_map(move |batch| {
+                        let out: Vec<Result<RawRecord>> = match batch {
+                            Err(e) => vec![Err(DatasetError::CorruptShard {
+                                shard: shard_id.to_string(),
+                                reason: e.to_string(),
+                            })],
+                            Ok(b) => {
+                                let recs = rows(&b, &shard_id, &opts, row_base);
+                                row_base += b.num_rows();
+                                recs
+                            }
+                        };
+                        stream::iter(out)
+                    })
+                    .boxed()
+            }
+        })
+        .boxed()
+}
+
+/// Converts one record batch (projected to image[, key]) into records.
+fn rows(
+    batch: &RecordBatch,
+    shard: &ShardId,
+    opts: &ReaderOptions,
+    row_base: usize,
+) -> Vec<Result<RawRecord>> {
+    let schema = batch.schema();
+    let col = |name: &str| schema.index_of(name).ok().map(|i| batch.column(i).clone());
+    let image = col(&opts.image_column).expect("projected image column");
+    let key = opts.key_column.as_deref().and_then(col);
+    (0..batch.num_rows())
+        .map(|row| {
+            let key = match &key {
+                Some(k) => {
+                    cell_text(k.as_ref(), row).ok_or_else(|| DatasetError::CorruptShard {
+                        shard: shard.to_string(),
+                        reason: format!(
+                            "key column has type {} (want a string or integer)",
+                            k.data_type()
+                        ),
+                    })?
+                }
+                None => format!("{:09}", row_base + row),
+            };
+            let payload =
+                cell_bytes(image.as_ref(), row).ok_or_else(|| DatasetError::CorruptShard {
+                    shard: shard.to_string(),
+                    reason: format!(
+                        "image column `{}` has type {} (want binary)",
+                        opts.image_column,
+                        image.data_type()
+                    ),
+                })?;
+            let payload = match payload {
+                Some(b) if b.len() as u64 > opts.max_record_bytes => Err(RejectReason::TooLarge {
+                    bytes: b.len() as u64,
+                    max_bytes: opts.max_record_bytes,
+                }),
+                Some(b) => Ok(Bytes::copy_from_slice(b)),
+                None => Err(RejectReason::NoImage {
+                    detail: format!("`{}` is null", opts.image_column),
+                }),
+            };
+            Ok(RawRecord {
+                id: record_id(shard, &key),
+                key,
+                shard: shard.clone(),
+                payload,
+            })
+        })
+        .collect()
+}
+
+/// The row's key as text; `None` for an unsupported column type. A null key becomes `#row`.
+fn cell_text(col: &dyn Array, row: usize) -> Option<String> {
+    if col.is_null(row) {
+        return Some(format!("#{row}"));
+    }
+    Some(match col.data_type() {
+        DataType::Utf8 => col.as_string::<i32>().value(row).to_string(),
+        DataType::LargeUtf8 => col.as_string::<i64>().value(row).to_string(),
+        DataType::Utf8View => col.as_string_view().value(row).to_string(),
+        DataType::Int64 => col
+            .as_primitive::<arrow_array::types::Int64Type>()
+            .value(row)
+            .to_string(),
+        DataType::Int32 => col
+            .as_primitive::<arrow_array::types::Int32Type>()
+            .value(row)
+            .to_string(),
+        DataType::UInt64 => col
+            .as_primitive::<arrow_array::types::UInt64Type>()
+            .value(row)
+            .to_string(),
+        _ => return None,
+    })
+}
+
+/// The row's bytes; outer `None` for an unsupported type, inner `None` for null.
+fn cell_bytes(col: &dyn Array, row: usize) -> Option<Option<&[u8]>> {
+    let null = col.is_null(row);
+    let value = match col.data_type() {
+        DataType::Binary => col.as_binary::<i32>().value(row),
+        DataType::LargeBinary => col.as_binary::<i64>().value(row),
+        DataType::BinaryView => col.as_binary_view().value(row),
+        _ => return None,
+    };
+    Some((!null).then_some(value))
+}

@@ -1,0 +1,8 @@
+//! Integration tests of the datasets crate: each reader on generated fixtures, bad records,
+//! memory:// and a real S3 server on loopback.
+
+mod fixtures;
+mod readers;
+mod s3;
+#[path = "../../../tests/support/s3_server.rs"]
+mod s3_server;

@@ -1,0 +1,968 @@
+//! The embed stage: image records in object storage → CLIP embeddings in a Lance table.
+//!
+//! ```text
+//! shards of this worker, minus committed ones
+//!   └─ per shard (`shards_in_flight` at once):
+//!        read (async) → chunks of `batch_size` → decode + resize + CLIP preprocessing
+//!        (blocking pool, `decode_threads` permits, `batches_in_flight` chunks ahead)
+//!        → CLIP on its own thread (GPU when present) → RecordBatch → Lance writer
+//!        (uncommitted fragments) → commit rejects, then rows, each once per shard
+//! ```
+//! Every hand-off is a bounded channel or a bounded `buffered` window, so memory is set by
+//! the config, not by the size of the input. A shard becomes visible in one commit carrying
+//! its id; the [`crate::ledger`] refuses a second commit of the same shard, so a rerun after
+//! `kill -9`, or a duplicated worker, never duplicates a row.
+
+use crate::clip::checkpoint::random_clip;
+use crate::clip::{l2_normalize, ClipCheckpoint, ClipConfig, LoadedClip};
+use crate::table::{embeddings_schema, rejects_schema, ShardedTable};
+use crate::{IndexerError, Result};
+use arrow_array::builder::{BinaryBuilder, StringBuilder};
+use arrow_array::{
+    ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, UInt32Array, UInt64Array,
+};
+use arrow_schema::{DataType, Field, SchemaRef};
+use futures::StreamExt;
+use knn_datasets::resize::{resize_and_center_crop, Filter};
+use knn_datasets::{
+    assign_shards, decode_image, list_shards, read_shard, DecodeLimits, RawRecord, ReaderOptions,
+    RejectReason, Shard, ShardFormat, SourceLocation, StorageConfig,
+};
+use lance::deps::datafusion::error::DataFusionError;
+use lance::deps::datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+/// Where the images come from.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// URL of the source: `s3://bucket/prefix/`, `gs://…`, `az://…`, `file:///…`, a local
+    /// path, or `memory://name/`.
+    pub url: String,
+    /// Layout: `parquet` (img2dataset), `webdataset` (.tar) or `folder`.
+    pub format: ShardFormat,
+    /// Parquet: the binary image column.
+    #[serde(default = "default_image_column")]
+    pub image_column: String,
+    /// Parquet: the key column (row number when empty).
+    #[serde(default = "default_key_column")]
+    pub key_column: Option<String>,
+    /// Folder sources: images per shard (a shard is a slice of one directory).
+    #[serde(default = "default_folder_shard_size")]
+    pub folder_shard_size: usize,
+}
+
+fn default_image_column() -> String {
+    "jpg".into()
+}
+fn default_key_column() -> Option<String> {
+    Some("key".into())
+}
+fn default_folder_shard_size() -> usize {
+    1000
+}
+
+/// Where the tables go and what the stored image looks like.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// URL of the embeddings Lance table.
+    pub table: String,
+    /// URL of the rejects table; default: the table URL with `-rejects` before `.lance`.
+    #[serde(default)]
+    pub rejects_table: Option<String>,
+    /// Side of the stored training image in pixels (center-cropped square).
+    #[serde(default = "default_image_size")]
+    pub image_size_px: u32,
+    /// Filter for the stored image: `lanczos`, `bicubic` or `bilinear`.
+    #[serde(default = "default_filter")]
+    pub resize_filter: Filter,
+}
+
+fn default_image_size() -> u32 {
+    64
+}
+fn default_filter() -> Filter {
+    Filter::Lanczos
+}
+
+impl OutputConfig {
+    /// The rejects table URL.
+    pub fn rejects_url(&self) -> String {
+        self.rejects_table.clone().unwrap_or_else(|| {
+            let t = self.table.trim_end_matches('/');
+            match t.strip_suffix(".lance") {
+                Some(stem) => format!("{stem}-rejects.lance"),
+                None => format!("{t}-rejects"),
+            }
+        })
+    }
+}
+
+/// Which device runs CLIP.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// The first CUDA GPU when there is one, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// The first CUDA GPU (an error when there is none).
+    Cuda,
+}
+
+/// Numeric precision of CLIP.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f16 on a GPU, f32 on the CPU.
+    #[default]
+    Auto,
+    /// 32-bit floats.
+    F32,
+    /// 16-bit floats (GPU).
+    F16,
+    /// bfloat16 (GPU).
+    Bf16,
+}
+
+/// The CLIP model used.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClipSettings {
+    /// HF checkpoint directory or URL (config.json + model.safetensors). Empty: a tiny
+    /// random-weight CLIP, for trying the pipeline only (a warning says so).
+    #[serde(default)]
+    pub checkpoint: Option<String>,
+    /// Local cache for checkpoints fetched from object storage.
+    #[serde(default = "default_cache_dir")]
+    pub cache_dir: String,
+    /// `auto`, `cpu` or `cuda`.
+    #[serde(default)]
+    pub device: DeviceChoice,
+    /// `auto`, `f32`, `f16` or `bf16`.
+    #[serde(default)]
+    pub precision: Precision,
+    /// Images per CLIP forward pass.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Seed of the random CLIP when no checkpoint is given.
+    #[serde(default)]
+    pub random_seed: i64,
+}
+
+fn default_cache_dir() -> String {
+    ".cache/clip".into()
+}
+fn default_batch() -> usize {
+    64
+}
+
+impl Default for ClipSettings {
+    fn default() -> Self {
+        Self {
+            checkpoint: None,
+            cache_dir: default_cache_dir(),
+            device: DeviceChoice::Auto,
+            precision: Precision::Auto,
+            batch_size: default_batch(),
+            random_seed: 0,
+        }
+    }
+}
+
+impl ClipSettings {
+    /// The device to run on, checked against what this machine has.
+    pub fn device(&self) -> Result<Device> {
+        match self.device {
+            DeviceChoice::Auto => Ok(Device::cuda_if_available()),
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+            DeviceChoice::Cuda => Err(IndexerError::Config {
+                key: "embed.clip.device".into(),
+                reason: "`cuda` asked for but libtorch sees no CUDA GPU; use `auto` or `cpu`"
+                    .into(),
+            }),
+        }
+    }
+
+    /// The tensor kind for `device`.
+    pub fn kind(&self, device: Device) -> Result<Kind> {
+        match (self.precision, device) {
+            (Precision::Auto, Device::Cpu) | (Precision::F32, _) => Ok(Kind::Float),
+            (Precision::Auto, _) | (Precision::F16, Device::Cuda(_)) => Ok(Kind::Half),
+            (Precision::Bf16, _) => Ok(Kind::BFloat16),
+            (Precision::F16, _) => Err(IndexerError::Config {
+                key: "embed.clip.precision".into(),
+                reason: "f16 needs a GPU; use f32 or bf16 on the CPU".into(),
+            }),
+        }
+    }
+}
+
+/// Limits on each record.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeConfig {
+    /// Largest width x height accepted (checked from the header, before decoding).
+    #[serde(default = "default_max_pixels")]
+    pub max_pixels: u64,
+    /// Largest encoded record in bytes.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+    /// RGB colour transparent pixels are flattened onto.
+    #[serde(default = "default_background")]
+    pub background: [u8; 3],
+}
+
+fn default_max_pixels() -> u64 {
+    // Pillow's MAX_IMAGE_PIXELS: the usual bound on untrusted web images.
+    89_478_485
+}
+fn default_max_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_background() -> [u8; 3] {
+    [255, 255, 255]
+}
+
+impl Default for DecodeConfig {
+    fn default() -> Self {
+        Self {
+            max_pixels: default_max_pixels(),
+            max_bytes: default_max_bytes(),
+            background: default_background(),
+        }
+    }
+}
+
+/// Concurrency of the pipeline.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Shards read and written at once.
+    #[serde(default = "default_shards_in_flight")]
+    pub shards_in_flight: usize,
+    /// Threads decoding and resizing (0: one per CPU core).
+    #[serde(default)]
+    pub decode_threads: usize,
+    /// Decoded batches kept ready ahead of CLIP, per shard.
+    #[serde(default = "default_batches_in_flight")]
+    pub batches_in_flight: usize,
+    /// Stop after this many shards (0: no limit); for trials and benchmarks.
+    #[serde(default)]
+    pub max_shards: usize,
+}
+
+fn default_shards_in_flight() -> usize {
+    2
+}
+fn default_batches_in_flight() -> usize {
+    3
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            shards_in_flight: default_shards_in_flight(),
+            decode_threads: 0,
+            batches_in_flight: default_batches_in_flight(),
+            max_shards: 0,
+        }
+    }
+}
+
+/// The embed stage's config (`[embed]` in the config file).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedConfig {
+    /// The source.
+    pub source: SourceConfig,
+    /// The output tables.
+    pub output: OutputConfig,
+    /// The CLIP model.
+    #[serde(default)]
+    pub clip: ClipSettings,
+    /// Per-record limits.
+    #[serde(default)]
+    pub decode: DecodeConfig,
+    /// Concurrency.
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+}
+
+/// Live counters of a running embed, for progress display.
+#[derive(Debug, Default)]
+pub struct EmbedProgress {
+    /// Shards this worker has to do (after skipping committed ones).
+    pub shards_todo: AtomicU64,
+    /// Shards finished (committed, found committed, or failed).
+    pub shards_finished: AtomicU64,
+    /// Images embedded.
+    pub images_ok: AtomicU64,
+    /// Records rejected.
+    pub images_rejected: AtomicU64,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default)]
+pub struct EmbedSummary {
+    /// Worker index and count.
+    pub worker: (usize, usize),
+    /// Shards assigned to this worker.
+    pub shards_assigned: usize,
+    /// Shards committed by this run.
+    pub shards_committed: usize,
+    /// Shards skipped because an earlier run had committed them.
+    pub shards_skipped: usize,
+    /// Shards another process committed while this run worked on them (work discarded).
+    pub shards_raced: usize,
+    /// Shards that failed, with the reason; they stay uncommitted for a rerun.
+    pub shards_failed: Vec<(String, String)>,
+    /// Images embedded and committed.
+    pub images_ok: u64,
+    /// Rejected records by reason code.
+    pub rejected: BTreeMap<String, u64>,
+    /// A few rejected records: (id, key, shard, reason).
+    pub reject_examples: Vec<(u64, String, String, String)>,
+    /// Wall time of the run.
+    pub elapsed_s: f64,
+    /// Summed time decode workers were busy.
+    pub decode_busy_s: f64,
+    /// Time the CLIP thread was busy.
+    pub model_busy_s: f64,
+    /// The CLIP that made the embeddings.
+    pub clip: String,
+    /// Embedding dimension.
+    pub dim: usize,
+    /// URL of the embeddings table.
+    pub table: String,
+    /// URL of the rejects table.
+    pub rejects_table: String,
+}
+
+impl EmbedSummary {
+    /// Records rejected in all.
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.values().sum()
+    }
+
+    /// End-to-end images per second.
+    pub fn images_per_s(&self) -> f64 {
+        self.images_ok as f64 / self.elapsed_s.max(1e-9)
+    }
+}
+
+impl fmt::Display for EmbedSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "embed summary (worker {} of {}, CLIP {}, d = {})",
+            self.worker.0, self.worker.1, self.clip, self.dim
+        )?;
+        writeln!(
+            f,
+            "  output: {} (rejects: {})",
+            self.table, self.rejects_table
+        )?;
+        writeln!(
+            f,
+            "  shards: {} assigned, {} committed, {} skipped (already done), {} done elsewhere meanwhile, {} failed",
+            self.shards_assigned,
+            self.shards_committed,
+            self.shards_skipped,
+            self.shards_raced,
+            self.shards_failed.len()
+        )?;
+        writeln!(
+            f,
+            "  images: {} ok, {} rejected{}",
+            self.images_ok,
+            self.rejected_total(),
+            if self.rejected.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({})",
+                    self.rejected
+                        .iter()
+                        .map(|(k, v)| format!("{k}: {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        )?;
+        for (id, key, shard, reason) in &self.reject_examples {
+            writeln!(
+                f,
+                "    rejected id {id} key `{key}` in shard `{shard}`: {reason}"
+            )?;
+        }
+        for (shard, reason) in &self.shards_failed {
+            writeln!(f, "  FAILED shard `{shard}`: {reason}")?;
+        }
+        write!(
+            f,
+            "  time: {:.1} s, {:.1} img/s end to end; CLIP busy {:.1} s, decode busy {:.1} s",
+            self.elapsed_s,
+            self.images_per_s(),
+            self.model_busy_s,
+            self.decode_busy_s
+        )
+    }
+}
+
+/// One rejected record.
+struct RejectRow {
+    id: u64,
+    key: String,
+    shard: String,
+    reason: RejectReason,
+}
+
+/// A chunk of decoded records waiting for CLIP.
+struct DecodedChunk {
+    ids: Vec<u64>,
+    keys: Vec<String>,
+    shard: String,
+    images: Vec<Vec<u8>>,
+    sizes: Vec<(u32, u32)>,
+    pixels: Vec<f32>,
+    rejects: Vec<RejectRow>,
+}
+
+struct ModelJob {
+    pixels: Vec<f32>,
+    n: usize,
+    reply: oneshot::Sender<std::result::Result<Vec<f32>, String>>,
+}
+
+/// Everything a shard task needs, shared.
+struct Stage {
+    cfg: EmbedConfig,
+    source: SourceLocation,
+    reader: ReaderOptions,
+    limits: DecodeLimits,
+    images: ShardedTable,
+    rejects: ShardedTable,
+    schema: SchemaRef,
+    processor: crate::clip::ClipImageProcessor,
+    dim: usize,
+    model_tx: mpsc::Sender<ModelJob>,
+    decode_permits: Semaphore,
+    decode_busy_ns: AtomicU64,
+    progress: Arc<EmbedProgress>,
+}
+
+enum ShardOutcome {
+    Committed { ok: u64, rejects: Vec<RejectRow> },
+    Raced,
+}
+
+/// Loads the configured CLIP (or the tiny random one) and names it for the table metadata.
+pub async fn load_clip(
+    settings: &ClipSettings,
+    storage: &StorageConfig,
+    device: Device,
+) -> Result<(LoadedClip, String)> {
+    match settings.checkpoint.as_deref().filter(|c| !c.is_empty()) {
+        Some(location) => {
+            let ckpt =
+                ClipCheckpoint::open(location, storage, std::path::Path::new(&settings.cache_dir))
+                    .await?;
+            let kind = settings.kind(device)?;
+            let identity = checkpoint_identity(&ckpt)?;
+            let loaded = ckpt.load(device, kind)?;
+            Ok((loaded, identity))
+        }
+        None => {
+            tracing::warn!(
+                "no `embed.clip.checkpoint` configured: using a tiny CLIP with random weights \
+                 (seed {}). Its embeddings carry no meaning; set `embed.clip.checkpoint` to an \
+                 HF CLIP directory (config.json + model.safetensors) for real use",
+                settings.random_seed
+            );
+            let cfg = ClipConfig::tiny();
+            let loaded = random_clip(&cfg, settings.random_seed, device);
+            Ok((
+                loaded,
+                format!("random-tiny(seed={})", settings.random_seed),
+            ))
+        }
+    }
+}
+
+/// A short identity of a checkpoint: hash of its config.json and size of its weights.
+fn checkpoint_identity(ckpt: &ClipCheckpoint) -> Result<String> {
+    use sha2::Digest;
+    let bad = |e: std::io::Error| IndexerError::Checkpoint {
+        path: ckpt.dir.clone(),
+        reason: e.to_string(),
+    };
+    let config = std::fs::read(ckpt.dir.join("config.json")).map_err(bad)?;
+    let weights = std::fs::metadata(ckpt.dir.join("model.safetensors"))
+        .map_err(bad)?
+        .len();
+    let digest = sha2::Sha256::digest(&config);
+    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    Ok(format!("hf:{hex}:{weights}"))
+}
+
+/// Runs CLIP on its own thread: batches in, L2-normalised embeddings out.
+fn spawn_model(
+    clip: LoadedClip,
+    device: Device,
+    side: usize,
+    busy_ns: Arc<AtomicU64>,
+) -> (mpsc::Sender<ModelJob>, std::thread::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::channel::<ModelJob>(2);
+    let handle = std::thread::Builder::new()
+        .name("clip".into())
+        .spawn(move || {
+            let kind = clip.vs.kind();
+            while let Some(job) = rx.blocking_recv() {
+                let start = Instant::now();
+                let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    tch::no_grad(|| {
+                        let x = Tensor::from_slice(&job.pixels)
+                            .view([job.n as i64, 3, side as i64, side as i64])
+                            .to_device(device)
+                            .to_kind(kind);
+                        let e = l2_normalize(&clip.model.image_features(&x).to_kind(Kind::Float))
+                            .to_device(Device::Cpu)
+                            .contiguous()
+                            .view([-1]);
+                        Vec::<f32>::try_from(&e).map_err(|e| e.to_string())
+                    })
+                }))
+                .unwrap_or_else(|panic| {
+                    Err(panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "CLIP forward pass panicked".into()))
+                });
+                busy_ns.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                let _ = job.reply.send(out);
+            }
+        })
+        .expect("spawning the CLIP thread");
+    (tx, handle)
+}
+
+/// Runs the embed stage for worker `worker` of `workers`.
+pub async fn embed(
+    cfg: &EmbedConfig,
+    storage: &StorageConfig,
+    worker: (usize, usize),
+    progress: Arc<EmbedProgress>,
+) -> Result<EmbedSummary> {
+    let started = Instant::now();
+    if cfg.clip.batch_size == 0 {
+        return Err(IndexerError::Config {
+            key: "embed.clip.batch_size".into(),
+            reason: "must be at least 1".into(),
+        });
+    }
+    if cfg.output.image_size_px == 0 {
+        return Err(IndexerError::Config {
+            key: "embed.output.image_size_px".into(),
+            reason: "must be at least 1".into(),
+        });
+    }
+    let source = SourceLocation::open(&cfg.source.url, storage)?;
+    let all = list_shards(&source, cfg.source.format, cfg.source.folder_shard_size).await?;
+    let mut mine = assign_shards(all, worker.0, worker.1)?;
+    if cfg.pipeline.max_shards > 0 {
+        mine.truncate(cfg.pipeline.max_shards);
+    }
+
+    let device = cfg.clip.device()?;
+    let (clip, identity) = load_clip(&cfg.clip, storage, device).await?;
+    let dim = clip.model.config().projection_dim as usize;
+    let processor = clip.processor.clone();
+    let (w, h) = processor.output_size(1, 1);
+    if w != h {
+        return Err(IndexerError::Config {
+            key: "preprocessor_config.json crop_size".into(),
+            reason: format!("CLIP input must be square, got {w}x{h}"),
+        });
+    }
+    let lance_opts = storage.to_lance_options();
+    let schema = embeddings_schema(dim as i32, &identity);
+    let images =
+        ShardedTable::open_or_create(&cfg.output.table, schema.clone(), lance_opts.clone()).await?;
+    let rejects =
+        ShardedTable::open_or_create(&cfg.output.rejects_url(), rejects_schema(), lance_opts)
+            .await?;
+    images.refresh_ledger().await?;
+    rejects.refresh_ledger().await?;
+
+    let mut summary = EmbedSummary {
+        worker,
+        shards_assigned: mine.len(),
+        clip: identity,
+        dim,
+        table: cfg.output.table.clone(),
+        rejects_table: cfg.output.rejects_url(),
+        ..Default::default()
+    };
+    let todo: Vec<Shard> = mine
+        .into_iter()
+        .filter(|s| !images.is_committed(s.id.as_str()))
+        .collect();
+    summary.shards_skipped = summary.shards_assigned - todo.len();
+    progress
+        .shards_todo
+        .store(todo.len() as u64, Ordering::Relaxed);
+    tracing::info!(
+        worker = %format!("{} of {}", worker.0, worker.1),
+        assigned = summary.shards_assigned,
+        skipped = summary.shards_skipped,
+        device = ?device,
+        "embedding into {}",
+        cfg.output.table
+    );
+
+    let model_busy = Arc::new(AtomicU64::new(0));
+    let (model_tx, model_thread) = spawn_model(clip, device, w as usize, model_busy.clone());
+    let decode_threads = match cfg.pipeline.decode_threads {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n,
+    };
+    let stage = Arc::new(Stage {
+        cfg: cfg.clone(),
+        reader: ReaderOptions {
+            image_column: cfg.source.image_column.clone(),
+            key_column: cfg.source.key_column.clone().filter(|k| !k.is_empty()),
+            max_record_bytes: cfg.decode.max_bytes,
+            ..Default::default()
+        },
+        limits: DecodeLimits {
+            max_pixels: cfg.decode.max_pixels,
+            max_bytes: cfg.decode.max_bytes,
+            background: cfg.decode.background,
+        },
+        source,
+        images,
+        rejects,
+        schema,
+        processor,
+        dim,
+        model_tx,
+        decode_permits: Semaphore::new(decode_threads),
+        decode_busy_ns: AtomicU64::new(0),
+        progress: progress.clone(),
+    });
+
+    let mut results = futures::stream::iter(todo)
+        .map(|shard| {
+            let stage = stage.clone();
+            async move {
+                let id = shard.id.to_string();
+                let out = tokio::spawn(process_shard(stage.clone(), shard))
+                    .await
+                    .map_err(|e| IndexerError::Internal(format!("shard task died: {e}")))
+                    .and_then(|r| r);
+                stage
+                    .progress
+                    .shards_finished
+                    .fetch_add(1, Ordering::Relaxed);
+                (id, out)
+            }
+        })
+        .buffer_unordered(cfg.pipeline.shards_in_flight.max(1));
+    while let Some((shard, outcome)) = results.next().await {
+        match outcome {
+            Ok(ShardOutcome::Committed { ok, rejects }) => {
+                summary.shards_committed += 1;
+                summary.images_ok += ok;
+                for r in rejects {
+                    *summary
+                        .rejected
+                        .entry(r.reason.code().to_string())
+                        .or_default() += 1;
+                    if summary.reject_examples.len() < 10 {
+                        summary.reject_examples.push((
+                            r.id,
+                            r.key,
+                            r.shard,
+                            format!("{}: {}", r.reason.code(), r.reason.detail()),
+                        ));
+                    }
+                }
+            }
+            Ok(ShardOutcome::Raced) => summary.shards_raced += 1,
+            Err(e) => {
+                tracing::error!(shard = %shard, "shard failed: {e}");
+                summary.shards_failed.push((shard, e.to_string()));
+            }
+        }
+    }
+    drop(results);
+    let decode_busy_ns = stage.decode_busy_ns.load(Ordering::Relaxed);
+    drop(stage); // closes the model channel
+    model_thread
+        .join()
+        .map_err(|_| IndexerError::Internal("CLIP thread panicked".into()))?;
+    summary.elapsed_s = started.elapsed().as_secs_f64();
+    summary.decode_busy_s = decode_busy_ns as f64 / 1e9;
+    summary.model_busy_s = model_busy.load(Ordering::Relaxed) as f64 / 1e9;
+    Ok(summary)
+}
+
+/// A shard's Lance writer: batches go in, the uncommitted transaction comes out.
+type FragmentWriter = (
+    mpsc::Sender<std::result::Result<RecordBatch, DataFusionError>>,
+    tokio::task::JoinHandle<Result<lance::dataset::transaction::Transaction>>,
+);
+
+/// Reads, embeds and commits one shard.
+async fn process_shard(stage: Arc<Stage>, shard: Shard) -> Result<ShardOutcome> {
+    let shard_id = shard.id.to_string();
+    let ds = Arc::new(stage.images.open().await?);
+    let batch = stage.cfg.clip.batch_size;
+    let ahead = stage.cfg.pipeline.batches_in_flight.max(1);
+    let mut chunks = read_shard(&stage.source, &shard, &stage.reader)
+        .chunks(batch)
+        .map(|records| decode_chunk(stage.clone(), records))
+        .buffered(ahead)
+        .map(|decoded| embed_chunk(stage.clone(), decoded))
+        .buffered(2);
+
+    let mut writer: Option<FragmentWriter> = None;
+    let mut ok = 0u64;
+    let mut rejects = Vec::new();
+    while let Some(item) = chunks.next().await {
+        let (rows, rej) = item?;
+        stage
+            .progress
+            .images_rejected
+            .fetch_add(rej.len() as u64, Ordering::Relaxed);
+        rejects.extend(rej);
+        if rows.num_rows() == 0 {
+            continue;
+        }
+        ok += rows.num_rows() as u64;
+        stage
+            .progress
+            .images_ok
+            .fetch_add(rows.num_rows() as u64, Ordering::Relaxed);
+        let (tx, _) = writer.get_or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(2);
+            let rx = futures::stream::unfold(rx, |mut rx: mpsc::Receiver<_>| async move {
+                rx.recv().await.map(|b| (b, rx))
+            });
+            let source = Box::pin(RecordBatchStreamAdapter::new(stage.schema.clone(), rx));
+            let table = stage.images.clone();
+            let ds = ds.clone();
+            let task = tokio::spawn(async move { table.write_uncommitted(&ds, source).await });
+            (tx, task)
+        });
+        if tx.send(Ok(rows)).await.is_err() {
+            break; // the writer failed; its error is collected below
+        }
+    }
+    drop(chunks);
+    let images_txn = match writer {
+        Some((tx, task)) => {
+            drop(tx);
+            task.await
+                .map_err(|e| IndexerError::Internal(format!("writer task died: {e}")))??
+        }
+        None => lance::dataset::transaction::Transaction::new(
+            ds.version().version,
+            lance::dataset::transaction::Operation::Append { fragments: vec![] },
+            None,
+        ),
+    };
+
+    if !rejects.is_empty() && !stage.rejects.is_committed(&shard_id) {
+        let batch = rejects_batch(&rejects)?;
+        let rds = Arc::new(stage.rejects.open().await?);
+        let stream = Box::pin(RecordBatchStreamAdapter::new(
+            batch.schema(),
+            futures::stream::iter([Ok(batch)]),
+        ));
+        let txn = stage.rejects.write_uncommitted(&rds, stream).await?;
+        stage.rejects.commit_shard(rds, &shard_id, txn).await?;
+    }
+    let committed = stage.images.commit_shard(ds, &shard_id, images_txn).await?;
+    if !committed {
+        tracing::warn!(shard = %shard_id, "shard was committed by another process meanwhile; this run's copy is discarded");
+        return Ok(ShardOutcome::Raced);
+    }
+    tracing::info!(shard = %shard_id, ok, rejected = rejects.len(), "shard committed");
+    Ok(ShardOutcome::Committed { ok, rejects })
+}
+
+/// Decodes, resizes and preprocesses a chunk on the blocking pool.
+async fn decode_chunk(
+    stage: Arc<Stage>,
+    records: Vec<knn_datasets::Result<RawRecord>>,
+) -> Result<DecodedChunk> {
+    let records: Vec<RawRecord> = records.into_iter().collect::<std::result::Result<_, _>>()?;
+    let _permit = stage
+        .decode_permits
+        .acquire()
+        .await
+        .map_err(|e| IndexerError::Internal(e.to_string()))?;
+    let st = stage.clone();
+    tokio::task::spawn_blocking(move || {
+        let start = Instant::now();
+        let out = decode_records(&st, records);
+        st.decode_busy_ns
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    })
+    .await
+    .map_err(|e| IndexerError::Internal(format!("decode task died: {e}")))
+}
+
+fn decode_records(stage: &Stage, records: Vec<RawRecord>) -> DecodedChunk {
+    let shard = records
+        .first()
+        .map(|r| r.shard.to_string())
+        .unwrap_or_default();
+    let mut chunk = DecodedChunk {
+        ids: Vec::with_capacity(records.len()),
+        keys: Vec::with_capacity(records.len()),
+        shard: shard.clone(),
+        images: Vec::with_capacity(records.len()),
+        sizes: Vec::with_capacity(records.len()),
+        pixels: Vec::new(),
+        rejects: Vec::new(),
+    };
+    for rec in records {
+        let decoded = rec
+            .payload
+            .and_then(|bytes| decode_image(&bytes, &stage.limits))
+            .and_then(|img| {
+                let small = resize_and_center_crop(
+                    &img.rgb,
+                    stage.cfg.output.image_size_px,
+                    stage.cfg.output.resize_filter,
+                );
+                let mut png = Vec::new();
+                small
+                    .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                    .map_err(|e| RejectReason::Corrupt {
+                        detail: format!("re-encoding failed: {e}"),
+                    })?;
+                Ok((img, png))
+            });
+        match decoded {
+            Ok((img, png)) => {
+                stage.processor.preprocess_into(&img.rgb, &mut chunk.pixels);
+                chunk.ids.push(rec.id);
+                chunk.keys.push(rec.key);
+                chunk.images.push(png);
+                chunk.sizes.push((img.width, img.height));
+            }
+            Err(reason) => {
+                tracing::debug!(id = rec.id, key = %rec.key, shard = %shard, reason = reason.code(), "rejected: {}", reason.detail());
+                chunk.rejects.push(RejectRow {
+                    id: rec.id,
+                    key: rec.key,
+                    shard: shard.clone(),
+                    reason,
+                });
+            }
+        }
+    }
+    chunk
+}
+
+/// Sends a decoded chunk through CLIP and assembles the table rows.
+async fn embed_chunk(
+    stage: Arc<Stage>,
+    decoded: Result<DecodedChunk>,
+) -> Result<(RecordBatch, Vec<RejectRow>)> {
+    let mut chunk = decoded?;
+    let n = chunk.ids.len();
+    let embs = if n == 0 {
+        Vec::new()
+    } else {
+        let (reply, rx) = oneshot::channel();
+        let pixels = std::mem::take(&mut chunk.pixels);
+        stage
+            .model_tx
+            .send(ModelJob { pixels, n, reply })
+            .await
+            .map_err(|_| IndexerError::Internal("CLIP thread stopped".into()))?;
+        rx.await
+            .map_err(|_| IndexerError::Internal("CLIP thread stopped".into()))?
+            .map_err(|e| IndexerError::Internal(format!("CLIP forward pass failed: {e}")))?
+    };
+    let batch = rows_batch(&stage.schema, stage.dim, &chunk, embs)?;
+    Ok((batch, chunk.rejects))
+}
+
+fn rows_batch(
+    schema: &SchemaRef,
+    dim: usize,
+    chunk: &DecodedChunk,
+    embs: Vec<f32>,
+) -> Result<RecordBatch> {
+    let n = chunk.ids.len();
+    let mut keys = StringBuilder::new();
+    let mut shards = StringBuilder::new();
+    let mut images = BinaryBuilder::new();
+    for i in 0..n {
+        keys.append_value(&chunk.keys[i]);
+        shards.append_value(&chunk.shard);
+        images.append_value(&chunk.images[i]);
+    }
+    let item = Arc::new(Field::new("item", DataType::Float32, true));
+    let emb =
+        FixedSizeListArray::try_new(item, dim as i32, Arc::new(Float32Array::from(embs)), None)
+            .map_err(|e| IndexerError::Internal(format!("embedding batch: {e}")))?;
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(UInt64Array::from(chunk.ids.clone())),
+        Arc::new(keys.finish()),
+        Arc::new(shards.finish()),
+        Arc::new(images.finish()),
+        Arc::new(UInt32Array::from_iter_values(
+            chunk.sizes.iter().map(|s| s.0),
+        )),
+        Arc::new(UInt32Array::from_iter_values(
+            chunk.sizes.iter().map(|s| s.1),
+        )),
+        Arc::new(emb),
+    ];
+    RecordBatch::try_new(schema.clone(), columns)
+        .map_err(|e| IndexerError::Internal(format!("row batch: {e}")))
+}
+
+fn rejects_batch(rejects: &[RejectRow]) -> Result<RecordBatch> {
+    let mut keys = StringBuilder::new();
+    let mut shards = StringBuilder::new();
+    let mut reasons = StringBuilder::new();
+    let mut details = StringBuilder::new();
+    for r in rejects {
+        keys.append_value(&r.key);
+        shards.append_value(&r.shard);
+        reasons.append_value(r.reason.code());
+        details.append_value(r.reason.detail());
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(UInt64Array::from_iter_values(rejects.iter().map(|r| r.id))),
+        Arc::new(keys.finish()),
+        Arc::new(shards.finish()),
+        Arc::new(reasons.finish()),
+        Arc::new(details.finish()),
+    ];
+    RecordBatch::try_new(rejects_schema(), columns)
+        .map_err(|e| IndexerError::Internal(format!("rejects batch: {e}")))
+}
+
+/// How long to wait between progress log lines when no terminal shows a bar.
+pub const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(10);

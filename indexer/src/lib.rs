@@ -1,0 +1,16 @@
+//! The indexer: CLIP in tch, and the embed stage that turns image records into a Lance table
+//! of CLIP embeddings (PAPER.md: `f_img(I)` for every image of the database).
+//!
+//! - [`clip`]: the model, its preprocessing and tokenizer, HF checkpoint loading;
+//! - [`embed`]: the stage: fetch → decode/resize → batch → CLIP → Lance, sharded over
+//!   workers, exactly once per shard ([`ledger`]), resumable;
+//! - [`table`]: the output tables' schemas and the shard-committing writer.
+
+pub mod clip;
+pub mod embed;
+pub mod error;
+pub mod ledger;
+pub mod table;
+
+pub use embed::{embed, EmbedConfig, EmbedProgress, EmbedSummary};
+pub use error::{IndexerError, Result};

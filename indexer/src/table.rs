@@ -1,0 +1,238 @@
+//! The embed stage's two Lance tables and how they are opened, created and appended to.
+//!
+//! `EmbeddingTable` rows: `id` (u64, stable), `key`, `shard`, `image` (the training image,
+//! center-cropped and re-encoded as PNG), `width` / `height` (original pixels), `emb`
+//! (FixedSizeList<f32, d>, L2-normalised CLIP image embedding). The rejects table: `id`,
+//! `key`, `shard`, `reason` (a short code) and `detail`. The schema metadata records which
+//! CLIP made the embeddings, so embeddings of two different models never mix in one table.
+
+use crate::ledger::{ShardLedger, SHARD_PROPERTY};
+use crate::{IndexerError, Result};
+use arrow_array::{RecordBatch, RecordBatchIterator};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use lance::dataset::transaction::Transaction;
+use lance::dataset::{CommitBuilder, InsertBuilder, WriteMode, WriteParams};
+use lance::io::{ObjectStoreParams, StorageOptionsAccessor};
+use lance::Dataset;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Schema metadata key: identity of the CLIP that made `emb`.
+pub const CLIP_METADATA: &str = "knn.clip";
+
+/// Schema of the embeddings table for embedding dimension `dim`.
+pub fn embeddings_schema(dim: i32, clip_identity: &str) -> SchemaRef {
+    let item = Arc::new(Field::new("item", DataType::Float32, true));
+    Arc::new(
+        Schema::new(vec![
+            Field::new("id", DataType::UInt64, false),
+            Field::new("key", DataType::Utf8, false),
+            Field::new("shard", DataType::Utf8, false),
+            Field::new("image", DataType::Binary, false),
+            Field::new("width", DataType::UInt32, false),
+            Field::new("height", DataType::UInt32, false),
+            Field::new("emb", DataType::FixedSizeList(item, dim), false),
+        ])
+        .with_metadata(HashMap::from([(
+            CLIP_METADATA.to_string(),
+            clip_identity.to_string(),
+        )])),
+    )
+}
+
+/// Schema of the rejects table.
+pub fn rejects_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("id", DataType::UInt64, false),
+        Field::new("key", DataType::Utf8, false),
+        Field::new("shard", DataType::Utf8, false),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("detail", DataType::Utf8, false),
+    ]))
+}
+
+/// A Lance table that shards are committed to exactly once.
+#[derive(Clone, Debug)]
+pub struct ShardedTable {
+    uri: String,
+    storage: HashMap<String, String>,
+    schema: SchemaRef,
+    ledger: ShardLedger,
+}
+
+fn store_params(storage: &HashMap<String, String>) -> ObjectStoreParams {
+    ObjectStoreParams {
+        storage_options_accessor: Some(Arc::new(StorageOptionsAccessor::with_static_options(
+            storage.clone(),
+        ))),
+        ..Default::default()
+    }
+}
+
+impl ShardedTable {
+    /// Opens the table at `uri`, creating it empty with `schema` if it does not exist; an
+    /// existing table must have the same columns and the same CLIP identity.
+    pub async fn open_or_create(
+        uri: &str,
+        schema: SchemaRef,
+        storage: HashMap<String, String>,
+    ) -> Result<Self> {
+        let table = Self {
+            uri: uri.to_string(),
+            storage,
+            schema,
+            ledger: ShardLedger::new(),
+        };
+        let ds = match table.open().await {
+            Ok(ds) => ds,
+            Err(IndexerError::Lance {
+                source: lance::Error::DatasetNotFound { .. },
+                ..
+            }) => match table.create().await {
+                Ok(ds) => ds,
+                // Another worker created it first.
+                Err(_) => table.open().await?,
+            },
+            Err(e) => return Err(e),
+        };
+        table.check_schema(&ds)?;
+        Ok(table)
+    }
+
+    /// The table URI.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// Opens the latest version.
+    pub async fn open(&self) -> Result<Dataset> {
+        lance::dataset::builder::DatasetBuilder::from_uri(&self.uri)
+            .with_storage_options(self.storage.clone())
+            .load()
+            .await
+            .map_err(|e| IndexerError::lance(&self.uri, e))
+    }
+
+    async fn create(&self) -> Result<Dataset> {
+        let params = WriteParams {
+            mode: WriteMode::Create,
+            store_params: Some(store_params(&self.storage)),
+            ..Default::default()
+        };
+        let empty = RecordBatch::new_empty(self.schema.clone());
+        let reader = RecordBatchIterator::new(vec![Ok(empty)], self.schema.clone());
+        Dataset::write(reader, self.uri.as_str(), Some(params))
+            .await
+            .map_err(|e| IndexerError::lance(&self.uri, e))
+    }
+
+    fn check_schema(&self, ds: &Dataset) -> Result<()> {
+        let have: Schema = ds.schema().into();
+        let names = |s: &Schema| {
+            s.fields()
+                .iter()
+                .map(|f| format!("{}: {}", f.name(), f.data_type()))
+                .collect::<Vec<_>>()
+        };
+        if names(&have) != names(&self.schema) {
+            return Err(IndexerError::SchemaMismatch {
+                table: self.uri.clone(),
+                detail: format!(
+                    "table has [{}], this run writes [{}]",
+                    names(&have).join(", "),
+                    names(&self.schema).join(", ")
+                ),
+            });
+        }
+        if let Some(want) = self.schema.metadata().get(CLIP_METADATA) {
+            let got = ds.schema().metadata.get(CLIP_METADATA);
+            if got != Some(want) {
+                return Err(IndexerError::SchemaMismatch {
+                    table: self.uri.clone(),
+                    detail: format!(
+                        "its embeddings come from CLIP `{}`, this run uses `{want}`",
+                        got.map(String::as_str).unwrap_or("unknown")
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the shard ledger up to the latest version; returns the committed shard count.
+    pub async fn refresh_ledger(&self) -> Result<usize> {
+        let ds = self.open().await?;
+        let latest = ds.version().version;
+        self.ledger
+            .refresh(&ds, latest)
+            .await
+            .map_err(|e| IndexerError::lance(&self.uri, e))?;
+        Ok(self.ledger.len())
+    }
+
+    /// Whether `shard` is committed (as of the last refresh).
+    pub fn is_committed(&self, shard: &str) -> bool {
+        self.ledger.committed_at(shard).is_some()
+    }
+
+    /// Write parameters for appending uncommitted fragments.
+    pub fn append_params(&self) -> WriteParams {
+        WriteParams {
+            mode: WriteMode::Append,
+            store_params: Some(store_params(&self.storage)),
+            ..Default::default()
+        }
+    }
+
+    /// Writes `batches` as uncommitted fragments (nothing is visible until
+    /// [`ShardedTable::commit_shard`]).
+    pub async fn write_uncommitted(
+        &self,
+        ds: &Arc<Dataset>,
+        source: lance::deps::datafusion::execution::SendableRecordBatchStream,
+    ) -> Result<Transaction> {
+        let params = self.append_params();
+        InsertBuilder::new(ds.clone())
+            .with_params(&params)
+            .execute_uncommitted_stream(source)
+            .await
+            .map_err(|e| IndexerError::lance(&self.uri, e))
+    }
+
+    /// Commits `transaction` as shard `shard`. Returns `Ok(false)` when the shard was already
+    /// committed (by an earlier run or a concurrent duplicate), in which case nothing changes.
+    pub async fn commit_shard(
+        &self,
+        ds: Arc<Dataset>,
+        shard: &str,
+        mut transaction: Transaction,
+    ) -> Result<bool> {
+        // Set on the transaction itself: lance 14.0.2's `CommitBuilder` keeps
+        // `with_transaction_properties` but does not apply it in `execute`.
+        let mut props = transaction
+            .transaction_properties
+            .as_deref()
+            .cloned()
+            .unwrap_or_default();
+        props.insert(SHARD_PROPERTY.to_string(), shard.to_string());
+        transaction.transaction_properties = Some(Arc::new(props));
+        let inner = lance_table::io::commit::commit_handler_from_url(
+            &self.uri,
+            &Some(store_params(&self.storage)),
+        )
+        .await
+        .map_err(|e| IndexerError::lance(&self.uri, e))?;
+        let handler = self.ledger.handler((*ds).clone(), inner, shard);
+        let result = CommitBuilder::new(ds)
+            .with_store_params(store_params(&self.storage))
+            .with_commit_handler(handler)
+            .with_max_retries(100)
+            .execute(transaction)
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(_) if self.ledger.committed_at(shard).is_some() => Ok(false),
+            Err(e) => Err(IndexerError::lance(&self.uri, e)),
+        }
+    }
+}

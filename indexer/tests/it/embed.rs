@@ -1,0 +1,352 @@
+//! The embed stage end to end on real Lance tables on disk: counts, rejects with reasons,
+//! resume, racing duplicate workers, two workers, and the table read back by pylance.
+
+use arrow_array::Array;
+use futures::TryStreamExt;
+use knn_datasets::StorageConfig;
+use knn_indexer::{embed, EmbedConfig, EmbedProgress, EmbedSummary};
+use lance::Dataset;
+use std::collections::HashSet;
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::Arc;
+
+fn png(w: u32, h: u32, seed: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([
+            (x as u8).wrapping_mul(5) ^ seed,
+            (y as u8).wrapping_add(seed),
+            seed,
+        ])
+    });
+    let mut out = Vec::new();
+    img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+fn rgba_png() -> Vec<u8> {
+    let img = image::RgbaImage::from_fn(20, 10, |x, _| image::Rgba([200, 0, 0, (x * 12) as u8]));
+    let mut out = Vec::new();
+    img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+fn bomb_png() -> Vec<u8> {
+    let mut bytes = png(1, 1, 0);
+    bytes[16..20].copy_from_slice(&200_000u32.to_be_bytes());
+    bytes[20..24].copy_from_slice(&200_000u32.to_be_bytes());
+    let crc = crc32fast::hash(&bytes[12..29]);
+    bytes[29..33].copy_from_slice(&crc.to_be_bytes());
+    bytes
+}
+
+/// Writes `good` images over a few directories plus one of each bad kind; returns the
+/// number of files.
+fn write_source(dir: &Path, good: usize) -> usize {
+    for i in 0..good {
+        let sub = dir.join(format!("d{}", i % 3));
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(
+            sub.join(format!("{i:04}.png")),
+            png(30 + i as u32, 20, i as u8),
+        )
+        .unwrap();
+    }
+    let bad = dir.join("d0");
+    std::fs::write(bad.join("empty.png"), b"").unwrap();
+    let full = png(50, 50, 1);
+    std::fs::write(bad.join("truncated.png"), &full[..full.len() / 2]).unwrap();
+    std::fs::write(bad.join("text.png"), b"this is not an image").unwrap();
+    std::fs::write(bad.join("bomb.png"), bomb_png()).unwrap();
+    std::fs::write(bad.join("alpha.png"), rgba_png()).unwrap();
+    good + 5
+}
+
+fn config(source: &Path, out: &Path, extra: &str) -> EmbedConfig {
+    let text = format!(
+        r#"
+        [source]
+        url = "{}"
+        format = "folder"
+        folder_shard_size = 4
+        [output]
+        table = "{}"
+        image_size_px = 16
+        [clip]
+        batch_size = 3
+        device = "cpu"
+        {extra}
+        "#,
+        source.display(),
+        out.join("emb.lance").display()
+    );
+    toml::from_str(&text).unwrap()
+}
+
+async fn run(cfg: &EmbedConfig, worker: (usize, usize)) -> EmbedSummary {
+    embed(
+        cfg,
+        &StorageConfig::default(),
+        worker,
+        Arc::new(EmbedProgress::default()),
+    )
+    .await
+    .unwrap()
+}
+
+async fn column_u64(uri: &str, column: &str) -> Vec<u64> {
+    let ds = Dataset::open(uri).await.unwrap();
+    let batches: Vec<arrow_array::RecordBatch> = ds
+        .scan()
+        .project(&[column])
+        .unwrap()
+        .try_into_stream()
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    batches
+        .iter()
+        .flat_map(|b| {
+            b.column(0)
+                .as_any()
+                .downcast_ref::<arrow_array::UInt64Array>()
+                .unwrap()
+                .values()
+                .to_vec()
+        })
+        .collect()
+}
+
+fn uri(out: &Path, name: &str) -> String {
+    out.join(name).to_string_lossy().into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_record_is_embedded_or_rejected_with_a_reason() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let total = write_source(src.path(), 12);
+    let cfg = config(src.path(), out.path(), "");
+    let s = run(&cfg, (0, 1)).await;
+    assert_eq!(s.images_ok + s.rejected_total(), total as u64, "{s}");
+    assert_eq!(s.images_ok, 13, "12 good + the RGBA one: {s}");
+    for reason in ["empty", "not_an_image", "too_many_pixels"] {
+        assert_eq!(s.rejected.get(reason), Some(&1), "{reason}: {s}");
+    }
+    assert_eq!(s.rejected_total(), 4, "{s}");
+    assert!(s.shards_failed.is_empty());
+
+    let ids = column_u64(&uri(out.path(), "emb.lance"), "id").await;
+    assert_eq!(ids.len(), 13);
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 13);
+    let rejected = column_u64(&uri(out.path(), "emb-rejects.lance"), "id").await;
+    assert_eq!(rejected.len(), 4);
+    assert!(rejected.iter().all(|id| !ids.contains(id)));
+
+    let ds = Dataset::open(&uri(out.path(), "emb.lance")).await.unwrap();
+    ds.validate().await.unwrap();
+    // Embeddings are unit vectors; stored images decode at the configured size.
+    let batch = ds
+        .scan()
+        .project(&["image", "emb", "width"])
+        .unwrap()
+        .try_into_batch()
+        .await
+        .unwrap();
+    let emb = batch
+        .column(1)
+        .as_any()
+        .downcast_ref::<arrow_array::FixedSizeListArray>()
+        .unwrap();
+    assert_eq!(emb.value_length(), 64);
+    let values = emb
+        .values()
+        .as_any()
+        .downcast_ref::<arrow_array::Float32Array>()
+        .unwrap();
+    for row in 0..emb.len() {
+        let v = &values.values()[row * 64..(row + 1) * 64];
+        let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "row {row} norm {norm}");
+    }
+    let images = batch
+        .column(0)
+        .as_any()
+        .downcast_ref::<arrow_array::BinaryArray>()
+        .unwrap();
+    let first = image::load_from_memory(images.value(0)).unwrap();
+    assert_eq!((first.width(), first.height()), (16, 16));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rerun_skips_committed_shards_and_adds_nothing() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    write_source(src.path(), 9);
+    let cfg = config(src.path(), out.path(), "");
+    let first = run(&cfg, (0, 1)).await;
+    let again = run(&cfg, (0, 1)).await;
+    assert_eq!(again.shards_committed, 0, "{again}");
+    assert_eq!(again.shards_skipped, first.shards_assigned, "{again}");
+    let ids = column_u64(&uri(out.path(), "emb.lance"), "id").await;
+    assert_eq!(ids.len() as u64, first.images_ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicated_workers_racing_on_the_same_shards_commit_each_once() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    write_source(src.path(), 20);
+    let cfg = config(src.path(), out.path(), "");
+    // The same slot launched twice at once: both read every shard; the ledger lets one
+    // commit of each shard through.
+    let (a, b) = tokio::join!(run(&cfg, (0, 1)), run(&cfg, (0, 1)));
+    assert_eq!(
+        a.shards_committed + b.shards_committed,
+        a.shards_assigned,
+        "a: {a}\nb: {b}"
+    );
+    let ids = column_u64(&uri(out.path(), "emb.lance"), "id").await;
+    assert_eq!(ids.len(), 21, "a: {a}\nb: {b}");
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 21);
+    let rejected = column_u64(&uri(out.path(), "emb-rejects.lance"), "id").await;
+    assert_eq!(rejected.len(), 4);
+    Dataset::open(&uri(out.path(), "emb.lance"))
+        .await
+        .unwrap()
+        .validate()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_split_the_shards_and_cover_them_all() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    write_source(src.path(), 15);
+    let cfg = config(src.path(), out.path(), "");
+    let (a, b) = tokio::join!(run(&cfg, (0, 2)), run(&cfg, (1, 2)));
+    assert!(
+        a.shards_committed > 0 && b.shards_committed > 0,
+        "a: {a}\nb: {b}"
+    );
+    assert_eq!(a.images_ok + b.images_ok, 16);
+    let ids = column_u64(&uri(out.path(), "emb.lance"), "id").await;
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 16);
+    assert_eq!(ids.len(), 16);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_from_another_clip_is_refused() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    write_source(src.path(), 3);
+    run(&config(src.path(), out.path(), ""), (0, 1)).await;
+    let other = config(src.path(), out.path(), "random_seed = 7");
+    let err = embed(
+        &other,
+        &StorageConfig::default(),
+        (0, 1),
+        Arc::new(EmbedProgress::default()),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, knn_indexer::IndexerError::SchemaMismatch { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("random-tiny(seed=0)"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hf_checkpoint_embeds_and_pylance_reads_the_table() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    write_source(src.path(), 4);
+    let ckpt = crate::clip_parity::fixture_dir();
+    let cfg = config(
+        src.path(),
+        out.path(),
+        &format!("checkpoint = \"{}\"", ckpt.display()),
+    );
+    let s = run(&cfg, (0, 1)).await;
+    assert_eq!((s.images_ok, s.dim), (5, 48), "{s}");
+
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    let script = r#"
+import sys, lance
+ds = lance.dataset(sys.argv[1])
+print([f"{f.name}:{f.type}" for f in ds.schema])
+t = ds.to_table(limit=1)
+row = t.to_pylist()[0]
+print(ds.count_rows(), len(row["emb"]), row["width"] > 0, row["image"][:4] == b"\x89PNG")
+"#;
+    let outp = std::process::Command::new(&python)
+        .args(["-c", script, &uri(out.path(), "emb.lance")])
+        .output()
+        .expect("run .venv/bin/python (scripts/setup.sh makes it)");
+    let stdout = String::from_utf8_lossy(&outp.stdout);
+    assert!(
+        outp.status.success(),
+        "pylance failed: {}",
+        String::from_utf8_lossy(&outp.stderr)
+    );
+    assert!(stdout.contains("'id:uint64'"), "{stdout}");
+    assert!(
+        stdout.contains("emb:fixed_size_list<item: float>[48]"),
+        "{stdout}"
+    );
+    assert!(stdout.trim_end().ends_with("5 48 True True"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_refuses_a_second_commit_of_a_shard_even_from_a_stale_version() {
+    use knn_indexer::table::{rejects_schema, ShardedTable};
+    use lance::deps::datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+    let out = tempfile::tempdir().unwrap();
+    let uri = uri(out.path(), "t.lance");
+    let schema = rejects_schema();
+    let batch = |id: u64| {
+        arrow_array::RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(arrow_array::UInt64Array::from(vec![id])),
+                Arc::new(arrow_array::StringArray::from(vec!["k"])),
+                Arc::new(arrow_array::StringArray::from(vec!["s"])),
+                Arc::new(arrow_array::StringArray::from(vec!["r"])),
+                Arc::new(arrow_array::StringArray::from(vec!["d"])),
+            ],
+        )
+        .unwrap()
+    };
+    // Two writers open the table at the same version and both prepare shard "s".
+    let a = ShardedTable::open_or_create(&uri, schema.clone(), Default::default())
+        .await
+        .unwrap();
+    let b = ShardedTable::open_or_create(&uri, schema.clone(), Default::default())
+        .await
+        .unwrap();
+    let ds = Arc::new(a.open().await.unwrap());
+    let stream = |id| {
+        Box::pin(RecordBatchStreamAdapter::new(
+            schema.clone(),
+            futures::stream::iter([Ok(batch(id))]),
+        )) as _
+    };
+    let ta = a.write_uncommitted(&ds, stream(1)).await.unwrap();
+    let tb = b.write_uncommitted(&ds, stream(2)).await.unwrap();
+    assert!(a.commit_shard(ds.clone(), "s", ta).await.unwrap());
+    // b's commit is rebased past a's version, sees shard "s" there, and is refused.
+    assert!(!b.commit_shard(ds.clone(), "s", tb).await.unwrap());
+    assert_eq!(column_u64(&uri, "id").await, vec![1]);
+    // Another shard still commits.
+    let tc = b.write_uncommitted(&ds, stream(3)).await.unwrap();
+    assert!(b.commit_shard(ds, "other", tc).await.unwrap());
+    let mut ids = column_u64(&uri, "id").await;
+    ids.sort();
+    assert_eq!(ids, vec![1, 3]);
+}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up what the tests need (idempotent), make the generated fixtures, run every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --tests
+# The CLIP parity fixture comes from HF transformers (python/make_clip_fixture.py).
+FIX=target/fixtures/clip-tiny
+STAMP=$(sha256sum python/make_clip_fixture.py python/requirements.txt | sha256sum | cut -c1-16)
+if [[ "$(cat $FIX/.stamp 2>/dev/null)" != "$STAMP" ]]; then
+  rm -rf "$FIX"
+  .venv/bin/python python/make_clip_fixture.py --out "$FIX"
+  echo "$STAMP" > "$FIX/.stamp"
+fi
+cargo test --workspace "$@"

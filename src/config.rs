@@ -1,0 +1,55 @@
+//! The project config file: one TOML with a table per stage, layered with figment as file →
+//! `KNN_` environment → `--set` flags. Unknown keys are errors; a bad value's error names the
+//! key and where the value came from (the file, or the environment variable).
+
+use anyhow::{bail, Context, Result};
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use knn_datasets::StorageConfig;
+use knn_indexer::EmbedConfig;
+use serde::Deserialize;
+use std::path::Path;
+
+/// Everything a config file may hold.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectConfig {
+    /// Credentials and endpoints for s3/gs/az URLs (all stages).
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// The embed stage.
+    pub embed: Option<EmbedConfig>,
+}
+
+/// Loads `path`, then `KNN_*` env vars, then `key=value` overrides.
+pub fn load(path: &Path, overrides: &[String]) -> Result<ProjectConfig> {
+    if !path.is_file() {
+        bail!(
+            "config file `{}` not found (run from the repository root, or pass an absolute path)",
+            path.display()
+        );
+    }
+    let mut fig = Figment::new()
+        .merge(Toml::file_exact(path))
+        .merge(Env::prefixed("KNN_").split("__"));
+    for o in overrides {
+        let (key, value) = o
+            .split_once('=')
+            .with_context(|| format!("--set `{o}`: expected KEY=VALUE"))?;
+        let key = key.trim();
+        // A TOML literal (number, bool, array, quoted string), else the text as a string.
+        let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_string()));
+        fig = fig.merge(figment::providers::Serialized::default(key, parsed));
+    }
+    fig.extract::<ProjectConfig>().map_err(|e| {
+        // figment prefixes keys with its profile name (`default.`); users never wrote it.
+        let msgs: Vec<String> = e
+            .into_iter()
+            .map(|e| e.to_string().replace("key \"default.", "key \""))
+            .collect();
+        anyhow::anyhow!("invalid config: {}", msgs.join("; "))
+    })
+}

@@ -1,0 +1,136 @@
+//! `knn-diffusion`: the command line. Thin subcommands that parse flags, load and validate
+//! the config, and call one library function each.
+
+mod cli;
+mod config;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use cli::{Cli, Command, LogFormat, StageArgs};
+use knn_cluster::WorkerSlot;
+use knn_indexer::{EmbedProgress, IndexerError};
+use std::io::IsTerminal;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, cli.verbose);
+    if let Err(err) = try_main(cli) {
+        eprintln!("error: {err}");
+        for cause in err.chain().skip(1) {
+            eprintln!("  caused by: {cause}");
+        }
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(format: LogFormat, verbose: u8) {
+    let default = match verbose {
+        0 => "info,lance=warn,lance_core=warn,lance_table=warn,lance_io=warn,lance_file=warn,lance_encoding=warn",
+        1 => "debug,lance=info,datafusion=info,h2=info,hyper=info",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_target(false)
+            .init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn try_main(cli: Cli) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    match cli.command {
+        Command::Embed(args) => runtime.block_on(run_embed(args, cli.log_format)),
+    }
+}
+
+async fn run_embed(args: StageArgs, log_format: LogFormat) -> Result<()> {
+    let project = config::load(&args.config, &args.overrides)?;
+    let embed = project.embed.with_context(|| {
+        format!(
+            "config `{}` has no [embed] table; see configs/stickers.toml for an example",
+            args.config.display()
+        )
+    })?;
+    let slot = WorkerSlot::from_flags_or_env(args.worker, args.workers)?;
+    let progress = Arc::new(EmbedProgress::default());
+    let reporter = tokio::spawn(report_progress(progress.clone(), log_format));
+    let result = knn_indexer::embed(
+        &embed,
+        &project.storage,
+        (slot.index(), slot.count()),
+        progress,
+    )
+    .await;
+    reporter.abort();
+    let summary = result?;
+    eprintln!("{summary}");
+    if !summary.shards_failed.is_empty() {
+        return Err(IndexerError::ShardsFailed {
+            failed: summary.shards_failed.len(),
+            total: summary.shards_assigned,
+            first: format!(
+                "{}: {}",
+                summary.shards_failed[0].0, summary.shards_failed[0].1
+            ),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// A progress bar with rate and ETA on a terminal; a log line every 10 s otherwise.
+async fn report_progress(progress: Arc<EmbedProgress>, log_format: LogFormat) {
+    let start = Instant::now();
+    let bar = (log_format == LogFormat::Human && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} shards  {msg}  eta {eta}",
+            )
+            .expect("valid template"),
+        );
+        bar
+    });
+    let mut last_log = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let todo = progress.shards_todo.load(Ordering::Relaxed);
+        let done = progress.shards_finished.load(Ordering::Relaxed);
+        let ok = progress.images_ok.load(Ordering::Relaxed);
+        let rejected = progress.images_rejected.load(Ordering::Relaxed);
+        let rate = ok as f64 / start.elapsed().as_secs_f64().max(1e-3);
+        let msg = format!("{ok} images ({rate:.0} img/s), {rejected} rejected");
+        match &bar {
+            Some(bar) => {
+                bar.set_length(todo);
+                bar.set_position(done);
+                bar.set_message(msg);
+            }
+            None if last_log.elapsed() >= knn_indexer::embed::PROGRESS_LOG_INTERVAL => {
+                last_log = Instant::now();
+                tracing::info!(
+                    shards_done = done,
+                    shards_todo = todo,
+                    images_ok = ok,
+                    rejected,
+                    img_per_s = rate,
+                    "progress"
+                );
+            }
+            None => {}
+        }
+    }
+}

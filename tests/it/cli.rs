@@ -1,0 +1,311 @@
+//! Runs the real binary as a user would.
+
+use crate::s3_server::S3Server;
+use futures::TryStreamExt;
+use std::collections::HashSet;
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_knn-diffusion"));
+    c.current_dir(env!("CARGO_MANIFEST_DIR"));
+    // Keep the user's environment from leaking config into tests.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KNN_") || k.starts_with("AWS_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn png(seed: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(24, 18, |x, y| {
+        image::Rgb([(x * 9 + seed) as u8, (y * 5) as u8, (seed * 31) as u8])
+    });
+    let mut out = Vec::new();
+    img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+fn write_images(dir: &Path, n: u32) {
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..n {
+        std::fs::write(dir.join(format!("{i:05}.png")), png(i)).unwrap();
+    }
+}
+
+fn write_config(dir: &Path, source: &str, table: &str, extra: &str) -> PathBuf {
+    let path = dir.join("job.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"{extra}
+[embed.source]
+url = "{source}"
+format = "folder"
+folder_shard_size = 5
+[embed.output]
+table = "{table}"
+image_size_px = 16
+[embed.clip]
+batch_size = 5
+device = "cpu"
+[embed.pipeline]
+shards_in_flight = 1
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("run knn-diffusion")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+async fn ids(table: &str) -> Vec<u64> {
+    let ds = lance::Dataset::open(table).await.unwrap();
+    ds.validate().await.unwrap();
+    let batches: Vec<arrow_array::RecordBatch> = ds
+        .scan()
+        .project(&["id"])
+        .unwrap()
+        .try_into_stream()
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    batches
+        .iter()
+        .flat_map(|b| {
+            b.column(0)
+                .as_any()
+                .downcast_ref::<arrow_array::UInt64Array>()
+                .unwrap()
+                .values()
+                .to_vec()
+        })
+        .collect()
+}
+
+#[test]
+fn help_explains_the_embed_stage() {
+    let o = run(bin().args(["embed", "--help"]));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    for needle in ["--config", "--worker", "--workers", "--set", "rejects"] {
+        assert!(t.contains(needle), "missing {needle}: {t}");
+    }
+    let top = text(&run(bin().arg("--help")));
+    assert!(top.contains("KNN_EMBED__CLIP__BATCH_SIZE"), "{top}");
+}
+
+#[test]
+fn config_errors_name_the_key_and_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "x", "y.lance", "");
+    let o = run(bin()
+        .args(["embed", "--config"])
+        .arg(&cfg)
+        .args(["--set", "embed.clip.batch_size=\"many\""]));
+    let t = text(&o);
+    assert!(!o.status.success());
+    assert!(t.contains("batch_size"), "{t}");
+
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("batch_size = 5", "batch_size = -3"),
+    )
+    .unwrap();
+    let t = text(&run(bin().args(["embed", "--config"]).arg(&cfg)));
+    assert!(
+        t.contains("embed.clip.batch_size") && t.contains("job.toml"),
+        "{t}"
+    );
+
+    std::fs::write(
+        &cfg,
+        "[embed.source]\nurl = \"x\"\nformat = \"folder\"\nshard_sise = 3\n",
+    )
+    .unwrap();
+    let t = text(&run(bin().args(["embed", "--config"]).arg(&cfg)));
+    assert!(t.contains("shard_sise"), "{t}");
+
+    let t = text(&run(bin().args([
+        "embed",
+        "--config",
+        "/no/such/file.toml",
+    ])));
+    assert!(
+        t.contains("/no/such/file.toml") && t.contains("not found"),
+        "{t}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_run_then_resume_gives_every_id_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write_images(&src, 150); // 30 shards of 5
+    let table = dir.path().join("out/emb.lance");
+    let cfg = write_config(
+        dir.path(),
+        src.to_str().unwrap(),
+        table.to_str().unwrap(),
+        "",
+    );
+    let mut child = bin()
+        .args(["embed", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until a few shards are committed, then kill without warning.
+    let versions = table.join("_versions");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let n = std::fs::read_dir(&versions).map(|d| d.count()).unwrap_or(0);
+        if n >= 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no commits appeared");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let partial = ids(table.to_str().unwrap()).await;
+    assert!(
+        !partial.is_empty() && partial.len() < 150,
+        "{}",
+        partial.len()
+    );
+
+    let o = run(bin().args(["embed", "--config"]).arg(&cfg));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("skipped"), "{t}");
+    let all = ids(table.to_str().unwrap()).await;
+    assert_eq!(all.len(), 150, "{t}");
+    assert_eq!(all.iter().collect::<HashSet<_>>().len(), 150);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_worker_processes_share_one_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write_images(&src, 40);
+    let table = dir.path().join("emb.lance");
+    let cfg = write_config(
+        dir.path(),
+        src.to_str().unwrap(),
+        table.to_str().unwrap(),
+        "",
+    );
+    let spawn = |w: &str| {
+        bin()
+            .args(["embed", "--config"])
+            .arg(&cfg)
+            .args(["--worker", w, "--workers", "2"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn("0"), spawn("1"));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(a.status.success(), "{}", text(&a));
+    assert!(b.status.success(), "{}", text(&b));
+    assert!(text(&a).contains("worker 0 of 2"), "{}", text(&a));
+    let all = ids(table.to_str().unwrap()).await;
+    assert_eq!(all.len(), 40);
+    assert_eq!(all.iter().collect::<HashSet<_>>().len(), 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeds_from_and_into_s3_on_loopback() {
+    let server = S3Server::start(&["data"]);
+    write_images(&server.root.path().join("data/imgs"), 12);
+    let dir = tempfile::tempdir().unwrap();
+    let storage = format!(
+        "[storage]\nendpoint = \"{}\"\nregion = \"us-east-1\"\nallow_http = true\naccess_key_id = \"{}\"\n",
+        server.endpoint, server.access_key
+    );
+    let cfg = write_config(
+        dir.path(),
+        "s3://data/imgs/",
+        "s3://data/out/emb.lance",
+        &storage,
+    );
+    // The secret comes from the environment, as it should in production.
+    let o = run(bin()
+        .args(["embed", "--config"])
+        .arg(&cfg)
+        .env("AWS_SECRET_ACCESS_KEY", &server.secret_key));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("12 ok"), "{t}");
+    assert!(!t.contains(&server.secret_key), "secret leaked: {t}");
+    assert!(server
+        .root
+        .path()
+        .join("data/out/emb.lance/_versions")
+        .is_dir());
+
+    let o = run(bin()
+        .args(["embed", "--config"])
+        .arg(&cfg)
+        .env("AWS_SECRET_ACCESS_KEY", "a-wrong-secret"));
+    let t = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        t.contains("access denied") && t.contains("s3://data/imgs"),
+        "{t}"
+    );
+    assert!(!t.contains("a-wrong-secret"), "secret leaked: {t}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_default_config_runs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    assert!(
+        root.join("data/emoji-google/.complete").is_file(),
+        "run `bash scripts/setup.sh` first (scripts/test.sh does)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("stickers.lance");
+    let o = run(bin().args([
+        "embed",
+        "--config",
+        "configs/stickers.toml",
+        "--set",
+        "embed.pipeline.max_shards=1",
+        "--set",
+        &format!("embed.output.table={}", table.display()),
+    ]));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("random weights"),
+        "warns about the random CLIP: {t}"
+    );
+    assert_eq!(ids(table.to_str().unwrap()).await.len(), 500, "{t}");
+}

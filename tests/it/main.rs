@@ -1,0 +1,6 @@
+//! The `knn-diffusion` CLI end to end: help, config errors, kill -9 and resume, S3 on
+//! loopback, and the embedded default.
+
+mod cli;
+#[path = "../support/s3_server.rs"]
+mod s3_server;
