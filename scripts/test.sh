@@ -11,4 +11,12 @@ if [[ "$(cat $FIX/.stamp 2>/dev/null)" != "$STAMP" ]]; then
   .venv/bin/python python/make_clip_fixture.py --out "$FIX"
   echo "$STAMP" > "$FIX/.stamp"
 fi
-cargo test --workspace "$@"
+LOG=target/test-output.log
+set +e
+cargo test --workspace --all-targets "$@" 2>&1 | tee "$LOG"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole run, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?/) p += $i; if ($(i+1) ~ /^failed;?/) f += $i } }
+     END { printf "%d passed, %d failed\n", p, f }' "$LOG"
+exit "$status"

@@ -38,7 +38,59 @@ pub enum Command {
     /// (id, key, shard, image, width, height, emb) to a Lance table. Bad records go to a
     /// rejects table with a reason. Resumable: a rerun skips committed shards, and no shard
     /// is ever committed twice, even by two workers given the same shard.
-    Embed(StageArgs),
+    Embed(EmbedArgs),
+    /// Measure a stage on this machine against its peers and write BENCHMARKS.md.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// Flags of `embed`.
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    #[command(flatten)]
+    pub stage: StageArgs,
+
+    /// Also write the run's summary as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub summary_json: Option<PathBuf>,
+}
+
+/// Benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// The embed stage: end to end at several input sizes (peak RSS each), the model alone,
+    /// and the Python reference (PIL + HF processor + DataLoader + transformers CLIP), on the
+    /// same images, model and batch size.
+    Embed(BenchEmbedArgs),
+}
+
+/// Flags of `bench embed`.
+#[derive(Debug, Args)]
+pub struct BenchEmbedArgs {
+    /// Folder of images (the 1x input).
+    #[arg(long, default_value = "data/emoji-google/images")]
+    pub images: PathBuf,
+    /// Random-weight CLIP shape: tiny, vit-b-32 or vit-l-14.
+    #[arg(long, default_value = "tiny")]
+    pub model: String,
+    /// Images per batch.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Input scales for the end-to-end runs, e.g. `1,4`.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    pub scales: Vec<usize>,
+    /// Use only the first N images of the folder (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub limit: usize,
+    /// Skip the Python reference.
+    #[arg(long)]
+    pub no_python: bool,
+    /// DataLoader workers of the Python reference.
+    #[arg(long, default_value_t = 2)]
+    pub python_workers: usize,
+    /// Markdown file whose section for this benchmark is replaced.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub write: PathBuf,
 }
 
 /// Flags shared by the stages.

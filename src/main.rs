@@ -1,12 +1,13 @@
 //! `knn-diffusion`: the command line. Thin subcommands that parse flags, load and validate
 //! the config, and call one library function each.
 
+mod bench;
 mod cli;
 mod config;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use cli::{Cli, Command, LogFormat, StageArgs};
+use cli::{BenchCommand, Cli, Command, EmbedArgs, LogFormat};
 use knn_cluster::WorkerSlot;
 use knn_indexer::{EmbedProgress, IndexerError};
 use std::io::IsTerminal;
@@ -53,10 +54,31 @@ fn try_main(cli: Cli) -> Result<()> {
         .context("starting the async runtime")?;
     match cli.command {
         Command::Embed(args) => runtime.block_on(run_embed(args, cli.log_format)),
+        Command::Bench(BenchCommand::Embed(args)) => {
+            let model = match args.model.as_str() {
+                "tiny" => knn_indexer::embed::RandomPreset::Tiny,
+                "vit-b-32" => knn_indexer::embed::RandomPreset::VitB32,
+                "vit-l-14" => knn_indexer::embed::RandomPreset::VitL14,
+                other => anyhow::bail!("--model `{other}`: use tiny, vit-b-32 or vit-l-14"),
+            };
+            let md = bench::run(&bench::EmbedBench {
+                images: args.images,
+                model,
+                batch_size: args.batch_size,
+                scales: args.scales,
+                limit: args.limit,
+                python: !args.no_python,
+                python_workers: args.python_workers,
+                write: Some(args.write),
+            })?;
+            println!("{md}");
+            Ok(())
+        }
     }
 }
 
-async fn run_embed(args: StageArgs, log_format: LogFormat) -> Result<()> {
+async fn run_embed(args: EmbedArgs, log_format: LogFormat) -> Result<()> {
+    let (args, summary_json) = (args.stage, args.summary_json);
     let project = config::load(&args.config, &args.overrides)?;
     let embed = project.embed.with_context(|| {
         format!(
@@ -77,6 +99,10 @@ async fn run_embed(args: StageArgs, log_format: LogFormat) -> Result<()> {
     reporter.abort();
     let summary = result?;
     eprintln!("{summary}");
+    if let Some(path) = summary_json {
+        std::fs::write(&path, serde_json::to_string_pretty(&summary)?)
+            .with_context(|| format!("writing --summary-json `{}`", path.display()))?;
+    }
     if !summary.shards_failed.is_empty() {
         return Err(IndexerError::ShardsFailed {
             failed: summary.shards_failed.len(),

@@ -30,7 +30,7 @@ use knn_datasets::{
 };
 use lance::deps::datafusion::error::DataFusionError;
 use lance::deps::datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -157,6 +157,43 @@ pub struct ClipSettings {
     /// Seed of the random CLIP when no checkpoint is given.
     #[serde(default)]
     pub random_seed: i64,
+    /// Shape of the random CLIP when no checkpoint is given: `tiny`, `vit-b-32` or
+    /// `vit-l-14` (random weights: for trials and speed benchmarks only).
+    #[serde(default)]
+    pub random_preset: RandomPreset,
+}
+
+/// Architecture of a random-weight CLIP.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RandomPreset {
+    /// [`ClipConfig::tiny`]: d = 64, 32 px input.
+    #[default]
+    Tiny,
+    /// [`ClipConfig::vit_b_32`]: d = 512, 224 px input.
+    VitB32,
+    /// [`ClipConfig::vit_l_14`]: d = 768, 224 px input.
+    VitL14,
+}
+
+impl RandomPreset {
+    /// The architecture.
+    pub fn config(self) -> ClipConfig {
+        match self {
+            RandomPreset::Tiny => ClipConfig::tiny(),
+            RandomPreset::VitB32 => ClipConfig::vit_b_32(),
+            RandomPreset::VitL14 => ClipConfig::vit_l_14(),
+        }
+    }
+
+    /// Its name in config files.
+    pub fn name(self) -> &'static str {
+        match self {
+            RandomPreset::Tiny => "tiny",
+            RandomPreset::VitB32 => "vit-b-32",
+            RandomPreset::VitL14 => "vit-l-14",
+        }
+    }
 }
 
 fn default_cache_dir() -> String {
@@ -175,6 +212,7 @@ impl Default for ClipSettings {
             precision: Precision::Auto,
             batch_size: default_batch(),
             random_seed: 0,
+            random_preset: RandomPreset::Tiny,
         }
     }
 }
@@ -313,7 +351,7 @@ pub struct EmbedProgress {
 }
 
 /// What a run did.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct EmbedSummary {
     /// Worker index and count.
     pub worker: (usize, usize),
@@ -347,6 +385,8 @@ pub struct EmbedSummary {
     pub table: String,
     /// URL of the rejects table.
     pub rejects_table: String,
+    /// Peak resident memory of this process, MiB (Linux).
+    pub peak_rss_mib: Option<f64>,
 }
 
 impl EmbedSummary {
@@ -411,11 +451,14 @@ impl fmt::Display for EmbedSummary {
         }
         write!(
             f,
-            "  time: {:.1} s, {:.1} img/s end to end; CLIP busy {:.1} s, decode busy {:.1} s",
+            "  time: {:.1} s, {:.1} img/s end to end; CLIP busy {:.1} s, decode busy {:.1} s{}",
             self.elapsed_s,
             self.images_per_s(),
             self.model_busy_s,
-            self.decode_busy_s
+            self.decode_busy_s,
+            self.peak_rss_mib
+                .map(|m| format!("; peak RSS {m:.0} MiB"))
+                .unwrap_or_default()
         )
     }
 }
@@ -485,16 +528,21 @@ pub async fn load_clip(
         }
         None => {
             tracing::warn!(
-                "no `embed.clip.checkpoint` configured: using a tiny CLIP with random weights \
+                "no `embed.clip.checkpoint` configured: using a {} CLIP with random weights \
                  (seed {}). Its embeddings carry no meaning; set `embed.clip.checkpoint` to an \
                  HF CLIP directory (config.json + model.safetensors) for real use",
+                settings.random_preset.name(),
                 settings.random_seed
             );
-            let cfg = ClipConfig::tiny();
+            let cfg = settings.random_preset.config();
             let loaded = random_clip(&cfg, settings.random_seed, device);
             Ok((
                 loaded,
-                format!("random-tiny(seed={})", settings.random_seed),
+                format!(
+                    "random-{}(seed={})",
+                    settings.random_preset.name(),
+                    settings.random_seed
+                ),
             ))
         }
     }
@@ -716,6 +764,7 @@ pub async fn embed(
     summary.elapsed_s = started.elapsed().as_secs_f64();
     summary.decode_busy_s = decode_busy_ns as f64 / 1e9;
     summary.model_busy_s = model_busy.load(Ordering::Relaxed) as f64 / 1e9;
+    summary.peak_rss_mib = peak_rss_mib();
     Ok(summary)
 }
 
@@ -962,6 +1011,14 @@ fn rejects_batch(rejects: &[RejectRow]) -> Result<RecordBatch> {
     ];
     RecordBatch::try_new(rejects_schema(), columns)
         .map_err(|e| IndexerError::Internal(format!("rejects batch: {e}")))
+}
+
+/// Peak resident set size of this process in MiB (`VmHWM`), where /proc exists.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 /// How long to wait between progress log lines when no terminal shows a bar.

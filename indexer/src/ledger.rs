@@ -11,6 +11,10 @@
 //! commits of one shard: the first creates N; the second loses N, is rebased to N+1, sees N's
 //! transaction, and is refused. The table's transaction history *is* the ledger, so it cannot
 //! disagree with the data.
+//!
+//! The history must therefore outlive the jobs writing the table: shard commits skip Lance's
+//! auto-cleanup, and `cleanup_old_versions` must not run on a table that embed jobs still
+//! write to (it deletes old transaction files, and with them the record of those shards).
 
 use lance::dataset::transaction::Transaction as DatasetTransaction;
 use lance::Dataset;

@@ -6,6 +6,7 @@
 //!   workers, exactly once per shard ([`ledger`]), resumable;
 //! - [`table`]: the output tables' schemas and the shard-committing writer.
 
+pub mod bench;
 pub mod clip;
 pub mod embed;
 pub mod error;

@@ -226,6 +226,8 @@ impl ShardedTable {
         let result = CommitBuilder::new(ds)
             .with_store_params(store_params(&self.storage))
             .with_commit_handler(handler)
+            // Old versions' transactions are the ledger: never let a commit clean them up.
+            .with_skip_auto_cleanup(true)
             .with_max_retries(100)
             .execute(transaction)
             .await;

@@ -1,9 +1,8 @@
 //! Runs the real binary as a user would.
 
+use crate::images::png;
 use crate::s3_server::S3Server;
-use futures::TryStreamExt;
 use std::collections::HashSet;
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -20,20 +19,10 @@ fn bin() -> Command {
     c
 }
 
-fn png(seed: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(24, 18, |x, y| {
-        image::Rgb([(x * 9 + seed) as u8, (y * 5) as u8, (seed * 31) as u8])
-    });
-    let mut out = Vec::new();
-    img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
-        .unwrap();
-    out
-}
-
 fn write_images(dir: &Path, n: u32) {
     std::fs::create_dir_all(dir).unwrap();
     for i in 0..n {
-        std::fs::write(dir.join(format!("{i:05}.png")), png(i)).unwrap();
+        std::fs::write(dir.join(format!("{i:05}.png")), png(24, 18, i as u8)).unwrap();
     }
 }
 
@@ -75,29 +64,7 @@ fn text(o: &Output) -> String {
 }
 
 async fn ids(table: &str) -> Vec<u64> {
-    let ds = lance::Dataset::open(table).await.unwrap();
-    ds.validate().await.unwrap();
-    let batches: Vec<arrow_array::RecordBatch> = ds
-        .scan()
-        .project(&["id"])
-        .unwrap()
-        .try_into_stream()
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
-    batches
-        .iter()
-        .flat_map(|b| {
-            b.column(0)
-                .as_any()
-                .downcast_ref::<arrow_array::UInt64Array>()
-                .unwrap()
-                .values()
-                .to_vec()
-        })
-        .collect()
+    crate::tables::u64_column(table, "id").await
 }
 
 #[test]
@@ -308,4 +275,33 @@ async fn the_embedded_default_config_runs() {
         "warns about the random CLIP: {t}"
     );
     assert_eq!(ids(table.to_str().unwrap()).await.len(), 500, "{t}");
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write_images(&src, 7);
+    let table = dir.path().join("emb.lance");
+    let cfg = write_config(
+        dir.path(),
+        src.to_str().unwrap(),
+        table.to_str().unwrap(),
+        "",
+    );
+    let o = run(bin()
+        .args(["--log-format", "json", "embed", "--config"])
+        .arg(&cfg));
+    assert!(o.status.success(), "{}", text(&o));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let committed = events
+        .iter()
+        .filter(|e| e["fields"]["message"] == "shard committed")
+        .count();
+    assert_eq!(committed, 2, "{stderr}");
 }

@@ -2,36 +2,9 @@
 
 use arrow_array::{BinaryArray, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
-use std::io::Cursor;
 use std::sync::Arc;
 
-/// A PNG of `w` x `h` with a pattern that depends on `seed`.
-pub fn png(w: u32, h: u32, seed: u8) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(w, h, |x, y| {
-        image::Rgb([
-            (x as u8).wrapping_mul(3) ^ seed,
-            (y as u8).wrapping_add(seed),
-            seed,
-        ])
-    });
-    let mut out = Vec::new();
-    img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
-        .unwrap();
-    out
-}
-
-/// A PNG whose header claims `w` x `h` pixels but which holds almost no data: a
-/// decompression bomb as far as any decoder trusting the header is concerned.
-pub fn bomb_png(w: u32, h: u32) -> Vec<u8> {
-    let mut bytes = png(1, 1, 0);
-    // IHDR data starts at 16: width (4 bytes BE), height (4 bytes BE); CRC follows the 13
-    // data bytes and covers the chunk type and data.
-    bytes[16..20].copy_from_slice(&w.to_be_bytes());
-    bytes[20..24].copy_from_slice(&h.to_be_bytes());
-    let crc = crc32fast::hash(&bytes[12..29]);
-    bytes[29..33].copy_from_slice(&crc.to_be_bytes());
-    bytes
-}
+pub use crate::images::{bomb_png, png};
 
 /// A WebDataset tar of `(member name, bytes)` in order.
 pub fn tar(members: &[(&str, Vec<u8>)]) -> Vec<u8> {

@@ -2,6 +2,8 @@
 //! memory:// and a real S3 server on loopback.
 
 mod fixtures;
+#[path = "../../../tests/support/images.rs"]
+mod images;
 mod readers;
 mod s3;
 #[path = "../../../tests/support/s3_server.rs"]

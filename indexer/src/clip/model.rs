@@ -95,21 +95,48 @@ struct Encoder {
     layers: Vec<EncoderLayer>,
 }
 
+/// The transformer shape both towers share.
+struct EncoderShape {
+    layers: i64,
+    hidden: i64,
+    inter: i64,
+    heads: i64,
+    eps: f64,
+    act: Activation,
+}
+
+impl From<&ClipTextConfig> for EncoderShape {
+    fn from(c: &ClipTextConfig) -> Self {
+        Self {
+            layers: c.num_hidden_layers,
+            hidden: c.hidden_size,
+            inter: c.intermediate_size,
+            heads: c.num_attention_heads,
+            eps: c.layer_norm_eps,
+            act: c.hidden_act,
+        }
+    }
+}
+
+impl From<&ClipVisionConfig> for EncoderShape {
+    fn from(c: &ClipVisionConfig) -> Self {
+        Self {
+            layers: c.num_hidden_layers,
+            hidden: c.hidden_size,
+            inter: c.intermediate_size,
+            heads: c.num_attention_heads,
+            eps: c.layer_norm_eps,
+            act: c.hidden_act,
+        }
+    }
+}
+
 impl Encoder {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        vs: nn::Path,
-        layers: i64,
-        hidden: i64,
-        inter: i64,
-        heads: i64,
-        eps: f64,
-        act: Activation,
-    ) -> Self {
+    fn new(vs: nn::Path, s: EncoderShape) -> Self {
         let vs = &vs / "layers";
         Self {
-            layers: (0..layers)
-                .map(|i| EncoderLayer::new(&vs / i, hidden, inter, heads, eps, act))
+            layers: (0..s.layers)
+                .map(|i| EncoderLayer::new(&vs / i, s.hidden, s.inter, s.heads, s.eps, s.act))
                 .collect(),
         }
     }
@@ -149,15 +176,7 @@ impl ClipTextTransformer {
                 c.hidden_size,
                 Default::default(),
             ),
-            encoder: Encoder::new(
-                &vs / "encoder",
-                c.num_hidden_layers,
-                c.hidden_size,
-                c.intermediate_size,
-                c.num_attention_heads,
-                c.layer_norm_eps,
-                c.hidden_act,
-            ),
+            encoder: Encoder::new(&vs / "encoder", EncoderShape::from(c)),
             final_layer_norm: nn::layer_norm(
                 &vs / "final_layer_norm",
                 vec![c.hidden_size],
@@ -241,15 +260,7 @@ impl ClipVisionTransformer {
                 Default::default(),
             ),
             pre_layrnorm: nn::layer_norm(&vs / "pre_layrnorm", vec![c.hidden_size], ln),
-            encoder: Encoder::new(
-                &vs / "encoder",
-                c.num_hidden_layers,
-                c.hidden_size,
-                c.intermediate_size,
-                c.num_attention_heads,
-                c.layer_norm_eps,
-                c.hidden_act,
-            ),
+            encoder: Encoder::new(&vs / "encoder", EncoderShape::from(c)),
             post_layernorm: nn::layer_norm(&vs / "post_layernorm", vec![c.hidden_size], ln),
         }
     }

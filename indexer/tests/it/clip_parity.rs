@@ -123,3 +123,45 @@ fn a_checkpoint_without_weights_is_named() {
     );
     assert!(err.to_string().contains("model.safetensors"), "{err}");
 }
+
+#[tokio::test]
+async fn a_checkpoint_at_an_object_store_url_is_fetched_and_cached() {
+    use object_store::ObjectStoreExt;
+    let storage = knn_datasets::StorageConfig::default();
+    let loc = knn_datasets::SourceLocation::open("memory://models/clip-tiny/", &storage).unwrap();
+    for name in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "preprocessor_config.json",
+    ] {
+        let bytes = std::fs::read(fixture_dir().join(name)).unwrap();
+        loc.store
+            .put(&loc.prefix.clone().join(name), bytes.into())
+            .await
+            .unwrap();
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let ckpt = ClipCheckpoint::open("memory://models/clip-tiny/", &storage, cache.path())
+        .await
+        .unwrap();
+    assert!(ckpt.dir.starts_with(cache.path()));
+    let remote = ckpt.load(Device::Cpu, Kind::Float).unwrap();
+    let local = load();
+    let x = Tensor::randn([2, 3, 224, 224], (Kind::Float, Device::Cpu));
+    let (a, b) = tch::no_grad(|| {
+        (
+            remote.model.image_features(&x),
+            local.model.image_features(&x),
+        )
+    });
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    // A missing required file is named with its URL.
+    let err = ClipCheckpoint::open("memory://models/none/", &storage, cache.path())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("memory://models/none/config.json"),
+        "{err}"
+    );
+}

@@ -1,8 +1,8 @@
 //! The embed stage end to end on real Lance tables on disk: counts, rejects with reasons,
 //! resume, racing duplicate workers, two workers, and the table read back by pylance.
 
+use crate::images::{bomb_png, png};
 use arrow_array::Array;
-use futures::TryStreamExt;
 use knn_datasets::StorageConfig;
 use knn_indexer::{embed, EmbedConfig, EmbedProgress, EmbedSummary};
 use lance::Dataset;
@@ -11,35 +11,12 @@ use std::io::Cursor;
 use std::path::Path;
 use std::sync::Arc;
 
-fn png(w: u32, h: u32, seed: u8) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(w, h, |x, y| {
-        image::Rgb([
-            (x as u8).wrapping_mul(5) ^ seed,
-            (y as u8).wrapping_add(seed),
-            seed,
-        ])
-    });
-    let mut out = Vec::new();
-    img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
-        .unwrap();
-    out
-}
-
 fn rgba_png() -> Vec<u8> {
     let img = image::RgbaImage::from_fn(20, 10, |x, _| image::Rgba([200, 0, 0, (x * 12) as u8]));
     let mut out = Vec::new();
     img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
         .unwrap();
     out
-}
-
-fn bomb_png() -> Vec<u8> {
-    let mut bytes = png(1, 1, 0);
-    bytes[16..20].copy_from_slice(&200_000u32.to_be_bytes());
-    bytes[20..24].copy_from_slice(&200_000u32.to_be_bytes());
-    let crc = crc32fast::hash(&bytes[12..29]);
-    bytes[29..33].copy_from_slice(&crc.to_be_bytes());
-    bytes
 }
 
 /// Writes `good` images over a few directories plus one of each bad kind; returns the
@@ -59,7 +36,7 @@ fn write_source(dir: &Path, good: usize) -> usize {
     let full = png(50, 50, 1);
     std::fs::write(bad.join("truncated.png"), &full[..full.len() / 2]).unwrap();
     std::fs::write(bad.join("text.png"), b"this is not an image").unwrap();
-    std::fs::write(bad.join("bomb.png"), bomb_png()).unwrap();
+    std::fs::write(bad.join("bomb.png"), bomb_png(200_000, 200_000)).unwrap();
     std::fs::write(bad.join("alpha.png"), rgba_png()).unwrap();
     good + 5
 }
@@ -97,28 +74,7 @@ async fn run(cfg: &EmbedConfig, worker: (usize, usize)) -> EmbedSummary {
 }
 
 async fn column_u64(uri: &str, column: &str) -> Vec<u64> {
-    let ds = Dataset::open(uri).await.unwrap();
-    let batches: Vec<arrow_array::RecordBatch> = ds
-        .scan()
-        .project(&[column])
-        .unwrap()
-        .try_into_stream()
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
-    batches
-        .iter()
-        .flat_map(|b| {
-            b.column(0)
-                .as_any()
-                .downcast_ref::<arrow_array::UInt64Array>()
-                .unwrap()
-                .values()
-                .to_vec()
-        })
-        .collect()
+    crate::tables::u64_column(uri, column).await
 }
 
 fn uri(out: &Path, name: &str) -> String {

@@ -3,3 +3,7 @@
 
 mod clip_parity;
 mod embed;
+#[path = "../../../tests/support/images.rs"]
+mod images;
+#[path = "../../../tests/support/tables.rs"]
+mod tables;

@@ -1,0 +1,276 @@
+//! `knn-diffusion bench embed`: measures the embed stage on this machine and writes the
+//! numbers into BENCHMARKS.md beside its peers, measured in the same run:
+//! - end to end: `knn-diffusion embed` in a fresh process (so its peak RSS is its own) on
+//!   the image set at 1x and at each larger scale (the set linked several times);
+//! - model only: the same CLIP on random input at the same batch size;
+//! - the Python reference (`python/bench_embed_reference.py`: PIL + HF processor in a torch
+//!   DataLoader, `CLIPModel.get_image_features`) on the same images, model and batch.
+
+use anyhow::{bail, Context, Result};
+use knn_indexer::embed::RandomPreset;
+use knn_indexer::EmbedSummary;
+use serde_json::Value;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// What to measure.
+#[derive(Debug)]
+pub struct EmbedBench {
+    /// Folder of images (the 1x set).
+    pub images: PathBuf,
+    /// Random-weight CLIP architecture.
+    pub model: RandomPreset,
+    /// Images per CLIP batch (pipeline, model-only and Python alike).
+    pub batch_size: usize,
+    /// Input scales to run end to end (1 = the set once).
+    pub scales: Vec<usize>,
+    /// Use at most this many images of the set (0: all).
+    pub limit: usize,
+    /// Also run the Python reference.
+    pub python: bool,
+    /// DataLoader workers for the Python reference.
+    pub python_workers: usize,
+    /// Markdown file to update.
+    pub write: Option<PathBuf>,
+}
+
+fn image_files(dir: &Path, limit: usize) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading image folder `{}`", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    if limit > 0 {
+        files.truncate(limit);
+    }
+    if files.is_empty() {
+        bail!("no images in `{}`", dir.display());
+    }
+    Ok(files)
+}
+
+/// Lays out `scale` copies of `files` (hard links) under `root/copyK/`.
+fn layout(files: &[PathBuf], root: &Path, scale: usize) -> Result<()> {
+    for k in 0..scale {
+        let dir = root.join(format!("copy{k}"));
+        std::fs::create_dir_all(&dir)?;
+        for f in files {
+            let target = dir.join(f.file_name().context("file name")?);
+            if std::fs::hard_link(f, &target).is_err() {
+                std::fs::copy(f, &target).with_context(|| format!("copying `{}`", f.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run_embed(bench: &EmbedBench, source: &Path, work: &Path) -> Result<EmbedSummary> {
+    let cfg = work.join("bench.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[embed.source]\nurl = {:?}\nformat = \"folder\"\nfolder_shard_size = 500\n\
+             [embed.output]\ntable = {:?}\n\
+             [embed.clip]\nbatch_size = {}\nrandom_preset = \"{}\"\n",
+            source.display().to_string(),
+            work.join("emb.lance").display().to_string(),
+            bench.batch_size,
+            bench.model.name()
+        ),
+    )?;
+    let json = work.join("summary.json");
+    let exe = std::env::current_exe()?;
+    let out = Command::new(exe)
+        .args(["embed", "--config"])
+        .arg(&cfg)
+        .arg("--summary-json")
+        .arg(&json)
+        .env("RUST_LOG", "warn")
+        .output()
+        .context("running knn-diffusion embed")?;
+    if !out.status.success() {
+        bail!(
+            "embed failed during the benchmark: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
+    Ok(EmbedSummary {
+        images_ok: v["images_ok"].as_u64().unwrap_or(0),
+        elapsed_s: v["elapsed_s"].as_f64().unwrap_or(0.0),
+        model_busy_s: v["model_busy_s"].as_f64().unwrap_or(0.0),
+        decode_busy_s: v["decode_busy_s"].as_f64().unwrap_or(0.0),
+        peak_rss_mib: v["peak_rss_mib"].as_f64(),
+        ..Default::default()
+    })
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let gpu = if tch::Cuda::is_available() {
+        format!("{} CUDA device(s)", tch::Cuda::device_count())
+    } else {
+        "no GPU".into()
+    };
+    format!("{cpu}, {cores} cores, {gpu}")
+}
+
+/// Runs the benchmark and returns the markdown section.
+pub fn run(bench: &EmbedBench) -> Result<String> {
+    let files = image_files(&bench.images, bench.limit)?;
+    let n = files.len();
+    let work = tempfile::tempdir()?;
+    let mut runs = Vec::new();
+    for &scale in &bench.scales {
+        let dir = work.path().join(format!("x{scale}"));
+        layout(&files, &dir.join("src"), scale)?;
+        eprintln!("end to end at {scale}x ({} images)...", n * scale);
+        let s = run_embed(bench, &dir.join("src"), &dir)?;
+        runs.push((scale, s));
+    }
+
+    eprintln!("model only...");
+    let device = tch::Device::cuda_if_available();
+    let clip = knn_indexer::clip::checkpoint::random_clip(&bench.model.config(), 0, device);
+    let batches = n.div_ceil(bench.batch_size).clamp(3, 200);
+    let model_only =
+        knn_indexer::bench::model_only_img_per_s(&clip, device, bench.batch_size, batches, 2);
+    drop(clip);
+
+    let python = if bench.python {
+        eprintln!("python reference...");
+        let src = work.path().join("python-src");
+        layout(&files, &src, 1)?;
+        let cfg = work.path().join("hf-config.json");
+        std::fs::write(&cfg, serde_json::to_string(&bench.model.config())?)?;
+        let out = Command::new(".venv/bin/python")
+            .arg("python/bench_embed_reference.py")
+            .arg("--images")
+            .arg(&src)
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--batch-size", &bench.batch_size.to_string()])
+            .args(["--workers", &bench.python_workers.to_string()])
+            .output()
+            .context("running .venv/bin/python python/bench_embed_reference.py (from the repository root)")?;
+        if !out.status.success() {
+            bail!(
+                "python reference failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Some(serde_json::from_slice::<Value>(&out.stdout).context("python reference output")?)
+    } else {
+        None
+    };
+
+    let (_, base) = &runs[0];
+    let e2e = base.images_per_s();
+    let mut md = String::new();
+    let profile = if cfg!(debug_assertions) {
+        "dev (debug, image codecs optimised)"
+    } else {
+        "optimised"
+    };
+    writeln!(
+        md,
+        "### embed, random-weight CLIP `{}`, batch {}",
+        bench.model.name(),
+        bench.batch_size
+    )?;
+    writeln!(md)?;
+    writeln!(
+        md,
+        "Machine: {}. Build: {profile}. Images: {} x {n} real 64 px emoji PNGs (`{}`).",
+        machine(),
+        runs.iter()
+            .map(|r| r.0.to_string())
+            .collect::<Vec<_>>()
+            .join("/"),
+        bench.images.display()
+    )?;
+    writeln!(md)?;
+    writeln!(md, "| measure | img/s | ratio |")?;
+    writeln!(md, "|---|---:|---|")?;
+    writeln!(
+        md,
+        "| model only (same model, batch, device; random input) | {model_only:.1} | |"
+    )?;
+    writeln!(md, "| end to end, 1x (`knn-diffusion embed`, list → Lance commit) | {e2e:.1} | {:.2} x model only |", e2e / model_only)?;
+    writeln!(
+        md,
+        "| stage: CLIP thread while busy | {:.1} | |",
+        base.images_ok as f64 / base.model_busy_s.max(1e-9)
+    )?;
+    writeln!(
+        md,
+        "| stage: decode + resize + preprocess, per thread while busy | {:.1} | |",
+        base.images_ok as f64 / base.decode_busy_s.max(1e-9)
+    )?;
+    if let Some(p) = &python {
+        let pe = p["end_to_end_img_per_s"].as_f64().unwrap_or(f64::NAN);
+        writeln!(md, "| Python reference end to end (PIL, HF processor, DataLoader {} workers) | {pe:.1} | ours = {:.2} x Python |", bench.python_workers, e2e / pe)?;
+        writeln!(
+            md,
+            "| Python reference model only | {:.1} | |",
+            p["model_only_img_per_s"].as_f64().unwrap_or(f64::NAN)
+        )?;
+        writeln!(
+            md,
+            "| Python reference decode + preprocess, 1 thread | {:.1} | |",
+            p["decode_preprocess_img_per_s"]
+                .as_f64()
+                .unwrap_or(f64::NAN)
+        )?;
+    }
+    writeln!(md)?;
+    writeln!(md, "| input | images | end-to-end img/s | peak RSS MiB |")?;
+    writeln!(md, "|---|---:|---:|---:|")?;
+    for (scale, s) in &runs {
+        writeln!(
+            md,
+            "| {scale}x | {} | {:.1} | {:.0} |",
+            s.images_ok,
+            s.images_per_s(),
+            s.peak_rss_mib.unwrap_or(f64::NAN)
+        )?;
+    }
+    if let Some(p) = &python {
+        writeln!(
+            md,
+            "| Python 1x | {} | {:.1} | {:.0} (main) + {:.0} (workers) |",
+            p["images"],
+            p["end_to_end_img_per_s"].as_f64().unwrap_or(f64::NAN),
+            p["peak_rss_self_mb"].as_f64().unwrap_or(f64::NAN),
+            p["peak_rss_children_mb"].as_f64().unwrap_or(f64::NAN)
+        )?;
+    }
+    if let Some(path) = &bench.write {
+        write_section(path, &format!("embed:{}", bench.model.name()), &md)?;
+    }
+    Ok(md)
+}
+
+/// Replaces (or appends) the block between `<!-- bench:NAME -->` markers in `path`.
+fn write_section(path: &Path, name: &str, body: &str) -> Result<()> {
+    let start = format!("<!-- bench:{name}:start -->");
+    let end = format!("<!-- bench:{name}:end -->");
+    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
+    let block = format!("{start}\n{body}{end}");
+    let new = match (old.find(&start), old.find(&end)) {
+        (Some(a), Some(b)) if b > a => format!("{}{block}{}", &old[..a], &old[b + end.len()..]),
+        _ => format!("{}\n{block}\n", old.trim_end()),
+    };
+    std::fs::write(path, new).with_context(|| format!("writing `{}`", path.display()))
+}
