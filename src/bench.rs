@@ -33,6 +33,8 @@ pub struct EmbedBench {
     pub python_workers: usize,
     /// Markdown file to update.
     pub write: Option<PathBuf>,
+    /// Times each 1x measurement is repeated (medians are reported).
+    pub repeats: usize,
 }
 
 fn image_files(dir: &Path, limit: usize) -> Result<Vec<PathBuf>> {
@@ -107,6 +109,28 @@ fn run_embed(bench: &EmbedBench, source: &Path, work: &Path) -> Result<EmbedSumm
     })
 }
 
+fn run_python(bench: &EmbedBench, images: &Path, config: &Path) -> Result<Value> {
+    let out = Command::new(".venv/bin/python")
+        .arg("python/bench_embed_reference.py")
+        .arg("--images")
+        .arg(images)
+        .arg("--config")
+        .arg(config)
+        .args(["--batch-size", &bench.batch_size.to_string()])
+        .args(["--workers", &bench.python_workers.to_string()])
+        .output()
+        .context(
+            "running .venv/bin/python python/bench_embed_reference.py (from the repository root)",
+        )?;
+    if !out.status.success() {
+        bail!(
+            "python reference failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("python reference output")
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -131,55 +155,66 @@ pub fn run(bench: &EmbedBench) -> Result<String> {
     let files = image_files(&bench.images, bench.limit)?;
     let n = files.len();
     let work = tempfile::tempdir()?;
-    let mut runs = Vec::new();
-    for &scale in &bench.scales {
+    // Repeated measurements alternate between ours, the model alone and Python, so that
+    // noise from a shared machine falls on all three alike; each reports its median.
+    let device = tch::Device::cuda_if_available();
+    let batches = n.div_ceil(bench.batch_size).clamp(3, 200);
+    let python_src = work.path().join("python-src");
+    let hf_config = work.path().join("hf-config.json");
+    if bench.python {
+        layout(&files, &python_src, 1)?;
+        std::fs::write(&hf_config, serde_json::to_string(&bench.model.config())?)?;
+    }
+    let one_x = work.path().join("x1");
+    layout(&files, &one_x.join("src"), 1)?;
+    let (mut ours, mut model, mut python) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..bench.repeats.max(1) {
+        eprintln!(
+            "repeat {}/{}: end to end ({n} images)...",
+            r + 1,
+            bench.repeats.max(1)
+        );
+        let dir = one_x.join(format!("run{r}"));
+        std::fs::create_dir_all(&dir)?;
+        ours.push(run_embed(bench, &one_x.join("src"), &dir)?);
+        eprintln!("repeat {}: model only...", r + 1);
+        let clip = knn_indexer::clip::checkpoint::random_clip(&bench.model.config(), 0, device);
+        model.push(knn_indexer::bench::model_only_img_per_s(
+            &clip,
+            device,
+            bench.batch_size,
+            batches,
+            2,
+        ));
+        drop(clip);
+        if bench.python {
+            eprintln!("repeat {}: python reference...", r + 1);
+            python.push(run_python(bench, &python_src, &hf_config)?);
+        }
+    }
+    ours.sort_by(|a, b| a.images_per_s().total_cmp(&b.images_per_s()));
+    model.sort_by(f64::total_cmp);
+    let py_rate = |v: &Value| v["end_to_end_img_per_s"].as_f64().unwrap_or(f64::NAN);
+    python.sort_by(|a, b| py_rate(a).total_cmp(&py_rate(b)));
+    let model_only = model[model.len() / 2];
+    let python = (!python.is_empty()).then(|| python[python.len() / 2].clone());
+    let spread = ours
+        .iter()
+        .map(|s| format!("{:.1}", s.images_per_s()))
+        .collect::<Vec<_>>();
+    let mut runs = vec![(1usize, ours[ours.len() / 2].clone())];
+    for &scale in bench.scales.iter().filter(|&&s| s != 1) {
         let dir = work.path().join(format!("x{scale}"));
         layout(&files, &dir.join("src"), scale)?;
         eprintln!("end to end at {scale}x ({} images)...", n * scale);
-        let s = run_embed(bench, &dir.join("src"), &dir)?;
-        runs.push((scale, s));
+        runs.push((scale, run_embed(bench, &dir.join("src"), &dir)?));
     }
-
-    eprintln!("model only...");
-    let device = tch::Device::cuda_if_available();
-    let clip = knn_indexer::clip::checkpoint::random_clip(&bench.model.config(), 0, device);
-    let batches = n.div_ceil(bench.batch_size).clamp(3, 200);
-    let model_only =
-        knn_indexer::bench::model_only_img_per_s(&clip, device, bench.batch_size, batches, 2);
-    drop(clip);
-
-    let python = if bench.python {
-        eprintln!("python reference...");
-        let src = work.path().join("python-src");
-        layout(&files, &src, 1)?;
-        let cfg = work.path().join("hf-config.json");
-        std::fs::write(&cfg, serde_json::to_string(&bench.model.config())?)?;
-        let out = Command::new(".venv/bin/python")
-            .arg("python/bench_embed_reference.py")
-            .arg("--images")
-            .arg(&src)
-            .arg("--config")
-            .arg(&cfg)
-            .args(["--batch-size", &bench.batch_size.to_string()])
-            .args(["--workers", &bench.python_workers.to_string()])
-            .output()
-            .context("running .venv/bin/python python/bench_embed_reference.py (from the repository root)")?;
-        if !out.status.success() {
-            bail!(
-                "python reference failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Some(serde_json::from_slice::<Value>(&out.stdout).context("python reference output")?)
-    } else {
-        None
-    };
 
     let (_, base) = &runs[0];
     let e2e = base.images_per_s();
     let mut md = String::new();
     let profile = if cfg!(debug_assertions) {
-        "dev (debug, image codecs optimised)"
+        "dev profile (our crates and the image codecs optimised, other deps not)"
     } else {
         "optimised"
     };
@@ -199,6 +234,12 @@ pub fn run(bench: &EmbedBench) -> Result<String> {
             .collect::<Vec<_>>()
             .join("/"),
         bench.images.display()
+    )?;
+    writeln!(
+        md,
+        "Medians of {} alternating repeats (ours end to end: {} img/s).",
+        bench.repeats.max(1),
+        spread.join(", ")
     )?;
     writeln!(md)?;
     writeln!(md, "| measure | img/s | ratio |")?;

@@ -88,6 +88,9 @@ pub struct BenchEmbedArgs {
     /// DataLoader workers of the Python reference.
     #[arg(long, default_value_t = 2)]
     pub python_workers: usize,
+    /// Repeats of each 1x measurement; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
     /// Markdown file whose section for this benchmark is replaced.
     #[arg(long, default_value = "BENCHMARKS.md")]
     pub write: PathBuf,

@@ -138,15 +138,18 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<DecodedImage,
     reader.limits(image_limits);
     let img = reader.decode().map_err(classify)?;
     let rgb = if img.color().has_alpha() {
-        let rgba = img.to_rgba8();
-        let [br, bg, bb] = limits.background.map(u32::from);
-        RgbImage::from_fn(width, height, |x, y| {
-            let [r, g, b, a] = rgba.get_pixel(x, y).0.map(u32::from);
-            let mix = |c: u32, back: u32| ((c * a + back * (255 - a) + 127) / 255) as u8;
-            image::Rgb([mix(r, br), mix(g, bg), mix(b, bb)])
-        })
+        let rgba = img.into_rgba8();
+        let back = limits.background.map(u32::from);
+        let mut out = Vec::with_capacity(width as usize * height as usize * 3);
+        for px in rgba.as_raw().chunks_exact(4) {
+            let a = px[3] as u32;
+            for c in 0..3 {
+                out.push(((px[c] as u32 * a + back[c] * (255 - a) + 127) / 255) as u8);
+            }
+        }
+        RgbImage::from_raw(width, height, out).expect("buffer sized width * height * 3")
     } else {
-        img.to_rgb8()
+        img.into_rgb8()
     };
     Ok(DecodedImage { rgb, width, height })
 }

@@ -214,20 +214,37 @@ pub fn center_crop(img: &RgbImage, width: u32, height: u32) -> RgbImage {
         }
     };
     let (left, top) = (offset(img.width(), width), offset(img.height(), height));
-    RgbImage::from_fn(width, height, |x, y| {
-        let (sx, sy) = (x as i64 + left, y as i64 + top);
-        if sx >= 0 && sy >= 0 && (sx as u32) < img.width() && (sy as u32) < img.height() {
-            *img.get_pixel(sx as u32, sy as u32)
-        } else {
-            image::Rgb([0, 0, 0])
+    if (left, top) == (0, 0) && img.dimensions() == (width, height) {
+        return img.clone();
+    }
+    let mut out = RgbImage::new(width, height);
+    // Copy the overlapping span of each row; the rest stays black.
+    let x0 = left.max(0);
+    let x1 = (left + width as i64).min(img.width() as i64);
+    if x1 > x0 {
+        let span = (x1 - x0) as usize * 3;
+        let dst_x = (x0 - left) as usize * 3;
+        let (src, dst) = (img.as_raw(), &mut *out);
+        for y in 0..height as i64 {
+            let sy = y + top;
+            if sy < 0 || sy >= img.height() as i64 {
+                continue;
+            }
+            let s = (sy as usize * img.width() as usize + x0 as usize) * 3;
+            let d = y as usize * width as usize * 3 + dst_x;
+            dst[d..d + span].copy_from_slice(&src[s..s + span]);
         }
-    })
+    }
+    out
 }
 
 /// Shortest side to `size_px` with `filter`, then the center `size_px` square: the training
 /// image and the CLIP input are both made this way.
 pub fn resize_and_center_crop(img: &RgbImage, size_px: u32, filter: Filter) -> RgbImage {
     let (w, h) = shortest_side_size(img.width(), img.height(), size_px);
+    if (w, h) == img.dimensions() {
+        return center_crop(img, size_px, size_px);
+    }
     center_crop(&resize(img, w, h, filter), size_px, size_px)
 }
 
@@ -268,6 +285,32 @@ mod tests {
         // (8 - 5) / 2 = 1 column of padding on the left.
         assert_eq!(out.get_pixel(0, 0).0, [0, 0, 0]);
         assert_eq!(out.get_pixel(1, 1), img.get_pixel(0, 0));
+    }
+
+    #[test]
+    fn crop_matches_a_pixel_by_pixel_reference() {
+        let img = gradient(9, 6);
+        for (w, h) in [(9, 6), (4, 3), (3, 6), (12, 8), (9, 11), (1, 1)] {
+            let left = if img.width() >= w {
+                ((img.width() - w) / 2) as i64
+            } else {
+                -(((w - img.width()) / 2) as i64)
+            };
+            let top = if img.height() >= h {
+                ((img.height() - h) / 2) as i64
+            } else {
+                -(((h - img.height()) / 2) as i64)
+            };
+            let want = RgbImage::from_fn(w, h, |x, y| {
+                let (sx, sy) = (x as i64 + left, y as i64 + top);
+                if sx >= 0 && sy >= 0 && sx < 9 && sy < 6 {
+                    *img.get_pixel(sx as u32, sy as u32)
+                } else {
+                    image::Rgb([0, 0, 0])
+                }
+            });
+            assert_eq!(center_crop(&img, w, h), want, "{w}x{h}");
+        }
     }
 
     #[test]

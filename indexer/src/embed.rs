@@ -171,8 +171,10 @@ pub enum RandomPreset {
     #[default]
     Tiny,
     /// [`ClipConfig::vit_b_32`]: d = 512, 224 px input.
+    #[serde(rename = "vit-b-32")]
     VitB32,
     /// [`ClipConfig::vit_l_14`]: d = 768, 224 px input.
+    #[serde(rename = "vit-l-14")]
     VitL14,
 }
 
@@ -890,6 +892,10 @@ fn decode_records(stage: &Stage, records: Vec<RawRecord>) -> DecodedChunk {
         pixels: Vec::new(),
         rejects: Vec::new(),
     };
+    let (side_w, side_h) = stage.processor.output_size(1, 1);
+    chunk
+        .pixels
+        .reserve(records.len() * 3 * side_w as usize * side_h as usize);
     for rec in records {
         let decoded = rec
             .payload
