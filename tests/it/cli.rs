@@ -51,6 +51,22 @@ shards_in_flight = 1
     path
 }
 
+/// A folder source of `images` PNGs (shards of 5) and a config writing to `table` below a
+/// fresh temporary directory, which the caller keeps alive.
+fn local_job(images: u32, table: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write_images(&src, images);
+    let table = dir.path().join(table);
+    let cfg = write_config(
+        dir.path(),
+        src.to_str().unwrap(),
+        table.to_str().unwrap(),
+        "",
+    );
+    (dir, cfg, table)
+}
+
 fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("run knn-diffusion")
 }
@@ -125,16 +141,7 @@ fn config_errors_name_the_key_and_the_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_run_then_resume_gives_every_id_exactly_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("src");
-    write_images(&src, 150); // 30 shards of 5
-    let table = dir.path().join("out/emb.lance");
-    let cfg = write_config(
-        dir.path(),
-        src.to_str().unwrap(),
-        table.to_str().unwrap(),
-        "",
-    );
+    let (_dir, cfg, table) = local_job(150, "out/emb.lance");
     let mut child = bin()
         .args(["embed", "--config"])
         .arg(&cfg)
@@ -177,16 +184,7 @@ async fn kill_9_mid_run_then_resume_gives_every_id_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_worker_processes_share_one_table() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("src");
-    write_images(&src, 40);
-    let table = dir.path().join("emb.lance");
-    let cfg = write_config(
-        dir.path(),
-        src.to_str().unwrap(),
-        table.to_str().unwrap(),
-        "",
-    );
+    let (_dir, cfg, table) = local_job(40, "emb.lance");
     let spawn = |w: &str| {
         bin()
             .args(["embed", "--config"])
@@ -279,16 +277,7 @@ async fn the_embedded_default_config_runs() {
 
 #[test]
 fn json_logs_are_one_object_per_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("src");
-    write_images(&src, 7);
-    let table = dir.path().join("emb.lance");
-    let cfg = write_config(
-        dir.path(),
-        src.to_str().unwrap(),
-        table.to_str().unwrap(),
-        "",
-    );
+    let (_dir, cfg, _table) = local_job(7, "emb.lance");
     let o = run(bin()
         .args(["--log-format", "json", "embed", "--config"])
         .arg(&cfg));
