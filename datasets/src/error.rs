@@ -2,8 +2,6 @@
 //! shard or config key involved. Errors about a single record are not here: those are
 //! [`crate::RejectReason`]s, counted and reported, never fatal.
 
-use std::path::PathBuf;
-
 /// Result with [`DatasetError`].
 pub type Result<T, E = DatasetError> = std::result::Result<T, E>;
 
@@ -54,14 +52,6 @@ pub enum DatasetError {
     /// Worker index and count do not fit together.
     #[error("worker {index} of {count} is not valid: need 0 <= worker < workers and workers >= 1")]
     InvalidWorker { index: usize, count: usize },
-
-    /// A local file could not be read.
-    #[error("cannot read `{path}`: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 impl DatasetError {

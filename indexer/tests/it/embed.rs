@@ -306,3 +306,55 @@ async fn the_ledger_refuses_a_second_commit_of_a_shard_even_from_a_stale_version
     ids.sort();
     assert_eq!(ids, vec![1, 3]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_shard_fails_alone_and_is_retried_by_the_next_run() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let tar = |members: &[(&str, Vec<u8>)]| {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in members {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, data.as_slice()).unwrap();
+        }
+        b.into_inner().unwrap()
+    };
+    std::fs::write(
+        src.path().join("a.tar"),
+        tar(&[("1.png", png(9, 9, 1)), ("2.png", png(9, 9, 2))]),
+    )
+    .unwrap();
+    let whole = tar(&[("3.png", png(40, 40, 3)), ("4.png", png(40, 40, 4))]);
+    std::fs::write(src.path().join("b.tar"), &whole[..whole.len() - 1500]).unwrap();
+    let mut cfg = config(src.path(), out.path(), "");
+    cfg.source.format = knn_datasets::ShardFormat::WebDataset;
+
+    let first = run(&cfg, (0, 1)).await;
+    assert_eq!(first.shards_committed, 1, "{first}");
+    assert_eq!(first.shards_failed.len(), 1, "{first}");
+    assert_eq!(first.shards_failed[0].0, "b.tar", "{first}");
+    assert!(
+        first.to_string().contains("FAILED shard `b.tar`"),
+        "{first}"
+    );
+    assert_eq!(
+        column_u64(&uri(out.path(), "emb.lance"), "id").await.len(),
+        2
+    );
+
+    // Repaired, the next run commits only the shard that failed.
+    std::fs::write(src.path().join("b.tar"), whole).unwrap();
+    let second = run(&cfg, (0, 1)).await;
+    assert_eq!(
+        (second.shards_skipped, second.shards_committed),
+        (1, 1),
+        "{second}"
+    );
+    assert_eq!(
+        column_u64(&uri(out.path(), "emb.lance"), "id").await.len(),
+        4
+    );
+}
