@@ -572,7 +572,7 @@ fn spawn_model(
     device: Device,
     side: usize,
     busy_ns: Arc<AtomicU64>,
-) -> (mpsc::Sender<ModelJob>, std::thread::JoinHandle<()>) {
+) -> Result<(mpsc::Sender<ModelJob>, std::thread::JoinHandle<()>)> {
     let (tx, mut rx) = mpsc::channel::<ModelJob>(2);
     let handle = std::thread::Builder::new()
         .name("clip".into())
@@ -604,8 +604,8 @@ fn spawn_model(
                 let _ = job.reply.send(out);
             }
         })
-        .expect("spawning the CLIP thread");
-    (tx, handle)
+        .map_err(|e| IndexerError::Internal(format!("cannot start the CLIP thread: {e}")))?;
+    Ok((tx, handle))
 }
 
 /// Runs the embed stage for worker `worker` of `workers`.
@@ -683,7 +683,7 @@ pub async fn embed(
     );
 
     let model_busy = Arc::new(AtomicU64::new(0));
-    let (model_tx, model_thread) = spawn_model(clip, device, w as usize, model_busy.clone());
+    let (model_tx, model_thread) = spawn_model(clip, device, w as usize, model_busy.clone())?;
     let decode_threads = match cfg.pipeline.decode_threads {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
