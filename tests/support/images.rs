@@ -1,5 +1,5 @@
-//! Generated images for tests: real PNGs with a seed-dependent pattern, and a decompression
-//! bomb. Shared by the crates' integration tests through `#[path]`.
+//! Generated inputs for tests: real PNGs with a seed-dependent pattern, a decompression
+//! bomb, and WebDataset tar shards. Shared by the crates' integration tests through `#[path]`.
 
 use std::io::Cursor;
 
@@ -29,4 +29,19 @@ pub fn bomb_png(w: u32, h: u32) -> Vec<u8> {
     let crc = crc32fast::hash(&bytes[12..29]);
     bytes[29..33].copy_from_slice(&crc.to_be_bytes());
     bytes
+}
+
+/// A WebDataset tar of `(member name, bytes)` in order.
+pub fn tar(members: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, data) in members {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, name, data.as_slice())
+            .expect("append tar member");
+    }
+    builder.into_inner().expect("finish tar")
 }

@@ -4,22 +4,7 @@ use arrow_array::{BinaryArray, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
 use std::sync::Arc;
 
-pub use crate::images::{bomb_png, png};
-
-/// A WebDataset tar of `(member name, bytes)` in order.
-pub fn tar(members: &[(&str, Vec<u8>)]) -> Vec<u8> {
-    let mut builder = tar::Builder::new(Vec::new());
-    for (name, data) in members {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(data.len() as u64);
-        header.set_mode(0o644);
-        header.set_cksum();
-        builder
-            .append_data(&mut header, name, data.as_slice())
-            .unwrap();
-    }
-    builder.into_inner().unwrap()
-}
+pub use crate::images::{bomb_png, png, tar};
 
 /// An img2dataset-style parquet file with `key` and `jpg` columns (None = null image).
 pub fn parquet(rows: &[(&str, Option<Vec<u8>>)]) -> Vec<u8> {

@@ -1,7 +1,7 @@
 //! The embed stage end to end on real Lance tables on disk: counts, rejects with reasons,
 //! resume, racing duplicate workers, two workers, and the table read back by pylance.
 
-use crate::images::{bomb_png, png};
+use crate::images::{bomb_png, png, tar};
 use arrow_array::Array;
 use knn_datasets::StorageConfig;
 use knn_indexer::{embed, EmbedConfig, EmbedProgress, EmbedSummary};
@@ -311,17 +311,6 @@ async fn the_ledger_refuses_a_second_commit_of_a_shard_even_from_a_stale_version
 async fn a_corrupt_shard_fails_alone_and_is_retried_by_the_next_run() {
     let src = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
-    let tar = |members: &[(&str, Vec<u8>)]| {
-        let mut b = tar::Builder::new(Vec::new());
-        for (name, data) in members {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_cksum();
-            b.append_data(&mut h, name, data.as_slice()).unwrap();
-        }
-        b.into_inner().unwrap()
-    };
     std::fs::write(
         src.path().join("a.tar"),
         tar(&[("1.png", png(9, 9, 1)), ("2.png", png(9, 9, 2))]),
