@@ -98,15 +98,8 @@ fn run_embed(bench: &EmbedBench, source: &Path, work: &Path) -> Result<EmbedSumm
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
-    Ok(EmbedSummary {
-        images_ok: v["images_ok"].as_u64().unwrap_or(0),
-        elapsed_s: v["elapsed_s"].as_f64().unwrap_or(0.0),
-        model_busy_s: v["model_busy_s"].as_f64().unwrap_or(0.0),
-        decode_busy_s: v["decode_busy_s"].as_f64().unwrap_or(0.0),
-        peak_rss_mib: v["peak_rss_mib"].as_f64(),
-        ..Default::default()
-    })
+    let text = std::fs::read_to_string(&json)?;
+    serde_json::from_str(&text).context("reading embed's --summary-json")
 }
 
 fn run_python(bench: &EmbedBench, images: &Path, config: &Path) -> Result<Value> {
@@ -159,12 +152,11 @@ pub fn run(bench: &EmbedBench) -> Result<String> {
     // noise from a shared machine falls on all three alike; each reports its median.
     let device = tch::Device::cuda_if_available();
     let batches = n.div_ceil(bench.batch_size).clamp(3, 200);
-    let python_src = work.path().join("python-src");
     let hf_config = work.path().join("hf-config.json");
     if bench.python {
-        layout(&files, &python_src, 1)?;
         std::fs::write(&hf_config, serde_json::to_string(&bench.model.config())?)?;
     }
+    // One 1x copy of the images serves both our runs and Python's.
     let one_x = work.path().join("x1");
     layout(&files, &one_x.join("src"), 1)?;
     let (mut ours, mut model, mut python) = (Vec::new(), Vec::new(), Vec::new());
@@ -189,7 +181,7 @@ pub fn run(bench: &EmbedBench) -> Result<String> {
         drop(clip);
         if bench.python {
             eprintln!("repeat {}: python reference...", r + 1);
-            python.push(run_python(bench, &python_src, &hf_config)?);
+            python.push(run_python(bench, &one_x.join("src"), &hf_config)?);
         }
     }
     ours.sort_by(|a, b| a.images_per_s().total_cmp(&b.images_per_s()));

@@ -352,8 +352,8 @@ pub struct EmbedProgress {
     pub images_rejected: AtomicU64,
 }
 
-/// What a run did.
-#[derive(Clone, Debug, Default, Serialize)]
+/// What a run did (also written by `--summary-json` and read back by `bench embed`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct EmbedSummary {
     /// Worker index and count.
     pub worker: (usize, usize),
