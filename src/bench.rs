@@ -6,6 +6,8 @@
 //! - the Python reference (`python/bench_embed_reference.py`: PIL + HF processor in a torch
 //!   DataLoader, `CLIPModel.get_image_features`) on the same images, model and batch.
 
+pub mod knn;
+
 use anyhow::{bail, Context, Result};
 use knn_indexer::embed::RandomPreset;
 use knn_indexer::EmbedSummary;
@@ -124,7 +126,7 @@ fn run_python(bench: &EmbedBench, images: &Path, config: &Path) -> Result<Value>
     serde_json::from_slice(&out.stdout).context("python reference output")
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -296,7 +298,7 @@ pub fn run(bench: &EmbedBench) -> Result<String> {
 }
 
 /// Replaces (or appends) the block between `<!-- bench:NAME -->` markers in `path`.
-fn write_section(path: &Path, name: &str, body: &str) -> Result<()> {
+pub(crate) fn write_section(path: &Path, name: &str, body: &str) -> Result<()> {
     let start = format!("<!-- bench:{name}:start -->");
     let end = format!("<!-- bench:{name}:end -->");
     let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());

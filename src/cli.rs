@@ -39,6 +39,14 @@ pub enum Command {
     /// rejects table with a reason. Resumable: a rerun skips committed shards, and no shard
     /// is ever committed twice, even by two workers given the same shard.
     Embed(EmbedArgs),
+    /// Build a Lance vector index (IVF_PQ, or IVF_HNSW_SQ) on the embeddings table's `emb`
+    /// column, for the retriever used at sampling. Parameters default from the table size.
+    BuildIndex(BuildIndexArgs),
+    /// For every row of the embeddings table, find its k nearest other rows (cosine) and write
+    /// `id, knn_ids, knn_sims` to a Lance table. Batched IVF search with a recall-calibrated
+    /// number of probes; sharded by id range over workers; resumable, exactly once per
+    /// shard; pinned to one version of the embeddings table.
+    PrecomputeKnn(EmbedArgs),
     /// Measure a stage on this machine against its peers and write BENCHMARKS.md.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -55,6 +63,22 @@ pub struct EmbedArgs {
     pub summary_json: Option<PathBuf>,
 }
 
+/// Flags of `build-index`.
+#[derive(Debug, Args)]
+pub struct BuildIndexArgs {
+    /// The config file (TOML).
+    #[arg(long, short)]
+    pub config: PathBuf,
+
+    /// Override one config value, e.g. `--set index.kind=ivf_hnsw_sq` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+
+    /// Also write the summary as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub summary_json: Option<PathBuf>,
+}
+
 /// Benchmarks.
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -62,6 +86,45 @@ pub enum BenchCommand {
     /// and the Python reference (PIL + HF processor + DataLoader + transformers CLIP), on the
     /// same images, model and batch size.
     Embed(BenchEmbedArgs),
+    /// precompute-knn at generated clustered data (normalised, d = 512 by default): queries/s
+    /// and recall@10 against exact search, beside faiss-cpu IVF-Flat batch search tuned to
+    /// the same recall and per-query Lance ANN search (IVF_PQ, tuned likewise).
+    Knn(BenchKnnArgs),
+}
+
+/// Flags of `bench knn`.
+#[derive(Debug, Args)]
+pub struct BenchKnnArgs {
+    /// Table sizes, e.g. `100000,1000000`.
+    #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
+    pub rows: Vec<usize>,
+    /// Dimension.
+    #[arg(long, default_value_t = 512)]
+    pub dim: usize,
+    /// Clusters in the generated data (0: rows / 100).
+    #[arg(long, default_value_t = 0)]
+    pub clusters: usize,
+    /// Spread of points around their cluster centre, relative to the centres' spread.
+    #[arg(long, default_value_t = 0.5)]
+    pub noise: f64,
+    /// Sample queries for recall (exact neighbours by brute force).
+    #[arg(long, default_value_t = 1000)]
+    pub recall_queries: usize,
+    /// Queries timed for the per-query Lance peer.
+    #[arg(long, default_value_t = 1000)]
+    pub lance_queries: usize,
+    /// Skip the faiss-cpu peer.
+    #[arg(long)]
+    pub no_faiss: bool,
+    /// Skip the per-query Lance peer.
+    #[arg(long)]
+    pub no_lance: bool,
+    /// Where generated tables go.
+    #[arg(long, default_value = "target/bench-knn")]
+    pub workdir: PathBuf,
+    /// Markdown file whose section for this benchmark is replaced.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub write: PathBuf,
 }
 
 /// Flags of `bench embed`.

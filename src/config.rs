@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use knn_datasets::StorageConfig;
+use knn_indexer::knn::{IndexConfig, KnnConfig};
 use knn_indexer::EmbedConfig;
 use serde::Deserialize;
 use std::path::Path;
@@ -19,6 +20,46 @@ pub struct ProjectConfig {
     pub storage: StorageConfig,
     /// The embed stage.
     pub embed: Option<EmbedConfig>,
+    /// The build-index stage.
+    pub index: Option<IndexConfig>,
+    /// The precompute-knn stage.
+    pub knn: Option<KnnConfig>,
+}
+
+impl ProjectConfig {
+    /// The embeddings table the stages after embed read: embed's output.
+    fn embeddings_table(&self) -> Option<String> {
+        self.embed.as_ref().map(|e| e.output.table.clone())
+    }
+
+    /// `[index]`, with the table defaulting to embed's output.
+    pub fn index(&self, path: &Path) -> Result<IndexConfig> {
+        let mut cfg = self.index.clone().unwrap_or_default();
+        cfg.table = cfg.table.or_else(|| self.embeddings_table());
+        if cfg.table.is_none() {
+            bail!(
+                "config `{}` names no embeddings table: set `index.table` or `embed.output.table`",
+                path.display()
+            );
+        }
+        Ok(cfg)
+    }
+
+    /// `[knn]`, with the table defaulting to embed's output.
+    pub fn knn(&self, path: &Path) -> Result<KnnConfig> {
+        let mut cfg = match self.knn.clone() {
+            Some(c) => c,
+            None => toml::from_str("").context("default [knn] config")?,
+        };
+        cfg.table = cfg.table.or_else(|| self.embeddings_table());
+        if cfg.table.is_none() {
+            bail!(
+                "config `{}` names no embeddings table: set `knn.table` or `embed.output.table`",
+                path.display()
+            );
+        }
+        Ok(cfg)
+    }
 }
 
 /// Loads `path`, then `KNN_*` env vars, then `key=value` overrides.

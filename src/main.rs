@@ -7,8 +7,9 @@ mod config;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use cli::{BenchCommand, Cli, Command, EmbedArgs, LogFormat};
+use cli::{BenchCommand, BuildIndexArgs, Cli, Command, EmbedArgs, LogFormat};
 use knn_cluster::WorkerSlot;
+use knn_indexer::knn::KnnProgress;
 use knn_indexer::{EmbedProgress, IndexerError};
 use std::io::IsTerminal;
 use std::sync::atomic::Ordering;
@@ -75,6 +76,13 @@ fn try_main(cli: Cli) -> Result<()> {
         .context("starting the async runtime")?;
     match cli.command {
         Command::Embed(args) => runtime.block_on(run_embed(args, cli.log_format)),
+        Command::BuildIndex(args) => runtime.block_on(run_build_index(args)),
+        Command::PrecomputeKnn(args) => runtime.block_on(run_precompute_knn(args, cli.log_format)),
+        Command::Bench(BenchCommand::Knn(args)) => {
+            let md = runtime.block_on(bench::knn::run(&args))?;
+            println!("{md}");
+            Ok(())
+        }
         Command::Bench(BenchCommand::Embed(args)) => {
             let model = match args.model.as_str() {
                 "tiny" => knn_indexer::embed::RandomPreset::Tiny,
@@ -137,6 +145,86 @@ async fn run_embed(args: EmbedArgs, log_format: LogFormat) -> Result<()> {
         .into());
     }
     Ok(())
+}
+
+async fn run_build_index(args: BuildIndexArgs) -> Result<()> {
+    let project = config::load(&args.config, &args.overrides)?;
+    let cfg = project.index(&args.config)?;
+    let summary = knn_indexer::knn::build_index(&cfg, &project.storage).await?;
+    eprintln!("{summary}");
+    write_summary(args.summary_json.as_deref(), &summary)
+}
+
+async fn run_precompute_knn(args: EmbedArgs, log_format: LogFormat) -> Result<()> {
+    let (args, summary_json) = (args.stage, args.summary_json);
+    let project = config::load(&args.config, &args.overrides)?;
+    let cfg = project.knn(&args.config)?;
+    let slot = WorkerSlot::from_flags_or_env(args.worker, args.workers)?;
+    let progress = Arc::new(KnnProgress::default());
+    let reporter = tokio::spawn(report_knn_progress(progress.clone(), log_format));
+    let result = knn_indexer::precompute_knn(
+        &cfg,
+        &project.storage,
+        (slot.index(), slot.count()),
+        progress,
+    )
+    .await;
+    reporter.abort();
+    let summary = result?;
+    eprintln!("{summary}");
+    write_summary(summary_json.as_deref(), &summary)
+}
+
+fn write_summary(path: Option<&std::path::Path>, summary: &impl serde::Serialize) -> Result<()> {
+    if let Some(path) = path {
+        std::fs::write(path, serde_json::to_string_pretty(summary)?)
+            .with_context(|| format!("writing --summary-json `{}`", path.display()))?;
+    }
+    Ok(())
+}
+
+/// precompute-knn's progress: a bar over query rows on a terminal, a log line every 10 s
+/// otherwise.
+async fn report_knn_progress(progress: Arc<KnnProgress>, log_format: LogFormat) {
+    let start = Instant::now();
+    let bar = (log_format == LogFormat::Human && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rows  {msg}  eta {eta}",
+            )
+            .expect("valid template"),
+        );
+        bar
+    });
+    let mut last_log = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let shards = progress.shards_finished.load(Ordering::Relaxed);
+        let shards_todo = progress.shards_todo.load(Ordering::Relaxed);
+        let done = progress.queries_done.load(Ordering::Relaxed);
+        let todo = progress.queries_todo.load(Ordering::Relaxed);
+        let rate = done as f64 / start.elapsed().as_secs_f64().max(1e-3);
+        match &bar {
+            Some(bar) => {
+                bar.set_length(todo.max(done));
+                bar.set_position(done);
+                bar.set_message(format!("{shards}/{shards_todo} shards, {rate:.0} rows/s"));
+            }
+            None if last_log.elapsed() >= knn_indexer::embed::PROGRESS_LOG_INTERVAL => {
+                last_log = Instant::now();
+                tracing::info!(
+                    shards_done = shards,
+                    shards_todo,
+                    rows_done = done,
+                    rows_todo = todo,
+                    rows_per_s = rate,
+                    "progress"
+                );
+            }
+            None => {}
+        }
+    }
 }
 
 /// A progress bar with rate and ETA on a terminal; a log line every 10 s otherwise.

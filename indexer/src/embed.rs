@@ -15,7 +15,7 @@
 
 use crate::clip::checkpoint::random_clip;
 use crate::clip::{l2_normalize, ClipCheckpoint, ClipConfig, LoadedClip};
-use crate::table::{embeddings_schema, rejects_schema, ShardedTable};
+use crate::table::{embeddings_schema, rejects_schema, ShardWriter, ShardedTable};
 use crate::{IndexerError, Result};
 use arrow_array::builder::{BinaryBuilder, StringBuilder};
 use arrow_array::{
@@ -28,7 +28,6 @@ use knn_datasets::{
     assign_shards, decode_image, list_shards, read_shard, DecodeLimits, RawRecord, ReaderOptions,
     RejectReason, Shard, ShardFormat, SourceLocation, StorageConfig,
 };
-use lance::deps::datafusion::error::DataFusionError;
 use lance::deps::datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -219,19 +218,26 @@ impl Default for ClipSettings {
     }
 }
 
-impl ClipSettings {
-    /// The device to run on, checked against what this machine has.
-    pub fn device(&self) -> Result<Device> {
-        match self.device {
+impl DeviceChoice {
+    /// The device, checked against what this machine has; `key` names the setting in errors.
+    pub fn resolve(self, key: &str) -> Result<Device> {
+        match self {
             DeviceChoice::Auto => Ok(Device::cuda_if_available()),
             DeviceChoice::Cpu => Ok(Device::Cpu),
             DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
             DeviceChoice::Cuda => Err(IndexerError::Config {
-                key: "embed.clip.device".into(),
+                key: key.into(),
                 reason: "`cuda` asked for but libtorch sees no CUDA GPU; use `auto` or `cpu`"
                     .into(),
             }),
         }
+    }
+}
+
+impl ClipSettings {
+    /// The device to run on, checked against what this machine has.
+    pub fn device(&self) -> Result<Device> {
+        self.device.resolve("embed.clip.device")
     }
 
     /// The tensor kind for `device`.
@@ -770,12 +776,6 @@ pub async fn embed(
     Ok(summary)
 }
 
-/// A shard's Lance writer: batches go in, the uncommitted transaction comes out.
-type FragmentWriter = (
-    mpsc::Sender<std::result::Result<RecordBatch, DataFusionError>>,
-    tokio::task::JoinHandle<Result<lance::dataset::transaction::Transaction>>,
-);
-
 /// Reads, embeds and commits one shard.
 async fn process_shard(stage: Arc<Stage>, shard: Shard) -> Result<ShardOutcome> {
     let shard_id = shard.id.to_string();
@@ -789,7 +789,7 @@ async fn process_shard(stage: Arc<Stage>, shard: Shard) -> Result<ShardOutcome> 
         .map(|decoded| embed_chunk(stage.clone(), decoded))
         .buffered(2);
 
-    let mut writer: Option<FragmentWriter> = None;
+    let mut writer = ShardWriter::new(&stage.images, ds.clone());
     let mut ok = 0u64;
     let mut rejects = Vec::new();
     while let Some(item) = chunks.next().await {
@@ -807,34 +807,10 @@ async fn process_shard(stage: Arc<Stage>, shard: Shard) -> Result<ShardOutcome> 
             .progress
             .images_ok
             .fetch_add(rows.num_rows() as u64, Ordering::Relaxed);
-        let (tx, _) = writer.get_or_insert_with(|| {
-            let (tx, rx) = mpsc::channel(2);
-            let rx = futures::stream::unfold(rx, |mut rx: mpsc::Receiver<_>| async move {
-                rx.recv().await.map(|b| (b, rx))
-            });
-            let source = Box::pin(RecordBatchStreamAdapter::new(stage.schema.clone(), rx));
-            let table = stage.images.clone();
-            let ds = ds.clone();
-            let task = tokio::spawn(async move { table.write_uncommitted(&ds, source).await });
-            (tx, task)
-        });
-        if tx.send(Ok(rows)).await.is_err() {
-            break; // the writer failed; its error is collected below
-        }
+        writer.write(rows).await?;
     }
     drop(chunks);
-    let images_txn = match writer {
-        Some((tx, task)) => {
-            drop(tx);
-            task.await
-                .map_err(|e| IndexerError::Internal(format!("writer task died: {e}")))??
-        }
-        None => lance::dataset::transaction::Transaction::new(
-            ds.version().version,
-            lance::dataset::transaction::Operation::Append { fragments: vec![] },
-            None,
-        ),
-    };
+    let images_txn = writer.finish().await?;
 
     if !rejects.is_empty() && !stage.rejects.is_committed(&shard_id) {
         let batch = rejects_batch(&rejects)?;

@@ -48,6 +48,57 @@ pub enum IndexerError {
         first: String,
     },
 
+    /// A table lacks a column a stage needs, or has it with the wrong type.
+    #[error("table `{table}`: column `{column}`: {detail}")]
+    MissingColumn {
+        table: String,
+        column: String,
+        detail: String,
+    },
+
+    /// One row of a table cannot be used.
+    #[error("table `{table}`, row id {id}: {reason}")]
+    BadRow {
+        table: String,
+        id: u64,
+        reason: String,
+    },
+
+    /// A table has no rows.
+    #[error("table `{table}` (version {version}) has no rows; run `embed` first, or point at a table with rows")]
+    EmptyTable { table: String, version: u64 },
+
+    /// More neighbours were asked for than the table can give.
+    #[error(
+        "k = {k} neighbours asked of table `{table}`, which has {rows} rows{excluding}; \
+         use k <= {max}"
+    )]
+    KTooLarge {
+        table: String,
+        k: usize,
+        rows: usize,
+        excluding: &'static str,
+        max: usize,
+    },
+
+    /// A query's dimension differs from the table's embeddings.
+    #[error(
+        "query has dimension {query_dim} but table `{table}` holds {table_dim}-dimensional \
+         embeddings; embed the query with the CLIP that made the table"
+    )]
+    DimensionMismatch {
+        table: String,
+        query_dim: usize,
+        table_dim: usize,
+    },
+
+    /// A vector index is required but the table has none.
+    #[error(
+        "table `{table}` has no vector index on `{column}`; run `knn-diffusion build-index` \
+         on it, or allow brute-force search"
+    )]
+    NoIndex { table: String, column: String },
+
     /// A worker thread died.
     #[error("internal: {0}")]
     Internal(String),

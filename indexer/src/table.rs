@@ -10,12 +10,15 @@ use crate::ledger::{ShardLedger, SHARD_PROPERTY};
 use crate::{IndexerError, Result};
 use arrow_array::{RecordBatch, RecordBatchIterator};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use lance::dataset::transaction::Transaction;
+use lance::dataset::transaction::{Operation, Transaction};
 use lance::dataset::{CommitBuilder, InsertBuilder, WriteMode, WriteParams};
+use lance::deps::datafusion::error::DataFusionError;
+use lance::deps::datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use lance::io::{ObjectStoreParams, StorageOptionsAccessor};
 use lance::Dataset;
 use std::collections::HashMap;
 use std::sync::Arc;
+use tokio::sync::mpsc;
 
 /// Schema metadata key: identity of the CLIP that made `emb`.
 pub const CLIP_METADATA: &str = "knn.clip";
@@ -60,7 +63,8 @@ pub struct ShardedTable {
     ledger: ShardLedger,
 }
 
-fn store_params(storage: &HashMap<String, String>) -> ObjectStoreParams {
+/// Lance store parameters carrying `storage` options.
+pub(crate) fn store_params(storage: &HashMap<String, String>) -> ObjectStoreParams {
     ObjectStoreParams {
         storage_options_accessor: Some(Arc::new(StorageOptionsAccessor::with_static_options(
             storage.clone(),
@@ -237,4 +241,75 @@ impl ShardedTable {
             Err(e) => Err(IndexerError::lance(&self.uri, e)),
         }
     }
+}
+
+/// Streams one shard's batches into uncommitted fragments of a [`ShardedTable`] while the
+/// shard is still being computed; [`ShardWriter::finish`] gives the transaction for
+/// [`ShardedTable::commit_shard`]. Nothing is visible before that commit.
+pub struct ShardWriter {
+    table: ShardedTable,
+    ds: Arc<Dataset>,
+    running: Option<RunningWriter>,
+}
+
+type RunningWriter = (
+    mpsc::Sender<std::result::Result<RecordBatch, DataFusionError>>,
+    tokio::task::JoinHandle<Result<Transaction>>,
+);
+
+impl ShardWriter {
+    /// A writer appending to `ds` (the version the shard's commit will be based on).
+    pub fn new(table: &ShardedTable, ds: Arc<Dataset>) -> Self {
+        Self {
+            table: table.clone(),
+            ds,
+            running: None,
+        }
+    }
+
+    /// Writes `batch` (in the table's schema).
+    pub async fn write(&mut self, batch: RecordBatch) -> Result<()> {
+        let (tx, _) = self.running.get_or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(2);
+            let rx = futures::stream::unfold(rx, |mut rx: mpsc::Receiver<_>| async move {
+                rx.recv().await.map(|b| (b, rx))
+            });
+            let source = Box::pin(RecordBatchStreamAdapter::new(self.table.schema.clone(), rx));
+            let table = self.table.clone();
+            let ds = self.ds.clone();
+            let task = tokio::spawn(async move { table.write_uncommitted(&ds, source).await });
+            (tx, task)
+        });
+        if tx.send(Ok(batch)).await.is_err() {
+            // The writer stopped early: its own error says why.
+            if let Some((_, task)) = self.running.take() {
+                join_writer(task).await?;
+            }
+            return Err(IndexerError::Internal(format!(
+                "the writer of `{}` stopped without an error",
+                self.table.uri
+            )));
+        }
+        Ok(())
+    }
+
+    /// Ends the stream; the transaction appends everything written (nothing if no batch was).
+    pub async fn finish(self) -> Result<Transaction> {
+        match self.running {
+            Some((tx, task)) => {
+                drop(tx);
+                join_writer(task).await
+            }
+            None => Ok(Transaction::new(
+                self.ds.version().version,
+                Operation::Append { fragments: vec![] },
+                None,
+            )),
+        }
+    }
+}
+
+async fn join_writer(task: tokio::task::JoinHandle<Result<Transaction>>) -> Result<Transaction> {
+    task.await
+        .map_err(|e| IndexerError::Internal(format!("writer task died: {e}")))?
 }

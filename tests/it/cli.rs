@@ -84,6 +84,16 @@ async fn ids(table: &str) -> Vec<u64> {
 }
 
 #[test]
+fn help_explains_the_knn_stages() {
+    let o = run(bin().args(["precompute-knn", "--help"]));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("exactly once") && t.contains("--workers"), "{t}");
+    let o = run(bin().args(["build-index", "--help"]));
+    assert!(text(&o).contains("IVF_PQ"), "{}", text(&o));
+}
+
+#[test]
 fn help_explains_the_embed_stage() {
     let o = run(bin().args(["embed", "--help"]));
     let t = text(&o);
@@ -273,6 +283,95 @@ async fn the_embedded_default_config_runs() {
         "warns about the random CLIP: {t}"
     );
     assert_eq!(ids(table.to_str().unwrap()).await.len(), 500, "{t}");
+
+    // The next stages read embed's table by default.
+    let set_table = format!("embed.output.table={}", table.display());
+    let o = run(bin().args([
+        "build-index",
+        "--config",
+        "configs/stickers.toml",
+        "--set",
+        &set_table,
+    ]));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("IvfPq") && t.contains("500 rows"), "{t}");
+    let o = run(bin().args([
+        "precompute-knn",
+        "--config",
+        "configs/stickers.toml",
+        "--set",
+        &set_table,
+    ]));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("500 written"), "{t}");
+    assert_eq!(
+        ids(dir.path().join("stickers-knn.lance").to_str().unwrap())
+            .await
+            .len(),
+        500
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn precompute_knn_killed_mid_run_resumes_to_every_id_exactly_once() {
+    use knn_indexer::knn::synthetic::{clustered, write_vectors};
+    let dir = tempfile::tempdir().unwrap();
+    let data = clustered(6000, 16, 60, 1.0, 3);
+    let table = dir.path().join("v.lance");
+    write_vectors(table.to_str().unwrap(), &data.ids, &data.emb, false)
+        .await
+        .unwrap();
+    let out = dir.path().join("knn.lance");
+    let cfg = dir.path().join("knn.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[knn]\ntable = \"{}\"\noutput = \"{}\"\n[knn.compute]\nshards = 60\ndevice = \"cpu\"\n",
+            table.display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    let mut child = bin()
+        .args(["precompute-knn", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The output's creation is version 1; kill once a few shards have been committed.
+    let versions = out.join("_versions");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let n = std::fs::read_dir(&versions).map(|d| d.count()).unwrap_or(0);
+        if n >= 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no commits appeared");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let partial = ids(out.to_str().unwrap()).await;
+    assert!(
+        !partial.is_empty() && partial.len() < 6000,
+        "{}",
+        partial.len()
+    );
+
+    let o = run(bin().args(["precompute-knn", "--config"]).arg(&cfg));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("skipped (already done)"), "{t}");
+    let all = ids(out.to_str().unwrap()).await;
+    assert_eq!(all.len(), 6000, "{t}");
+    assert_eq!(all.iter().collect::<HashSet<_>>().len(), 6000);
 }
 
 #[test]

@@ -1,0 +1,762 @@
+//! `precompute-knn`: for every row of an embeddings table, its `k` nearest other rows by
+//! cosine similarity (PAPER.md: each training image is conditioned on its k nearest image
+//! embeddings, itself excluded), written to a Lance table `id, knn_ids, knn_sims`.
+//!
+//! ```text
+//! pinned version of the embeddings table
+//!   └─ plan (once per output; stored): IVF centroids + calibrated nprobe   [plan.rs]
+//!   └─ shards = id ranges of the u64 id space, round-robin over workers
+//!        └─ per shard: query rows in blocks of `query_block_rows`
+//!             └─ one pass over the whole table in blocks of `db_block_rows`:
+//!                  GEMM of each partition's queries x rows, running top-k   [search.rs]
+//!             └─ rows → uncommitted fragments → one commit carrying the shard id
+//! ```
+//! Memory is set by `query_block_rows` and `db_block_rows` (about
+//! `(2 * query_block_rows + 3 * db_block_rows) * d * 4` bytes: the query vectors, their
+//! candidate slots (capped at the vectors' size by shrinking the block), and a database block
+//! being read while the previous one, and its partition-sorted copy, are searched), not by
+//! the table size; every row's partition is kept (8 bytes a row) so later passes do not
+//! recompute it.
+//!
+//! Exactly once and resumable like embed: a shard is visible in one commit, and the table's
+//! [`crate::ledger`] refuses a second commit of it. The output records the embeddings table's
+//! version it was computed from, and every run on that output reads that version, so results
+//! stay reproducible while the embeddings table grows.
+
+use super::plan::{compute_plan, Calibration, IvfConfig, KnnPlan, RowPartitions};
+use super::search::{Exclusion, IvfQueries, TopK, NO_NEIGHBOUR};
+use super::vectors::VectorTable;
+use crate::embed::{peak_rss_mib, DeviceChoice};
+use crate::table::{ShardWriter, ShardedTable};
+use crate::{IndexerError, Result};
+use arrow_array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, UInt64Array};
+use arrow_buffer::NullBuffer;
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use futures::StreamExt;
+use knn_datasets::StorageConfig;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tch::{Device, Tensor};
+
+/// Schema metadata key of the output: the JSON [`KnnOutputMeta`].
+pub const KNN_METADATA: &str = "knn.precompute";
+
+/// Compute settings (`[knn.compute]`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnnComputeConfig {
+    /// `auto` (a CUDA GPU when there is one), `cpu` or `cuda`.
+    #[serde(default)]
+    pub device: DeviceChoice,
+    /// Queries searched together in one pass over the table.
+    #[serde(default = "default_query_block_rows")]
+    pub query_block_rows: usize,
+    /// Table rows multiplied against the queries at once.
+    #[serde(default = "default_db_block_rows")]
+    pub db_block_rows: usize,
+    /// Id-range shards of the output (0: one per `query_block_rows` rows). Fixed when the
+    /// output is created.
+    #[serde(default)]
+    pub shards: usize,
+    /// Stop after this many shards (0: no limit); for trials.
+    #[serde(default)]
+    pub max_shards: usize,
+}
+
+fn default_query_block_rows() -> usize {
+    262_144
+}
+fn default_db_block_rows() -> usize {
+    131_072
+}
+
+impl Default for KnnComputeConfig {
+    fn default() -> Self {
+        Self {
+            device: DeviceChoice::Auto,
+            query_block_rows: default_query_block_rows(),
+            db_block_rows: default_db_block_rows(),
+            shards: 0,
+            max_shards: 0,
+        }
+    }
+}
+
+/// The `precompute-knn` stage's config (`[knn]`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnnConfig {
+    /// The embeddings table (default: `embed.output.table`).
+    #[serde(default)]
+    pub table: Option<String>,
+    /// The output table (default: the embeddings table with `-knn` before `.lance`).
+    #[serde(default)]
+    pub output: Option<String>,
+    /// Neighbours per row.
+    #[serde(default = "default_k")]
+    pub k: usize,
+    /// Neighbours at least this similar (cosine) count as duplicates of the row and are
+    /// skipped; unset: only the row itself is skipped.
+    #[serde(default)]
+    pub duplicate_similarity: Option<f32>,
+    /// Version of the embeddings table to read (default: the latest when the output is
+    /// created; later runs on the same output always read the version it records).
+    #[serde(default)]
+    pub source_version: Option<u64>,
+    /// The IVF plan.
+    #[serde(default)]
+    pub ivf: IvfConfig,
+    /// Blocks, shards, device.
+    #[serde(default)]
+    pub compute: KnnComputeConfig,
+}
+
+fn default_k() -> usize {
+    10
+}
+
+impl KnnConfig {
+    /// The embeddings table URI.
+    pub fn table_uri(&self) -> Result<&str> {
+        self.table.as_deref().ok_or_else(|| IndexerError::Config {
+            key: "knn.table".into(),
+            reason: "no embeddings table: set `knn.table` (or `embed.output.table`)".into(),
+        })
+    }
+
+    /// The output table URI.
+    pub fn output_uri(&self) -> Result<String> {
+        if let Some(o) = &self.output {
+            return Ok(o.clone());
+        }
+        let t = self.table_uri()?.trim_end_matches('/');
+        Ok(match t.strip_suffix(".lance") {
+            Some(stem) => format!("{stem}-knn.lance"),
+            None => format!("{t}-knn"),
+        })
+    }
+
+    fn exclusion(&self) -> Exclusion {
+        Exclusion {
+            duplicate_similarity: self.duplicate_similarity,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |key: &str, reason: &str| {
+            Err(IndexerError::Config {
+                key: key.into(),
+                reason: reason.into(),
+            })
+        };
+        if self.k == 0 {
+            return bad("knn.k", "must be at least 1");
+        }
+        if let Some(t) = self.duplicate_similarity {
+            if !(-1.0..=1.0).contains(&t) {
+                return bad("knn.duplicate_similarity", "a cosine similarity in [-1, 1]");
+            }
+        }
+        if self.compute.query_block_rows == 0 || self.compute.db_block_rows == 0 {
+            return bad(
+                "knn.compute",
+                "`query_block_rows` and `db_block_rows` must be >= 1",
+            );
+        }
+        if !(0.0..=1.0).contains(&self.ivf.target_recall) {
+            return bad("knn.ivf.target_recall", "a recall in [0, 1]");
+        }
+        Ok(())
+    }
+}
+
+/// What an output was made from, stored in its schema metadata.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct KnnOutputMeta {
+    /// Embeddings table URI.
+    pub source: String,
+    /// The version of it that was read.
+    pub source_version: u64,
+    /// Its rows at that version.
+    pub source_rows: usize,
+    /// Embedding dimension.
+    pub dim: usize,
+    /// Neighbours per row.
+    pub k: usize,
+    /// Duplicate threshold.
+    pub duplicate_similarity: Option<f32>,
+    /// Id-range shards.
+    pub shards: usize,
+    /// URI of the plan table.
+    pub plan: String,
+    /// Content hash of the plan.
+    pub plan_sha: String,
+    /// IVF partitions.
+    pub partitions: usize,
+    /// Partitions probed per query.
+    pub nprobe: usize,
+    /// The calibration, when one ran.
+    pub calibration: Option<Calibration>,
+}
+
+/// Schema of a precompute-knn output for `k` neighbours.
+pub fn knn_schema(k: usize, meta: &KnnOutputMeta) -> SchemaRef {
+    let u64_item = Arc::new(Field::new("item", DataType::UInt64, true));
+    let f32_item = Arc::new(Field::new("item", DataType::Float32, true));
+    Arc::new(
+        Schema::new(vec![
+            Field::new("id", DataType::UInt64, false),
+            Field::new(
+                "knn_ids",
+                DataType::FixedSizeList(u64_item, k as i32),
+                false,
+            ),
+            Field::new(
+                "knn_sims",
+                DataType::FixedSizeList(f32_item, k as i32),
+                false,
+            ),
+        ])
+        .with_metadata(HashMap::from([(
+            KNN_METADATA.to_string(),
+            serde_json::to_string(meta).expect("metadata serialises"),
+        )])),
+    )
+}
+
+/// Shard `s` of `n`: ids in `[low, high)` of the u64 space (`high = None`: to the end).
+pub fn shard_range(s: usize, n: usize) -> (u64, Option<u64>) {
+    let bound = |i: usize| ((i as u128) << 64) / n as u128;
+    let high = (s + 1 < n).then(|| bound(s + 1) as u64);
+    (bound(s) as u64, high)
+}
+
+/// Name of shard `s` of `n` in the ledger.
+pub fn shard_name(s: usize, n: usize) -> String {
+    format!("ids-{s:05}-of-{n:05}")
+}
+
+/// Live counters for progress display.
+#[derive(Debug, Default)]
+pub struct KnnProgress {
+    /// Shards this worker has to do.
+    pub shards_todo: AtomicU64,
+    /// Shards finished.
+    pub shards_finished: AtomicU64,
+    /// Query rows this worker has to do (estimate from the id ranges).
+    pub queries_todo: AtomicU64,
+    /// Query rows whose neighbours are written.
+    pub queries_done: AtomicU64,
+}
+
+/// What a run did (`--summary-json`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct KnnSummary {
+    /// Worker index and count.
+    pub worker: (usize, usize),
+    /// Output URI.
+    pub output: String,
+    /// What the output is made from.
+    pub meta: Option<KnnOutputMeta>,
+    /// Shards assigned to this worker.
+    pub shards_assigned: usize,
+    /// Shards committed by this run.
+    pub shards_committed: usize,
+    /// Shards already committed before.
+    pub shards_skipped: usize,
+    /// Shards another process committed meanwhile (work discarded).
+    pub shards_raced: usize,
+    /// Rows written.
+    pub queries: u64,
+    /// Rows with fewer than k neighbours (duplicates excluded too many, or too few rows).
+    pub short_rows: u64,
+    /// Time to make the plan (0 when it existed).
+    pub plan_s: f64,
+    /// Wall time.
+    pub elapsed_s: f64,
+    /// Device used.
+    pub device: String,
+    /// Peak resident memory, MiB.
+    pub peak_rss_mib: Option<f64>,
+}
+
+impl KnnSummary {
+    /// Rows per second, end to end (plan included).
+    pub fn queries_per_s(&self) -> f64 {
+        self.queries as f64 / self.elapsed_s.max(1e-9)
+    }
+}
+
+impl fmt::Display for KnnSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "precompute-knn summary (worker {} of {}, {})",
+            self.worker.0, self.worker.1, self.device
+        )?;
+        writeln!(f, "  output: {}", self.output)?;
+        if let Some(m) = &self.meta {
+            writeln!(
+                f,
+                "  source: {} version {} ({} rows, d = {}); k = {}, duplicates >= {}",
+                m.source,
+                m.source_version,
+                m.source_rows,
+                m.dim,
+                m.k,
+                m.duplicate_similarity
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|| "off".into())
+            )?;
+            writeln!(
+                f,
+                "  plan: {} partitions, nprobe {}{}",
+                m.partitions,
+                m.nprobe,
+                match &m.calibration {
+                    Some(c) => format!(
+                        ", recall@{} {:.4} on {} calibration queries",
+                        m.k, c.recall, c.queries
+                    ),
+                    None if m.partitions == 1 => ", exact".into(),
+                    None => ", not calibrated".into(),
+                }
+            )?;
+        }
+        writeln!(
+            f,
+            "  shards: {} assigned, {} committed, {} skipped (already done), {} done elsewhere meanwhile",
+            self.shards_assigned, self.shards_committed, self.shards_skipped, self.shards_raced
+        )?;
+        writeln!(
+            f,
+            "  rows: {} written, {} with fewer than k neighbours",
+            self.queries, self.short_rows
+        )?;
+        write!(
+            f,
+            "  time: {:.1} s ({:.1} s plan), {:.0} rows/s{}",
+            self.elapsed_s,
+            self.plan_s,
+            self.queries_per_s(),
+            self.peak_rss_mib
+                .map(|m| format!("; peak RSS {m:.0} MiB"))
+                .unwrap_or_default()
+        )
+    }
+}
+
+/// Reads the output's metadata, if the output exists.
+async fn existing_meta(
+    uri: &str,
+    storage: &HashMap<String, String>,
+) -> Result<Option<KnnOutputMeta>> {
+    let ds = match lance::dataset::builder::DatasetBuilder::from_uri(uri)
+        .with_storage_options(storage.clone())
+        .load()
+        .await
+    {
+        Ok(ds) => ds,
+        Err(lance::Error::DatasetNotFound { .. }) => return Ok(None),
+        Err(e) => return Err(IndexerError::lance(uri, e)),
+    };
+    let raw =
+        ds.schema()
+            .metadata
+            .get(KNN_METADATA)
+            .ok_or_else(|| IndexerError::SchemaMismatch {
+                table: uri.to_string(),
+                detail: format!("it is not a precompute-knn output (no `{KNN_METADATA}` metadata)"),
+            })?;
+    serde_json::from_str(raw)
+        .map(Some)
+        .map_err(|e| IndexerError::SchemaMismatch {
+            table: uri.to_string(),
+            detail: format!("its `{KNN_METADATA}` metadata is unreadable: {e}"),
+        })
+}
+
+/// Checks that this run's config agrees with what an existing output was made with.
+fn check_meta(cfg: &KnnConfig, meta: &KnnOutputMeta, output: &str) -> Result<()> {
+    let mut diffs = Vec::new();
+    let mut differ = |key: &str, have: String, want: String| {
+        if have != want {
+            diffs.push(format!("`knn.{key}` is {have} there, {want} here"));
+        }
+    };
+    differ("table", meta.source.clone(), cfg.table_uri()?.to_string());
+    differ("k", meta.k.to_string(), cfg.k.to_string());
+    differ(
+        "duplicate_similarity",
+        format!("{:?}", meta.duplicate_similarity),
+        format!("{:?}", cfg.duplicate_similarity),
+    );
+    if let Some(v) = cfg.source_version {
+        differ(
+            "source_version",
+            meta.source_version.to_string(),
+            v.to_string(),
+        );
+    }
+    if cfg.compute.shards != 0 {
+        differ(
+            "compute.shards",
+            meta.shards.to_string(),
+            cfg.compute.shards.to_string(),
+        );
+    }
+    if cfg.ivf.partitions != 0 {
+        differ(
+            "ivf.partitions",
+            meta.partitions.to_string(),
+            cfg.ivf.partitions.to_string(),
+        );
+    }
+    if cfg.ivf.nprobe != 0 {
+        differ(
+            "ivf.nprobe",
+            meta.nprobe.to_string(),
+            cfg.ivf.nprobe.to_string(),
+        );
+    }
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(IndexerError::SchemaMismatch {
+            table: output.to_string(),
+            detail: format!(
+                "the existing kNN output was made with other settings ({}); to resume it, \
+                 use its settings; to start over, set another `knn.output`",
+                diffs.join("; ")
+            ),
+        })
+    }
+}
+
+/// URI of the plan table with hash `sha`, next to `output`.
+fn plan_uri(output: &str, sha: &str) -> String {
+    let t = output.trim_end_matches('/');
+    match t.strip_suffix(".lance") {
+        Some(stem) => format!("{stem}-plan-{sha}.lance"),
+        None => format!("{t}-plan-{sha}"),
+    }
+}
+
+/// The output, its metadata, the plan, and the source opened at the pinned version.
+struct Prepared {
+    table: ShardedTable,
+    meta: KnnOutputMeta,
+    plan: KnnPlan,
+    source: VectorTable,
+    plan_s: f64,
+}
+
+async fn prepare(
+    cfg: &KnnConfig,
+    storage: &HashMap<String, String>,
+    device: Device,
+    partitions: &mut RowPartitions,
+) -> Result<Prepared> {
+    let output = cfg.output_uri()?;
+    let started = Instant::now();
+    let mut meta = existing_meta(&output, storage).await?;
+    let mut computed: Option<KnnPlan> = None;
+    let mut made_plan = false;
+    for _attempt in 0..2 {
+        if let Some(m) = meta.take() {
+            check_meta(cfg, &m, &output)?;
+            let source = VectorTable::open(&m.source, storage, Some(m.source_version)).await?;
+            let plan = match computed.take() {
+                Some(p) if p.sha() == m.plan_sha => p,
+                _ => {
+                    *partitions = RowPartitions::default();
+                    KnnPlan::load(&m.plan, storage).await?
+                }
+            };
+            let table =
+                ShardedTable::open_or_create(&output, knn_schema(m.k, &m), storage.clone()).await?;
+            return Ok(Prepared {
+                table,
+                plan_s: if made_plan {
+                    started.elapsed().as_secs_f64()
+                } else {
+                    0.0
+                },
+                meta: m,
+                plan,
+                source,
+            });
+        }
+        // No output yet: make the plan, store it, then create the output naming it.
+        let source_uri = cfg.table_uri()?;
+        let source = VectorTable::open(source_uri, storage, cfg.source_version).await?;
+        source.require_rows()?;
+        if cfg.k >= source.rows {
+            return Err(IndexerError::KTooLarge {
+                table: source_uri.to_string(),
+                k: cfg.k,
+                rows: source.rows,
+                excluding: " (each row's own entry excluded)",
+                max: source.rows.saturating_sub(1),
+            });
+        }
+        let shards = match cfg.compute.shards {
+            0 => source.rows.div_ceil(cfg.compute.query_block_rows).max(1),
+            s => s,
+        };
+        tracing::info!(
+            table = source_uri,
+            version = source.version(),
+            rows = source.rows,
+            dim = source.dim,
+            "making the kNN search plan"
+        );
+        let plan = compute_plan(
+            &source,
+            &cfg.ivf,
+            cfg.k,
+            cfg.exclusion(),
+            device,
+            cfg.compute.db_block_rows,
+            partitions,
+        )
+        .await?;
+        made_plan = true;
+        let sha = plan.sha();
+        let uri = plan_uri(&output, &sha);
+        plan.save(&uri, storage).await?;
+        let m = KnnOutputMeta {
+            source: source_uri.to_string(),
+            source_version: source.version(),
+            source_rows: source.rows,
+            dim: source.dim,
+            k: cfg.k,
+            duplicate_similarity: cfg.duplicate_similarity,
+            shards,
+            plan: uri,
+            plan_sha: sha,
+            partitions: plan.partitions(),
+            nprobe: plan.nprobe,
+            calibration: plan.calibration.clone(),
+        };
+        match ShardedTable::open_or_create(&output, knn_schema(cfg.k, &m), storage.clone()).await {
+            Ok(table) => {
+                return Ok(Prepared {
+                    table,
+                    meta: m,
+                    plan,
+                    source,
+                    plan_s: started.elapsed().as_secs_f64(),
+                })
+            }
+            // Another worker created the output first, with its own plan: adopt that one.
+            Err(IndexerError::SchemaMismatch { .. }) => {
+                tracing::info!("another worker created the kNN output first; using its plan");
+                computed = Some(plan);
+                meta = existing_meta(&output, storage).await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(IndexerError::Internal(format!(
+        "kNN output `{output}` changed twice while it was being created"
+    )))
+}
+
+/// Runs precompute-knn for worker `worker` of `workers`.
+pub async fn precompute_knn(
+    cfg: &KnnConfig,
+    storage: &StorageConfig,
+    worker: (usize, usize),
+    progress: Arc<KnnProgress>,
+) -> Result<KnnSummary> {
+    let started = Instant::now();
+    cfg.validate()?;
+    let device = cfg.compute.device.resolve("knn.compute.device")?;
+    let storage = storage.to_lance_options();
+    let mut partitions = RowPartitions::default();
+    let prepared = prepare(cfg, &storage, device, &mut partitions).await?;
+    let Prepared {
+        table,
+        meta,
+        plan,
+        source,
+        plan_s,
+    } = prepared;
+
+    table.refresh_ledger().await?;
+    let mine: Vec<usize> = (0..meta.shards)
+        .filter(|s| s % worker.1 == worker.0)
+        .collect();
+    let mut summary = KnnSummary {
+        worker,
+        output: table.uri().to_string(),
+        meta: Some(meta.clone()),
+        shards_assigned: mine.len(),
+        plan_s,
+        device: format!("{device:?}"),
+        ..Default::default()
+    };
+    if meta.shards < worker.1 {
+        tracing::warn!(
+            shards = meta.shards,
+            workers = worker.1,
+            "fewer shards than workers: some workers have nothing to do (set knn.compute.shards)"
+        );
+    }
+    let mut todo: Vec<usize> = mine
+        .into_iter()
+        .filter(|&s| !table.is_committed(&shard_name(s, meta.shards)))
+        .collect();
+    summary.shards_skipped = summary.shards_assigned - todo.len();
+    if cfg.compute.max_shards > 0 {
+        todo.truncate(cfg.compute.max_shards);
+    }
+    progress
+        .shards_todo
+        .store(todo.len() as u64, Ordering::Relaxed);
+    progress.queries_todo.store(
+        (meta.source_rows as u64 * todo.len() as u64).div_ceil(meta.shards as u64),
+        Ordering::Relaxed,
+    );
+    let centroids = plan.centroids.to_device(device);
+    let schema = knn_schema(meta.k, &meta);
+    let query_rows =
+        effective_query_rows(cfg.compute.query_block_rows, meta.dim, plan.nprobe, meta.k);
+    for s in todo {
+        let name = shard_name(s, meta.shards);
+        let ds = Arc::new(table.open().await?);
+        let mut writer = ShardWriter::new(&table, ds.clone());
+        let mut queries = source
+            .blocks(Some(shard_range(s, meta.shards)), query_rows)
+            .await?;
+        let mut rows = 0u64;
+        while let Some(block) = queries.next().await {
+            let block = block?;
+            let n = block.len() as u64;
+            let pass_started = Instant::now();
+            let (q, q_ids) = block.tensors(source.dim, device);
+            drop(block);
+            let pass = SearchPass {
+                top: TopK::new(q.size()[0], meta.k as i64, device, false),
+                queries: {
+                    let c = centroids.shallow_clone();
+                    let nprobe = plan.nprobe as i64;
+                    tokio::task::spawn_blocking(move || IvfQueries::new(q, q_ids, &c, nprobe))
+                        .await
+                        .map_err(|e| IndexerError::Internal(format!("probe thread died: {e}")))?
+                },
+                centroids: centroids.shallow_clone(),
+                partitions: std::mem::take(&mut partitions),
+                at: 0,
+                dim: source.dim,
+                exclusion: cfg.exclusion(),
+                busy_s: 0.0,
+            };
+            let mut pass = source
+                .scan_blocks(None, cfg.compute.db_block_rows, pass, |p, block| {
+                    let started = Instant::now();
+                    let (emb, ids) = block.tensors(p.dim, p.centroids.device());
+                    let parts = p.partitions.get_or_assign(p.at, &emb, &p.centroids);
+                    p.at += block.len();
+                    p.queries.scan(&mut p.top, &emb, &ids, &parts, p.exclusion);
+                    p.busy_s += started.elapsed().as_secs_f64();
+                    Ok(())
+                })
+                .await?;
+            tracing::info!(
+                shard = %name,
+                queries = n,
+                pass_s = pass_started.elapsed().as_secs_f64(),
+                compute_s = pass.busy_s,
+                "query block searched"
+            );
+            partitions = std::mem::take(&mut pass.partitions);
+            summary.short_rows += pass.top.finish() as u64;
+            writer
+                .write(output_batch(&schema, &pass.queries.ids, &pass.top, meta.k)?)
+                .await?;
+            rows += n;
+            progress.queries_done.fetch_add(n, Ordering::Relaxed);
+        }
+        let txn = writer.finish().await?;
+        if table.commit_shard(ds, &name, txn).await? {
+            summary.shards_committed += 1;
+            summary.queries += rows;
+            tracing::info!(shard = %name, rows, "shard committed");
+        } else {
+            summary.shards_raced += 1;
+            tracing::warn!(shard = %name, "shard was committed by another process meanwhile; this run's copy is discarded");
+        }
+        progress.shards_finished.fetch_add(1, Ordering::Relaxed);
+    }
+    summary.elapsed_s = started.elapsed().as_secs_f64();
+    summary.peak_rss_mib = peak_rss_mib();
+    Ok(summary)
+}
+
+/// Query rows per block: `query_block_rows`, fewer when the candidate slots (nprobe x k per
+/// query, 12 bytes each) would outweigh the query vectors themselves (4 d bytes), so a large
+/// calibrated nprobe cannot multiply the configured memory.
+pub fn effective_query_rows(query_block_rows: usize, dim: usize, nprobe: usize, k: usize) -> usize {
+    let vector_bytes = 4 * dim;
+    let slot_bytes = 12 * nprobe * k;
+    if slot_bytes <= vector_bytes {
+        query_block_rows
+    } else {
+        (query_block_rows * vector_bytes / slot_bytes)
+            .max(1024)
+            .min(query_block_rows)
+    }
+}
+
+struct SearchPass {
+    top: TopK,
+    queries: IvfQueries,
+    centroids: Tensor,
+    partitions: RowPartitions,
+    at: usize,
+    dim: usize,
+    exclusion: Exclusion,
+    busy_s: f64,
+}
+
+/// The output rows of one query block; missing neighbours are nulls.
+fn output_batch(schema: &SchemaRef, ids: &Tensor, top: &TopK, k: usize) -> Result<RecordBatch> {
+    let cpu = |t: &Tensor| t.to_device(Device::Cpu).contiguous().view([-1]);
+    let ids: Vec<i64> = Vec::try_from(&cpu(ids))?;
+    let knn_ids: Vec<i64> = Vec::try_from(&cpu(&top.ids))?;
+    let knn_sims: Vec<f32> = Vec::try_from(&cpu(&top.sims))?;
+    let valid = NullBuffer::from(
+        knn_ids
+            .iter()
+            .map(|&i| i != NO_NEIGHBOUR)
+            .collect::<Vec<_>>(),
+    );
+    let u64_item = Arc::new(Field::new("item", DataType::UInt64, true));
+    let f32_item = Arc::new(Field::new("item", DataType::Float32, true));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(UInt64Array::from_iter_values(ids.iter().map(|&i| i as u64))),
+        Arc::new(FixedSizeListArray::new(
+            u64_item,
+            k as i32,
+            Arc::new(UInt64Array::new(
+                knn_ids.iter().map(|&i| i as u64).collect(),
+                Some(valid.clone()),
+            )),
+            None,
+        )),
+        Arc::new(FixedSizeListArray::new(
+            f32_item,
+            k as i32,
+            Arc::new(Float32Array::new(knn_sims.into(), Some(valid))),
+            None,
+        )),
+    ];
+    RecordBatch::try_new(schema.clone(), columns)
+        .map_err(|e| IndexerError::Internal(format!("kNN output batch: {e}")))
+}

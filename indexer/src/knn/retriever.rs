@@ -1,0 +1,266 @@
+//! The retriever used at inference: nearest rows of any embeddings table to one query
+//! embedding (PAPER.md: at sampling time a CLIP *text* embedding queries the image index,
+//! and the index may be swapped for another database without retraining).
+//!
+//! It runs Lance's own vector search: the table's ANN index when it has one (built by
+//! `build-index`), else an exact scan (allowed unless `require_index`). Similarities are
+//! cosine; the query is L2-normalised first. An optional range filter on a numeric column
+//! (`low <= column < high`, e.g. the paper's aesthetic-score buckets) is applied before the
+//! search, so the k results all satisfy it.
+
+use super::vectors::{VectorTable, EMB_COLUMN, ID_COLUMN};
+use crate::{IndexerError, Result};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float32Type, UInt64Type};
+use arrow_array::{Float32Array, RecordBatch};
+use futures::TryStreamExt;
+use knn_datasets::StorageConfig;
+use lance::deps::datafusion::prelude::{col, lit};
+use lance::index::DatasetIndexExt;
+use lance_linalg::distance::MetricType;
+
+/// The distance column Lance's vector search adds.
+const DISTANCE_COLUMN: &str = "_distance";
+
+/// A numeric range every result must fall in: `low <= column < high`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RangeFilter {
+    /// A numeric column of the table.
+    pub column: String,
+    /// Inclusive lower bound.
+    pub low: f64,
+    /// Exclusive upper bound.
+    pub high: f64,
+}
+
+/// How the retriever searches.
+#[derive(Clone, Debug)]
+pub struct RetrieverOptions {
+    /// Fail at open when the table has no vector index on `emb`.
+    pub require_index: bool,
+    /// IVF partitions probed per query (index search only).
+    pub nprobes: usize,
+    /// Re-rank `refine_factor * k` index candidates with exact distances (None: no re-rank,
+    /// similarities are then the index's approximations).
+    pub refine_factor: Option<u32>,
+}
+
+impl Default for RetrieverOptions {
+    fn default() -> Self {
+        Self {
+            require_index: false,
+            nprobes: 32,
+            refine_factor: Some(10),
+        }
+    }
+}
+
+/// The k nearest rows to one query, best first.
+#[derive(Clone, Debug, Default)]
+pub struct Neighbours {
+    /// Row ids.
+    pub ids: Vec<u64>,
+    /// Cosine similarities.
+    pub sims: Vec<f32>,
+    /// The rows' embeddings, row-major (`ids.len() * dim`).
+    pub emb: Vec<f32>,
+    /// Embedding dimension.
+    pub dim: usize,
+}
+
+/// Nearest-neighbour search over one embeddings table.
+#[derive(Debug, Clone)]
+pub struct Retriever {
+    table: VectorTable,
+    indexed: bool,
+    options: RetrieverOptions,
+}
+
+impl Retriever {
+    /// Opens the latest version of the embeddings table at `uri` with default options.
+    pub async fn open(uri: &str, storage: &StorageConfig) -> Result<Self> {
+        Self::open_with(uri, storage, None, RetrieverOptions::default()).await
+    }
+
+    /// Opens `uri` at `version` (latest when `None`) with `options`.
+    pub async fn open_with(
+        uri: &str,
+        storage: &StorageConfig,
+        version: Option<u64>,
+        options: RetrieverOptions,
+    ) -> Result<Self> {
+        let table = VectorTable::open(uri, &storage.to_lance_options(), version).await?;
+        table.require_rows()?;
+        let indexed = has_vector_index(&table).await?;
+        if options.require_index && !indexed {
+            return Err(IndexerError::NoIndex {
+                table: uri.to_string(),
+                column: EMB_COLUMN.into(),
+            });
+        }
+        Ok(Self {
+            table,
+            indexed,
+            options,
+        })
+    }
+
+    /// Embedding dimension of the table.
+    pub fn dim(&self) -> usize {
+        self.table.dim
+    }
+
+    /// Rows in the table.
+    pub fn rows(&self) -> usize {
+        self.table.rows
+    }
+
+    /// Whether searches use a vector index (else they scan exactly).
+    pub fn is_indexed(&self) -> bool {
+        self.indexed
+    }
+
+    /// The table URI.
+    pub fn uri(&self) -> &str {
+        &self.table.uri
+    }
+
+    /// The `k` rows most similar to `query`.
+    pub async fn search(&self, query: &[f32], k: usize) -> Result<Neighbours> {
+        self.search_filtered(query, k, None).await
+    }
+
+    /// The `k` rows most similar to `query` among those passing `filter` (fewer when fewer
+    /// pass).
+    pub async fn search_filtered(
+        &self,
+        query: &[f32],
+        k: usize,
+        filter: Option<&RangeFilter>,
+    ) -> Result<Neighbours> {
+        let uri = &self.table.uri;
+        if query.len() != self.table.dim {
+            return Err(IndexerError::DimensionMismatch {
+                table: uri.clone(),
+                query_dim: query.len(),
+                table_dim: self.table.dim,
+            });
+        }
+        if k == 0 || k > self.table.rows {
+            return Err(IndexerError::KTooLarge {
+                table: uri.clone(),
+                k,
+                rows: self.table.rows,
+                excluding: "",
+                max: self.table.rows,
+            });
+        }
+        let norm = query
+            .iter()
+            .map(|v| v * v)
+            .sum::<f32>()
+            .sqrt()
+            .max(f32::MIN_POSITIVE);
+        let q = Float32Array::from_iter_values(query.iter().map(|v| v / norm));
+        let lance_err = |e| IndexerError::lance(uri.clone(), e);
+        let mut scanner = self.table.ds.scan();
+        scanner
+            .project(&[ID_COLUMN, EMB_COLUMN, DISTANCE_COLUMN])
+            .map_err(lance_err)?;
+        scanner
+            .nearest(EMB_COLUMN, &q, k)
+            .map_err(lance_err)?
+            .distance_metric(MetricType::Cosine)
+            .nprobes(self.options.nprobes.max(1));
+        if let Some(f) = self.options.refine_factor {
+            scanner.refine(f);
+        }
+        if let Some(f) = filter {
+            self.check_filter_column(f)?;
+            scanner.prefilter(true).filter_expr(
+                col(f.column.as_str())
+                    .gt_eq(lit(f.low))
+                    .and(col(f.column.as_str()).lt(lit(f.high))),
+            );
+        }
+        let batches: Vec<RecordBatch> = scanner
+            .try_into_stream()
+            .await
+            .map_err(lance_err)?
+            .try_collect()
+            .await
+            .map_err(lance_err)?;
+        let mut out = Neighbours {
+            dim: self.table.dim,
+            ..Default::default()
+        };
+        let mut rows: Vec<(f32, u64, Vec<f32>)> = Vec::new();
+        for b in &batches {
+            let ids = b
+                .column_by_name(ID_COLUMN)
+                .map(|c| c.as_primitive::<UInt64Type>().clone());
+            let emb = b
+                .column_by_name(EMB_COLUMN)
+                .map(|c| c.as_fixed_size_list().clone());
+            let dist = b
+                .column_by_name(DISTANCE_COLUMN)
+                .map(|c| c.as_primitive::<Float32Type>().clone());
+            let (Some(ids), Some(emb), Some(dist)) = (ids, emb, dist) else {
+                return Err(IndexerError::Internal(format!(
+                    "Lance vector search on `{uri}` returned no id/emb/_distance columns"
+                )));
+            };
+            for i in 0..b.num_rows() {
+                let e = emb.value(i);
+                rows.push((
+                    1.0 - dist.value(i),
+                    ids.value(i),
+                    e.as_primitive::<Float32Type>().values().to_vec(),
+                ));
+            }
+        }
+        rows.sort_by(|a, b| b.0.total_cmp(&a.0));
+        for (sim, id, e) in rows.into_iter().take(k) {
+            out.sims.push(sim);
+            out.ids.push(id);
+            out.emb.extend(e);
+        }
+        Ok(out)
+    }
+
+    fn check_filter_column(&self, f: &RangeFilter) -> Result<()> {
+        let schema: arrow_schema::Schema = self.table.ds.schema().into();
+        match schema.field_with_name(&f.column) {
+            Ok(field) if field.data_type().is_numeric() => Ok(()),
+            Ok(field) => Err(IndexerError::MissingColumn {
+                table: self.table.uri.clone(),
+                column: f.column.clone(),
+                detail: format!(
+                    "a range filter needs a numeric column; it is {}",
+                    field.data_type()
+                ),
+            }),
+            Err(_) => Err(IndexerError::MissingColumn {
+                table: self.table.uri.clone(),
+                column: f.column.clone(),
+                detail: "no such column to filter on".into(),
+            }),
+        }
+    }
+}
+
+/// Whether the table has a vector index on `emb`.
+pub async fn has_vector_index(table: &VectorTable) -> Result<bool> {
+    let field_id = table
+        .ds
+        .schema()
+        .field(EMB_COLUMN)
+        .map(|f| f.id)
+        .unwrap_or(-1);
+    let indices = table
+        .ds
+        .load_indices()
+        .await
+        .map_err(|e| IndexerError::lance(&table.uri, e))?;
+    Ok(indices.iter().any(|i| i.fields.contains(&field_id)))
+}

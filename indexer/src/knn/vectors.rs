@@ -1,0 +1,323 @@
+//! Reading `(id, emb)` from an embeddings table, pinned to one version: row counts, random
+//! samples by row offset, and ordered scans in blocks of a bounded number of rows.
+//!
+//! Any Lance table with a `u64` column `id` and a `FixedSizeList<f32, d>` column `emb` works:
+//! the embed stage's table, or one a user brings (PAPER.md swaps the retrieval database at
+//! inference).
+
+use crate::{IndexerError, Result};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float32Type, UInt64Type};
+use arrow_array::{Array, RecordBatch};
+use arrow_schema::DataType;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use lance::deps::datafusion::prelude::{col, lit};
+use lance::Dataset;
+use std::collections::HashMap;
+use tch::{Device, Kind, Tensor};
+
+/// The id column every vector table has.
+pub const ID_COLUMN: &str = "id";
+/// The embedding column every vector table has.
+pub const EMB_COLUMN: &str = "emb";
+
+/// An embeddings table opened at one version.
+#[derive(Clone, Debug)]
+pub struct VectorTable {
+    /// URI as configured.
+    pub uri: String,
+    /// The opened version.
+    pub ds: Dataset,
+    /// Embedding dimension.
+    pub dim: usize,
+    /// Rows at this version.
+    pub rows: usize,
+}
+
+/// Rows read from a vector table: ids and row-major embeddings.
+#[derive(Debug, Default)]
+pub struct VectorBlock {
+    /// Row ids.
+    pub ids: Vec<u64>,
+    /// `ids.len() * dim` floats.
+    pub emb: Vec<f32>,
+}
+
+impl VectorBlock {
+    /// Rows in the block.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether the block is empty.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The block as tensors on `device`: embeddings [n, d] (L2-normalised, so dot products
+    /// are cosine similarities) and ids [n] (u64 bits in i64).
+    pub fn tensors(&self, dim: usize, device: Device) -> (Tensor, Tensor) {
+        let n = self.ids.len() as i64;
+        let mut emb = Tensor::from_slice(&self.emb)
+            .view([n, dim as i64])
+            .to_device(device);
+        let norm = emb
+            .norm_scalaropt_dim(2.0, [1], true)
+            .clamp_min(f64::from(f32::MIN_POSITIVE));
+        let _ = emb.g_div_(&norm);
+        let ids: Vec<i64> = self.ids.iter().map(|&i| i as i64).collect();
+        (
+            emb,
+            Tensor::from_slice(&ids)
+                .to_kind(Kind::Int64)
+                .to_device(device),
+        )
+    }
+
+    fn append(&mut self, batch: &RecordBatch, table: &str) -> Result<()> {
+        let missing = |c: &str| IndexerError::MissingColumn {
+            table: table.to_string(),
+            column: c.to_string(),
+            detail: "not in the scanned batch".into(),
+        };
+        let ids = batch
+            .column_by_name(ID_COLUMN)
+            .ok_or_else(|| missing(ID_COLUMN))?
+            .as_primitive::<UInt64Type>();
+        let emb = batch
+            .column_by_name(EMB_COLUMN)
+            .ok_or_else(|| missing(EMB_COLUMN))?
+            .as_fixed_size_list();
+        if emb.null_count() > 0 || emb.values().null_count() > 0 {
+            let row = (0..emb.len())
+                .find(|&i| emb.is_null(i) || emb.value(i).null_count() > 0)
+                .unwrap_or(0);
+            return Err(IndexerError::BadRow {
+                table: table.to_string(),
+                id: ids.value(row),
+                reason: "its `emb` is null or has null entries; re-embed it or delete the row"
+                    .into(),
+            });
+        }
+        let values = emb.values().as_primitive::<Float32Type>();
+        self.ids.extend_from_slice(ids.values());
+        self.emb.extend_from_slice(values.values());
+        Ok(())
+    }
+}
+
+impl VectorTable {
+    /// Opens `uri` at `version` (the latest when `None`) and checks its columns.
+    pub async fn open(
+        uri: &str,
+        storage: &HashMap<String, String>,
+        version: Option<u64>,
+    ) -> Result<Self> {
+        let mut builder = lance::dataset::builder::DatasetBuilder::from_uri(uri)
+            .with_storage_options(storage.clone());
+        if let Some(v) = version {
+            builder = builder.with_version(v);
+        }
+        let ds = builder
+            .load()
+            .await
+            .map_err(|e| IndexerError::lance(uri, e))?;
+        let schema: arrow_schema::Schema = ds.schema().into();
+        let have = || {
+            schema
+                .fields()
+                .iter()
+                .map(|f| format!("{}: {}", f.name(), f.data_type()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match schema.field_with_name(ID_COLUMN).map(|f| f.data_type()) {
+            Ok(DataType::UInt64) => {}
+            _ => {
+                return Err(IndexerError::MissingColumn {
+                    table: uri.to_string(),
+                    column: ID_COLUMN.into(),
+                    detail: format!(
+                        "need a u64 `{ID_COLUMN}` column; the table has [{}]",
+                        have()
+                    ),
+                })
+            }
+        }
+        let dim = match schema.field_with_name(EMB_COLUMN).map(|f| f.data_type()) {
+            Ok(DataType::FixedSizeList(item, d)) if item.data_type() == &DataType::Float32 => {
+                *d as usize
+            }
+            _ => {
+                return Err(IndexerError::MissingColumn {
+                    table: uri.to_string(),
+                    column: EMB_COLUMN.into(),
+                    detail: format!(
+                        "need a FixedSizeList<f32, d> `{EMB_COLUMN}` column; the table has [{}]",
+                        have()
+                    ),
+                })
+            }
+        };
+        let rows = ds
+            .count_rows(None)
+            .await
+            .map_err(|e| IndexerError::lance(uri, e))?;
+        Ok(Self {
+            uri: uri.to_string(),
+            ds,
+            dim,
+            rows,
+        })
+    }
+
+    /// The opened version.
+    pub fn version(&self) -> u64 {
+        self.ds.version().version
+    }
+
+    /// Fails with [`IndexerError::EmptyTable`] when the table has no rows.
+    pub fn require_rows(&self) -> Result<()> {
+        if self.rows == 0 {
+            return Err(IndexerError::EmptyTable {
+                table: self.uri.clone(),
+                version: self.version(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Rows at the given offsets (in scan order, 0-based).
+    pub async fn take(&self, offsets: &[u64]) -> Result<VectorBlock> {
+        let batch = self
+            .ds
+            .take(
+                offsets,
+                self.ds
+                    .schema()
+                    .project(&[ID_COLUMN, EMB_COLUMN])
+                    .map_err(|e| IndexerError::lance(&self.uri, e))?,
+            )
+            .await
+            .map_err(|e| IndexerError::lance(&self.uri, e))?;
+        let mut block = VectorBlock::default();
+        block.append(&batch, &self.uri)?;
+        Ok(block)
+    }
+
+    /// All rows (or those with `low <= id < high`) in table order, in blocks of at most
+    /// `block_rows` rows.
+    pub async fn blocks(
+        &self,
+        id_range: Option<(u64, Option<u64>)>,
+        block_rows: usize,
+    ) -> Result<BoxStream<'static, Result<VectorBlock>>> {
+        let mut scanner = self.ds.scan();
+        scanner
+            .project(&[ID_COLUMN, EMB_COLUMN])
+            .map_err(|e| IndexerError::lance(&self.uri, e))?;
+        if let Some((low, high)) = id_range {
+            let mut filter = col(ID_COLUMN).gt_eq(lit(low));
+            if let Some(high) = high {
+                filter = filter.and(col(ID_COLUMN).lt(lit(high)));
+            }
+            scanner.filter_expr(filter);
+        }
+        let batches = scanner
+            .try_into_stream()
+            .await
+            .map_err(|e| IndexerError::lance(&self.uri, e))?;
+        let (uri, dim, block_rows) = (self.uri.clone(), self.dim, block_rows.max(1));
+        let state = (Some(batches), VectorBlock::default());
+        Ok(
+            futures::stream::unfold(state, move |(mut batches, mut block)| {
+                let uri = uri.clone();
+                async move {
+                    loop {
+                        if block.len() >= block_rows {
+                            let rest = split_off(&mut block, block_rows, dim);
+                            let full = std::mem::replace(&mut block, rest);
+                            return Some((Ok(full), (batches, block)));
+                        }
+                        let Some(stream) = batches.as_mut() else {
+                            // Input ended: hand out what is left, then stop.
+                            return (!block.is_empty()).then(|| {
+                                (
+                                    Ok(std::mem::take(&mut block)),
+                                    (None, VectorBlock::default()),
+                                )
+                            });
+                        };
+                        match stream.next().await {
+                            Some(Ok(batch)) => {
+                                if let Err(e) = block.append(&batch, &uri) {
+                                    return Some((Err(e), (None, VectorBlock::default())));
+                                }
+                            }
+                            Some(Err(e)) => {
+                                return Some((
+                                    Err(IndexerError::lance(&uri, e)),
+                                    (None, VectorBlock::default()),
+                                ))
+                            }
+                            None => batches = None,
+                        }
+                    }
+                }
+            })
+            .boxed(),
+        )
+    }
+
+    /// Passes over all rows in blocks (see [`VectorTable::blocks`]), calling `each` on a
+    /// blocking thread while the next block is read, so reading overlaps computing.
+    pub async fn scan_blocks<S, F>(
+        &self,
+        id_range: Option<(u64, Option<u64>)>,
+        block_rows: usize,
+        state: S,
+        each: F,
+    ) -> Result<S>
+    where
+        S: Send + 'static,
+        F: FnMut(&mut S, VectorBlock) -> Result<()> + Send + 'static,
+    {
+        let mut blocks = self.blocks(id_range, block_rows).await?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<VectorBlock>(1);
+        let compute = tokio::task::spawn_blocking(move || {
+            let (mut state, mut each) = (state, each);
+            while let Some(block) = rx.blocking_recv() {
+                each(&mut state, block)?;
+            }
+            Ok::<S, IndexerError>(state)
+        });
+        let mut reading: Result<()> = Ok(());
+        while let Some(block) = blocks.next().await {
+            match block {
+                Ok(block) => {
+                    if tx.send(block).await.is_err() {
+                        break; // the compute side failed; its error is returned below
+                    }
+                }
+                Err(e) => {
+                    reading = Err(e);
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let state = compute
+            .await
+            .map_err(|e| IndexerError::Internal(format!("kNN compute thread died: {e}")))??;
+        reading.map(|()| state)
+    }
+}
+
+/// Splits `block` after `rows` rows, returning the tail.
+fn split_off(block: &mut VectorBlock, rows: usize, dim: usize) -> VectorBlock {
+    VectorBlock {
+        ids: block.ids.split_off(rows),
+        emb: block.emb.split_off(rows * dim),
+    }
+}

@@ -1,0 +1,496 @@
+//! Nearest neighbours on real Lance tables: precompute-knn recall against exact brute force,
+//! exclusions, resume, two workers, version pinning, build-index and the retriever, and the
+//! errors a user can hit.
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float32Type, UInt64Type};
+use futures::TryStreamExt;
+use knn_datasets::StorageConfig;
+use knn_indexer::knn::search::{exact_knn, Exclusion};
+use knn_indexer::knn::synthetic::{
+    clustered, vector_batch, vector_schema, write_vectors, Clustered,
+};
+use knn_indexer::knn::{
+    build_index, precompute_knn, IndexConfig, IndexKind, KnnConfig, KnnProgress, KnnSummary,
+    RangeFilter, Retriever, RetrieverOptions,
+};
+use knn_indexer::IndexerError;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+use tch::Tensor;
+
+/// Rows of an output: id → (neighbour ids, sims), nulls as `None`.
+type KnnRows = BTreeMap<u64, (Vec<Option<u64>>, Vec<Option<f32>>)>;
+
+fn cfg(table: &str, output: &str, extra: &str) -> KnnConfig {
+    toml::from_str(&format!(
+        "table = \"{table}\"\noutput = \"{output}\"\n{extra}\n[compute]\ndevice = \"cpu\"\n"
+    ))
+    .unwrap()
+}
+
+fn with_compute(mut c: KnnConfig, shards: usize, max_shards: usize) -> KnnConfig {
+    c.compute.shards = shards;
+    c.compute.max_shards = max_shards;
+    c
+}
+
+async fn run(c: &KnnConfig, worker: (usize, usize)) -> Result<KnnSummary, IndexerError> {
+    precompute_knn(
+        c,
+        &StorageConfig::default(),
+        worker,
+        Arc::new(KnnProgress::default()),
+    )
+    .await
+}
+
+async fn read_rows(uri: &str) -> KnnRows {
+    let ds = lance::Dataset::open(uri).await.unwrap();
+    let batches: Vec<arrow_array::RecordBatch> = ds
+        .scan()
+        .try_into_stream()
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let mut out = BTreeMap::new();
+    for b in batches {
+        let ids = b
+            .column_by_name("id")
+            .unwrap()
+            .as_primitive::<UInt64Type>()
+            .clone();
+        let knn = b
+            .column_by_name("knn_ids")
+            .unwrap()
+            .as_fixed_size_list()
+            .clone();
+        let sims = b
+            .column_by_name("knn_sims")
+            .unwrap()
+            .as_fixed_size_list()
+            .clone();
+        for i in 0..b.num_rows() {
+            let n = knn.value(i);
+            let s = sims.value(i);
+            let prev = out.insert(
+                ids.value(i),
+                (
+                    n.as_primitive::<UInt64Type>().iter().collect(),
+                    s.as_primitive::<Float32Type>().iter().collect(),
+                ),
+            );
+            assert!(prev.is_none(), "id {} written twice", ids.value(i));
+        }
+    }
+    out
+}
+
+fn path(dir: &Path, name: &str) -> String {
+    dir.join(name).to_string_lossy().to_string()
+}
+
+async fn table_of(dir: &Path, name: &str, data: &Clustered) -> String {
+    let uri = path(dir, name);
+    write_vectors(&uri, &data.ids, &data.emb, false)
+        .await
+        .unwrap();
+    uri
+}
+
+fn exact(data: &Clustered, k: i64, exclusion: Exclusion) -> HashMap<u64, Vec<u64>> {
+    let ids = Tensor::from_slice(&data.ids.iter().map(|&i| i as i64).collect::<Vec<_>>());
+    let top = exact_knn(&data.emb, &ids, &data.emb, &ids, k, exclusion);
+    let got: Vec<i64> = Vec::try_from(&top.ids.contiguous().view([-1])).unwrap();
+    data.ids
+        .iter()
+        .zip(got.chunks(k as usize))
+        .map(|(&id, c)| (id, c.iter().map(|&x| x as u64).collect()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_settings_reach_recall_99_and_never_return_the_row_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    // 20 000 rows: above the exact-search threshold, so the IVF plan is used.
+    let data = clustered(20_000, 32, 200, 1.0, 5);
+    let table = table_of(dir.path(), "v.lance", &data).await;
+    let out = path(dir.path(), "knn.lance");
+    let c = cfg(&table, &out, "");
+    let s = run(&c, (0, 1)).await.unwrap();
+    let meta = s.meta.clone().unwrap();
+    assert!(
+        meta.partitions > 1 && meta.nprobe < meta.partitions,
+        "{meta:?}"
+    );
+    assert_eq!(s.queries, 20_000);
+    assert_eq!(s.short_rows, 0);
+
+    let rows = read_rows(&out).await;
+    assert_eq!(rows.len(), 20_000);
+    let truth = exact(&data, 10, Exclusion::default());
+    let (mut hit, mut all) = (0, 0);
+    for (id, (knn, sims)) in &rows {
+        assert!(!knn.contains(&Some(*id)), "row {id} is its own neighbour");
+        assert!(
+            sims.windows(2).all(|w| w[0] >= w[1]),
+            "sims not sorted for {id}"
+        );
+        let want: HashSet<_> = truth[id].iter().collect();
+        hit += knn.iter().flatten().filter(|x| want.contains(x)).count();
+        all += 10;
+    }
+    let recall = hit as f64 / all as f64;
+    eprintln!("recall@10 {recall}, plan {meta:?}");
+    assert!(recall >= 0.99, "recall@10 {recall}");
+    // The calibration's estimate is close to what the run achieved.
+    let estimated = meta.calibration.unwrap().recall;
+    assert!(
+        (estimated - recall).abs() < 0.02,
+        "estimated {estimated}, got {recall}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_tables_are_searched_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = clustered(1500, 16, 30, 1.0, 6);
+    let table = table_of(dir.path(), "v.lance", &data).await;
+    let out = path(dir.path(), "knn.lance");
+    let s = run(&cfg(&table, &out, "k = 5"), (0, 1)).await.unwrap();
+    assert_eq!(s.meta.unwrap().partitions, 1);
+    let truth = exact(&data, 5, Exclusion::default());
+    for (id, (knn, _)) in read_rows(&out).await {
+        let got: Vec<u64> = knn.into_iter().flatten().collect();
+        assert_eq!(got, truth[&id], "row {id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_duplicates_are_excluded_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = clustered(600, 16, 20, 1.0, 7);
+    // Rows 600..700 copy rows 0..100 under new ids (the same web image twice).
+    let dup_ids: Vec<u64> = (0..100).map(|i| u64::MAX / 2 + 1000 + i).collect();
+    let emb = Tensor::cat(&[base.emb.shallow_clone(), base.emb.narrow(0, 0, 100)], 0);
+    let ids: Vec<u64> = base
+        .ids
+        .iter()
+        .copied()
+        .chain(dup_ids.iter().copied())
+        .collect();
+    let table = path(dir.path(), "v.lance");
+    write_vectors(&table, &ids, &emb, false).await.unwrap();
+    let copy_of: HashMap<u64, u64> = (0..100).map(|i| (base.ids[i], dup_ids[i])).collect();
+
+    let plain = path(dir.path(), "plain.lance");
+    run(&cfg(&table, &plain, ""), (0, 1)).await.unwrap();
+    let rows = read_rows(&plain).await;
+    for (orig, copy) in &copy_of {
+        assert_eq!(
+            rows[orig].0[0],
+            Some(*copy),
+            "without the threshold the copy is nearest"
+        );
+    }
+
+    let dedup = path(dir.path(), "dedup.lance");
+    run(&cfg(&table, &dedup, "duplicate_similarity = 0.999"), (0, 1))
+        .await
+        .unwrap();
+    let rows = read_rows(&dedup).await;
+    for (orig, copy) in &copy_of {
+        assert!(
+            !rows[orig].0.contains(&Some(*copy)),
+            "duplicate of {orig} kept"
+        );
+        assert!(
+            !rows[copy].0.contains(&Some(*orig)),
+            "duplicate of {copy} kept"
+        );
+    }
+    for (_, (_, sims)) in rows {
+        assert!(sims.iter().flatten().all(|&s| s < 0.999));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_run_resumes_to_the_same_output_and_never_commits_a_shard_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = clustered(3000, 16, 40, 1.0, 8);
+    let table = table_of(dir.path(), "v.lance", &data).await;
+
+    let straight = path(dir.path(), "straight.lance");
+    run(&with_compute(cfg(&table, &straight, ""), 6, 0), (0, 1))
+        .await
+        .unwrap();
+
+    let resumed = path(dir.path(), "resumed.lance");
+    let first = run(&with_compute(cfg(&table, &resumed, ""), 6, 2), (0, 1))
+        .await
+        .unwrap();
+    assert_eq!(first.shards_committed, 2);
+    let partial = read_rows(&resumed).await;
+    assert!(!partial.is_empty() && partial.len() < 3000);
+    let second = run(&with_compute(cfg(&table, &resumed, ""), 6, 0), (0, 1))
+        .await
+        .unwrap();
+    assert_eq!((second.shards_skipped, second.shards_committed), (2, 4));
+    let third = run(&with_compute(cfg(&table, &resumed, ""), 6, 0), (0, 1))
+        .await
+        .unwrap();
+    assert_eq!((third.shards_skipped, third.shards_committed), (6, 0));
+    assert_eq!(read_rows(&resumed).await, read_rows(&straight).await);
+    lance::Dataset::open(&resumed)
+        .await
+        .unwrap()
+        .validate()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_split_the_shards_and_together_equal_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = clustered(2500, 16, 30, 1.0, 9);
+    let table = table_of(dir.path(), "v.lance", &data).await;
+    let one = path(dir.path(), "one.lance");
+    run(&with_compute(cfg(&table, &one, ""), 5, 0), (0, 1))
+        .await
+        .unwrap();
+
+    let two = path(dir.path(), "two.lance");
+    let c = with_compute(cfg(&table, &two, ""), 5, 0);
+    let (a, b) = tokio::join!(run(&c, (0, 2)), run(&c, (1, 2)));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!((a.shards_assigned, b.shards_assigned), (3, 2));
+    assert_eq!(a.shards_committed + b.shards_committed, 5);
+    assert_eq!(a.queries + b.queries, 2500);
+    assert_eq!(read_rows(&two).await, read_rows(&one).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pinned_version_keeps_results_reproducible_while_the_table_grows() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = clustered(2000, 16, 30, 1.0, 10);
+    let table = table_of(dir.path(), "v.lance", &data).await;
+    let first = path(dir.path(), "first.lance");
+    let c = with_compute(cfg(&table, &first, ""), 4, 2);
+    let partial = run(&c, (0, 1)).await.unwrap();
+    let pinned = partial.meta.unwrap().source_version;
+
+    // New rows arrive (near the old ones, so they would change many neighbour lists).
+    let more = clustered(2000, 16, 30, 1.0, 10);
+    let new_ids: Vec<u64> = (0..2000).map(|i| (1u64 << 62) + i).collect();
+    let moved = &more.emb + Tensor::randn_like(&more.emb) * 0.01;
+    write_vectors(&table, &new_ids, &moved, true).await.unwrap();
+
+    // Resuming reads the pinned version: no new ids, same lists as a fresh run pinned there.
+    let resumed = run(&with_compute(cfg(&table, &first, ""), 4, 0), (0, 1))
+        .await
+        .unwrap();
+    assert_eq!(resumed.meta.unwrap().source_version, pinned);
+    let rows = read_rows(&first).await;
+    assert_eq!(rows.len(), 2000);
+    let again = path(dir.path(), "again.lance");
+    let c = cfg(&table, &again, &format!("source_version = {pinned}"));
+    run(&with_compute(c, 4, 0), (0, 1)).await.unwrap();
+    assert_eq!(read_rows(&again).await, rows);
+
+    // The latest version does see the new rows.
+    let latest = path(dir.path(), "latest.lance");
+    run(&cfg(&table, &latest, ""), (0, 1)).await.unwrap();
+    assert_eq!(read_rows(&latest).await.len(), 4000);
+
+    // Asking an existing output for other settings is refused, naming them.
+    let err = run(&cfg(&table, &first, "k = 5"), (0, 1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, IndexerError::SchemaMismatch { .. }), "{err}");
+    assert!(
+        err.to_string().contains("`knn.k` is 10 there, 5 here"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn precompute_errors_name_the_table_and_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = clustered(8, 4, 2, 1.0, 11);
+    let table = table_of(dir.path(), "v.lance", &data).await;
+    let out = path(dir.path(), "knn.lance");
+    let err = run(&cfg(&table, &out, "k = 8"), (0, 1)).await.unwrap_err();
+    assert!(
+        matches!(err, IndexerError::KTooLarge { k: 8, rows: 8, .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(&table) && err.to_string().contains("k <= 7"),
+        "{err}"
+    );
+
+    let empty = path(dir.path(), "empty.lance");
+    let reader = arrow_array::RecordBatchIterator::new(vec![], vector_schema(4, &[]));
+    lance::Dataset::write(reader, &empty, None).await.unwrap();
+    let err = run(&cfg(&empty, &out, ""), (0, 1)).await.unwrap_err();
+    assert!(matches!(err, IndexerError::EmptyTable { .. }), "{err}");
+
+    let missing = path(dir.path(), "nope.lance");
+    let err = run(&cfg(&missing, &out, ""), (0, 1)).await.unwrap_err();
+    assert!(err.to_string().contains(&missing), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retriever_searches_any_table_with_filters_and_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = clustered(500, 8, 10, 1.0, 12);
+    let b = clustered(500, 8, 10, 1.0, 13);
+    let table_a = table_of(dir.path(), "a.lance", &a).await;
+    // Table b carries a score column for range filters.
+    let table_b = path(dir.path(), "b.lance");
+    let scores: Vec<f32> = (0..500).map(|i| (i % 10) as f32 / 10.0).collect();
+    let batch = vector_batch(&b.ids, &b.emb, &[("score", scores.clone())]).unwrap();
+    let reader = arrow_array::RecordBatchIterator::new(vec![Ok(batch.clone())], batch.schema());
+    lance::Dataset::write(reader, &table_b, None).await.unwrap();
+
+    let query: Vec<f32> = Vec::try_from(&a.emb.get(0)).unwrap();
+    let ra = Retriever::open(&table_a, &StorageConfig::default())
+        .await
+        .unwrap();
+    let rb = Retriever::open(&table_b, &StorageConfig::default())
+        .await
+        .unwrap();
+    assert!(!ra.is_indexed());
+    let na = ra.search(&query, 5).await.unwrap();
+    let nb = rb.search(&query, 5).await.unwrap();
+    assert_eq!(na.ids[0], a.ids[0], "a row is its own nearest neighbour");
+    assert!((na.sims[0] - 1.0).abs() < 1e-4);
+    assert_eq!(na.emb.len(), 5 * 8);
+    assert!(na.ids.iter().all(|i| !b.ids.contains(i)));
+    assert!(nb.ids.iter().all(|i| b.ids.contains(i)));
+    assert_ne!(na.ids, nb.ids, "two databases give different neighbours");
+
+    // Results match exact search, and their embeddings are the rows'.
+    let truth = exact(&a, 5, Exclusion::default());
+    assert_eq!(&na.ids[1..], &truth[&a.ids[0]][..4]);
+    let row = a.ids.iter().position(|&i| i == na.ids[1]).unwrap();
+    let want: Vec<f32> = Vec::try_from(&a.emb.get(row as i64)).unwrap();
+    assert!(na.emb[8..16]
+        .iter()
+        .zip(&want)
+        .all(|(x, y)| (x - y).abs() < 1e-5));
+
+    // Range filter: every result in [0.3, 0.5).
+    let f = RangeFilter {
+        column: "score".into(),
+        low: 0.3,
+        high: 0.5,
+    };
+    let got = rb.search_filtered(&query, 7, Some(&f)).await.unwrap();
+    assert_eq!(got.ids.len(), 7);
+    for id in &got.ids {
+        let row = b.ids.iter().position(|x| x == id).unwrap();
+        assert!((0.3..0.5).contains(&scores[row]), "score {}", scores[row]);
+    }
+
+    // Errors.
+    let err = ra.search(&query[..4], 5).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            IndexerError::DimensionMismatch {
+                query_dim: 4,
+                table_dim: 8,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&table_a));
+    let err = ra.search(&query, 501).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            IndexerError::KTooLarge {
+                k: 501,
+                rows: 500,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let bad = RangeFilter {
+        column: "nope".into(),
+        low: 0.0,
+        high: 1.0,
+    };
+    let err = rb.search_filtered(&query, 3, Some(&bad)).await.unwrap_err();
+    assert!(matches!(err, IndexerError::MissingColumn { .. }), "{err}");
+    let strict = RetrieverOptions {
+        require_index: true,
+        ..Default::default()
+    };
+    let err = Retriever::open_with(&table_a, &StorageConfig::default(), None, strict)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, IndexerError::NoIndex { .. }), "{err}");
+    assert!(err.to_string().contains("build-index"), "{err}");
+    let empty = path(dir.path(), "empty.lance");
+    let reader = arrow_array::RecordBatchIterator::new(vec![], vector_schema(8, &[]));
+    lance::Dataset::write(reader, &empty, None).await.unwrap();
+    let err = Retriever::open(&empty, &StorageConfig::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, IndexerError::EmptyTable { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_index_makes_the_retriever_use_an_ann_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = clustered(3000, 32, 30, 1.0, 14);
+    let table = table_of(dir.path(), "v.lance", &data).await;
+    let truth = exact(&data, 10, Exclusion::default());
+    for kind in [IndexKind::IvfPq, IndexKind::IvfHnswSq] {
+        let cfg = IndexConfig {
+            table: Some(table.clone()),
+            kind,
+            ..Default::default()
+        };
+        let s = build_index(&cfg, &StorageConfig::default()).await.unwrap();
+        assert_eq!((s.rows, s.dim, s.partitions), (3000, 32, 55));
+        let strict = RetrieverOptions {
+            require_index: true,
+            ..Default::default()
+        };
+        let r = Retriever::open_with(&table, &StorageConfig::default(), None, strict)
+            .await
+            .unwrap();
+        assert!(r.is_indexed());
+        let (mut hit, mut all) = (0, 0);
+        for i in (0..3000).step_by(30) {
+            let q: Vec<f32> = Vec::try_from(&data.emb.get(i)).unwrap();
+            let got = r.search(&q, 11).await.unwrap();
+            let want: HashSet<_> = truth[&data.ids[i as usize]].iter().collect();
+            hit += got.ids.iter().filter(|x| want.contains(x)).count();
+            all += 10;
+        }
+        let recall = hit as f64 / all as f64;
+        assert!(recall >= 0.9, "{kind:?} recall@10 {recall}");
+    }
+
+    let tiny = table_of(dir.path(), "tiny.lance", &clustered(100, 8, 4, 1.0, 15)).await;
+    let cfg = IndexConfig {
+        table: Some(tiny.clone()),
+        ..Default::default()
+    };
+    let err = build_index(&cfg, &StorageConfig::default())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("100 rows") && err.to_string().contains("256"),
+        "{err}"
+    );
+}
