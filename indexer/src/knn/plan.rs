@@ -117,10 +117,13 @@ pub struct KnnPlan {
     pub calibration: Option<Calibration>,
 }
 
-/// Partition of every row of a pinned table, in scan order; computed in the first full pass
-/// and reused by later passes of the same process.
+/// Partition of every row of a pinned table, in scan order (2 bytes a row); computed in the
+/// first full pass and reused by later passes of the same process.
 #[derive(Debug, Default)]
-pub struct RowPartitions(pub Vec<i64>);
+pub struct RowPartitions(pub Vec<u16>);
+
+/// Most partitions a plan may have (row partitions are kept as u16).
+pub const MAX_PARTITIONS: usize = 65_536;
 
 impl RowPartitions {
     /// Partitions of the `n` rows starting at scan position `at` (computing them from `emb`
@@ -128,13 +131,14 @@ impl RowPartitions {
     pub fn get_or_assign(&mut self, at: usize, emb: &Tensor, centroids: &Tensor) -> Tensor {
         let n = emb.size()[0] as usize;
         if self.0.len() >= at + n {
-            return Tensor::from_slice(&self.0[at..at + n]).to_device(emb.device());
+            let known: Vec<i64> = self.0[at..at + n].iter().map(|&p| i64::from(p)).collect();
+            return Tensor::from_slice(&known).to_device(emb.device());
         }
         let parts = assign(emb, centroids);
         if self.0.len() == at {
             let v: Vec<i64> = Vec::try_from(&parts.to_device(Device::Cpu))
                 .expect("a 1-D int64 tensor converts to Vec<i64>");
-            self.0.extend(v);
+            self.0.extend(v.into_iter().map(|p| p as u16));
         }
         parts
     }
@@ -207,7 +211,7 @@ pub fn default_partitions(rows: usize) -> usize {
     if rows < IVF_MIN_ROWS {
         1
     } else {
-        ((rows as f64).sqrt().round() as usize).max(1)
+        ((rows as f64).sqrt().round() as usize).clamp(1, MAX_PARTITIONS)
     }
 }
 
@@ -226,7 +230,8 @@ pub async fn compute_plan(
     let p = match cfg.partitions {
         0 => default_partitions(n),
         p => p.min(n),
-    };
+    }
+    .min(MAX_PARTITIONS);
     let started = std::time::Instant::now();
     // Training sample, read in bounded chunks.
     let train_n = if p == 1 {

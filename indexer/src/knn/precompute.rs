@@ -15,7 +15,7 @@
 //! `(2 * query_block_rows + 3 * db_block_rows) * d * 4` bytes: the query vectors, their
 //! candidate slots (capped at the vectors' size by shrinking the block), and a database block
 //! being read while the previous one, and its partition-sorted copy, are searched), not by
-//! the table size; every row's partition is kept (8 bytes a row) so later passes do not
+//! the table size; every row's partition is kept (2 bytes a row) so later passes do not
 //! recompute it.
 //!
 //! Exactly once and resumable like embed: a shard is visible in one commit, and the table's
