@@ -71,7 +71,7 @@ fn default_query_block_rows() -> usize {
     262_144
 }
 fn default_db_block_rows() -> usize {
-    131_072
+    262_144
 }
 
 impl Default for KnnComputeConfig {
@@ -191,6 +191,10 @@ pub struct KnnOutputMeta {
     pub duplicate_similarity: Option<f32>,
     /// Id-range shards.
     pub shards: usize,
+    /// Smallest id in the pinned version (shards split `id_min..=id_max`).
+    pub id_min: u64,
+    /// Largest id in the pinned version.
+    pub id_max: u64,
     /// URI of the plan table.
     pub plan: String,
     /// Content hash of the plan.
@@ -228,11 +232,14 @@ pub fn knn_schema(k: usize, meta: &KnnOutputMeta) -> SchemaRef {
     )
 }
 
-/// Shard `s` of `n`: ids in `[low, high)` of the u64 space (`high = None`: to the end).
-pub fn shard_range(s: usize, n: usize) -> (u64, Option<u64>) {
-    let bound = |i: usize| ((i as u128) << 64) / n as u128;
-    let high = (s + 1 < n).then(|| bound(s + 1) as u64);
-    (bound(s) as u64, high)
+/// Shard `s` of `n` over the ids `id_min..=id_max` of the pinned table: ids in
+/// `[low, high)` (`high = None`: to the end). Ranges split the span of ids actually present,
+/// so hashed 63-bit ids (embed's) and any other spread of u64 ids give balanced shards.
+pub fn shard_range(s: usize, n: usize, id_min: u64, id_max: u64) -> (u64, Option<u64>) {
+    let span = u128::from(id_max.saturating_sub(id_min)) + 1;
+    let bound = |i: usize| (u128::from(id_min) + span * i as u128 / n as u128) as u64;
+    let high = (s + 1 < n).then(|| bound(s + 1));
+    (if s == 0 { 0 } else { bound(s) }, high)
 }
 
 /// Name of shard `s` of `n` in the ledger.
@@ -504,6 +511,7 @@ async fn prepare(
                 max: source.rows.saturating_sub(1),
             });
         }
+        let (id_min, id_max) = source.id_span().await?;
         let shards = match cfg.compute.shards {
             0 => source.rows.div_ceil(cfg.compute.query_block_rows).max(1),
             s => s,
@@ -537,6 +545,8 @@ async fn prepare(
             k: cfg.k,
             duplicate_similarity: cfg.duplicate_similarity,
             shards,
+            id_min,
+            id_max,
             plan: uri,
             plan_sha: sha,
             partitions: plan.partitions(),
@@ -632,7 +642,10 @@ pub async fn precompute_knn(
         let ds = Arc::new(table.open().await?);
         let mut writer = ShardWriter::new(&table, ds.clone());
         let mut queries = source
-            .blocks(Some(shard_range(s, meta.shards)), query_rows)
+            .blocks(
+                Some(shard_range(s, meta.shards, meta.id_min, meta.id_max)),
+                query_rows,
+            )
             .await?;
         let mut rows = 0u64;
         while let Some(block) = queries.next().await {
@@ -759,4 +772,37 @@ fn output_batch(schema: &SchemaRef, ids: &Tensor, top: &TopK, k: usize) -> Resul
     ];
     RecordBatch::try_new(schema.clone(), columns)
         .map_err(|e| IndexerError::Internal(format!("kNN output batch: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_ranges_tile_the_ids_present_and_balance_hashed_ids() {
+        // 63-bit hashed ids, as embed writes them.
+        let ids: Vec<u64> = (0..10_000u64)
+            .map(|i| crate::knn::synthetic::synthetic_id(i, 1))
+            .collect();
+        let (lo, hi) = (*ids.iter().min().unwrap(), *ids.iter().max().unwrap());
+        let n = 4;
+        let mut counts = vec![0usize; n];
+        for &id in &ids {
+            let owners: Vec<usize> = (0..n)
+                .filter(|&s| {
+                    let (a, b) = shard_range(s, n, lo, hi);
+                    id >= a && b.is_none_or(|b| id < b)
+                })
+                .collect();
+            assert_eq!(owners.len(), 1, "id {id} owned by {owners:?}");
+            counts[owners[0]] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (2_000..3_000).contains(&c)),
+            "{counts:?}"
+        );
+        // One id, or the full u64 range, still gives well-formed ranges.
+        assert_eq!(shard_range(0, 1, 7, 7), (0, None));
+        assert_eq!(shard_range(1, 2, 0, u64::MAX), (1 << 63, None));
+    }
 }

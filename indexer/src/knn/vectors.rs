@@ -188,6 +188,24 @@ impl VectorTable {
         Ok(())
     }
 
+    /// The smallest and largest id (reads the `id` column once).
+    pub async fn id_span(&self) -> Result<(u64, u64)> {
+        let lance_err = |e| IndexerError::lance(&self.uri, e);
+        let mut scanner = self.ds.scan();
+        scanner.project(&[ID_COLUMN]).map_err(lance_err)?;
+        let mut batches = scanner.try_into_stream().await.map_err(lance_err)?;
+        let (mut lo, mut hi) = (u64::MAX, 0u64);
+        while let Some(batch) = batches.next().await {
+            let batch = batch.map_err(lance_err)?;
+            let ids = batch.column(0).as_primitive::<UInt64Type>();
+            for &id in ids.values() {
+                lo = lo.min(id);
+                hi = hi.max(id);
+            }
+        }
+        Ok((lo.min(hi), hi))
+    }
+
     /// Rows at the given offsets (in scan order, 0-based).
     pub async fn take(&self, offsets: &[u64]) -> Result<VectorBlock> {
         let batch = self

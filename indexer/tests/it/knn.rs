@@ -269,6 +269,13 @@ async fn two_workers_split_the_shards_and_together_equal_one() {
     assert_eq!((a.shards_assigned, b.shards_assigned), (3, 2));
     assert_eq!(a.shards_committed + b.shards_committed, 5);
     assert_eq!(a.queries + b.queries, 2500);
+    // Id ranges split the ids present, so 63-bit hashed ids spread over all five shards.
+    assert!(
+        (1300..1700).contains(&a.queries) && (800..1200).contains(&b.queries),
+        "{} + {}",
+        a.queries,
+        b.queries
+    );
     assert_eq!(read_rows(&two).await, read_rows(&one).await);
 }
 
