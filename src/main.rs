@@ -129,10 +129,7 @@ async fn run_embed(args: EmbedArgs, log_format: LogFormat) -> Result<()> {
     reporter.abort();
     let summary = result?;
     eprintln!("{summary}");
-    if let Some(path) = summary_json {
-        std::fs::write(&path, serde_json::to_string_pretty(&summary)?)
-            .with_context(|| format!("writing --summary-json `{}`", path.display()))?;
-    }
+    write_summary(summary_json.as_deref(), &summary)?;
     if !summary.shards_failed.is_empty() {
         return Err(IndexerError::ShardsFailed {
             failed: summary.shards_failed.len(),
@@ -183,16 +180,21 @@ fn write_summary(path: Option<&std::path::Path>, summary: &impl serde::Serialize
     Ok(())
 }
 
-/// precompute-knn's progress: a bar over query rows on a terminal, a log line every 10 s
-/// otherwise.
-async fn report_knn_progress(progress: Arc<KnnProgress>, log_format: LogFormat) {
+/// A progress bar over `unit` with rate and ETA on a terminal; a log line every 10 s
+/// otherwise. `tick(elapsed_s, log)` reads the counters, logs them when `log` is set, and
+/// returns the bar's length, position and message.
+async fn report_every(
+    log_format: LogFormat,
+    unit: &str,
+    mut tick: impl FnMut(f64, bool) -> (u64, u64, String),
+) {
     let start = Instant::now();
     let bar = (log_format == LogFormat::Human && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rows  {msg}  eta {eta}",
-            )
+            indicatif::ProgressStyle::with_template(&format!(
+                "{{spinner}} [{{elapsed_precise}}] {{bar:30}} {{pos}}/{{len}} {unit}  {{msg}}  eta {{eta}}"
+            ))
             .expect("valid template"),
         );
         bar
@@ -200,73 +202,63 @@ async fn report_knn_progress(progress: Arc<KnnProgress>, log_format: LogFormat) 
     let mut last_log = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let shards = progress.shards_finished.load(Ordering::Relaxed);
-        let shards_todo = progress.shards_todo.load(Ordering::Relaxed);
-        let done = progress.queries_done.load(Ordering::Relaxed);
-        let todo = progress.queries_todo.load(Ordering::Relaxed);
-        let rate = done as f64 / start.elapsed().as_secs_f64().max(1e-3);
-        match &bar {
-            Some(bar) => {
-                bar.set_length(todo.max(done));
-                bar.set_position(done);
-                bar.set_message(format!("{shards}/{shards_todo} shards, {rate:.0} rows/s"));
-            }
-            None if last_log.elapsed() >= knn_indexer::embed::PROGRESS_LOG_INTERVAL => {
-                last_log = Instant::now();
-                tracing::info!(
-                    shards_done = shards,
-                    shards_todo,
-                    rows_done = done,
-                    rows_todo = todo,
-                    rows_per_s = rate,
-                    "progress"
-                );
-            }
-            None => {}
+        let log = bar.is_none() && last_log.elapsed() >= knn_indexer::embed::PROGRESS_LOG_INTERVAL;
+        if log {
+            last_log = Instant::now();
+        }
+        let (len, pos, msg) = tick(start.elapsed().as_secs_f64().max(1e-3), log);
+        if let Some(bar) = &bar {
+            bar.set_length(len);
+            bar.set_position(pos);
+            bar.set_message(msg);
         }
     }
 }
 
-/// A progress bar with rate and ETA on a terminal; a log line every 10 s otherwise.
+/// embed's progress: shards, images and rejects.
 async fn report_progress(progress: Arc<EmbedProgress>, log_format: LogFormat) {
-    let start = Instant::now();
-    let bar = (log_format == LogFormat::Human && std::io::stderr().is_terminal()).then(|| {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} shards  {msg}  eta {eta}",
-            )
-            .expect("valid template"),
-        );
-        bar
-    });
-    let mut last_log = Instant::now();
-    loop {
-        tokio::time::sleep(Duration::from_millis(250)).await;
+    report_every(log_format, "shards", |elapsed_s, log| {
         let todo = progress.shards_todo.load(Ordering::Relaxed);
         let done = progress.shards_finished.load(Ordering::Relaxed);
         let ok = progress.images_ok.load(Ordering::Relaxed);
         let rejected = progress.images_rejected.load(Ordering::Relaxed);
-        let rate = ok as f64 / start.elapsed().as_secs_f64().max(1e-3);
-        let msg = format!("{ok} images ({rate:.0} img/s), {rejected} rejected");
-        match &bar {
-            Some(bar) => {
-                bar.set_length(todo);
-                bar.set_position(done);
-                bar.set_message(msg);
-            }
-            None if last_log.elapsed() >= knn_indexer::embed::PROGRESS_LOG_INTERVAL => {
-                last_log = Instant::now();
-                tracing::info!(
-                    shards_done = done,
-                    shards_todo = todo,
-                    images_ok = ok,
-                    rejected,
-                    img_per_s = rate,
-                    "progress"
-                );
-            }
-            None => {}
+        let rate = ok as f64 / elapsed_s;
+        if log {
+            tracing::info!(
+                shards_done = done,
+                shards_todo = todo,
+                images_ok = ok,
+                rejected,
+                img_per_s = rate,
+                "progress"
+            );
         }
-    }
+        let msg = format!("{ok} images ({rate:.0} img/s), {rejected} rejected");
+        (todo, done, msg)
+    })
+    .await
+}
+
+/// precompute-knn's progress: query rows and shards.
+async fn report_knn_progress(progress: Arc<KnnProgress>, log_format: LogFormat) {
+    report_every(log_format, "rows", |elapsed_s, log| {
+        let shards = progress.shards_finished.load(Ordering::Relaxed);
+        let shards_todo = progress.shards_todo.load(Ordering::Relaxed);
+        let done = progress.queries_done.load(Ordering::Relaxed);
+        let todo = progress.queries_todo.load(Ordering::Relaxed);
+        let rate = done as f64 / elapsed_s;
+        if log {
+            tracing::info!(
+                shards_done = shards,
+                shards_todo,
+                rows_done = done,
+                rows_todo = todo,
+                rows_per_s = rate,
+                "progress"
+            );
+        }
+        let msg = format!("{shards}/{shards_todo} shards, {rate:.0} rows/s");
+        (todo.max(done), done, msg)
+    })
+    .await
 }

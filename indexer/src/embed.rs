@@ -95,13 +95,9 @@ fn default_filter() -> Filter {
 impl OutputConfig {
     /// The rejects table URL.
     pub fn rejects_url(&self) -> String {
-        self.rejects_table.clone().unwrap_or_else(|| {
-            let t = self.table.trim_end_matches('/');
-            match t.strip_suffix(".lance") {
-                Some(stem) => format!("{stem}-rejects.lance"),
-                None => format!("{t}-rejects"),
-            }
-        })
+        self.rejects_table
+            .clone()
+            .unwrap_or_else(|| crate::table::sibling_uri(&self.table, "rejects"))
     }
 }
 

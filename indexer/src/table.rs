@@ -63,6 +63,30 @@ pub struct ShardedTable {
     ledger: ShardLedger,
 }
 
+/// The URI of a table beside `uri`: its name with `-suffix` before `.lance`
+/// (`runs/x/emb.lance` → `runs/x/emb-knn.lance`).
+pub fn sibling_uri(uri: &str, suffix: &str) -> String {
+    let t = uri.trim_end_matches('/');
+    match t.strip_suffix(".lance") {
+        Some(stem) => format!("{stem}-{suffix}.lance"),
+        None => format!("{t}-{suffix}"),
+    }
+}
+
+/// Opens the table at `uri` (at `version`, or the latest) with `storage` options.
+pub async fn load_dataset(
+    uri: &str,
+    storage: &HashMap<String, String>,
+    version: Option<u64>,
+) -> lance::Result<Dataset> {
+    let mut builder = lance::dataset::builder::DatasetBuilder::from_uri(uri)
+        .with_storage_options(storage.clone());
+    if let Some(v) = version {
+        builder = builder.with_version(v);
+    }
+    builder.load().await
+}
+
 /// Lance store parameters carrying `storage` options.
 pub(crate) fn store_params(storage: &HashMap<String, String>) -> ObjectStoreParams {
     ObjectStoreParams {
@@ -110,9 +134,7 @@ impl ShardedTable {
 
     /// Opens the latest version.
     pub async fn open(&self) -> Result<Dataset> {
-        lance::dataset::builder::DatasetBuilder::from_uri(&self.uri)
-            .with_storage_options(self.storage.clone())
-            .load()
+        load_dataset(&self.uri, &self.storage, None)
             .await
             .map_err(|e| IndexerError::lance(&self.uri, e))
     }

@@ -67,6 +67,27 @@ fn local_job(images: u32, table: &str) -> (tempfile::TempDir, PathBuf, PathBuf) 
     (dir, cfg, table)
 }
 
+/// Kills `child` with SIGKILL once the Lance table at `table` has `versions` versions,
+/// polling every `poll`; fails if the child finishes first or nothing appears in 2 minutes.
+fn kill_at_version(child: &mut std::process::Child, table: &Path, versions: usize, poll: Duration) {
+    let dir = table.join("_versions");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let n = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+        if n >= versions {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no commits appeared");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before it could be killed"
+        );
+        std::thread::sleep(poll);
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
 fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("run knn-diffusion")
 }
@@ -160,22 +181,7 @@ async fn kill_9_mid_run_then_resume_gives_every_id_exactly_once() {
         .spawn()
         .unwrap();
     // Wait until a few shards are committed, then kill without warning.
-    let versions = table.join("_versions");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let n = std::fs::read_dir(&versions).map(|d| d.count()).unwrap_or(0);
-        if n >= 4 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no commits appeared");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "finished before it could be killed"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    kill_at_version(&mut child, &table, 4, Duration::from_millis(20));
     let partial = ids(table.to_str().unwrap()).await;
     assert!(
         !partial.is_empty() && partial.len() < 150,
@@ -342,22 +348,7 @@ async fn precompute_knn_killed_mid_run_resumes_to_every_id_exactly_once() {
         .spawn()
         .unwrap();
     // The output's creation is version 1; kill once a few shards have been committed.
-    let versions = out.join("_versions");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let n = std::fs::read_dir(&versions).map(|d| d.count()).unwrap_or(0);
-        if n >= 4 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no commits appeared");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "finished before it could be killed"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    kill_at_version(&mut child, &out, 4, Duration::from_millis(10));
     let partial = ids(out.to_str().unwrap()).await;
     assert!(
         !partial.is_empty() && partial.len() < 6000,

@@ -466,9 +466,7 @@ impl KnnPlan {
 
     /// Reads a plan written by [`KnnPlan::save`].
     pub async fn load(uri: &str, storage: &HashMap<String, String>) -> Result<Self> {
-        let ds = lance::dataset::builder::DatasetBuilder::from_uri(uri)
-            .with_storage_options(storage.clone())
-            .load()
+        let ds = crate::table::load_dataset(uri, storage, None)
             .await
             .map_err(|e| IndexerError::lance(uri, e))?;
         let meta = ds.schema().metadata.clone();

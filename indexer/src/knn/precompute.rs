@@ -27,7 +27,7 @@ use super::plan::{compute_plan, Calibration, IvfConfig, KnnPlan, RowPartitions};
 use super::search::{Exclusion, IvfQueries, TopK, NO_NEIGHBOUR};
 use super::vectors::VectorTable;
 use crate::embed::{peak_rss_mib, DeviceChoice};
-use crate::table::{ShardWriter, ShardedTable};
+use crate::table::{load_dataset, sibling_uri, ShardWriter, ShardedTable};
 use crate::{IndexerError, Result};
 use arrow_array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, UInt64Array};
 use arrow_buffer::NullBuffer;
@@ -133,11 +133,7 @@ impl KnnConfig {
         if let Some(o) = &self.output {
             return Ok(o.clone());
         }
-        let t = self.table_uri()?.trim_end_matches('/');
-        Ok(match t.strip_suffix(".lance") {
-            Some(stem) => format!("{stem}-knn.lance"),
-            None => format!("{t}-knn"),
-        })
+        Ok(sibling_uri(self.table_uri()?, "knn"))
     }
 
     fn exclusion(&self) -> Exclusion {
@@ -362,11 +358,7 @@ async fn existing_meta(
     uri: &str,
     storage: &HashMap<String, String>,
 ) -> Result<Option<KnnOutputMeta>> {
-    let ds = match lance::dataset::builder::DatasetBuilder::from_uri(uri)
-        .with_storage_options(storage.clone())
-        .load()
-        .await
-    {
+    let ds = match load_dataset(uri, storage, None).await {
         Ok(ds) => ds,
         Err(lance::Error::DatasetNotFound { .. }) => return Ok(None),
         Err(e) => return Err(IndexerError::lance(uri, e)),
@@ -444,15 +436,6 @@ fn check_meta(cfg: &KnnConfig, meta: &KnnOutputMeta, output: &str) -> Result<()>
     }
 }
 
-/// URI of the plan table with hash `sha`, next to `output`.
-fn plan_uri(output: &str, sha: &str) -> String {
-    let t = output.trim_end_matches('/');
-    match t.strip_suffix(".lance") {
-        Some(stem) => format!("{stem}-plan-{sha}.lance"),
-        None => format!("{t}-plan-{sha}"),
-    }
-}
-
 /// The output, its metadata, the plan, and the source opened at the pinned version.
 struct Prepared {
     table: ShardedTable,
@@ -469,112 +452,107 @@ async fn prepare(
     partitions: &mut RowPartitions,
 ) -> Result<Prepared> {
     let output = cfg.output_uri()?;
-    let started = Instant::now();
-    let mut meta = existing_meta(&output, storage).await?;
-    let mut computed: Option<KnnPlan> = None;
-    let mut made_plan = false;
-    for _attempt in 0..2 {
-        if let Some(m) = meta.take() {
-            check_meta(cfg, &m, &output)?;
-            let source = VectorTable::open(&m.source, storage, Some(m.source_version)).await?;
-            let plan = match computed.take() {
-                Some(p) if p.sha() == m.plan_sha => p,
-                _ => {
-                    *partitions = RowPartitions::default();
-                    KnnPlan::load(&m.plan, storage).await?
-                }
-            };
-            let table =
-                ShardedTable::open_or_create(&output, knn_schema(m.k, &m), storage.clone()).await?;
-            return Ok(Prepared {
-                table,
-                plan_s: if made_plan {
-                    started.elapsed().as_secs_f64()
-                } else {
-                    0.0
-                },
-                meta: m,
-                plan,
-                source,
-            });
-        }
-        // No output yet: make the plan, store it, then create the output naming it.
-        let source_uri = cfg.table_uri()?;
-        let source = VectorTable::open(source_uri, storage, cfg.source_version).await?;
-        source.require_rows()?;
-        if cfg.k >= source.rows {
-            return Err(IndexerError::KTooLarge {
-                table: source_uri.to_string(),
-                k: cfg.k,
-                rows: source.rows,
-                excluding: " (each row's own entry excluded)",
-                max: source.rows.saturating_sub(1),
-            });
-        }
-        let (id_min, id_max) = source.id_span().await?;
-        let shards = match cfg.compute.shards {
-            0 => source.rows.div_ceil(cfg.compute.query_block_rows).max(1),
-            s => s,
-        };
-        tracing::info!(
-            table = source_uri,
-            version = source.version(),
-            rows = source.rows,
-            dim = source.dim,
-            "making the kNN search plan"
-        );
-        let plan = compute_plan(
-            &source,
-            &cfg.ivf,
-            cfg.k,
-            cfg.exclusion(),
-            device,
-            cfg.compute.db_block_rows,
-            partitions,
-        )
-        .await?;
-        made_plan = true;
-        let sha = plan.sha();
-        let uri = plan_uri(&output, &sha);
-        plan.save(&uri, storage).await?;
-        let m = KnnOutputMeta {
-            source: source_uri.to_string(),
-            source_version: source.version(),
-            source_rows: source.rows,
-            dim: source.dim,
-            k: cfg.k,
-            duplicate_similarity: cfg.duplicate_similarity,
-            shards,
-            id_min,
-            id_max,
-            plan: uri,
-            plan_sha: sha,
-            partitions: plan.partitions(),
-            nprobe: plan.nprobe,
-            calibration: plan.calibration.clone(),
-        };
-        match ShardedTable::open_or_create(&output, knn_schema(cfg.k, &m), storage.clone()).await {
-            Ok(table) => {
-                return Ok(Prepared {
-                    table,
-                    meta: m,
-                    plan,
-                    source,
-                    plan_s: started.elapsed().as_secs_f64(),
-                })
-            }
-            // Another worker created the output first, with its own plan: adopt that one.
-            Err(IndexerError::SchemaMismatch { .. }) => {
-                tracing::info!("another worker created the kNN output first; using its plan");
-                computed = Some(plan);
-                meta = existing_meta(&output, storage).await?;
-            }
-            Err(e) => return Err(e),
-        }
+    if let Some(m) = existing_meta(&output, storage).await? {
+        return adopt(cfg, m, &output, storage, 0.0).await;
     }
-    Err(IndexerError::Internal(format!(
-        "kNN output `{output}` changed twice while it was being created"
-    )))
+    // No output yet: make the plan, store it, then create the output naming it.
+    let started = Instant::now();
+    let source_uri = cfg.table_uri()?;
+    let source = VectorTable::open(source_uri, storage, cfg.source_version).await?;
+    source.require_rows()?;
+    if cfg.k >= source.rows {
+        return Err(IndexerError::KTooLarge {
+            table: source_uri.to_string(),
+            k: cfg.k,
+            rows: source.rows,
+            excluding: " (each row's own entry excluded)",
+            max: source.rows.saturating_sub(1),
+        });
+    }
+    let (id_min, id_max) = source.id_span().await?;
+    let shards = match cfg.compute.shards {
+        0 => source.rows.div_ceil(cfg.compute.query_block_rows).max(1),
+        s => s,
+    };
+    tracing::info!(
+        table = source_uri,
+        version = source.version(),
+        rows = source.rows,
+        dim = source.dim,
+        "making the kNN search plan"
+    );
+    let plan = compute_plan(
+        &source,
+        &cfg.ivf,
+        cfg.k,
+        cfg.exclusion(),
+        device,
+        cfg.compute.db_block_rows,
+        partitions,
+    )
+    .await?;
+    let sha = plan.sha();
+    let uri = sibling_uri(&output, &format!("plan-{sha}"));
+    plan.save(&uri, storage).await?;
+    let m = KnnOutputMeta {
+        source: source_uri.to_string(),
+        source_version: source.version(),
+        source_rows: source.rows,
+        dim: source.dim,
+        k: cfg.k,
+        duplicate_similarity: cfg.duplicate_similarity,
+        shards,
+        id_min,
+        id_max,
+        plan: uri,
+        plan_sha: sha,
+        partitions: plan.partitions(),
+        nprobe: plan.nprobe,
+        calibration: plan.calibration.clone(),
+    };
+    match ShardedTable::open_or_create(&output, knn_schema(cfg.k, &m), storage.clone()).await {
+        Ok(table) => Ok(Prepared {
+            table,
+            meta: m,
+            plan,
+            source,
+            plan_s: started.elapsed().as_secs_f64(),
+        }),
+        // Another worker created the output first, with its own plan: adopt that one (the
+        // row partitions computed here belong to this run's plan).
+        Err(IndexerError::SchemaMismatch { .. }) => {
+            tracing::info!("another worker created the kNN output first; using its plan");
+            *partitions = RowPartitions::default();
+            let m = existing_meta(&output, storage).await?.ok_or_else(|| {
+                IndexerError::Internal(format!(
+                    "kNN output `{output}` vanished while it was being created"
+                ))
+            })?;
+            adopt(cfg, m, &output, storage, started.elapsed().as_secs_f64()).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens an existing output made with metadata `m`, after checking this run's config agrees.
+async fn adopt(
+    cfg: &KnnConfig,
+    m: KnnOutputMeta,
+    output: &str,
+    storage: &HashMap<String, String>,
+    plan_s: f64,
+) -> Result<Prepared> {
+    check_meta(cfg, &m, output)?;
+    let source = VectorTable::open(&m.source, storage, Some(m.source_version)).await?;
+    let plan = KnnPlan::load(&m.plan, storage).await?;
+    let table = ShardedTable::open_or_create(output, knn_schema(m.k, &m), storage.clone()).await?;
+    Ok(Prepared {
+        table,
+        meta: m,
+        plan,
+        source,
+        plan_s,
+    })
 }
 
 /// Runs precompute-knn for worker `worker` of `workers`.

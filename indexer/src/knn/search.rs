@@ -164,8 +164,8 @@ pub fn exact_scan(
     }
 }
 
-/// Exact top-k of queries `q` [m, d] over all of `rows` [n, d], in blocks of `block_rows`
-/// rows (ground truth for tests and benchmarks).
+/// Exact top-k of queries `q` [m, d] over all of `rows` [n, d], finished (ground truth for
+/// tests and benchmarks).
 pub fn exact_knn(
     q: &Tensor,
     q_ids: &Tensor,
@@ -174,44 +174,32 @@ pub fn exact_knn(
     k: i64,
     exclusion: Exclusion,
 ) -> TopK {
-    const BLOCK: i64 = 65_536;
-    let n = rows.size()[0];
     let mut top = TopK::new(q.size()[0], k, q.device(), false);
-    for start in (0..n).step_by(BLOCK as usize) {
-        let len = BLOCK.min(n - start);
-        exact_scan(
-            &mut top,
-            q,
-            q_ids,
-            &rows.narrow(0, start, len),
-            &row_ids.narrow(0, start, len),
-            None,
-            exclusion,
-        );
-    }
+    exact_scan(&mut top, q, q_ids, rows, row_ids, None, exclusion);
     top.finish();
     top
 }
 
-/// Assigns each row of `x` [n, d] to its most similar centroid of `centroids` [p, d], in
-/// chunks so the score matrix stays small.
-pub fn assign(x: &Tensor, centroids: &Tensor) -> Tensor {
+/// Applies `f` to chunks of 16 384 rows of `x` and concatenates the results, so score
+/// matrices against many centroids stay small; `empty` is the result for no rows.
+fn map_row_chunks(x: &Tensor, empty: Tensor, f: impl Fn(&Tensor) -> Tensor) -> Tensor {
     const CHUNK: i64 = 16_384;
     let n = x.size()[0];
     let parts: Vec<Tensor> = (0..n)
         .step_by(CHUNK as usize)
-        .map(|start| {
-            let len = CHUNK.min(n - start);
-            x.narrow(0, start, len)
-                .matmul(&centroids.tr())
-                .argmax(1, false)
-        })
+        .map(|start| f(&x.narrow(0, start, CHUNK.min(n - start))))
         .collect();
     if parts.is_empty() {
-        Tensor::zeros([0], (Kind::Int64, x.device()))
+        empty
     } else {
         Tensor::cat(&parts, 0)
     }
+}
+
+/// Assigns each row of `x` [n, d] to its most similar centroid of `centroids` [p, d].
+pub fn assign(x: &Tensor, centroids: &Tensor) -> Tensor {
+    let empty = Tensor::zeros([0], (Kind::Int64, x.device()));
+    map_row_chunks(x, empty, |c| c.matmul(&centroids.tr()).argmax(1, false))
 }
 
 /// Start offsets of each partition in rows sorted by partition: `p + 1` values.
@@ -245,21 +233,10 @@ impl IvfQueries {
     pub fn new(emb: Tensor, ids: Tensor, centroids: &Tensor, nprobe: i64) -> Self {
         let (m, p) = (emb.size()[0], centroids.size()[0]);
         let nprobe = nprobe.clamp(1, p);
-        let probes: Vec<Tensor> = (0..m)
-            .step_by(16_384)
-            .map(|start| {
-                let len = 16_384.min(m - start);
-                emb.narrow(0, start, len)
-                    .matmul(&centroids.tr())
-                    .topk(nprobe, 1, true, false)
-                    .1
-            })
-            .collect();
-        let probes = if probes.is_empty() {
-            Tensor::zeros([0, nprobe], (Kind::Int64, emb.device()))
-        } else {
-            Tensor::cat(&probes, 0)
-        };
+        let empty = Tensor::zeros([0, nprobe], (Kind::Int64, emb.device()));
+        let probes = map_row_chunks(&emb, empty, |c| {
+            c.matmul(&centroids.tr()).topk(nprobe, 1, true, false).1
+        });
         let flat = probes.view([-1]);
         let (sorted, perm) = flat.sort_stable(true, 0, false);
         let query_of = Tensor::arange(m, (Kind::Int64, emb.device()))

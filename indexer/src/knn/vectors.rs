@@ -114,13 +114,7 @@ impl VectorTable {
         storage: &HashMap<String, String>,
         version: Option<u64>,
     ) -> Result<Self> {
-        let mut builder = lance::dataset::builder::DatasetBuilder::from_uri(uri)
-            .with_storage_options(storage.clone());
-        if let Some(v) = version {
-            builder = builder.with_version(v);
-        }
-        let ds = builder
-            .load()
+        let ds = crate::table::load_dataset(uri, storage, version)
             .await
             .map_err(|e| IndexerError::lance(uri, e))?;
         let schema: arrow_schema::Schema = ds.schema().into();
