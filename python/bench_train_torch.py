@@ -97,7 +97,7 @@ def unet_config(preset, image_size_px, cond_dim, knn):
         "tiny": (32, [1, 2, 2], 1, [s // 4], 32, 8, 64),
         "small": (64, [1, 2, 2], 2, [s // 2, s // 4], 32, 32, 256),
         "base": (128, [1, 2, 3, 4], 2, [s // 2, s // 4, s // 8], 64, 32, 512),
-        "paper-400m": (256, [1, 2, 3, 4], 3, [s // 2, s // 4, s // 8], 64, 32, 1024),
+        "paper-400m": (224, [1, 2, 3, 4], 3, [s // 2, s // 4, s // 8], 32, 32, 1024),
     }
     mc, mult, res, attn, head, groups, ctx = table[preset]
     return dict(

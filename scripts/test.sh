@@ -11,6 +11,15 @@ if [[ "$(cat $FIX/.stamp 2>/dev/null)" != "$STAMP" ]]; then
   .venv/bin/python python/make_clip_fixture.py --out "$FIX"
   echo "$STAMP" > "$FIX/.stamp"
 fi
+# The diffusion schedule/sampler parity fixture comes from HF diffusers
+# (python/make_diffusion_fixture.py).
+FIX=target/fixtures/diffusion
+STAMP=$(sha256sum python/make_diffusion_fixture.py python/requirements.txt | sha256sum | cut -c1-16)
+if [[ "$(cat $FIX/.stamp 2>/dev/null)" != "$STAMP" ]]; then
+  rm -rf "$FIX"
+  .venv/bin/python python/make_diffusion_fixture.py --out "$FIX"
+  echo "$STAMP" > "$FIX/.stamp"
+fi
 LOG=target/test-output.log
 set +e
 cargo test --workspace --all-targets "$@" 2>&1 | tee "$LOG"

@@ -7,6 +7,7 @@
 //!   DataLoader, `CLIPModel.get_image_features`) on the same images, model and batch.
 
 pub mod knn;
+pub mod train;
 
 use anyhow::{bail, Context, Result};
 use knn_indexer::embed::RandomPreset;

@@ -47,6 +47,18 @@ pub enum Command {
     /// number of probes; sharded by id range over workers; resumable, exactly once per
     /// shard; pinned to one version of the embeddings table.
     PrecomputeKnn(EmbedArgs),
+    /// Train the kNN-conditioned diffusion model on the embeddings and kNN tables: each image
+    /// is denoised given its own CLIP embedding and its k neighbours' (condition dropped with
+    /// `train.cond_drop_prob` for classifier-free guidance). Writes metrics.jsonl, sample
+    /// grids and checkpoints under `train.output_dir`; rerun the same command to resume from
+    /// the newest valid checkpoint (a corrupted one is skipped with a warning).
+    Train(TrainArgs),
+    /// Generate images from text: each prompt's CLIP text embedding retrieves its k nearest
+    /// image embeddings from `--retrieval-db` (any embeddings table: swap it to change the
+    /// output distribution without retraining), then the model samples with classifier-free
+    /// guidance. Writes a grid of samples (a row per prompt) and a grid of the retrieved
+    /// neighbours' images.
+    Sample(SampleArgs),
     /// Measure a stage on this machine against its peers and write BENCHMARKS.md.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -79,6 +91,105 @@ pub struct BuildIndexArgs {
     pub summary_json: Option<PathBuf>,
 }
 
+/// Flags of `train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The config file (TOML).
+    #[arg(long, short)]
+    pub config: PathBuf,
+
+    /// Override one config value, e.g. `--set train.max_steps=5000` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+
+    /// Also write the summary as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub summary_json: Option<PathBuf>,
+}
+
+/// Flags of `sample`.
+#[derive(Debug, Args)]
+pub struct SampleArgs {
+    /// The config file (TOML): gives the CLIP (`embed.clip`), the checkpoints
+    /// (`train.output_dir` / `train.checkpoint.url`) and the default retrieval table.
+    #[arg(long, short)]
+    pub config: PathBuf,
+
+    /// Override one config value (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+
+    /// A text prompt (repeatable; one grid row each).
+    #[arg(long = "prompt", required = true)]
+    pub prompts: Vec<String>,
+
+    /// Embeddings table to retrieve neighbours from (local path or s3/gs/az URL).
+    /// Default: the training embeddings table.
+    #[arg(long, value_name = "URL")]
+    pub retrieval_db: Option<String>,
+
+    /// Neighbours per prompt (default: the k the model was trained with).
+    #[arg(long)]
+    pub k: Option<usize>,
+
+    /// Classifier-free guidance scale (1: no guidance).
+    #[arg(long, default_value_t = 3.0)]
+    pub guidance: f64,
+
+    /// Reverse-process sampler.
+    #[arg(long, value_enum, default_value_t = SamplerArg::Ddim)]
+    pub sampler: SamplerArg,
+
+    /// Sampling steps.
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+
+    /// DDIM eta (0: deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+
+    /// Images per prompt (grid columns).
+    #[arg(long, default_value_t = 4)]
+    pub per_prompt: usize,
+
+    /// Seed of the noise (same seed, same images).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Images per model batch.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+
+    /// Sample grid PNG.
+    #[arg(long, default_value = "samples.png")]
+    pub out: PathBuf,
+
+    /// Neighbours grid PNG (default: `<out stem>-neighbours.png`).
+    #[arg(long)]
+    pub neighbours_out: Option<PathBuf>,
+
+    /// Checkpoint directory or URL (default: the training run's).
+    #[arg(long)]
+    pub checkpoint: Option<String>,
+
+    /// Use the raw weights rather than their EMA.
+    #[arg(long)]
+    pub raw_weights: bool,
+
+    /// Also write the summary as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub summary_json: Option<PathBuf>,
+}
+
+/// Reverse-process samplers.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum SamplerArg {
+    /// DDIM.
+    Ddim,
+    /// Ancestral DDPM.
+    Ddpm,
+}
+
 /// Benchmarks.
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -90,6 +201,60 @@ pub enum BenchCommand {
     /// and recall@10 against exact search, beside faiss-cpu IVF-Flat batch search tuned to
     /// the same recall and per-query Lance ANN search (IVF_PQ, tuned likewise).
     Knn(BenchKnnArgs),
+    /// One training step of the U-Net against the same U-Net, loss and optimiser in PyTorch
+    /// eager (python/bench_train_torch.py) at the same batch and size; the data loader's
+    /// share of step time in a real `train` run on the embedded default tables (run
+    /// scripts/demo.sh first); and guided sampling images/s.
+    Train(BenchTrainArgs),
+}
+
+/// Flags of `bench train`.
+#[derive(Debug, Args)]
+pub struct BenchTrainArgs {
+    /// U-Net preset: tiny, small, base or paper-400m.
+    #[arg(long, default_value = "tiny", value_parser = parse_preset)]
+    pub preset: knn_trainer::unet::UNetPreset,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 64)]
+    pub image_size: usize,
+    /// Images per step.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Neighbours.
+    #[arg(long, default_value_t = 10)]
+    pub k: usize,
+    /// Embedding dimension (the embedded default's tiny CLIP: 64).
+    #[arg(long, default_value_t = 64)]
+    pub dim: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// DDIM steps of the sampling measurement.
+    #[arg(long, default_value_t = 50)]
+    pub sample_steps: usize,
+    /// Skip the PyTorch peer.
+    #[arg(long)]
+    pub no_python: bool,
+    /// Steps of the real `train` run that measures data-loader wait (0: skip it).
+    #[arg(long, default_value_t = 60)]
+    pub loader_steps: u64,
+    /// Config whose tables the data-loader run reads.
+    #[arg(long, default_value = "configs/stickers.toml")]
+    pub config: PathBuf,
+    /// Scratch directory.
+    #[arg(long, default_value = "target/bench-train")]
+    pub workdir: PathBuf,
+    /// Markdown file whose section for this benchmark is replaced.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub write: PathBuf,
+}
+
+fn parse_preset(s: &str) -> Result<knn_trainer::unet::UNetPreset, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("`{s}`: use tiny, small, base or paper-400m"))
 }
 
 /// Flags of `bench knn`.

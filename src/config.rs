@@ -8,6 +8,7 @@ use figment::Figment;
 use knn_datasets::StorageConfig;
 use knn_indexer::knn::{IndexConfig, KnnConfig};
 use knn_indexer::EmbedConfig;
+use knn_trainer::TrainConfig;
 use serde::Deserialize;
 use std::path::Path;
 
@@ -24,6 +25,8 @@ pub struct ProjectConfig {
     pub index: Option<IndexConfig>,
     /// The precompute-knn stage.
     pub knn: Option<KnnConfig>,
+    /// Training.
+    pub train: Option<TrainConfig>,
 }
 
 impl ProjectConfig {
@@ -55,6 +58,30 @@ impl ProjectConfig {
         if cfg.table.is_none() {
             bail!(
                 "config `{}` names no embeddings table: set `knn.table` or `embed.output.table`",
+                path.display()
+            );
+        }
+        Ok(cfg)
+    }
+}
+
+impl ProjectConfig {
+    /// `[train]`, with the tables defaulting to embed's output and precompute-knn's output.
+    pub fn train(&self, path: &Path) -> Result<TrainConfig> {
+        let mut cfg = match self.train.clone() {
+            Some(c) => c,
+            None => toml::from_str("").context("default [train] config")?,
+        };
+        cfg.data.embeddings = cfg.data.embeddings.or_else(|| self.embeddings_table());
+        if cfg.data.knn.is_none() {
+            if let Ok(knn) = self.knn(path) {
+                cfg.data.knn = Some(knn.output_uri()?);
+            }
+        }
+        if cfg.data.embeddings.is_none() || cfg.data.knn.is_none() {
+            bail!(
+                "config `{}` names no training tables: set `train.data.embeddings` and \
+                 `train.data.knn`, or `embed.output.table`",
                 path.display()
             );
         }

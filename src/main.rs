@@ -7,7 +7,10 @@ mod config;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use cli::{BenchCommand, BuildIndexArgs, Cli, Command, EmbedArgs, LogFormat};
+use cli::{
+    BenchCommand, BuildIndexArgs, Cli, Command, EmbedArgs, LogFormat, SampleArgs, SamplerArg,
+    TrainArgs,
+};
 use knn_cluster::WorkerSlot;
 use knn_indexer::knn::KnnProgress;
 use knn_indexer::{EmbedProgress, IndexerError};
@@ -78,6 +81,14 @@ fn try_main(cli: Cli) -> Result<()> {
         Command::Embed(args) => runtime.block_on(run_embed(args, cli.log_format)),
         Command::BuildIndex(args) => runtime.block_on(run_build_index(args)),
         Command::PrecomputeKnn(args) => runtime.block_on(run_precompute_knn(args, cli.log_format)),
+        Command::Train(args) => runtime.block_on(run_train(args, cli.log_format)),
+        Command::Sample(args) => runtime.block_on(run_sample(args)),
+        Command::Bench(BenchCommand::Train(args)) => {
+            let wait = runtime.block_on(loader_wait(&args))?;
+            let md = runtime.block_on(bench::train::run(&args, wait))?;
+            println!("{md}");
+            Ok(())
+        }
         Command::Bench(BenchCommand::Knn(args)) => {
             let md = runtime.block_on(bench::knn::run(&args))?;
             println!("{md}");
@@ -170,6 +181,124 @@ async fn run_precompute_knn(args: EmbedArgs, log_format: LogFormat) -> Result<()
     let summary = result?;
     eprintln!("{summary}");
     write_summary(summary_json.as_deref(), &summary)
+}
+
+async fn run_train(args: TrainArgs, log_format: LogFormat) -> Result<()> {
+    let project = config::load(&args.config, &args.overrides)?;
+    let cfg = project.train(&args.config)?;
+    let bar = (log_format == LogFormat::Human && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(cfg.max_steps);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "[{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}  eta {eta}",
+            )
+            .expect("valid template"),
+        );
+        bar
+    });
+    let mut on_step = |p: &knn_trainer::TrainProgress| {
+        if let Some(bar) = &bar {
+            bar.set_position(p.step);
+            bar.set_message(format!(
+                "loss {:.4}  lr {:.2e}  {:.1} img/s",
+                p.loss, p.lr, p.images_per_s
+            ));
+        }
+        std::ops::ControlFlow::Continue(())
+    };
+    let summary = knn_trainer::train(&cfg, &project.storage, &mut on_step).await?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    eprintln!(
+        "trained to step {} (resumed from {}): loss {:.4}, {:.3} s/step, data wait {:.1}% of the time, {} unusable rows\n  checkpoint: {}\n  metrics: {}",
+        summary.step,
+        summary.resumed_from,
+        summary.last_loss,
+        summary.step_time_s,
+        100.0 * summary.data_wait_fraction,
+        summary.bad_rows,
+        summary.checkpoint.as_deref().unwrap_or("(none written this run)"),
+        summary.metrics.display()
+    );
+    write_summary(args.summary_json.as_deref(), &summary)
+}
+
+/// `bench train`'s data-loader measurement: a real `train` run of `loader_steps` steps on
+/// the config's tables, into a scratch directory. Returns (wait fraction, s/step, steps).
+async fn loader_wait(args: &cli::BenchTrainArgs) -> Result<Option<(f64, f64, u64)>> {
+    if args.loader_steps == 0 {
+        return Ok(None);
+    }
+    let project = config::load(&args.config, &[])?;
+    let mut cfg = project.train(&args.config)?;
+    let out = args.workdir.join("loader-run");
+    let _ = std::fs::remove_dir_all(&out);
+    cfg.output_dir = out.to_string_lossy().into_owned();
+    cfg.checkpoint.url = None;
+    cfg.max_steps = args.loader_steps;
+    cfg.checkpoint.every_steps = args.loader_steps;
+    cfg.samples.every_steps = 0;
+    cfg.batch_size = args.batch;
+    let summary = knn_trainer::train(&cfg, &project.storage, &mut |_| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .await
+    .context(
+        "the data-loader run needs the embedded default's tables: run `bash scripts/demo.sh` first",
+    )?;
+    Ok(Some((
+        summary.data_wait_fraction,
+        summary.step_time_s,
+        summary.step,
+    )))
+}
+
+async fn run_sample(args: SampleArgs) -> Result<()> {
+    let project = config::load(&args.config, &args.overrides)?;
+    let train = project.train(&args.config)?;
+    let clip = project
+        .embed
+        .as_ref()
+        .map(|e| e.clip.clone())
+        .unwrap_or_default();
+    let req = knn_trainer::SampleRequest {
+        prompts: args.prompts,
+        checkpoint: args.checkpoint.unwrap_or_else(|| train.checkpoint_url()),
+        retrieval_db: args
+            .retrieval_db
+            .or(train.data.embeddings.clone())
+            .context("no --retrieval-db and no embeddings table in the config")?,
+        k: args.k,
+        guidance: args.guidance,
+        sampler: knn_trainer::diffusion::SamplerConfig {
+            kind: match args.sampler {
+                SamplerArg::Ddim => knn_trainer::diffusion::SamplerKind::Ddim,
+                SamplerArg::Ddpm => knn_trainer::diffusion::SamplerKind::Ddpm,
+            },
+            steps: args.steps,
+            eta: args.eta,
+            clip_denoised: true,
+        },
+        per_prompt: args.per_prompt,
+        seed: args.seed,
+        batch_size: args.batch_size,
+        out: args.out,
+        neighbours_out: args.neighbours_out,
+        raw_weights: args.raw_weights,
+        device: train.device,
+    };
+    let summary = knn_trainer::sample(&req, &clip, &project.storage).await?;
+    eprintln!(
+        "sampled {} images ({:.2} img/s) from {} (step {})\n  samples:    {}\n  neighbours: {}",
+        summary.images,
+        summary.images_per_s,
+        summary.checkpoint,
+        summary.step,
+        summary.grid.display(),
+        summary.neighbours_grid.display()
+    );
+    write_summary(args.summary_json.as_deref(), &summary)
 }
 
 fn write_summary(path: Option<&std::path::Path>, summary: &impl serde::Serialize) -> Result<()> {

@@ -102,7 +102,7 @@ impl OutputConfig {
 }
 
 /// Which device runs CLIP.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceChoice {
     /// The first CUDA GPU when there is one, else the CPU.

@@ -433,7 +433,7 @@ pub async fn run(args: &BenchKnnArgs) -> Result<String> {
 }
 
 /// Today's date (UTC) from the system clock, without a date crate.
-fn chrono_free_date() -> String {
+pub(crate) fn chrono_free_date() -> String {
     Command::new("date")
         .args(["-u", "+%Y-%m-%d"])
         .output()

@@ -105,6 +105,17 @@ async fn ids(table: &str) -> Vec<u64> {
 }
 
 #[test]
+fn help_explains_train_and_sample() {
+    let t = text(&run(bin().args(["train", "--help"])));
+    assert!(t.contains("resume") && t.contains("neighbours"), "{t}");
+    let t = text(&run(bin().args(["sample", "--help"])));
+    assert!(
+        t.contains("--retrieval-db") && t.contains("--guidance") && t.contains("--prompt"),
+        "{t}"
+    );
+}
+
+#[test]
 fn help_explains_the_knn_stages() {
     let o = run(bin().args(["precompute-knn", "--help"]));
     let t = text(&o);
@@ -318,6 +329,171 @@ async fn the_embedded_default_config_runs() {
             .len(),
         500
     );
+
+    // train reads both tables by default; a few steps here (the demo runs more).
+    let run_dir = dir.path().join("train");
+    let set_out = format!("train.output_dir={}", run_dir.display());
+    let o = run(bin().args([
+        "train",
+        "--config",
+        "configs/stickers.toml",
+        "--set",
+        &set_table,
+        "--set",
+        &set_out,
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.samples.every_steps=4",
+        "--set",
+        "train.samples.sampler.steps=3",
+    ]));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("trained to step 4") && t.contains("parameters"),
+        "{t}"
+    );
+    assert!(
+        run_dir
+            .join("checkpoints/step-0000000004/MANIFEST.json")
+            .is_file(),
+        "{t}"
+    );
+    assert!(run_dir.join("samples/step-0000000004.png").is_file(), "{t}");
+    assert_eq!(
+        std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        1
+    );
+
+    // sample: text -> retrieval from the embeddings table -> guided DDIM -> two grids.
+    let grid = dir.path().join("grid.png");
+    let o = run(bin().args([
+        "sample",
+        "--config",
+        "configs/stickers.toml",
+        "--set",
+        &set_table,
+        "--set",
+        &set_out,
+        "--prompt",
+        "a red cat",
+        "--prompt",
+        "a rocket",
+        "--steps",
+        "3",
+        "--per-prompt",
+        "2",
+        "--out",
+        grid.to_str().unwrap(),
+    ]));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    let img = image::open(&grid).unwrap();
+    assert_eq!((img.width(), img.height()), (2 * 64, 2 * 64), "{t}");
+    let nb = image::open(dir.path().join("grid-neighbours.png")).unwrap();
+    assert_eq!((nb.width(), nb.height()), (10 * 64, 2 * 64), "{t}");
+    assert!(
+        t.contains("grid-neighbours.png"),
+        "says where the grids are: {t}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn train_killed_mid_run_resumes_bit_identically() {
+    let (dir, cfg, table) = local_job(40, "t.lance");
+    let set_table = format!("embed.output.table={}", table.display());
+    for stage in ["embed", "precompute-knn"] {
+        let o = run(bin().args([
+            stage,
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            &set_table,
+        ]));
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let train = |out: &Path| {
+        let mut c = bin();
+        c.args([
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            &set_table,
+            "--set",
+            &format!("train.output_dir={}", out.display()),
+            "--set",
+            "train.k=3",
+            "--set",
+            "train.batch_size=4",
+            "--set",
+            "train.max_steps=10",
+            "--set",
+            "train.device=\"cpu\"",
+            "--set",
+            "train.checkpoint.every_steps=1",
+            "--set",
+            "train.checkpoint.keep_last=20",
+            "--set",
+            "train.samples.every_steps=0",
+            "--set",
+            "train.log_every=1",
+            "--set",
+            "train.optim.warmup_steps=2",
+        ]);
+        c
+    };
+    let straight = dir.path().join("straight");
+    let o = run(&mut train(&straight));
+    assert!(o.status.success(), "{}", text(&o));
+
+    let resumed = dir.path().join("resumed");
+    let mut child = train(&resumed)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let marker = resumed.join("checkpoints/step-0000000004/MANIFEST.json");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !marker.is_file() {
+        assert!(Instant::now() < deadline, "no checkpoint appeared");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let o = run(&mut train(&resumed));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("resuming"), "{t}");
+    let model =
+        |d: &Path| std::fs::read(d.join("checkpoints/step-0000000010/model.safetensors")).unwrap();
+    assert_eq!(
+        model(&straight),
+        model(&resumed),
+        "parameters after 10 steps"
+    );
+    let losses = |d: &Path| -> Vec<(u64, f64)> {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+            })
+            .collect()
+    };
+    assert_eq!(losses(&straight), losses(&resumed));
+    assert_eq!(losses(&straight).len(), 10);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -353,8 +353,8 @@ impl fmt::Display for KnnSummary {
     }
 }
 
-/// Reads the output's metadata, if the output exists.
-async fn existing_meta(
+/// Reads a precompute-knn output's metadata, or `None` when the output does not exist.
+pub async fn existing_meta(
     uri: &str,
     storage: &HashMap<String, String>,
 ) -> Result<Option<KnnOutputMeta>> {

@@ -1,0 +1,210 @@
+//! `knn-diffusion bench train`: the training step of our U-Net against the same U-Net,
+//! loss and optimiser in PyTorch eager (`python/bench_train_torch.py`), same batch, size and
+//! thread count, measured in one run on this machine; the data loader's share of step time in
+//! a real `train` run on the embedded default tables; and sampling throughput. Writes the
+//! `train` section of BENCHMARKS.md.
+
+use super::{machine, write_section};
+use crate::cli::BenchTrainArgs;
+use anyhow::{bail, Context, Result};
+use knn_trainer::data::Batch;
+use knn_trainer::diffusion::{DiffusionConfig, SamplerConfig};
+use knn_trainer::optim::{AdamW, Ema, OptimConfig};
+use knn_trainer::sample::generate;
+use knn_trainer::train::{batch_loss, optimiser_step, DiffusionModel, ModelConfig};
+use knn_trainer::unet::{parameter_count, Condition};
+use serde_json::Value;
+use std::fmt::Write as _;
+use std::process::Command;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// Our median step time (s) and parameter count.
+fn ours(args: &BenchTrainArgs, device: Device) -> Result<(f64, i64, Vec<f64>)> {
+    let model_cfg = ModelConfig {
+        preset: args.preset,
+        ..Default::default()
+    };
+    let unet = model_cfg.resolve(args.image_size, args.dim, args.k)?;
+    let model = DiffusionModel::new(&unet, &DiffusionConfig::default(), device, 0)?;
+    let params = model.named_parameters();
+    let optim = OptimConfig {
+        warmup_steps: 0,
+        ..Default::default()
+    };
+    let mut opt = AdamW::new(&params);
+    let mut ema = Ema::new(&params, optim.ema_decay);
+    let batch = synthetic_batch(args, device);
+    let mut times = Vec::new();
+    for step in 0..(args.warmup + args.steps) as u64 {
+        let t0 = Instant::now();
+        for (_, p) in &params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let loss = batch_loss(&model, &batch, false);
+        loss.backward();
+        let _ = f64::try_from(&loss)?;
+        optimiser_step(&params, &mut opt, &mut ema, None, &optim, 1e-4, step);
+        if device.is_cuda() {
+            tch::Cuda::synchronize(0);
+        }
+        if step >= args.warmup as u64 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok((median(&times), parameter_count(&model.vs), times))
+}
+
+fn synthetic_batch(args: &BenchTrainArgs, device: Device) -> Batch {
+    let (b, s, n, d) = (
+        args.batch as i64,
+        args.image_size as i64,
+        (args.k + 1) as i64,
+        args.dim as i64,
+    );
+    tch::manual_seed(1);
+    let opts = (Kind::Float, device);
+    Batch {
+        cursor: Default::default(),
+        ids: (0..b as u64).collect(),
+        images: Tensor::rand([b, 3, s, s], opts) * 2.0 - 1.0,
+        cond: Tensor::randn([b, n, d], opts),
+        present: Tensor::ones([b, n], opts),
+        drop: Tensor::zeros([b], opts),
+        t: Tensor::randint(1000, [b], (Kind::Int64, device)),
+        noise: Tensor::randn([b, 3, s, s], opts),
+        weight: Tensor::ones([b], opts),
+        problems: Vec::new(),
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn python(args: &BenchTrainArgs) -> Result<Value> {
+    let out_file = args.workdir.join("torch.json");
+    std::fs::create_dir_all(&args.workdir)?;
+    let preset = serde_json::to_value(args.preset)?;
+    let out = Command::new(".venv/bin/python")
+        .args(["python/bench_train_torch.py", "--preset"])
+        .arg(preset.as_str().unwrap_or("tiny"))
+        .args(["--image-size", &args.image_size.to_string()])
+        .args(["--batch", &args.batch.to_string()])
+        .args(["--k", &args.k.to_string()])
+        .args(["--dim", &args.dim.to_string()])
+        .args(["--steps", &args.steps.to_string()])
+        .args(["--warmup", &args.warmup.to_string()])
+        .args(["--device", "cpu", "--precision", "f32", "--out"])
+        .arg(&out_file)
+        .output()
+        .context("running python/bench_train_torch.py (run scripts/setup.sh first)")?;
+    if !out.status.success() {
+        bail!(
+            "python/bench_train_torch.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = std::fs::read_to_string(&out_file)?;
+    serde_json::from_str(&text).context("python/bench_train_torch.py output")
+}
+
+/// Images/s of guided DDIM sampling with the benchmarked U-Net.
+fn sampling(args: &BenchTrainArgs, device: Device) -> Result<f64> {
+    let model_cfg = ModelConfig {
+        preset: args.preset,
+        ..Default::default()
+    };
+    let unet = model_cfg.resolve(args.image_size, args.dim, args.k)?;
+    let model = DiffusionModel::new(&unet, &DiffusionConfig::default(), device, 0)?;
+    let b = args.batch as i64;
+    let n = (args.k + 1) as i64;
+    let cond = Condition {
+        emb: Tensor::randn([b, n, args.dim as i64], (Kind::Float, device)),
+        present: Tensor::ones([b, n], (Kind::Float, device)),
+        drop: Tensor::zeros([b], (Kind::Float, device)),
+    };
+    let sampler = SamplerConfig {
+        steps: args.sample_steps,
+        ..Default::default()
+    }
+    .build(&model.diffusion, "bench")?;
+    let t0 = Instant::now();
+    let _ = generate(&model, sampler.as_ref(), &cond, 3.0, 0, 0);
+    Ok(b as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// Runs the benchmark and returns the markdown section.
+pub async fn run(args: &BenchTrainArgs, data_wait: Option<(f64, f64, u64)>) -> Result<String> {
+    let device = Device::Cpu;
+    let (ours_s, params, _) = ours(args, device)?;
+    let peer = if args.no_python {
+        None
+    } else {
+        Some(python(args)?)
+    };
+    let sample_ips = sampling(args, device)?;
+    let preset = serde_json::to_value(args.preset)?;
+    let mut md = String::new();
+    writeln!(md, "## train: one U-Net training step vs PyTorch eager\n")?;
+    writeln!(
+        md,
+        "Machine: {}. U-Net preset `{}` ({params} parameters), {} px, batch {}, k = {}, d = {}; \
+         f32 on the CPU; a step = q_sample, forward, per-sample MSE, backward, clip, AdamW, \
+         EMA. Median of {} steps after {} warm-up. Measured by `knn-diffusion bench train` \
+         on {}.\n",
+        machine(),
+        preset.as_str().unwrap_or("?"),
+        args.image_size,
+        args.batch,
+        args.k,
+        args.dim,
+        args.steps,
+        args.warmup,
+        super::knn::chrono_free_date()
+    )?;
+    writeln!(
+        md,
+        "| peer | step time (s) | images/s | parameters | ratio (ours / peer) |"
+    )?;
+    writeln!(md, "|---|---:|---:|---:|---:|")?;
+    writeln!(
+        md,
+        "| **ours** (tch, libtorch 2.13) | {ours_s:.4} | {:.1} | {params} | |",
+        args.batch as f64 / ours_s
+    )?;
+    if let Some(p) = &peer {
+        let ps = p["step_time_s_median"].as_f64().unwrap_or(f64::NAN);
+        writeln!(
+            md,
+            "| PyTorch {} eager (`python/bench_train_torch.py`, {} threads) | {ps:.4} | {:.1} | {} | {:.3} |",
+            p["torch_version"].as_str().unwrap_or("?"),
+            p["threads"],
+            args.batch as f64 / ps,
+            p["parameters"],
+            ours_s / ps
+        )?;
+    }
+    writeln!(
+        md,
+        "\nSampling: guided DDIM ({} steps, guidance 3, both branches in one batch of {}): \
+         {sample_ips:.2} images/s.",
+        args.sample_steps, args.batch
+    )?;
+    if let Some((wait, step_s, steps)) = data_wait {
+        writeln!(
+            md,
+            "\nData loader: a real `train` run of {steps} steps on the embedded default tables \
+             (`configs/stickers.toml`, Lance `take` + PNG decode on the prefetch thread) spent \
+             {:.2}% of its time waiting for data ({step_s:.3} s/step).",
+            100.0 * wait
+        )?;
+    }
+    write_section(&args.write, "train", &md)?;
+    Ok(md)
+}

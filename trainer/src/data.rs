@@ -1,0 +1,870 @@
+//! Training data: rows of the precompute-knn table joined to the embeddings table it was
+//! made from, in a deterministic order, prefetched on a thread of their own.
+//!
+//! - Tables: the kNN table (`id`, `knn_ids`) lists the training rows; the embeddings table,
+//!   opened at the version the kNN table records (`source_version`), gives each row's image
+//!   and embedding and its neighbours' embeddings, all read by Lance `take` through an
+//!   in-memory id → row map (16 bytes a row).
+//! - Order: epoch e visits the training rows in a pseudo-random permutation keyed by
+//!   (seed, e): a Feistel network over the row range with cycle walking, so it costs no
+//!   memory however many rows there are. Micro-batch m of an epoch holds positions
+//!   `m·G .. (m+1)·G` (G = batch per rank × ranks); rank r takes its contiguous slice, so the
+//!   ranks' parts are disjoint and together equal one process with batch G. The tail of an
+//!   epoch shorter than G is skipped (a different tail each epoch).
+//! - Randomness: each sample's flip, condition drop, diffusion step and noise come from a
+//!   counter-based generator keyed by (seed, epoch, position), so they do not depend on the
+//!   rank layout, the thread, or what ran before: a resumed run draws exactly what an
+//!   uninterrupted one would.
+//! - A row whose image cannot be decoded keeps its slot with loss weight 0; it is counted
+//!   and reported with its id.
+
+use crate::{Result, TrainerError};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float32Type, UInt64Type};
+use arrow_array::{Array, RecordBatch};
+use futures::StreamExt;
+use knn_datasets::StorageConfig;
+use knn_indexer::knn::precompute::existing_meta;
+use lance::Dataset;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tch::{Device, Tensor};
+
+/// Where the training rows come from, `[train.data]`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Embeddings table (default: `embed.output.table`).
+    #[serde(default)]
+    pub embeddings: Option<String>,
+    /// precompute-knn output (default: `knn.output`, i.e. `<embeddings>-knn.lance`).
+    #[serde(default)]
+    pub knn: Option<String>,
+    /// Rows kept out of training; their conditions make the sample grids.
+    #[serde(default = "default_holdout")]
+    pub holdout_rows: usize,
+    /// Batches prepared ahead of the model.
+    #[serde(default = "default_prefetch")]
+    pub prefetch_batches: usize,
+    /// Random horizontal flips.
+    #[serde(default = "default_flip")]
+    pub flip: bool,
+}
+
+fn default_holdout() -> usize {
+    8
+}
+fn default_prefetch() -> usize {
+    4
+}
+fn default_flip() -> bool {
+    true
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            embeddings: None,
+            knn: None,
+            holdout_rows: default_holdout(),
+            prefetch_batches: default_prefetch(),
+            flip: default_flip(),
+        }
+    }
+}
+
+/// splitmix64's finaliser: a good 64-bit mix.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A bijection of `0..n` keyed by (seed, epoch): 4-round Feistel with cycle walking.
+#[derive(Clone, Debug)]
+pub struct EpochPermutation {
+    n: u64,
+    half_bits: u32,
+    keys: [u64; 4],
+}
+
+impl EpochPermutation {
+    /// The permutation of `0..n` for `epoch`.
+    pub fn new(n: u64, seed: u64, epoch: u64) -> Self {
+        let bits = 64 - n.saturating_sub(1).leading_zeros();
+        let half_bits = bits.div_ceil(2).max(1);
+        let base = mix(seed ^ mix(epoch.wrapping_add(0x5851_F42D_4C95_7F2D)));
+        let keys = [mix(base), mix(base ^ 1), mix(base ^ 2), mix(base ^ 3)];
+        Self { n, half_bits, keys }
+    }
+
+    fn round(&self, x: u64) -> u64 {
+        let mask = (1u64 << self.half_bits) - 1;
+        let (mut l, mut r) = (x >> self.half_bits, x & mask);
+        for k in self.keys {
+            let f = mix(r ^ k) & mask;
+            (l, r) = (r, l ^ f);
+        }
+        (l << self.half_bits) | r
+    }
+
+    /// Where position `i` (< n) goes.
+    pub fn apply(&self, i: u64) -> u64 {
+        debug_assert!(i < self.n);
+        let mut x = self.round(i);
+        while x >= self.n {
+            x = self.round(x);
+        }
+        x
+    }
+}
+
+/// A counter-based generator: one stream per (seed, epoch, position).
+#[derive(Clone, Debug)]
+pub struct SampleRng(u64);
+
+impl SampleRng {
+    /// The stream of one sample.
+    pub fn new(seed: u64, epoch: u64, position: u64) -> Self {
+        Self(mix(
+            seed ^ mix(epoch ^ mix(position ^ 0xD1B5_4A32_D192_ED03))
+        ))
+    }
+
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        mix(self.0)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// `n` standard normals (Box–Muller).
+    pub fn normals(&mut self, n: usize, out: &mut Vec<f32>) {
+        while out.len() < n {
+            let u1 = 1.0 - self.uniform();
+            let u2 = self.uniform();
+            let r = (-2.0 * u1.ln()).sqrt();
+            let th = 2.0 * std::f64::consts::PI * u2;
+            out.push((r * th.cos()) as f32);
+            if out.len() < n {
+                out.push((r * th.sin()) as f32);
+            }
+        }
+    }
+}
+
+/// How the rows are split over ranks and steps; validated when built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataLayout {
+    train_rows: u64,
+    per_rank_batch: usize,
+    rank: usize,
+    world: usize,
+}
+
+/// Where the data stands: the next micro-batch to read.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct DataCursor {
+    /// Micro-batches consumed since the start of training.
+    pub micro_step: u64,
+    /// The epoch of the next micro-batch.
+    pub epoch: u64,
+    /// The first position (in the epoch's order) of the next micro-batch.
+    pub position: u64,
+}
+
+impl DataLayout {
+    /// Checks that one global batch fits in the training rows.
+    pub fn new(train_rows: u64, per_rank_batch: usize, rank: usize, world: usize) -> Result<Self> {
+        if per_rank_batch == 0 {
+            return Err(TrainerError::config(
+                "train.batch_size",
+                "must be at least 1",
+            ));
+        }
+        if world == 0 || rank >= world {
+            return Err(TrainerError::config(
+                "train (rank)",
+                format!("rank {rank} of {world} is not valid"),
+            ));
+        }
+        let global = (per_rank_batch * world) as u64;
+        if train_rows < global {
+            return Err(TrainerError::config(
+                "train.batch_size",
+                format!(
+                    "one global batch ({per_rank_batch} x {world} ranks = {global}) is larger than the \
+                     {train_rows} training rows; lower train.batch_size or train.data.holdout_rows"
+                ),
+            ));
+        }
+        Ok(Self {
+            train_rows,
+            per_rank_batch,
+            rank,
+            world,
+        })
+    }
+
+    /// Samples in one micro-batch over all ranks.
+    pub fn global_batch(&self) -> u64 {
+        (self.per_rank_batch * self.world) as u64
+    }
+
+    /// Micro-batches per epoch.
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.train_rows / self.global_batch()
+    }
+
+    /// The cursor of micro-batch `m`.
+    pub fn cursor(&self, m: u64) -> DataCursor {
+        let spe = self.steps_per_epoch();
+        DataCursor {
+            micro_step: m,
+            epoch: m / spe,
+            position: (m % spe) * self.global_batch(),
+        }
+    }
+
+    /// This rank's positions in micro-batch `m`.
+    fn positions(&self, m: u64) -> (u64, Vec<u64>) {
+        let c = self.cursor(m);
+        let start = c.position + (self.rank * self.per_rank_batch) as u64;
+        (
+            c.epoch,
+            (start..start + self.per_rank_batch as u64).collect(),
+        )
+    }
+}
+
+/// Sorted (id, row offset) pairs of the embeddings table.
+#[derive(Debug)]
+struct IdIndex(Vec<(u64, u64)>);
+
+impl IdIndex {
+    fn offset(&self, id: u64) -> Option<u64> {
+        self.0
+            .binary_search_by_key(&id, |p| p.0)
+            .ok()
+            .map(|i| self.0[i].1)
+    }
+}
+
+/// Rows fetched for a set of kNN-table offsets.
+#[derive(Debug, Default)]
+pub struct Fetched {
+    /// Row ids.
+    pub ids: Vec<u64>,
+    /// Each row's image, CHW floats in [−1, 1] (`None`: undecodable, see `problems`).
+    pub images: Vec<Option<Vec<f32>>>,
+    /// `[rows, k+1, d]`: the row's embedding, then its neighbours'.
+    pub cond: Vec<f32>,
+    /// `[rows, k+1]`: 1 where the slot holds an embedding.
+    pub present: Vec<f32>,
+    /// (id, reason) of every row or neighbour that could not be used.
+    pub problems: Vec<(u64, String)>,
+}
+
+/// The two tables of a training run, opened and checked.
+#[derive(Debug)]
+pub struct TrainingData {
+    /// Embeddings table URI.
+    pub embeddings_uri: String,
+    /// kNN table URI.
+    pub knn_uri: String,
+    emb: Dataset,
+    knn: Dataset,
+    ids: IdIndex,
+    /// Rows of the kNN table (training rows + held out).
+    pub rows: u64,
+    /// Embedding dimension.
+    pub dim: usize,
+    /// Neighbours stored per row.
+    pub k_available: usize,
+    /// Neighbours used per row.
+    pub k: usize,
+    /// Side of the stored images.
+    pub image_size_px: usize,
+}
+
+fn column_types(ds: &Dataset) -> HashMap<String, arrow_schema::DataType> {
+    let schema: arrow_schema::Schema = ds.schema().into();
+    schema
+        .fields()
+        .iter()
+        .map(|f| (f.name().clone(), f.data_type().clone()))
+        .collect()
+}
+
+impl TrainingData {
+    /// Opens the kNN table and the embeddings version it was made from; `k` is how many
+    /// neighbours training uses (`train.k`).
+    pub async fn open(
+        embeddings_uri: &str,
+        knn_uri: &str,
+        storage: &StorageConfig,
+        k: usize,
+    ) -> Result<Self> {
+        let opts = storage.to_lance_options();
+        let meta =
+            existing_meta(knn_uri, &opts)
+                .await?
+                .ok_or_else(|| TrainerError::MissingTable {
+                    table: knn_uri.to_string(),
+                    hint: "run `knn-diffusion precompute-knn` first, or set `train.data.knn`"
+                        .into(),
+                })?;
+        if k > meta.k {
+            return Err(TrainerError::KTooLarge {
+                key: "train.k".into(),
+                k,
+                available: meta.k,
+                table: knn_uri.to_string(),
+            });
+        }
+        let knn = knn_indexer::table::load_dataset(knn_uri, &opts, None)
+            .await
+            .map_err(|e| TrainerError::lance(knn_uri, e))?;
+        let emb = match knn_indexer::table::load_dataset(
+            embeddings_uri,
+            &opts,
+            Some(meta.source_version),
+        )
+        .await
+        {
+            Ok(ds) => ds,
+            Err(lance::Error::DatasetNotFound { .. }) => {
+                return Err(TrainerError::MissingTable {
+                    table: embeddings_uri.to_string(),
+                    hint: "run `knn-diffusion embed` first, or set `train.data.embeddings`".into(),
+                })
+            }
+            Err(e) => {
+                return Err(TrainerError::BadTable {
+                    table: embeddings_uri.to_string(),
+                    detail: format!(
+                    "cannot open version {} that the kNN table `{knn_uri}` was computed from: {e}",
+                    meta.source_version
+                ),
+                })
+            }
+        };
+        let types = column_types(&emb);
+        for (col, want) in [
+            ("id", "u64"),
+            ("image", "binary (PNG)"),
+            ("emb", "FixedSizeList<f32>"),
+        ] {
+            if !types.contains_key(col) {
+                return Err(TrainerError::BadTable {
+                    table: embeddings_uri.to_string(),
+                    detail: format!("no `{col}` column ({want}); is it an embed-stage table?"),
+                });
+            }
+        }
+        if meta.source != embeddings_uri
+            && meta.source.trim_end_matches('/') != embeddings_uri.trim_end_matches('/')
+        {
+            tracing::warn!(knn = knn_uri, made_from = %meta.source, embeddings = embeddings_uri,
+                "the kNN table was made from another URI; using it with these embeddings");
+        }
+        let ids = scan_ids(&emb, embeddings_uri).await?;
+        let rows = knn
+            .count_rows(None)
+            .await
+            .map_err(|e| TrainerError::lance(knn_uri, e))? as u64;
+        let mut data = Self {
+            embeddings_uri: embeddings_uri.to_string(),
+            knn_uri: knn_uri.to_string(),
+            emb,
+            knn,
+            ids,
+            rows,
+            dim: meta.dim,
+            k_available: meta.k,
+            k,
+            image_size_px: 0,
+        };
+        if rows == 0 {
+            return Err(TrainerError::BadTable {
+                table: knn_uri.to_string(),
+                detail: "has no rows; run precompute-knn to completion".into(),
+            });
+        }
+        data.image_size_px = data.probe_image_size().await?;
+        Ok(data)
+    }
+
+    async fn probe_image_size(&self) -> Result<usize> {
+        let f = self.fetch(&[0]).await?;
+        let id = f.ids.first().copied().unwrap_or(0);
+        let first = self
+            .take_rows(
+                &self.emb,
+                &self.embeddings_uri,
+                &[self.offset_of(id)?],
+                &["image"],
+            )
+            .await?;
+        let bytes = first.column(0).as_binary::<i32>().value(0).to_vec();
+        let img = image::load_from_memory(&bytes).map_err(|e| TrainerError::BadRecord {
+            table: self.embeddings_uri.clone(),
+            id,
+            reason: format!("image does not decode: {e}"),
+        })?;
+        if img.width() != img.height() {
+            return Err(TrainerError::BadRecord {
+                table: self.embeddings_uri.clone(),
+                id,
+                reason: format!(
+                    "image is {}x{}, training needs square images",
+                    img.width(),
+                    img.height()
+                ),
+            });
+        }
+        Ok(img.width() as usize)
+    }
+
+    fn offset_of(&self, id: u64) -> Result<u64> {
+        self.ids.offset(id).ok_or_else(|| TrainerError::BadRecord {
+            table: self.embeddings_uri.clone(),
+            id,
+            reason: format!(
+                "listed in the kNN table `{}` but absent from the embeddings version it was made from",
+                self.knn_uri
+            ),
+        })
+    }
+
+    async fn take_rows(
+        &self,
+        ds: &Dataset,
+        uri: &str,
+        offsets: &[u64],
+        columns: &[&str],
+    ) -> Result<RecordBatch> {
+        let projection = ds
+            .schema()
+            .project(columns)
+            .map_err(|e| TrainerError::lance(uri, e))?;
+        ds.take(offsets, projection)
+            .await
+            .map_err(|e| TrainerError::lance(uri, e))
+    }
+
+    /// The rows at these kNN-table offsets, with their images and conditions.
+    pub async fn fetch(&self, knn_offsets: &[u64]) -> Result<Fetched> {
+        let (k, d) = (self.k, self.dim);
+        let n = knn_offsets.len();
+        let kb = self
+            .take_rows(&self.knn, &self.knn_uri, knn_offsets, &["id", "knn_ids"])
+            .await?;
+        let ids = kb.column(0).as_primitive::<UInt64Type>().values().to_vec();
+        let lists = kb.column(1).as_fixed_size_list();
+        let stored_k = lists.value_length() as usize;
+        let nbr = lists.values().as_primitive::<UInt64Type>();
+        let mut out = Fetched {
+            ids: ids.clone(),
+            cond: vec![0.0; n * (k + 1) * d],
+            present: vec![0.0; n * (k + 1)],
+            ..Default::default()
+        };
+
+        // Every embedding needed, each row read once.
+        let mut wanted: Vec<u64> = Vec::with_capacity(n * (k + 1));
+        let mut slots: Vec<(usize, u64)> = Vec::with_capacity(n * (k + 1));
+        for (i, &id) in ids.iter().enumerate() {
+            slots.push((i * (k + 1), self.offset_of(id)?));
+            for j in 0..k {
+                let at = i * stored_k + j;
+                if lists.is_null(i) || nbr.is_null(at) {
+                    continue;
+                }
+                let nid = nbr.value(at);
+                match self.ids.offset(nid) {
+                    Some(o) => slots.push((i * (k + 1) + 1 + j, o)),
+                    None => out.problems.push((
+                        id,
+                        format!("neighbour {nid} is not in the embeddings table"),
+                    )),
+                }
+            }
+        }
+        wanted.extend(slots.iter().map(|s| s.1));
+        wanted.sort_unstable();
+        wanted.dedup();
+        let eb = self
+            .take_rows(&self.emb, &self.embeddings_uri, &wanted, &["id", "emb"])
+            .await?;
+        let emb_values = eb
+            .column(1)
+            .as_fixed_size_list()
+            .values()
+            .as_primitive::<Float32Type>()
+            .values()
+            .to_vec();
+        for (slot, off) in slots {
+            let row = wanted
+                .binary_search(&off)
+                .expect("every slot's offset was taken");
+            out.cond[slot * d..(slot + 1) * d].copy_from_slice(&emb_values[row * d..(row + 1) * d]);
+            out.present[slot] = 1.0;
+        }
+
+        // Images of the rows themselves, in row order.
+        let own: Vec<u64> = ids
+            .iter()
+            .map(|&id| self.offset_of(id))
+            .collect::<Result<_>>()?;
+        let ib = self
+            .take_rows(&self.emb, &self.embeddings_uri, &own, &["id", "image"])
+            .await?;
+        let got = ib.column(0).as_primitive::<UInt64Type>().values();
+        let images = ib.column(1).as_binary::<i32>();
+        for (i, &id) in ids.iter().enumerate() {
+            if got[i] != id {
+                return Err(TrainerError::BadTable {
+                    table: self.embeddings_uri.clone(),
+                    detail: format!("take returned id {} where {id} was asked for", got[i]),
+                });
+            }
+            match decode_chw(images.value(i), self.image_size_px) {
+                Ok(px) => out.images.push(Some(px)),
+                Err(reason) => {
+                    out.problems.push((id, reason));
+                    out.images.push(None);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// kNN-table offsets of the held-out rows (the last `holdout` rows).
+    pub fn holdout_offsets(&self, holdout: usize) -> Vec<u64> {
+        let h = (holdout as u64).min(self.rows);
+        (self.rows - h..self.rows).collect()
+    }
+}
+
+async fn scan_ids(ds: &Dataset, uri: &str) -> Result<IdIndex> {
+    let mut scanner = ds.scan();
+    scanner
+        .project(&["id"])
+        .map_err(|e| TrainerError::lance(uri, e))?;
+    let mut stream = scanner
+        .try_into_stream()
+        .await
+        .map_err(|e| TrainerError::lance(uri, e))?;
+    let mut pairs = Vec::new();
+    while let Some(b) = stream.next().await {
+        let b = b.map_err(|e| TrainerError::lance(uri, e))?;
+        for &id in b.column(0).as_primitive::<UInt64Type>().values() {
+            pairs.push((id, pairs.len() as u64));
+        }
+    }
+    pairs.sort_unstable();
+    Ok(IdIndex(pairs))
+}
+
+/// PNG/JPEG bytes → CHW floats in [−1, 1]; the image must be `side` px square.
+fn decode_chw(bytes: &[u8], side: usize) -> std::result::Result<Vec<f32>, String> {
+    let img = image::load_from_memory(bytes)
+        .map_err(|e| format!("image does not decode: {e}"))?
+        .to_rgb8();
+    if img.width() as usize != side || img.height() as usize != side {
+        return Err(format!(
+            "image is {}x{}, the table's images are {side}x{side}",
+            img.width(),
+            img.height()
+        ));
+    }
+    let plane = side * side;
+    let mut out = vec![0f32; 3 * plane];
+    for (i, px) in img.pixels().enumerate() {
+        for c in 0..3 {
+            out[c * plane + i] = px[c] as f32 / 127.5 - 1.0;
+        }
+    }
+    Ok(out)
+}
+
+/// Per-sample randomness settings.
+#[derive(Clone, Copy, Debug)]
+pub struct SampleSpec {
+    /// The run's seed.
+    pub seed: u64,
+    /// Diffusion steps T (t is drawn uniformly from 0..T).
+    pub timesteps: usize,
+    /// Probability of dropping a sample's condition.
+    pub cond_drop_prob: f64,
+    /// Random horizontal flips.
+    pub flip: bool,
+}
+
+/// One rank's micro-batch, ready for the model (host memory).
+#[derive(Debug)]
+pub struct Batch {
+    /// Which micro-batch this is.
+    pub cursor: DataCursor,
+    /// Row ids.
+    pub ids: Vec<u64>,
+    /// `[B, 3, H, W]` in [−1, 1].
+    pub images: Tensor,
+    /// `[B, k+1, d]`.
+    pub cond: Tensor,
+    /// `[B, k+1]`.
+    pub present: Tensor,
+    /// `[B]`, 1 = condition dropped.
+    pub drop: Tensor,
+    /// `[B]` i64 diffusion steps.
+    pub t: Tensor,
+    /// `[B, 3, H, W]` standard normal.
+    pub noise: Tensor,
+    /// `[B]`: 0 for rows that could not be used.
+    pub weight: Tensor,
+    /// Rows that could not be used, with why.
+    pub problems: Vec<(u64, String)>,
+}
+
+impl Batch {
+    /// Moves every tensor to `device`.
+    pub fn to_device(&self, device: Device) -> Self {
+        Self {
+            cursor: self.cursor,
+            ids: self.ids.clone(),
+            images: self.images.to_device(device),
+            cond: self.cond.to_device(device),
+            present: self.present.to_device(device),
+            drop: self.drop.to_device(device),
+            t: self.t.to_device(device),
+            noise: self.noise.to_device(device),
+            weight: self.weight.to_device(device),
+            problems: self.problems.clone(),
+        }
+    }
+}
+
+/// Builds micro-batch `m` of this rank.
+pub async fn build_batch(
+    data: &TrainingData,
+    layout: &DataLayout,
+    spec: &SampleSpec,
+    m: u64,
+) -> Result<Batch> {
+    let (epoch, positions) = layout.positions(m);
+    let perm = EpochPermutation::new(layout.train_rows, spec.seed, epoch);
+    let offsets: Vec<u64> = positions.iter().map(|&p| perm.apply(p)).collect();
+    let f = data.fetch(&offsets).await?;
+    let side = data.image_size_px;
+    let plane = side * side;
+    let b = positions.len();
+    let mut images = Vec::with_capacity(b * 3 * plane);
+    let mut noise = Vec::with_capacity(b * 3 * plane);
+    let (mut drop, mut t, mut weight) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, &p) in positions.iter().enumerate() {
+        let mut rng = SampleRng::new(spec.seed, epoch, p);
+        let flip = spec.flip && rng.next_u64() & 1 == 1;
+        drop.push(if rng.uniform() < spec.cond_drop_prob {
+            1f32
+        } else {
+            0.0
+        });
+        t.push((rng.next_u64() % spec.timesteps as u64) as i64);
+        let mut z = Vec::with_capacity(3 * plane);
+        rng.normals(3 * plane, &mut z);
+        noise.extend_from_slice(&z);
+        match &f.images[i] {
+            Some(px) if flip => {
+                for row in px.chunks_exact(side) {
+                    images.extend(row.iter().rev());
+                }
+                weight.push(1f32);
+            }
+            Some(px) => {
+                images.extend_from_slice(px);
+                weight.push(1.0);
+            }
+            None => {
+                images.extend(std::iter::repeat_n(0f32, 3 * plane));
+                weight.push(0.0);
+            }
+        }
+    }
+    let (bi, si, ki, di) = (b as i64, side as i64, (data.k + 1) as i64, data.dim as i64);
+    Ok(Batch {
+        cursor: layout.cursor(m),
+        ids: f.ids,
+        images: Tensor::from_slice(&images).view([bi, 3, si, si]),
+        cond: Tensor::from_slice(&f.cond).view([bi, ki, di]),
+        present: Tensor::from_slice(&f.present).view([bi, ki]),
+        drop: Tensor::from_slice(&drop),
+        t: Tensor::from_slice(&t),
+        noise: Tensor::from_slice(&noise).view([bi, 3, si, si]),
+        weight: Tensor::from_slice(&weight),
+        problems: f.problems,
+    })
+}
+
+/// Prefetches micro-batches on its own thread (with its own async runtime for Lance), a
+/// bounded number ahead.
+pub struct Loader {
+    rx: Receiver<Result<Batch>>,
+    waited: Duration,
+}
+
+impl Loader {
+    /// Starts reading at micro-batch `start`.
+    pub fn start(
+        data: Arc<TrainingData>,
+        layout: DataLayout,
+        spec: SampleSpec,
+        start: u64,
+        depth: usize,
+    ) -> Result<Self> {
+        let (tx, rx) = sync_channel(depth.max(1));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .thread_name("knn-loader-io")
+            .build()
+            .map_err(|e| TrainerError::Loader(format!("cannot start its runtime: {e}")))?;
+        std::thread::Builder::new()
+            .name("knn-loader".into())
+            .spawn(move || {
+                for m in start.. {
+                    let batch = rt.block_on(build_batch(&data, &layout, &spec, m));
+                    let failed = batch.is_err();
+                    // The trainer dropped the loader: stop.
+                    if tx.send(batch).is_err() || failed {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| TrainerError::Loader(format!("cannot start its thread: {e}")))?;
+        Ok(Self {
+            rx,
+            waited: Duration::ZERO,
+        })
+    }
+
+    /// The next micro-batch; the time spent waiting for it is added to [`Loader::waited`].
+    pub fn next_batch(&mut self) -> Result<Batch> {
+        let t0 = Instant::now();
+        let b = self
+            .rx
+            .recv()
+            .map_err(|_| TrainerError::Loader("its thread stopped".into()))?;
+        self.waited += t0.elapsed();
+        b
+    }
+
+    /// Total time the trainer waited for data, then reset.
+    pub fn take_waited(&mut self) -> Duration {
+        std::mem::take(&mut self.waited)
+    }
+}
+
+/// The condition tensors of a fetch, for sampling: `(cond [n,k+1,d], present [n,k+1])`.
+pub fn condition_tensors(f: &Fetched, k: usize, dim: usize) -> (Tensor, Tensor) {
+    let n = f.ids.len() as i64;
+    (
+        Tensor::from_slice(&f.cond).view([n, (k + 1) as i64, dim as i64]),
+        Tensor::from_slice(&f.present).view([n, (k + 1) as i64]),
+    )
+}
+
+/// Images of a fetch as `[n, 3, H, W]` (undecodable ones black).
+pub fn image_tensor(f: &Fetched, side: usize) -> Tensor {
+    let plane = 3 * side * side;
+    let mut px = Vec::with_capacity(f.images.len() * plane);
+    for im in &f.images {
+        match im {
+            Some(v) => px.extend_from_slice(v),
+            None => px.extend(std::iter::repeat_n(-1f32, plane)),
+        }
+    }
+    Tensor::from_slice(&px).view([f.images.len() as i64, 3, side as i64, side as i64])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_is_a_bijection_for_many_sizes() {
+        for n in [1u64, 2, 3, 7, 64, 1000, 4097] {
+            let p = EpochPermutation::new(n, 42, 3);
+            let mut seen: Vec<u64> = (0..n).map(|i| p.apply(i)).collect();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..n).collect::<Vec<_>>(), "n = {n}");
+        }
+    }
+
+    #[test]
+    fn epochs_and_seeds_shuffle_differently() {
+        let a: Vec<u64> = (0..100)
+            .map(|i| EpochPermutation::new(100, 1, 0).apply(i))
+            .collect();
+        let b: Vec<u64> = (0..100)
+            .map(|i| EpochPermutation::new(100, 1, 1).apply(i))
+            .collect();
+        let c: Vec<u64> = (0..100)
+            .map(|i| EpochPermutation::new(100, 2, 0).apply(i))
+            .collect();
+        assert_ne!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(
+            a,
+            (0..100)
+                .map(|i| EpochPermutation::new(100, 1, 0).apply(i))
+                .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn ranks_split_the_global_batch_disjointly() {
+        let one = DataLayout::new(100, 8, 0, 1).unwrap();
+        let r0 = DataLayout::new(100, 4, 0, 2).unwrap();
+        let r1 = DataLayout::new(100, 4, 1, 2).unwrap();
+        for m in [0u64, 5, 12, 13] {
+            let (e, all) = one.positions(m);
+            let (e0, mut p0) = r0.positions(m);
+            let (e1, p1) = r1.positions(m);
+            assert_eq!((e, e), (e0, e1));
+            p0.extend(p1);
+            assert_eq!(p0, all);
+        }
+        assert_eq!(one.steps_per_epoch(), 12);
+        assert_eq!(
+            one.cursor(13),
+            DataCursor {
+                micro_step: 13,
+                epoch: 1,
+                position: 8
+            }
+        );
+        assert!(DataLayout::new(7, 4, 0, 2).is_err());
+    }
+
+    #[test]
+    fn normals_have_unit_variance() {
+        let mut rng = SampleRng::new(0, 0, 0);
+        let mut z = Vec::new();
+        rng.normals(100_000, &mut z);
+        let mean = z.iter().map(|&x| x as f64).sum::<f64>() / z.len() as f64;
+        let var = z.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / z.len() as f64;
+        assert!(
+            mean.abs() < 0.02 && (var - 1.0).abs() < 0.02,
+            "{mean} {var}"
+        );
+    }
+}

@@ -1,0 +1,12 @@
+//! Integration tests of the trainer: schedule and sampler parity with HF diffusers, and
+//! training, resuming and sampling on real Lance tables with real libtorch.
+
+mod fixtures;
+mod parity;
+#[path = "../../../tests/support/s3_server.rs"]
+mod s3_server;
+mod training;
+
+/// libtorch's random generator is process-global (weight init and dropout draw from it), so
+/// tests that train hold this lock: concurrent trainings would interleave its stream.
+pub static TORCH_RNG: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
