@@ -44,9 +44,8 @@ What it measures
 
 Precision
     ``--precision auto`` (the Rust ``train.precision`` default) is f32 on the CPU
-    and autocast on CUDA. Rust's ``tch::autocast`` only turns CUDA autocast on and
-    never sets its dtype, so libtorch uses its default GPU autocast dtype, which
-    is float16; ``auto`` therefore means float16 autocast on CUDA here too.
+    and bf16 autocast on CUDA (the Rust trainer sets libtorch's CUDA autocast
+    dtype to bf16 itself, trainer/src/autocast.rs); ``auto`` means the same here.
     ``--precision bf16`` / ``f16`` / ``f32`` pick one explicitly.
 
 Output
@@ -416,7 +415,7 @@ def parse_args(argv=None):
         "--precision",
         choices=["auto", "f32", "bf16", "f16"],
         default="auto",
-        help="auto: f32 on the CPU, float16 autocast on CUDA (what tch::autocast gets)",
+        help="auto: f32 on the CPU, bf16 autocast on CUDA (as the Rust trainer)",
     )
     p.add_argument(
         "--foreach",
@@ -444,7 +443,7 @@ def resolve_autocast(precision, device):
         return None
     if device.type == "cpu":
         sys.exit("bench_train_torch: autocast precisions need a GPU here (as in the Rust trainer)")
-    return {"auto": torch.float16, "f16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return {"auto": torch.bfloat16, "f16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 def emit(report, out):

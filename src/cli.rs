@@ -41,7 +41,7 @@ pub enum Command {
     Embed(EmbedArgs),
     /// Build a Lance vector index (IVF_PQ, or IVF_HNSW_SQ) on the embeddings table's `emb`
     /// column, for the retriever used at sampling. Parameters default from the table size.
-    BuildIndex(BuildIndexArgs),
+    BuildIndex(ConfigArgs),
     /// For every row of the embeddings table, find its k nearest other rows (cosine) and write
     /// `id, knn_ids, knn_sims` to a Lance table. Batched IVF search with a recall-calibrated
     /// number of probes; sharded by id range over workers; resumable, exactly once per
@@ -52,7 +52,7 @@ pub enum Command {
     /// `train.cond_drop_prob` for classifier-free guidance). Writes metrics.jsonl, sample
     /// grids and checkpoints under `train.output_dir`; rerun the same command to resume from
     /// the newest valid checkpoint (a corrupted one is skipped with a warning).
-    Train(TrainArgs),
+    Train(ConfigArgs),
     /// Generate images from text: each prompt's CLIP text embedding retrieves its k nearest
     /// image embeddings from `--retrieval-db` (any embeddings table: swap it to change the
     /// output distribution without retraining), then the model samples with classifier-free
@@ -75,25 +75,9 @@ pub struct EmbedArgs {
     pub summary_json: Option<PathBuf>,
 }
 
-/// Flags of `build-index`.
+/// Flags of the single-process stages (`build-index`, `train`).
 #[derive(Debug, Args)]
-pub struct BuildIndexArgs {
-    /// The config file (TOML).
-    #[arg(long, short)]
-    pub config: PathBuf,
-
-    /// Override one config value, e.g. `--set index.kind=ivf_hnsw_sq` (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub overrides: Vec<String>,
-
-    /// Also write the summary as JSON to this file.
-    #[arg(long, value_name = "FILE")]
-    pub summary_json: Option<PathBuf>,
-}
-
-/// Flags of `train`.
-#[derive(Debug, Args)]
-pub struct TrainArgs {
+pub struct ConfigArgs {
     /// The config file (TOML).
     #[arg(long, short)]
     pub config: PathBuf,
@@ -232,6 +216,10 @@ pub struct BenchTrainArgs {
     /// Untimed warm-up steps.
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
+    /// Rounds, each timing ours then the peer, so machine noise falls on both alike; the
+    /// median over rounds is reported.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// DDIM steps of the sampling measurement.
     #[arg(long, default_value_t = 50)]
     pub sample_steps: usize,

@@ -7,10 +7,7 @@ mod config;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use cli::{
-    BenchCommand, BuildIndexArgs, Cli, Command, EmbedArgs, LogFormat, SampleArgs, SamplerArg,
-    TrainArgs,
-};
+use cli::{BenchCommand, Cli, Command, ConfigArgs, EmbedArgs, LogFormat, SampleArgs, SamplerArg};
 use knn_cluster::WorkerSlot;
 use knn_indexer::knn::KnnProgress;
 use knn_indexer::{EmbedProgress, IndexerError};
@@ -155,7 +152,7 @@ async fn run_embed(args: EmbedArgs, log_format: LogFormat) -> Result<()> {
     Ok(())
 }
 
-async fn run_build_index(args: BuildIndexArgs) -> Result<()> {
+async fn run_build_index(args: ConfigArgs) -> Result<()> {
     let project = config::load(&args.config, &args.overrides)?;
     let cfg = project.index(&args.config)?;
     let summary = knn_indexer::knn::build_index(&cfg, &project.storage).await?;
@@ -183,7 +180,7 @@ async fn run_precompute_knn(args: EmbedArgs, log_format: LogFormat) -> Result<()
     write_summary(summary_json.as_deref(), &summary)
 }
 
-async fn run_train(args: TrainArgs, log_format: LogFormat) -> Result<()> {
+async fn run_train(args: ConfigArgs, log_format: LogFormat) -> Result<()> {
     let project = config::load(&args.config, &args.overrides)?;
     let cfg = project.train(&args.config)?;
     let bar = (log_format == LogFormat::Human && std::io::stderr().is_terminal()).then(|| {

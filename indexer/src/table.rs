@@ -16,6 +16,7 @@ use lance::deps::datafusion::error::DataFusionError;
 use lance::deps::datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use lance::io::{ObjectStoreParams, StorageOptionsAccessor};
 use lance::Dataset;
+use lance_io::object_store::{ObjectStore, ObjectStoreRegistry};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -139,7 +140,51 @@ impl ShardedTable {
             .map_err(|e| IndexerError::lance(&self.uri, e))
     }
 
+    /// Creates the table empty, once however many workers race to: Lance commits a `Create`
+    /// as an `Overwrite`, so a second creator that starts before the table exists would
+    /// overwrite the first's version (and any shard it committed meanwhile). One creator wins
+    /// a put-if-absent marker object in the table's directory and creates; the others wait
+    /// for the table to appear. A marker left by a creator that died is waited out
+    /// (`CREATE_WAIT`), then the table is created anyway.
     async fn create(&self) -> Result<Dataset> {
+        const CREATE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+        let lance_err = |e: lance::Error| IndexerError::lance(&self.uri, e);
+        let (store, base) = ObjectStore::from_uri_and_params(
+            Arc::new(ObjectStoreRegistry::default()),
+            &self.uri,
+            &store_params(&self.storage),
+        )
+        .await
+        .map_err(lance_err)?;
+        let marker = base.clone().join("_knn_create.marker");
+        match store
+            .put_if_absent(
+                &marker,
+                object_store::PutPayload::from_static(b"created by knn-diffusion\n"),
+            )
+            .await
+        {
+            Ok(()) | Err(object_store::Error::NotSupported { .. }) => self.create_now().await,
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                let deadline = std::time::Instant::now() + CREATE_WAIT;
+                while std::time::Instant::now() < deadline {
+                    match self.open().await {
+                        Ok(ds) => return Ok(ds),
+                        Err(IndexerError::Lance {
+                            source: lance::Error::DatasetNotFound { .. },
+                            ..
+                        }) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+                        Err(e) => return Err(e),
+                    }
+                }
+                tracing::warn!(table = %self.uri, "a creator left its marker but no table; creating it");
+                self.create_now().await
+            }
+            Err(e) => Err(IndexerError::lance(&self.uri, lance::Error::from(e))),
+        }
+    }
+
+    async fn create_now(&self) -> Result<Dataset> {
         let params = WriteParams {
             mode: WriteMode::Create,
             store_params: Some(store_params(&self.storage)),

@@ -44,7 +44,7 @@ fn ours(args: &BenchTrainArgs, device: Device) -> Result<(f64, i64, Vec<f64>)> {
                 let _ = g.zero_();
             }
         }
-        let loss = batch_loss(&model, &batch, false);
+        let loss = batch_loss(&model, &batch, None);
         loss.backward();
         let _ = f64::try_from(&loss)?;
         optimiser_step(&params, &mut opt, &mut ema, None, &optim, 1e-4, step);
@@ -142,22 +142,40 @@ fn sampling(args: &BenchTrainArgs, device: Device) -> Result<f64> {
 /// Runs the benchmark and returns the markdown section.
 pub async fn run(args: &BenchTrainArgs, data_wait: Option<(f64, f64, u64)>) -> Result<String> {
     let device = Device::Cpu;
-    let (ours_s, params, _) = ours(args, device)?;
-    let peer = if args.no_python {
-        None
-    } else {
-        Some(python(args)?)
-    };
+    let (mut ours_rounds, mut peer_rounds, mut params, mut peer) =
+        (Vec::new(), Vec::new(), 0, None);
+    for _ in 0..args.rounds.max(1) {
+        let (s, p, _) = ours(args, device)?;
+        ours_rounds.push(s);
+        params = p;
+        if !args.no_python {
+            let p = python(args)?;
+            peer_rounds.push(p["step_time_s_median"].as_f64().unwrap_or(f64::NAN));
+            peer = Some(p);
+        }
+    }
+    let ours_s = median(&ours_rounds);
+    let ratios: Vec<f64> = ours_rounds
+        .iter()
+        .zip(&peer_rounds)
+        .map(|(a, b)| a / b)
+        .collect();
     let sample_ips = sampling(args, device)?;
     let preset = serde_json::to_value(args.preset)?;
     let mut md = String::new();
-    writeln!(md, "## train: one U-Net training step vs PyTorch eager\n")?;
+    writeln!(
+        md,
+        "## train: one U-Net training step vs PyTorch eager (`{}`, {} px, batch {})\n",
+        preset.as_str().unwrap_or("?"),
+        args.image_size,
+        args.batch
+    )?;
     writeln!(
         md,
         "Machine: {}. U-Net preset `{}` ({params} parameters), {} px, batch {}, k = {}, d = {}; \
          f32 on the CPU; a step = q_sample, forward, per-sample MSE, backward, clip, AdamW, \
-         EMA. Median of {} steps after {} warm-up. Measured by `knn-diffusion bench train` \
-         on {}.\n",
+         EMA. Median of {} steps after {} warm-up per round; {} rounds alternating ours and the \
+         peer, median over rounds. Measured by `knn-diffusion bench train` on {}.\n",
         machine(),
         preset.as_str().unwrap_or("?"),
         args.image_size,
@@ -166,6 +184,7 @@ pub async fn run(args: &BenchTrainArgs, data_wait: Option<(f64, f64, u64)>) -> R
         args.dim,
         args.steps,
         args.warmup,
+        args.rounds.max(1),
         super::knn::chrono_free_date()
     )?;
     writeln!(
@@ -179,7 +198,7 @@ pub async fn run(args: &BenchTrainArgs, data_wait: Option<(f64, f64, u64)>) -> R
         args.batch as f64 / ours_s
     )?;
     if let Some(p) = &peer {
-        let ps = p["step_time_s_median"].as_f64().unwrap_or(f64::NAN);
+        let ps = median(&peer_rounds);
         writeln!(
             md,
             "| PyTorch {} eager (`python/bench_train_torch.py`, {} threads) | {ps:.4} | {:.1} | {} | {:.3} |",
@@ -188,6 +207,19 @@ pub async fn run(args: &BenchTrainArgs, data_wait: Option<(f64, f64, u64)>) -> R
             args.batch as f64 / ps,
             p["parameters"],
             ours_s / ps
+        )?;
+        let fmt = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.3}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        writeln!(
+            md,
+            "\nPer round: ours {} s; peer {} s; ratio {}.",
+            fmt(&ours_rounds),
+            fmt(&peer_rounds),
+            fmt(&ratios)
         )?;
     }
     writeln!(
@@ -205,6 +237,12 @@ pub async fn run(args: &BenchTrainArgs, data_wait: Option<(f64, f64, u64)>) -> R
             100.0 * wait
         )?;
     }
-    write_section(&args.write, "train", &md)?;
+    let section = format!(
+        "train:{}:{}px:b{}",
+        preset.as_str().unwrap_or("?"),
+        args.image_size,
+        args.batch
+    );
+    write_section(&args.write, &section, &md)?;
     Ok(md)
 }

@@ -303,25 +303,9 @@ async fn the_embedded_default_config_runs() {
 
     // The next stages read embed's table by default.
     let set_table = format!("embed.output.table={}", table.display());
-    let o = run(bin().args([
-        "build-index",
-        "--config",
-        "configs/stickers.toml",
-        "--set",
-        &set_table,
-    ]));
-    let t = text(&o);
-    assert!(o.status.success(), "{t}");
+    let t = default_stage("build-index", &[&set_table], &[]);
     assert!(t.contains("IvfPq") && t.contains("500 rows"), "{t}");
-    let o = run(bin().args([
-        "precompute-knn",
-        "--config",
-        "configs/stickers.toml",
-        "--set",
-        &set_table,
-    ]));
-    let t = text(&o);
-    assert!(o.status.success(), "{t}");
+    let t = default_stage("precompute-knn", &[&set_table], &[]);
     assert!(t.contains("500 written"), "{t}");
     assert_eq!(
         ids(dir.path().join("stickers-knn.lance").to_str().unwrap())
@@ -333,67 +317,46 @@ async fn the_embedded_default_config_runs() {
     // train reads both tables by default; a few steps here (the demo runs more).
     let run_dir = dir.path().join("train");
     let set_out = format!("train.output_dir={}", run_dir.display());
-    let o = run(bin().args([
+    let t = default_stage(
         "train",
-        "--config",
-        "configs/stickers.toml",
-        "--set",
-        &set_table,
-        "--set",
-        &set_out,
-        "--set",
-        "train.max_steps=4",
-        "--set",
-        "train.batch_size=4",
-        "--set",
-        "train.samples.every_steps=4",
-        "--set",
-        "train.samples.sampler.steps=3",
-    ]));
-    let t = text(&o);
-    assert!(o.status.success(), "{t}");
+        &[
+            &set_table,
+            &set_out,
+            "train.max_steps=4",
+            "train.batch_size=4",
+            "train.samples.every_steps=4",
+            "train.samples.sampler.steps=3",
+        ],
+        &[],
+    );
     assert!(
         t.contains("trained to step 4") && t.contains("parameters"),
         "{t}"
     );
-    assert!(
-        run_dir
-            .join("checkpoints/step-0000000004/MANIFEST.json")
-            .is_file(),
-        "{t}"
-    );
+    let checkpoint = run_dir.join("checkpoints/step-0000000004/MANIFEST.json");
+    assert!(checkpoint.is_file(), "{t}");
     assert!(run_dir.join("samples/step-0000000004.png").is_file(), "{t}");
-    assert_eq!(
-        std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .count(),
-        1
-    );
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 1, "{metrics}");
 
     // sample: text -> retrieval from the embeddings table -> guided DDIM -> two grids.
     let grid = dir.path().join("grid.png");
-    let o = run(bin().args([
+    let t = default_stage(
         "sample",
-        "--config",
-        "configs/stickers.toml",
-        "--set",
-        &set_table,
-        "--set",
-        &set_out,
-        "--prompt",
-        "a red cat",
-        "--prompt",
-        "a rocket",
-        "--steps",
-        "3",
-        "--per-prompt",
-        "2",
-        "--out",
-        grid.to_str().unwrap(),
-    ]));
-    let t = text(&o);
-    assert!(o.status.success(), "{t}");
+        &[&set_table, &set_out],
+        &[
+            "--prompt",
+            "a red cat",
+            "--prompt",
+            "a rocket",
+            "--steps",
+            "3",
+            "--per-prompt",
+            "2",
+            "--out",
+            grid.to_str().unwrap(),
+        ],
+    );
     let img = image::open(&grid).unwrap();
     assert_eq!((img.width(), img.height()), (2 * 64, 2 * 64), "{t}");
     let nb = image::open(dir.path().join("grid-neighbours.png")).unwrap();
@@ -402,6 +365,20 @@ async fn the_embedded_default_config_runs() {
         t.contains("grid-neighbours.png"),
         "says where the grids are: {t}"
     );
+}
+
+/// Runs `stage --config configs/stickers.toml` with `--set` for each of `sets`, then
+/// `extra`; asserts it succeeded and returns its output.
+fn default_stage(stage: &str, sets: &[&str], extra: &[&str]) -> String {
+    let mut cmd = bin();
+    cmd.args([stage, "--config", "configs/stickers.toml"]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let o = run(cmd.args(extra));
+    let t = text(&o);
+    assert!(o.status.success(), "{stage}: {t}");
+    t
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -403,9 +403,12 @@ impl TrainingData {
         Ok(data)
     }
 
+    /// The side of the first training row's image (all rows of an embed table share it).
     async fn probe_image_size(&self) -> Result<usize> {
-        let f = self.fetch(&[0]).await?;
-        let id = f.ids.first().copied().unwrap_or(0);
+        let row = self
+            .take_rows(&self.knn, &self.knn_uri, &[0], &["id"])
+            .await?;
+        let id = row.column(0).as_primitive::<UInt64Type>().value(0);
         let first = self
             .take_rows(
                 &self.emb,

@@ -11,6 +11,7 @@
 //! - [`train`]: the *loop* that wires them together and resumes by itself;
 //! - [`sample`]: text → retrieval → guided sampling → PNG grids.
 
+pub mod autocast;
 pub mod checkpoint;
 pub mod data;
 pub mod diffusion;

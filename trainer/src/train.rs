@@ -13,6 +13,7 @@
 //!   never holds a step twice), sample grids of the held-out rows to
 //!   `<output_dir>/samples/step-N.png`.
 
+use crate::autocast::{set_cuda_autocast_dtype, AutocastDtype};
 use crate::checkpoint::{to_safetensors, CheckpointStore, TrainState};
 use crate::data::{
     condition_tensors, image_tensor, Batch, DataConfig, DataLayout, Loader, SampleSpec,
@@ -161,13 +162,14 @@ impl Default for SampleGridConfig {
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum TrainPrecision {
-    /// f16 autocast on a GPU, f32 on the CPU.
+    /// bf16 autocast on a GPU, f32 on the CPU.
     #[default]
     Auto,
     /// f32 everywhere.
     F32,
-    /// CUDA autocast with dynamic loss scaling (GPU only). libtorch's CUDA autocast runs in
-    /// f16: tch 0.26 exposes no way to pick bf16 for it.
+    /// CUDA autocast in bf16 (GPU only).
+    Bf16,
+    /// CUDA autocast in f16 with dynamic loss scaling (GPU only; for GPUs without bf16).
     F16,
 }
 
@@ -444,14 +446,19 @@ impl DiffusionModel {
 }
 
 /// The weighted diffusion loss of one micro-batch (already on the model's device):
-/// `q_sample`, the U-Net, the per-sample MSE, averaged over the usable rows.
-pub fn batch_loss(model: &DiffusionModel, b: &Batch, autocast: bool) -> Tensor {
+/// `q_sample`, the U-Net, the per-sample MSE, averaged over the usable rows; under CUDA
+/// autocast in `reduced` precision when given.
+pub fn batch_loss(model: &DiffusionModel, b: &Batch, reduced: Option<AutocastDtype>) -> Tensor {
     let cond = Condition {
         emb: b.cond.shallow_clone(),
         present: b.present.shallow_clone(),
         drop: b.drop.shallow_clone(),
     };
-    tch::autocast(autocast, || {
+    if let Some(dtype) = reduced {
+        // Thread-local in libtorch: set on the thread that runs the model.
+        set_cuda_autocast_dtype(dtype);
+    }
+    tch::autocast(reduced.is_some(), || {
         let xt = model.diffusion.q_sample(&b.images, &b.noise, &b.t);
         let out = model.unet.forward(&xt, &b.t, &cond, true);
         let per = model.diffusion.losses(&out, &b.images, &b.noise, &b.t);
@@ -492,15 +499,16 @@ pub async fn train(
     let emb_uri = cfg.data.embeddings.clone().unwrap_or_default();
     let knn_uri = cfg.data.knn.clone().unwrap_or_default();
     let device = cfg.device.resolve("train.device")?;
-    let autocast = match (cfg.precision, device) {
-        (TrainPrecision::F32, _) | (TrainPrecision::Auto, Device::Cpu) => false,
-        (TrainPrecision::F16, Device::Cpu) => {
+    let reduced = match (cfg.precision, device) {
+        (TrainPrecision::F32, _) | (TrainPrecision::Auto, Device::Cpu) => None,
+        (TrainPrecision::Bf16 | TrainPrecision::F16, Device::Cpu) => {
             return Err(TrainerError::config(
                 "train.precision",
-                "f16 autocast needs a GPU; use `auto` or `f32` on the CPU",
+                "bf16 and f16 autocast need a GPU; use `auto` or `f32` on the CPU",
             ))
         }
-        _ => true,
+        (TrainPrecision::F16, _) => Some(AutocastDtype::F16),
+        _ => Some(AutocastDtype::Bf16),
     };
 
     let data = Arc::new(TrainingData::open(&emb_uri, &knn_uri, storage, cfg.k).await?);
@@ -608,7 +616,7 @@ pub async fn train(
         cfg.data.prefetch_batches,
     )?;
 
-    let mut scaler = autocast.then(LossScaler::default);
+    let mut scaler = (reduced == Some(AutocastDtype::F16)).then(LossScaler::default);
     let mut skipped_steps = 0u64;
     let mut last_ckpt = None;
     let (mut last_loss, mut window_losses) = (f64::NAN, Vec::new());
@@ -637,7 +645,7 @@ pub async fn train(
             let b = batch.to_device(device);
             // The model's own randomness (dropout) is keyed by (seed, step, micro-batch).
             tch::manual_seed((cfg.seed ^ (step * accum + a).wrapping_mul(0x9E37_79B9)) as i64);
-            let loss = batch_loss(&model, &b, autocast);
+            let loss = batch_loss(&model, &b, reduced);
             let factor = scaler.as_ref().map_or(1.0, LossScaler::scale) / accum as f64;
             (&loss * factor).backward();
             step_loss += f64::try_from(&loss)? / accum as f64;

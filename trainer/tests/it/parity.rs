@@ -59,6 +59,34 @@ fn values(t: &Tensor) -> Vec<f32> {
     Vec::<f32>::try_from(&t.reshape([-1])).unwrap()
 }
 
+/// One sampler step from the fixture's inputs and noise against diffusers' x̂₀ and x_{t-1}.
+fn step_matches(
+    what: &str,
+    sampler: &dyn Sampler,
+    t: usize,
+    model_output: &Tensor,
+    sample: &Tensor,
+    e: &Value,
+    shape: &[i64],
+) {
+    let out = sampler.step(
+        model_output,
+        t,
+        sample,
+        &tensor(&e["variance_noise"], shape),
+    );
+    close(
+        &format!("{what} x0"),
+        &values(&out.pred_original),
+        &floats(&e["pred_original_sample"]),
+    );
+    close(
+        &format!("{what} prev"),
+        &values(&out.prev_sample),
+        &floats(&e["prev_sample"]),
+    );
+}
+
 #[test]
 fn schedules_and_steps_match_diffusers() {
     let fx = fixture();
@@ -131,19 +159,8 @@ fn schedules_and_steps_match_diffusers() {
             let t = e["t"].as_u64().unwrap() as usize;
             let clip = e["clip_sample"].as_bool().unwrap();
             let ddpm = Ddpm::full(&d, clip);
-            let z = tensor(&e["variance_noise"], &shape);
-            let out = ddpm.step(&model_output, t, &sample, &z);
             let what = format!("{name} DDPM t={t} clip={clip}");
-            close(
-                &format!("{what} x0"),
-                &values(&out.pred_original),
-                &floats(&e["pred_original_sample"]),
-            );
-            close(
-                &format!("{what} prev"),
-                &values(&out.prev_sample),
-                &floats(&e["prev_sample"]),
-            );
+            step_matches(&what, &ddpm, t, &model_output, &sample, e, &shape);
         }
         let ddim_fx = &case["ddim"];
         let steps = ddim_fx["num_inference_steps"].as_u64().unwrap() as usize;
@@ -170,19 +187,8 @@ fn schedules_and_steps_match_diffusers() {
                 "{name} DDIM timesteps"
             );
             let t = e["t"].as_u64().unwrap() as usize;
-            let z = tensor(&e["variance_noise"], &shape);
-            let out = ddim.step(&model_output, t, &sample, &z);
             let what = format!("{name} DDIM t={t} eta={eta} clip={clip}");
-            close(
-                &format!("{what} x0"),
-                &values(&out.pred_original),
-                &floats(&e["pred_original_sample"]),
-            );
-            close(
-                &format!("{what} prev"),
-                &values(&out.prev_sample),
-                &floats(&e["prev_sample"]),
-            );
+            step_matches(&what, ddim.as_ref(), t, &model_output, &sample, e, &shape);
         }
     }
 }
