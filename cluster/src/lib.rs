@@ -7,6 +7,8 @@
 //! Kubernetes Indexed Job (`JOB_COMPLETION_INDEX`, with the count from flags). A process
 //! alone is worker 0 of 1.
 
+pub mod ring;
+
 use std::fmt;
 
 /// What is wrong with a worker slot.
