@@ -6,6 +6,9 @@
 //! Slurm step (`SLURM_PROCID` / `SLURM_NTASKS`), torch-style `RANK` / `WORLD_SIZE`, or a
 //! Kubernetes Indexed Job (`JOB_COMPLETION_INDEX`, with the count from flags). A process
 //! alone is worker 0 of 1.
+//!
+//! [`ring`] holds the CPU collectives (ring all-reduce, broadcast, barrier over TCP) that
+//! data-parallel training synchronises through.
 
 pub mod ring;
 
