@@ -8,9 +8,11 @@
 //! alone is worker 0 of 1.
 //!
 //! [`ring`] holds the CPU collectives (ring all-reduce, broadcast, barrier over TCP) that
-//! data-parallel training synchronises through.
+//! data-parallel training synchronises through; [`store`] the rendezvous key-value store
+//! rank 0 serves so the ranks can find each other.
 
 pub mod ring;
+pub mod store;
 
 use std::fmt;
 
