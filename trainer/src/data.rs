@@ -590,14 +590,19 @@ fn decode_chw(bytes: &[u8], side: usize) -> std::result::Result<Vec<f32>, String
             img.height()
         ));
     }
-    let plane = side * side;
+    Ok(rgb_to_chw(&img))
+}
+
+/// An RGB image as CHW floats in [−1, 1] (the model's pixel range).
+pub fn rgb_to_chw(img: &image::RgbImage) -> Vec<f32> {
+    let plane = (img.width() * img.height()) as usize;
     let mut out = vec![0f32; 3 * plane];
     for (i, px) in img.pixels().enumerate() {
         for c in 0..3 {
             out[c * plane + i] = px[c] as f32 / 127.5 - 1.0;
         }
     }
-    Ok(out)
+    out
 }
 
 /// Per-sample randomness settings.

@@ -317,7 +317,7 @@ mod tests {
     }
 
     /// Two steps of AdamW on f(x) = Σ x², checked against the update rule worked by hand
-    /// (the same numbers `torch.optim.AdamW(lr=0.1, weight_decay=0.01)` gives).
+    /// (the rule `torch.optim.AdamW(lr=0.1, weight_decay=0.01)` documents, not its output).
     #[test]
     fn adamw_follows_the_update_rule() {
         let mut x = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);

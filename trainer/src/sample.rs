@@ -447,14 +447,7 @@ async fn neighbour_images(
                     side as u32,
                     image::imageops::FilterType::Triangle,
                 );
-                let mut v = vec![0f32; plane];
-                let p = side * side;
-                for (i, q) in im.pixels().enumerate() {
-                    for c in 0..3 {
-                        v[c * p + i] = q[c] as f32 / 127.5 - 1.0;
-                    }
-                }
-                Some(v)
+                Some(crate::data::rgb_to_chw(&im))
             });
             px.extend(img.unwrap_or_else(|| vec![0f32; plane]));
         }
