@@ -9,8 +9,12 @@
 //!
 //! [`ring`] holds the CPU collectives (ring all-reduce, broadcast, barrier over TCP) that
 //! data-parallel training synchronises through; [`store`] the rendezvous key-value store
-//! rank 0 serves so the ranks can find each other.
+//! rank 0 serves so the ranks can find each other; [`rendezvous`] reads a rank's place from
+//! the launcher's environment; [`group`] joins the ranks into a process group whose
+//! collectives work on tensors, over TCP or NCCL.
 
+pub mod group;
+pub mod rendezvous;
 pub mod ring;
 pub mod store;
 
@@ -25,6 +29,12 @@ pub enum ClusterError {
     /// An environment variable holds no number.
     #[error("environment variable {name}={value:?} is not a non-negative integer")]
     BadEnv { name: &'static str, value: String },
+    /// A launcher's variables are only partly set.
+    #[error("{launcher} is set but {name} is not: set {name} (or launch with `knn-diffusion launch`, `srun` or a rendered job)")]
+    MissingEnv {
+        name: &'static str,
+        launcher: &'static str,
+    },
     /// An index came from the environment but no count did.
     #[error("{name} gives this worker's index but nothing gives the worker count; pass --workers")]
     MissingCount { name: &'static str },

@@ -44,6 +44,29 @@ pub enum CollectiveError {
         got: usize,
         want: usize,
     },
+    /// The rendezvous store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// Rank 0's host name does not resolve.
+    #[error("MASTER_ADDR {host:?} does not resolve: {reason}")]
+    Resolve { host: String, reason: String },
+    /// Two ranks were started with different world sizes.
+    #[error("rank {rank} was started with world size {theirs:?} but this rank with {ours}: start every rank from the same job")]
+    WorldMismatch {
+        rank: usize,
+        theirs: String,
+        ours: usize,
+    },
+    /// NCCL or CUDA refused.
+    #[error("NCCL {what}: {reason}")]
+    Nccl { what: &'static str, reason: String },
+    /// A GPU collective did not finish in time.
+    #[error("NCCL {op} over {world} ranks did not finish within {timeout_s} s: a rank is lost or frozen (the communicator was aborted)")]
+    Timeout {
+        op: &'static str,
+        world: usize,
+        timeout_s: f64,
+    },
     /// The layout is impossible.
     #[error("rank {rank} of {world} with {addrs} addresses is not a valid ring")]
     Layout {
@@ -93,6 +116,26 @@ impl TcpRing {
     /// Joins the ring: listens on `addrs[rank]`, connects to `addrs[rank + 1]` (retrying until
     /// `timeout`, as peers start in any order) and accepts rank − 1.
     pub fn connect(rank: usize, addrs: &[SocketAddr], timeout: Duration) -> Result<Self> {
+        if addrs.len() < 2 || rank >= addrs.len() {
+            return Self::join(rank, None, addrs, timeout);
+        }
+        let listener =
+            TcpListener::bind(addrs[rank]).map_err(|source| CollectiveError::Listen {
+                rank,
+                addr: addrs[rank],
+                source,
+            })?;
+        Self::join(rank, Some(listener), addrs, timeout)
+    }
+
+    /// Joins the ring on a listener already bound to `addrs[rank]` (the rendezvous binds
+    /// port 0 first, then publishes the port it got). `None` only for a ring of one.
+    pub fn join(
+        rank: usize,
+        listener: Option<TcpListener>,
+        addrs: &[SocketAddr],
+        timeout: Duration,
+    ) -> Result<Self> {
         let world = addrs.len();
         if world == 0 || rank >= world {
             return Err(CollectiveError::Layout {
@@ -109,15 +152,17 @@ impl TcpRing {
             next: None,
             prev: None,
         };
-        if world == 1 {
-            return Ok(ring);
-        }
-        let listener =
-            TcpListener::bind(addrs[rank]).map_err(|source| CollectiveError::Listen {
-                rank,
-                addr: addrs[rank],
-                source,
-            })?;
+        let listener = match listener {
+            _ if world == 1 => return Ok(ring),
+            Some(l) => l,
+            None => {
+                return Err(CollectiveError::Layout {
+                    rank,
+                    world,
+                    addrs: addrs.len(),
+                })
+            }
+        };
         let next_rank = (rank + 1) % world;
         let deadline = Instant::now() + timeout;
         let next = loop {
