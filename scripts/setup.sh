@@ -46,8 +46,9 @@ if [[ "$(readlink .libtorch 2>/dev/null)" != "$TORCH_DIR" ]]; then
 fi
 # cudarc's NCCL loader looks for libnccl.so; the wheel ships only libnccl.so.2.
 NCCL_DIR=$(.venv/bin/python -c "import os,nvidia.nccl as n; print(os.path.join(list(n.__path__)[0],'lib'))" 2>/dev/null || true)
-if [[ -n "$NCCL_DIR" && -e "$NCCL_DIR/libnccl.so.2" && ! -e "$NCCL_DIR/libnccl.so" ]]; then
-  ln -s libnccl.so.2 "$NCCL_DIR/libnccl.so"
+# Link it beside libtorch, whose lib/ is already on the binaries' run path (.cargo/config.toml).
+if [[ -n "$NCCL_DIR" && -e "$NCCL_DIR/libnccl.so.2" && ! -e "$TORCH_DIR/lib/libnccl.so" ]]; then
+  ln -s "$NCCL_DIR/libnccl.so.2" "$TORCH_DIR/lib/libnccl.so"
 fi
 
 # --- embedded default dataset ------------------------------------------------------------

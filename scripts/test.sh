@@ -20,6 +20,10 @@ if [[ "$(cat $FIX/.stamp 2>/dev/null)" != "$STAMP" ]]; then
   .venv/bin/python python/make_diffusion_fixture.py --out "$FIX"
   echo "$STAMP" > "$FIX/.stamp"
 fi
+# A one-node Slurm on 127.0.0.1 for the job-submission tests (stopped when the tests end).
+bash scripts/slurm.sh start
+export SLURM_CONF="$PWD/target/slurm/slurm.conf"
+trap 'bash scripts/slurm.sh stop' EXIT
 LOG=target/test-output.log
 set +e
 cargo test --workspace --all-targets "$@" 2>&1 | tee "$LOG"

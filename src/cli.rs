@@ -52,16 +52,90 @@ pub enum Command {
     /// `train.cond_drop_prob` for classifier-free guidance). Writes metrics.jsonl, sample
     /// grids and checkpoints under `train.output_dir`; rerun the same command to resume from
     /// the newest valid checkpoint (a corrupted one is skipped with a warning).
-    Train(ConfigArgs),
+    Train(TrainArgs),
     /// Generate images from text: each prompt's CLIP text embedding retrieves its k nearest
     /// image embeddings from `--retrieval-db` (any embeddings table: swap it to change the
     /// output distribution without retraining), then the model samples with classifier-free
     /// guidance. Writes a grid of samples (a row per prompt) and a grid of the retrieved
     /// neighbours' images.
     Sample(SampleArgs),
+    /// Submit a job file (configs/jobs/*.toml): a stage, its config, resources and a backend.
+    /// `local` runs the processes here (training as data-parallel ranks, embed and
+    /// precompute-knn as workers splitting the shards); `slurm` renders an sbatch script
+    /// (array job for sharded stages, `srun` with one task per GPU for train, SIGUSR1 before
+    /// the time limit so training checkpoints and requeues) and submits it, printing the job
+    /// id; `kubernetes` renders an Indexed Job with a headless Service and applies it.
+    Submit(SubmitArgs),
+    /// Start data-parallel ranks (or shard workers) on this node, torchrun style: sets RANK,
+    /// WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT for each, tags
+    /// their logs with the rank, forwards SIGTERM and stops the others when one fails.
+    /// Example: `knn-diffusion launch --nproc-per-node 2 -- train --config configs/stickers.toml`.
+    Launch(LaunchArgs),
     /// Measure a stage on this machine against its peers and write BENCHMARKS.md.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// Flags of `submit`.
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The job file (TOML with [job], [resources], [slurm], [kubernetes]).
+    pub job: PathBuf,
+
+    /// Override the job's backend.
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendArg>,
+
+    /// Print the sbatch script / manifest / command lines instead of submitting.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// The knn-diffusion binary the job runs (default: this one).
+    #[arg(long, value_name = "PATH")]
+    pub binary: Option<PathBuf>,
+}
+
+/// Where a job runs.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum BackendArg {
+    /// Processes on this machine.
+    Local,
+    /// Slurm's sbatch.
+    Slurm,
+    /// kubectl apply.
+    Kubernetes,
+}
+
+/// Flags of `launch`.
+#[derive(Debug, Args)]
+pub struct LaunchArgs {
+    /// Processes on this node (one per GPU for training).
+    #[arg(long, default_value_t = 1)]
+    pub nproc_per_node: usize,
+
+    /// Nodes in the job.
+    #[arg(long, default_value_t = 1)]
+    pub nnodes: usize,
+
+    /// This node's index (a Kubernetes Indexed Job passes its completion index).
+    #[arg(long, default_value_t = 0, env = "JOB_COMPLETION_INDEX")]
+    pub node_rank: usize,
+
+    /// Rank 0's host.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub master_addr: String,
+
+    /// Rank 0's rendezvous port (0: any free port, one node only).
+    #[arg(long, default_value_t = 0)]
+    pub master_port: u16,
+
+    /// Seconds the others get to checkpoint and exit after one fails or a stop is asked.
+    #[arg(long, default_value_t = 120)]
+    pub grace_s: u64,
+
+    /// The knn-diffusion subcommand and its flags, after `--`.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
 }
 
 /// Flags of `embed`.
@@ -89,6 +163,18 @@ pub struct ConfigArgs {
     /// Also write the summary as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub summary_json: Option<PathBuf>,
+}
+
+/// Flags of `train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+
+    /// When a signal (SIGTERM, SIGUSR1) stops training early, rank 0 writes the step it
+    /// checkpointed to this file, so a batch script knows to requeue the job.
+    #[arg(long, value_name = "FILE")]
+    pub requeue_marker: Option<PathBuf>,
 }
 
 /// Flags of `sample`.

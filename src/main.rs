@@ -80,6 +80,14 @@ fn try_main(cli: Cli) -> Result<()> {
         Command::PrecomputeKnn(args) => runtime.block_on(run_precompute_knn(args, cli.log_format)),
         Command::Train(args) => runtime.block_on(run_train(args, cli.log_format)),
         Command::Sample(args) => runtime.block_on(run_sample(args)),
+        Command::Submit(args) => {
+            let _guard = runtime.enter();
+            run_submit(args)
+        }
+        Command::Launch(args) => {
+            let _guard = runtime.enter();
+            run_launch(args)
+        }
         Command::Bench(BenchCommand::Train(args)) => {
             let wait = runtime.block_on(loader_wait(&args))?;
             let md = runtime.block_on(bench::train::run(&args, wait))?;
@@ -180,10 +188,15 @@ async fn run_precompute_knn(args: EmbedArgs, log_format: LogFormat) -> Result<()
     write_summary(summary_json.as_deref(), &summary)
 }
 
-async fn run_train(args: ConfigArgs, log_format: LogFormat) -> Result<()> {
+async fn run_train(args: cli::TrainArgs, log_format: LogFormat) -> Result<()> {
+    let requeue_marker = args.requeue_marker;
+    let args = args.config;
     let project = config::load(&args.config, &args.overrides)?;
     let cfg = project.train(&args.config)?;
-    let bar = (log_format == LogFormat::Human && std::io::stderr().is_terminal()).then(|| {
+    let rdv = knn_cluster::rendezvous::Rendezvous::from_env()?;
+    let stop = stop_on_signals()?;
+    let show_bar = log_format == LogFormat::Human && std::io::stderr().is_terminal();
+    let bar = (show_bar && rdv.rank == 0).then(|| {
         let bar = indicatif::ProgressBar::new(cfg.max_steps);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -201,9 +214,19 @@ async fn run_train(args: ConfigArgs, log_format: LogFormat) -> Result<()> {
                 p.loss, p.lr, p.images_per_s
             ));
         }
-        std::ops::ControlFlow::Continue(())
+        match stop.load(std::sync::atomic::Ordering::SeqCst) {
+            true => std::ops::ControlFlow::Break(()),
+            false => std::ops::ControlFlow::Continue(()),
+        }
     };
-    let summary = knn_trainer::train(&cfg, &project.storage, &mut on_step).await?;
+    let summary = knn_trainer::train(&cfg, &project.storage, &rdv, &mut on_step).await?;
+    if summary.step < cfg.max_steps && summary.rank == 0 {
+        // Stopped by a signal with its checkpoint written: tell a Slurm script to requeue.
+        if let Some(marker) = requeue_marker {
+            std::fs::write(&marker, format!("{}\n", summary.step))
+                .with_context(|| format!("writing the requeue marker {}", marker.display()))?;
+        }
+    }
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
@@ -219,6 +242,89 @@ async fn run_train(args: ConfigArgs, log_format: LogFormat) -> Result<()> {
         summary.metrics.display()
     );
     write_summary(args.summary_json.as_deref(), &summary)
+}
+
+fn run_submit(args: cli::SubmitArgs) -> Result<()> {
+    use knn_cluster::job::{BackendKind, Job, JobConfig};
+    use knn_cluster::launch::Submitted;
+    let text = std::fs::read_to_string(&args.job)
+        .with_context(|| format!("reading the job file {}", args.job.display()))?;
+    let cfg: JobConfig =
+        toml::from_str(&text).with_context(|| format!("job file {}", args.job.display()))?;
+    let binary = match args.binary {
+        Some(b) => b,
+        None => std::env::current_exe().context("finding this binary")?,
+    };
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    let job = Job::new(&args.job, cfg, &cwd, binary)?;
+    let backend = match args.backend {
+        Some(cli::BackendArg::Local) => BackendKind::Local,
+        Some(cli::BackendArg::Slurm) => BackendKind::Slurm,
+        Some(cli::BackendArg::Kubernetes) => BackendKind::Kubernetes,
+        None => job.cfg.job.backend,
+    };
+    let stop = stop_on_signals()?;
+    match knn_cluster::launch::submit(&job, backend, args.dry_run, &stop)? {
+        Submitted::DryRun(text) => print!("{text}"),
+        Submitted::Local { processes } => eprintln!(
+            "job `{}` ({}) finished: {processes} process(es) on this machine",
+            job.cfg.job.name,
+            job.stage().command()
+        ),
+        Submitted::Slurm { job_id, script } => {
+            println!("{job_id}");
+            eprintln!(
+                "submitted Slurm job {job_id} (script {}); watch it with `squeue -j {job_id}`",
+                script.display()
+            );
+        }
+        Submitted::Kubernetes { output } => {
+            println!("{output}");
+            eprintln!(
+                "applied; watch it with `kubectl get pods -l job-name={}`",
+                job.cfg.job.name
+            );
+        }
+    }
+    Ok(())
+}
+
+fn run_launch(args: cli::LaunchArgs) -> Result<()> {
+    let launch = knn_cluster::launch::LocalLaunch {
+        program: std::env::current_exe().context("finding this binary")?,
+        args: args.command,
+        nproc_per_node: args.nproc_per_node,
+        nnodes: args.nnodes,
+        node_rank: args.node_rank,
+        master_addr: args.master_addr,
+        master_port: args.master_port,
+        workdir: None,
+        grace_s: args.grace_s,
+    };
+    let stop = stop_on_signals()?;
+    launch.run(&stop)?;
+    Ok(())
+}
+
+/// A flag set by SIGTERM or SIGUSR1 (Slurm's `--signal`, Kubernetes' pod termination): the
+/// trainer then checkpoints at the end of the current step, on every rank, and exits 0.
+fn stop_on_signals() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for (kind, name) in [
+        (SignalKind::terminate(), "SIGTERM"),
+        (SignalKind::user_defined1(), "SIGUSR1"),
+    ] {
+        let mut stream = signal(kind).with_context(|| format!("listening for {name}"))?;
+        let flag = flag.clone();
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                tracing::warn!("{name}: checkpointing at the end of this step, then exiting");
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+    }
+    Ok(flag)
 }
 
 /// `bench train`'s data-loader measurement: a real `train` run of `loader_steps` steps on
@@ -237,7 +343,8 @@ async fn loader_wait(args: &cli::BenchTrainArgs) -> Result<Option<(f64, f64, u64
     cfg.checkpoint.every_steps = args.loader_steps;
     cfg.samples.every_steps = 0;
     cfg.batch_size = args.batch;
-    let summary = knn_trainer::train(&cfg, &project.storage, &mut |_| {
+    let single = knn_cluster::rendezvous::Rendezvous::single();
+    let summary = knn_trainer::train(&cfg, &project.storage, &single, &mut |_| {
         std::ops::ControlFlow::Continue(())
     })
     .await

@@ -133,15 +133,14 @@ pub fn join(
     if rdv.rank == 0 {
         // Listen where the others will look; fall back to every interface when the master
         // name resolves to an address this host cannot bind (NAT, a service name).
-        let server = StoreServer::start(master).or_else(|_| {
+        // The server runs on its own threads for the life of the process.
+        StoreServer::start(master).or_else(|_| {
             let any = match master.ip() {
                 IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
                 IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
             };
             StoreServer::start(SocketAddr::new(any, master.port()))
         })?;
-        // The server runs on its own threads for the life of the process.
-        std::mem::forget(server);
     }
     let mut store = StoreClient::connect(master, opts.timeout)?;
     let own_ip = local_ip_towards(master);

@@ -10,10 +10,13 @@
 //! [`ring`] holds the CPU collectives (ring all-reduce, broadcast, barrier over TCP) that
 //! data-parallel training synchronises through; [`store`] the rendezvous key-value store
 //! rank 0 serves so the ranks can find each other; [`rendezvous`] reads a rank's place from
-//! the launcher's environment; [`group`] joins the ranks into a process group whose
+//! the launcher's environment; [`job`] and [`launch`] describe and start jobs (local
+//! processes, Slurm, Kubernetes); [`group`] joins the ranks into a process group whose
 //! collectives work on tensors, over TCP or NCCL.
 
 pub mod group;
+pub mod job;
+pub mod launch;
 pub mod rendezvous;
 pub mod ring;
 pub mod store;

@@ -7,19 +7,30 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn bin() -> Command {
+pub(crate) fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_knn-diffusion"));
     c.current_dir(env!("CARGO_MANIFEST_DIR"));
     // Keep the user's environment from leaking config into tests.
     for (k, _) in std::env::vars() {
-        if k.starts_with("KNN_") || k.starts_with("AWS_") {
+        let launcher = k.starts_with("SLURM_")
+            || [
+                "RANK",
+                "WORLD_SIZE",
+                "LOCAL_RANK",
+                "LOCAL_WORLD_SIZE",
+                "MASTER_ADDR",
+                "MASTER_PORT",
+                "JOB_COMPLETION_INDEX",
+            ]
+            .contains(&k.as_str());
+        if k.starts_with("KNN_") || k.starts_with("AWS_") || launcher {
             c.env_remove(k);
         }
     }
     c
 }
 
-fn write_images(dir: &Path, n: u32) {
+pub(crate) fn write_images(dir: &Path, n: u32) {
     std::fs::create_dir_all(dir).unwrap();
     for i in 0..n {
         std::fs::write(dir.join(format!("{i:05}.png")), png(24, 18, i as u8)).unwrap();
@@ -53,7 +64,7 @@ shards_in_flight = 1
 
 /// A folder source of `images` PNGs (shards of 5) and a config writing to `table` below a
 /// fresh temporary directory, which the caller keeps alive.
-fn local_job(images: u32, table: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+pub(crate) fn local_job(images: u32, table: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
     write_images(&src, images);
@@ -88,11 +99,11 @@ fn kill_at_version(child: &mut std::process::Child, table: &Path, versions: usiz
     child.wait().unwrap();
 }
 
-fn run(cmd: &mut Command) -> Output {
+pub(crate) fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("run knn-diffusion")
 }
 
-fn text(o: &Output) -> String {
+pub(crate) fn text(o: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
@@ -100,7 +111,7 @@ fn text(o: &Output) -> String {
     )
 }
 
-async fn ids(table: &str) -> Vec<u64> {
+pub(crate) async fn ids(table: &str) -> Vec<u64> {
     crate::tables::u64_column(table, "id").await
 }
 

@@ -1,11 +1,13 @@
 //! The `knn-diffusion` CLI end to end: help, config errors, kill -9 and resume, S3 on
-//! loopback, and the embedded default.
+//! loopback, the embedded default, data-parallel training and job submission.
 
 mod cli;
+mod distributed;
 #[path = "../support/images.rs"]
 #[allow(dead_code)]
 mod images;
 #[path = "../support/s3_server.rs"]
 mod s3_server;
+mod slurm;
 #[path = "../support/tables.rs"]
 mod tables;

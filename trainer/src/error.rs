@@ -61,6 +61,9 @@ pub enum TrainerError {
     /// libtorch raised an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// A collective or the rendezvous of a data-parallel job failed.
+    #[error("data-parallel training: {0}")]
+    Collective(#[from] knn_cluster::ring::CollectiveError),
     /// The data loader thread stopped.
     #[error("data loader: {0}")]
     Loader(String),

@@ -7,6 +7,7 @@
 //! - [`unet`]: the *network*: an ADM U-Net with kNN context tokens and null tokens;
 //! - [`data`]: the Lance tables as batches: deterministic order, rank split, prefetch;
 //! - [`optim`]: AdamW, the learning-rate schedule, clipping, EMA;
+//! - [`parallel`]: data parallelism over a process group (broadcast, gradient averaging);
 //! - [`checkpoint`]: safetensors + JSON state + SHA-256 manifest, on disk or object storage;
 //! - [`train`]: the *loop* that wires them together and resumes by itself;
 //! - [`sample`]: text → retrieval → guided sampling → PNG grids.
@@ -17,6 +18,7 @@ pub mod data;
 pub mod diffusion;
 pub mod error;
 pub mod optim;
+pub mod parallel;
 pub mod sample;
 pub mod train;
 pub mod unet;

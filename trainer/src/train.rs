@@ -21,9 +21,11 @@ use crate::data::{
 };
 use crate::diffusion::{DiffusionConfig, GaussianDiffusion, SamplerConfig};
 use crate::optim::{clip_grad_norm, AdamW, Ema, LossScaler, OptimConfig};
+use crate::parallel::{define_gradients, DataParallel, DistributedConfig};
 use crate::sample::{generate, write_grid};
 use crate::unet::{parameter_count, Condition, UNet, UNetConfig, UNetPreset};
 use crate::{Result, TrainerError};
+use knn_cluster::rendezvous::Rendezvous;
 use knn_datasets::StorageConfig;
 use knn_indexer::embed::DeviceChoice;
 use serde::{Deserialize, Serialize};
@@ -225,6 +227,9 @@ pub struct TrainConfig {
     /// Sample grids during training.
     #[serde(default)]
     pub samples: SampleGridConfig,
+    /// How the ranks of a data-parallel job talk.
+    #[serde(default)]
+    pub distributed: DistributedConfig,
 }
 
 fn default_output_dir() -> String {
@@ -299,8 +304,9 @@ pub struct TrajectoryConfig {
     pub optim: OptimConfig,
     /// Seed.
     pub seed: u64,
-    /// Per-rank batch.
-    pub batch_size: usize,
+    /// Samples per micro-batch over all ranks (`batch_size` x world size): a job may resume
+    /// on another number of ranks when this stays the same.
+    pub global_batch_size: usize,
     /// Accumulation.
     pub grad_accum: usize,
     /// Condition drop.
@@ -381,8 +387,12 @@ pub struct TrainSummary {
     pub step_time_s: f64,
     /// Fraction of step time spent waiting for data.
     pub data_wait_fraction: f64,
-    /// Metrics file.
+    /// Metrics file (written by rank 0).
     pub metrics: PathBuf,
+    /// This process's rank.
+    pub rank: usize,
+    /// Ranks that trained together.
+    pub world_size: usize,
 }
 
 /// A model and its process, ready to train or sample.
@@ -490,15 +500,21 @@ pub fn optimiser_step(
 /// Trains (or resumes) per `cfg`. `progress` is called after every optimiser step; when it
 /// returns `Break` (a stop request: preemption, a test) a checkpoint of that step is written
 /// and training returns early.
+///
+/// `rdv` says where this process sits in a data-parallel job ([`Rendezvous::single`] for one
+/// process): every rank reads its own slice of each global batch, gradients are averaged
+/// across ranks, a stop request on any rank stops all of them at the same step, and only
+/// rank 0 writes checkpoints, metrics and sample grids.
 pub async fn train(
     cfg: &TrainConfig,
     storage: &StorageConfig,
+    rdv: &Rendezvous,
     progress: &mut dyn FnMut(&TrainProgress) -> ControlFlow<()>,
 ) -> Result<TrainSummary> {
     cfg.validate()?;
     let emb_uri = cfg.data.embeddings.clone().unwrap_or_default();
     let knn_uri = cfg.data.knn.clone().unwrap_or_default();
-    let device = cfg.device.resolve("train.device")?;
+    let device = DataParallel::rank_device(cfg.device.resolve("train.device")?, rdv);
     let reduced = match (cfg.precision, device) {
         (TrainPrecision::F32, _) | (TrainPrecision::Auto, Device::Cpu) => None,
         (TrainPrecision::Bf16 | TrainPrecision::F16, Device::Cpu) => {
@@ -511,13 +527,15 @@ pub async fn train(
         _ => Some(AutocastDtype::Bf16),
     };
 
+    let mut dp = DataParallel::join(rdv, &cfg.distributed, device)?;
+    let primary = dp.is_primary();
     let data = Arc::new(TrainingData::open(&emb_uri, &knn_uri, storage, cfg.k).await?);
     let holdout = cfg
         .data
         .holdout_rows
         .min(data.rows.saturating_sub(1) as usize);
     let train_rows = data.rows - holdout as u64;
-    let layout = DataLayout::new(train_rows, cfg.batch_size, 0, 1)?;
+    let layout = DataLayout::new(train_rows, cfg.batch_size, dp.rank(), dp.world())?;
     let unet_cfg = cfg.model.resolve(data.image_size_px, data.dim, cfg.k)?;
 
     let trajectory = TrajectoryConfig {
@@ -525,7 +543,7 @@ pub async fn train(
         diffusion: cfg.diffusion.clone(),
         optim: cfg.optim.clone(),
         seed: cfg.seed,
-        batch_size: cfg.batch_size,
+        global_batch_size: cfg.batch_size * dp.world(),
         grad_accum: cfg.grad_accum,
         cond_drop_prob: cfg.cond_drop_prob,
         flip: cfg.data.flip,
@@ -538,6 +556,7 @@ pub async fn train(
 
     let model = DiffusionModel::new(&unet_cfg, &cfg.diffusion, device, cfg.seed)?;
     let params = model.named_parameters();
+    define_gradients(&params);
     let n_params = parameter_count(&model.vs);
     tracing::info!(
         parameters = n_params,
@@ -546,6 +565,8 @@ pub async fn train(
         rows = data.rows,
         train_rows,
         device = ?device,
+        rank = dp.rank(),
+        world = dp.world(),
         "U-Net with {:.2}M parameters",
         n_params as f64 / 1e6
     );
@@ -553,8 +574,20 @@ pub async fn train(
     let mut ema = Ema::new(&params, cfg.optim.ema_decay);
     let store = CheckpointStore::open(&cfg.checkpoint_url(), storage, cfg.checkpoint.keep_last)?;
 
+    // Rank 0 picks the checkpoint (0: none); every rank loads that same one.
+    let latest = if primary {
+        store.latest_valid().await?
+    } else {
+        None
+    };
+    let chosen = dp.broadcast_u64(latest.as_ref().map_or(0, |c| c.step))?;
     let mut step = 0u64;
-    if let Some(ck) = store.latest_valid().await? {
+    let found = match (latest, chosen) {
+        (Some(c), _) => Some(c),
+        (None, 0) => None,
+        (None, s) => Some(store.load(s).await?),
+    };
+    if let Some(ck) = found {
         let state = ck.state()?;
         if state.config_hash != hash {
             let mut diffs = Vec::new();
@@ -589,13 +622,19 @@ pub async fn train(
         tracing::info!(step, checkpoint = %ck.location, "resuming");
     }
     let resumed_from = step;
+    // Identical replicas from the first step, however each rank initialised or loaded.
+    let param_tensors: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
+    dp.broadcast(&param_tensors)?;
 
     let out_dir = PathBuf::from(&cfg.output_dir);
     std::fs::create_dir_all(&out_dir).map_err(|e| TrainerError::io(&out_dir, e))?;
     let metrics_path = out_dir.join("metrics.jsonl");
-    let mut metrics = open_metrics(&metrics_path, step)?;
+    let mut metrics = match primary {
+        true => Some(open_metrics(&metrics_path, step)?),
+        false => None,
+    };
 
-    let holdout_cond = if holdout > 0 && cfg.samples.every_steps > 0 {
+    let holdout_cond = if primary && holdout > 0 && cfg.samples.every_steps > 0 {
         Some(data.fetch(&data.holdout_offsets(holdout)).await?)
     } else {
         None
@@ -643,13 +682,17 @@ pub async fn train(
             }
             bad_rows += batch.problems.len() as u64;
             let b = batch.to_device(device);
-            // The model's own randomness (dropout) is keyed by (seed, step, micro-batch).
-            tch::manual_seed((cfg.seed ^ (step * accum + a).wrapping_mul(0x9E37_79B9)) as i64);
+            // The model's own randomness (dropout) is keyed by (seed, step, micro-batch, rank).
+            let rank_key = (dp.rank() as u64).wrapping_mul(0xA24B_AED4_963E_E407);
+            tch::manual_seed(
+                (cfg.seed ^ (step * accum + a).wrapping_mul(0x9E37_79B9) ^ rank_key) as i64,
+            );
             let loss = batch_loss(&model, &b, reduced);
             let factor = scaler.as_ref().map_or(1.0, LossScaler::scale) / accum as f64;
             (&loss * factor).backward();
             step_loss += f64::try_from(&loss)? / accum as f64;
         }
+        dp.average_gradients(&params)?;
         let (grad_norm, finite) = optimiser_step(
             &params,
             &mut opt,
@@ -668,6 +711,17 @@ pub async fn train(
         }
         step += 1;
         steps_run += 1;
+        let asked = progress(&TrainProgress {
+            step,
+            max_steps: cfg.max_steps,
+            loss: step_loss,
+            lr,
+            images_per_s: (accum * cfg.batch_size as u64 * dp.world() as u64) as f64
+                / step_started.elapsed().as_secs_f64().max(1e-9),
+        })
+        .is_break();
+        // Every rank logs the same mean loss and stops at the same step.
+        let (step_loss, stop) = dp.agree(step_loss, asked)?;
         last_loss = step_loss;
         window_losses.push(step_loss);
         recent_losses.push(step_loss);
@@ -677,7 +731,9 @@ pub async fn train(
 
         if step.is_multiple_of(cfg.log_every) || step == cfg.max_steps {
             let secs = window_start.elapsed().as_secs_f64();
-            let images = (window_losses.len() as u64 * accum * cfg.batch_size as u64) as f64;
+            let images =
+                (window_losses.len() as u64 * accum * cfg.batch_size as u64 * dp.world() as u64)
+                    as f64;
             let line = serde_json::json!({
                 "step": step,
                 "loss": step_loss,
@@ -690,31 +746,26 @@ pub async fn train(
                 "bad_rows": bad_rows,
                 "skipped_steps": skipped_steps,
             });
-            writeln!(metrics, "{line}")
-                .and_then(|_| metrics.flush())
-                .map_err(|e| TrainerError::io(&metrics_path, e))?;
-            tracing::info!(step, loss = step_loss, lr, grad_norm, "step");
+            if let Some(m) = metrics.as_mut() {
+                writeln!(m, "{line}")
+                    .and_then(|_| m.flush())
+                    .map_err(|e| TrainerError::io(&metrics_path, e))?;
+                tracing::info!(step, loss = step_loss, lr, grad_norm, "step");
+            }
             window_losses.clear();
             window_wait = 0.0;
             window_start = Instant::now();
         }
-        let stop = progress(&TrainProgress {
-            step,
-            max_steps: cfg.max_steps,
-            loss: step_loss,
-            lr,
-            images_per_s: (accum * cfg.batch_size as u64) as f64
-                / step_started.elapsed().as_secs_f64().max(1e-9),
-        })
-        .is_break();
-        if stop || step.is_multiple_of(cfg.checkpoint.every_steps) || step == cfg.max_steps {
+        let at_checkpoint =
+            stop || step.is_multiple_of(cfg.checkpoint.every_steps) || step == cfg.max_steps;
+        if primary && at_checkpoint {
             let state = TrainState {
                 step,
                 cursor: layout.cursor(step * accum),
                 seed: cfg.seed,
                 config_hash: hash.clone(),
                 config: trajectory_json.clone(),
-                world_size: 1,
+                world_size: dp.world(),
                 recent_losses: std::mem::take(&mut recent_losses),
             };
             let files = vec![
@@ -765,12 +816,17 @@ pub async fn train(
             }
         }
         if stop {
+            // The others wait for rank 0's checkpoint before they exit.
+            dp.barrier()?;
             tracing::info!(
                 step,
                 "stopping early on request; the checkpoint above resumes it"
             );
             break;
         }
+    }
+    if step == cfg.max_steps {
+        dp.barrier()?;
     }
     let elapsed = run_start.elapsed().as_secs_f64();
     let step_time = elapsed / steps_run.max(1) as f64;
@@ -793,6 +849,8 @@ pub async fn train(
             0.0
         },
         metrics: metrics_path,
+        rank: dp.rank(),
+        world_size: dp.world(),
     })
 }
 

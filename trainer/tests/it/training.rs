@@ -2,6 +2,7 @@
 //! their own embeddings, bit-exact resume, corrupt-checkpoint fallback, and config errors.
 
 use crate::fixtures::{image, tables, SIDE};
+use knn_cluster::rendezvous::Rendezvous;
 use knn_datasets::StorageConfig;
 use knn_trainer::checkpoint::CheckpointStore;
 use knn_trainer::data::TrainingData;
@@ -58,9 +59,14 @@ async fn overfits_a_handful_and_samples_them_back() {
     cfg.optim.warmup_steps = 20;
     cfg.optim.ema_decay = 0.0;
     cfg.checkpoint.every_steps = 1000;
-    let s = train(&cfg, &StorageConfig::default(), &mut go)
-        .await
-        .unwrap();
+    let s = train(
+        &cfg,
+        &StorageConfig::default(),
+        &Rendezvous::single(),
+        &mut go,
+    )
+    .await
+    .unwrap();
     let l = losses(&s.metrics);
     let first: f64 = l[..10].iter().map(|x| x.1).sum::<f64>() / 10.0;
     let last: f64 = l[l.len() - 20..].iter().map(|x| x.1).sum::<f64>() / 20.0;
@@ -137,7 +143,9 @@ async fn resume_is_bit_identical_and_survives_a_corrupt_checkpoint() {
     b.output_dir = b_dir.join("run").to_string_lossy().to_string();
     let st = StorageConfig::default();
 
-    let sa = train(&a, &st, &mut go).await.unwrap();
+    let sa = train(&a, &st, &Rendezvous::single(), &mut go)
+        .await
+        .unwrap();
     assert_eq!((sa.resumed_from, sa.step), (0, 8));
 
     // Stop after step 3 (an odd step: the stop writes its own checkpoint), then resume.
@@ -148,9 +156,13 @@ async fn resume_is_bit_identical_and_survives_a_corrupt_checkpoint() {
             ControlFlow::Continue(())
         }
     };
-    let s1 = train(&b, &st, &mut stop_at_3).await.unwrap();
+    let s1 = train(&b, &st, &Rendezvous::single(), &mut stop_at_3)
+        .await
+        .unwrap();
     assert_eq!(s1.step, 3);
-    let s2 = train(&b, &st, &mut go).await.unwrap();
+    let s2 = train(&b, &st, &Rendezvous::single(), &mut go)
+        .await
+        .unwrap();
     assert_eq!((s2.resumed_from, s2.step), (3, 8));
     assert_eq!(
         model_bytes(&a_dir, 8),
@@ -180,7 +192,9 @@ async fn resume_is_bit_identical_and_survives_a_corrupt_checkpoint() {
         "{err}"
     );
     assert_eq!(store.latest_valid().await.unwrap().unwrap().step, 6);
-    let s3 = train(&b, &st, &mut go).await.unwrap();
+    let s3 = train(&b, &st, &Rendezvous::single(), &mut go)
+        .await
+        .unwrap();
     assert_eq!((s3.resumed_from, s3.step), (6, 8));
     assert_eq!(model_bytes(&a_dir, 8), model_bytes(&b_dir, 8));
 
@@ -191,7 +205,9 @@ async fn resume_is_bit_identical_and_survives_a_corrupt_checkpoint() {
     // Changing a setting that shapes the trajectory is refused, naming it.
     let mut changed = b.clone();
     changed.optim.lr = 5e-4;
-    let err = train(&changed, &st, &mut go).await.unwrap_err();
+    let err = train(&changed, &st, &Rendezvous::single(), &mut go)
+        .await
+        .unwrap_err();
     assert!(matches!(err, TrainerError::ConfigChanged { .. }), "{err}");
     assert!(err.to_string().contains("optim.lr"), "{err}");
 }
@@ -204,7 +220,9 @@ async fn config_errors_name_the_problem() {
 
     let mut c = config(dir.path(), &emb, &knn);
     c.k = 5;
-    let e = train(&c, &st, &mut go).await.unwrap_err();
+    let e = train(&c, &st, &Rendezvous::single(), &mut go)
+        .await
+        .unwrap_err();
     assert!(
         matches!(
             e,
@@ -220,7 +238,10 @@ async fn config_errors_name_the_problem() {
 
     let mut c = config(dir.path(), &emb, &knn);
     c.model.channel_mult = Some(vec![1, 1, 1, 1, 1, 1]);
-    let e = train(&c, &st, &mut go).await.unwrap_err().to_string();
+    let e = train(&c, &st, &Rendezvous::single(), &mut go)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("train.model.image_size_px") && e.contains("16 px") && e.contains("32"),
         "{e}"
@@ -228,7 +249,9 @@ async fn config_errors_name_the_problem() {
 
     let missing = dir.path().join("nope.lance").to_string_lossy().to_string();
     let c = config(dir.path(), &emb, &missing);
-    let e = train(&c, &st, &mut go).await.unwrap_err();
+    let e = train(&c, &st, &Rendezvous::single(), &mut go)
+        .await
+        .unwrap_err();
     assert!(
         matches!(e, TrainerError::MissingTable { ref table, .. } if table == &missing),
         "{e}"
@@ -236,7 +259,10 @@ async fn config_errors_name_the_problem() {
 
     let mut c = config(dir.path(), &emb, &knn);
     c.batch_size = 9;
-    let e = train(&c, &st, &mut go).await.unwrap_err().to_string();
+    let e = train(&c, &st, &Rendezvous::single(), &mut go)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("train.batch_size") && e.contains("8 training rows"),
         "{e}"
@@ -257,8 +283,12 @@ async fn accumulating_two_half_batches_equals_one_full_batch() {
     halves.output_dir = dir.path().join("halves/run").to_string_lossy().to_string();
     halves.batch_size = 2;
     halves.grad_accum = 2;
-    let a = train(&full, &st, &mut go).await.unwrap();
-    let b = train(&halves, &st, &mut go).await.unwrap();
+    let a = train(&full, &st, &Rendezvous::single(), &mut go)
+        .await
+        .unwrap();
+    let b = train(&halves, &st, &Rendezvous::single(), &mut go)
+        .await
+        .unwrap();
     let la = losses(&a.metrics);
     let lb = losses(&b.metrics);
     for ((sa, x), (sb, y)) in la.iter().zip(&lb) {
@@ -297,13 +327,17 @@ async fn checkpoints_go_to_s3_and_resume_from_there() {
     c.checkpoint.every_steps = 1;
     c.checkpoint.keep_last = 2;
     c.max_steps = 2;
-    let s = train(&c, &st, &mut go).await.unwrap();
+    let s = train(&c, &st, &Rendezvous::single(), &mut go)
+        .await
+        .unwrap();
     assert_eq!(
         s.checkpoint.as_deref(),
         Some("s3://ckpt/runs/a/step-0000000002")
     );
     c.max_steps = 3;
-    let s = train(&c, &st, &mut go).await.unwrap();
+    let s = train(&c, &st, &Rendezvous::single(), &mut go)
+        .await
+        .unwrap();
     assert_eq!((s.resumed_from, s.step), (2, 3));
     // keep_last = 2: step 1 is gone, its files and all.
     let on_disk = |step: u64| {

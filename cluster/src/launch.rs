@@ -1,0 +1,367 @@
+//! Starting a job: processes on this machine (the `local` backend and `knn-diffusion launch`,
+//! torchrun's role), `sbatch` for Slurm, `kubectl apply` for Kubernetes.
+
+use crate::job::{BackendKind, Job, JobError};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// What went wrong starting or running a job.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The job file is invalid.
+    #[error(transparent)]
+    Job(#[from] JobError),
+    /// A program could not be started.
+    #[error("cannot run `{program}`: {source}{hint}")]
+    Spawn {
+        program: String,
+        hint: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A submission tool refused the job.
+    #[error("`{program}` failed ({status}): {stderr}")]
+    Refused {
+        program: String,
+        status: String,
+        stderr: String,
+    },
+    /// Local processes failed.
+    #[error("{failed} of {total} processes failed: {detail}")]
+    Failed {
+        failed: usize,
+        total: usize,
+        detail: String,
+    },
+    /// The layout cannot run here.
+    #[error("{0}")]
+    Layout(String),
+    /// A file could not be written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Processes started on this node, each told its place through the environment
+/// (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`),
+/// which training reads as its rendezvous and batch stages as their worker slot.
+#[derive(Clone, Debug)]
+pub struct LocalLaunch {
+    /// The program (usually this `knn-diffusion`).
+    pub program: PathBuf,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Processes on this node.
+    pub nproc_per_node: usize,
+    /// Nodes in the job.
+    pub nnodes: usize,
+    /// This node's index.
+    pub node_rank: usize,
+    /// Rank 0's host.
+    pub master_addr: String,
+    /// Rank 0's store port (0: a free port here; one node only).
+    pub master_port: u16,
+    /// Working directory of the processes (default: this one).
+    pub workdir: Option<PathBuf>,
+    /// Seconds the others get to stop after one fails or a stop is asked.
+    pub grace_s: u64,
+}
+
+impl LocalLaunch {
+    /// Runs the processes to the end. When one fails the others are sent SIGTERM (they
+    /// checkpoint and exit), then killed after the grace period; `stop` set by the caller
+    /// (a signal to the launcher) is forwarded the same way.
+    pub fn run(&self, stop: &AtomicBool) -> Result<Vec<ExitStatus>, LaunchError> {
+        if self.nproc_per_node == 0 || self.nnodes == 0 || self.node_rank >= self.nnodes {
+            return Err(LaunchError::Layout(format!(
+                "node {} of {} with {} processes per node is not a valid layout",
+                self.node_rank, self.nnodes, self.nproc_per_node
+            )));
+        }
+        let port = match self.master_port {
+            0 if self.nnodes > 1 => {
+                return Err(LaunchError::Layout(
+                    "a job over several nodes needs --master-port".into(),
+                ))
+            }
+            0 => free_port().map_err(|source| LaunchError::Io {
+                path: "127.0.0.1:0".into(),
+                source,
+            })?,
+            p => p,
+        };
+        let world = self.nproc_per_node * self.nnodes;
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .div_euclid(self.nproc_per_node)
+            .max(1);
+        let mut children: Vec<(usize, Child)> = Vec::new();
+        let mut printers = Vec::new();
+        for local in 0..self.nproc_per_node {
+            let rank = self.node_rank * self.nproc_per_node + local;
+            let mut cmd = Command::new(&self.program);
+            cmd.args(&self.args)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("LOCAL_RANK", local.to_string())
+                .env("LOCAL_WORLD_SIZE", self.nproc_per_node.to_string())
+                .env("MASTER_ADDR", &self.master_addr)
+                .env("MASTER_PORT", port.to_string())
+                .stdin(Stdio::null())
+                .stderr(if world > 1 {
+                    Stdio::piped()
+                } else {
+                    Stdio::inherit()
+                });
+            if std::env::var_os("OMP_NUM_THREADS").is_none() {
+                cmd.env("OMP_NUM_THREADS", threads.to_string());
+            }
+            if let Some(d) = &self.workdir {
+                cmd.current_dir(d);
+            }
+            let mut child = match cmd.spawn() {
+                Ok(c) => c,
+                Err(source) => {
+                    signal_all(&children, libc::SIGKILL);
+                    return Err(LaunchError::Spawn {
+                        program: self.program.display().to_string(),
+                        hint: "",
+                        source,
+                    });
+                }
+            };
+            if let Some(err) = child.stderr.take() {
+                printers.push(std::thread::spawn(move || {
+                    // Each line tagged with its rank, so interleaved logs stay readable.
+                    for line in BufReader::new(err).lines().map_while(Result::ok) {
+                        let _ = writeln!(std::io::stderr().lock(), "[rank {rank}] {line}");
+                    }
+                }));
+            }
+            children.push((rank, child));
+        }
+        tracing::info!(
+            world,
+            node = self.node_rank,
+            port,
+            "started {} processes",
+            children.len()
+        );
+
+        let mut status: Vec<Option<ExitStatus>> = vec![None; children.len()];
+        let mut stopping_since: Option<Instant> = None;
+        loop {
+            for (i, (_, c)) in children.iter_mut().enumerate() {
+                if status[i].is_none() {
+                    if let Ok(Some(s)) = c.try_wait() {
+                        status[i] = Some(s);
+                    }
+                }
+            }
+            if status.iter().all(Option::is_some) {
+                break;
+            }
+            let failed = status.iter().any(|s| s.is_some_and(|s| !s.success()));
+            if (failed || stop.load(Ordering::SeqCst)) && stopping_since.is_none() {
+                for (i, (_, c)) in children.iter().enumerate() {
+                    if status[i].is_none() {
+                        // SAFETY: signalling our own child by its pid.
+                        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+                    }
+                }
+                stopping_since = Some(Instant::now());
+            }
+            if stopping_since.is_some_and(|t| t.elapsed() > Duration::from_secs(self.grace_s)) {
+                for (i, (_, c)) in children.iter_mut().enumerate() {
+                    if status[i].is_none() {
+                        let _ = c.kill();
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for p in printers {
+            let _ = p.join();
+        }
+        let statuses: Vec<ExitStatus> =
+            status.into_iter().map(|s| s.expect("all exited")).collect();
+        let bad: Vec<String> = children
+            .iter()
+            .zip(&statuses)
+            .filter(|(_, s)| !s.success())
+            .map(|((rank, _), s)| format!("rank {rank} {s}"))
+            .collect();
+        if bad.is_empty() {
+            Ok(statuses)
+        } else {
+            Err(LaunchError::Failed {
+                failed: bad.len(),
+                total: statuses.len(),
+                detail: bad.join(", "),
+            })
+        }
+    }
+}
+
+fn signal_all(children: &[(usize, Child)], sig: i32) {
+    for (_, c) in children {
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(c.id() as i32, sig) };
+    }
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// What `submit` did.
+#[derive(Debug)]
+pub enum Submitted {
+    /// Printed, not submitted.
+    DryRun(String),
+    /// Ran here to the end.
+    Local { processes: usize },
+    /// Queued on Slurm.
+    Slurm { job_id: String, script: PathBuf },
+    /// Applied to Kubernetes.
+    Kubernetes { output: String },
+}
+
+/// Submits `job` through `backend`.
+pub fn submit(
+    job: &Job,
+    backend: BackendKind,
+    dry_run: bool,
+    stop: &AtomicBool,
+) -> Result<Submitted, LaunchError> {
+    match backend {
+        BackendKind::Local => {
+            let r = &job.cfg.resources;
+            if r.nodes > 1 {
+                return Err(LaunchError::Layout(format!(
+                    "job `{}` asks for {} nodes; the local backend runs on this machine only (use slurm or kubernetes)",
+                    job.file.display(),
+                    r.nodes
+                )));
+            }
+            let launch = LocalLaunch {
+                program: job.binary.clone(),
+                args: job.stage_args(&job.stage_config.display().to_string()),
+                nproc_per_node: job.processes(),
+                nnodes: 1,
+                node_rank: 0,
+                master_addr: "127.0.0.1".into(),
+                master_port: 0,
+                workdir: Some(job.workdir.clone()),
+                grace_s: job.cfg.slurm.signal_grace_s.max(30),
+            };
+            if dry_run {
+                let env = match job.processes() {
+                    1 => String::new(),
+                    n => format!("RANK=0..{} WORLD_SIZE={n} MASTER_ADDR=127.0.0.1 ", n - 1),
+                };
+                return Ok(Submitted::DryRun(format!(
+                    "cd {} && {env}{} {}\n",
+                    job.workdir.display(),
+                    launch.program.display(),
+                    launch.args.join(" ")
+                )));
+            }
+            launch.run(stop)?;
+            Ok(Submitted::Local {
+                processes: job.processes(),
+            })
+        }
+        BackendKind::Slurm => {
+            let script = job.sbatch_script();
+            if dry_run {
+                return Ok(Submitted::DryRun(script));
+            }
+            let dir = job.workdir.join(".knn-jobs");
+            std::fs::create_dir_all(&dir).map_err(|source| LaunchError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            let path = dir.join(format!("{}-{stamp}.sbatch", job.cfg.job.name));
+            std::fs::write(&path, &script).map_err(|source| LaunchError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let out = Command::new("sbatch")
+                .arg("--parsable")
+                .arg(&path)
+                .current_dir(&job.workdir)
+                .output()
+                .map_err(|source| LaunchError::Spawn {
+                    program: "sbatch".into(),
+                    hint: "; is this a Slurm login node? `--dry-run` prints the script instead",
+                    source,
+                })?;
+            if !out.status.success() {
+                return Err(LaunchError::Refused {
+                    program: "sbatch".into(),
+                    status: out.status.to_string(),
+                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                });
+            }
+            let text = String::from_utf8_lossy(&out.stdout);
+            let job_id = text.trim().split(';').next().unwrap_or("").to_string();
+            Ok(Submitted::Slurm {
+                job_id,
+                script: path,
+            })
+        }
+        BackendKind::Kubernetes => {
+            let text =
+                std::fs::read_to_string(&job.stage_config).map_err(|source| LaunchError::Io {
+                    path: job.stage_config.clone(),
+                    source,
+                })?;
+            let manifest = job.kubernetes_manifest(&text)?;
+            if dry_run {
+                return Ok(Submitted::DryRun(manifest));
+            }
+            let mut child = Command::new("kubectl")
+                .args(["apply", "-f", "-"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .map_err(|source| LaunchError::Spawn {
+                    program: "kubectl".into(),
+                    hint: "; install kubectl and select a context, or use `--dry-run` and apply the manifest yourself",
+                    source,
+                })?;
+            if let Some(mut stdin) = child.stdin.take() {
+                let _ = stdin.write_all(manifest.as_bytes());
+            }
+            let out = child
+                .wait_with_output()
+                .map_err(|source| LaunchError::Spawn {
+                    program: "kubectl".into(),
+                    hint: "",
+                    source,
+                })?;
+            if !out.status.success() {
+                return Err(LaunchError::Refused {
+                    program: "kubectl apply".into(),
+                    status: out.status.to_string(),
+                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                });
+            }
+            Ok(Submitted::Kubernetes {
+                output: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            })
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! Data parallelism, in one place (torchtitan's `parallelize` role): the model code knows
+//! nothing of it. Each rank holds a full replica; [`DataParallel`] broadcasts rank 0's
+//! parameters at start, averages gradients after backward (bucketed, one collective per
+//! bucket), and makes the ranks agree on the logged loss and on whether to stop.
+//!
+//! Gradients are reduced after the whole backward pass: tch exposes no per-parameter
+//! autograd hooks, so the reduction cannot overlap backward the way torch DDP's does.
+
+use crate::{Result, TrainerError};
+use knn_cluster::group::{self, Backend, Collective, GroupOptions};
+use knn_cluster::rendezvous::Rendezvous;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use tch::{Device, Kind, Tensor};
+
+/// Which collectives backend `[train.distributed]` asks for.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// NCCL when training on a GPU, TCP on the CPU.
+    #[default]
+    Auto,
+    /// The TCP ring through host memory (any device).
+    Tcp,
+    /// NCCL (GPU only).
+    Nccl,
+}
+
+/// `[train.distributed]`: how the ranks of a data-parallel job talk. Where a rank sits comes
+/// from the launcher's environment (`RANK`/`WORLD_SIZE`/`MASTER_ADDR`, Slurm, Kubernetes).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DistributedConfig {
+    /// `auto`, `tcp` or `nccl`.
+    #[serde(default)]
+    pub backend: BackendChoice,
+    /// Bound in seconds on joining and on every collective: a lost or frozen rank makes the
+    /// others fail after this long.
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: f64,
+    /// Gradient bucket size in MiB.
+    #[serde(default = "default_bucket_mb")]
+    pub bucket_mb: f64,
+}
+
+fn default_timeout_s() -> f64 {
+    300.0
+}
+fn default_bucket_mb() -> f64 {
+    25.0
+}
+
+impl Default for DistributedConfig {
+    fn default() -> Self {
+        Self {
+            backend: BackendChoice::Auto,
+            timeout_s: default_timeout_s(),
+            bucket_mb: default_bucket_mb(),
+        }
+    }
+}
+
+/// The data-parallel wrapper: a process group plus what training asks of it.
+pub struct DataParallel {
+    group: Box<dyn Collective>,
+    rdv: Rendezvous,
+    device: Device,
+}
+
+impl DataParallel {
+    /// The device this rank trains on: a GPU choice becomes the rank's own GPU.
+    pub fn rank_device(device: Device, rdv: &Rendezvous) -> Device {
+        match device {
+            Device::Cuda(_) => {
+                let n = tch::Cuda::device_count().max(1) as usize;
+                Device::Cuda(rdv.local_rank % n)
+            }
+            other => other,
+        }
+    }
+
+    /// Joins the job `rdv` describes (a single process joins trivially).
+    pub fn join(rdv: &Rendezvous, cfg: &DistributedConfig, device: Device) -> Result<Self> {
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if !positive(cfg.timeout_s) || !positive(cfg.bucket_mb) {
+            return Err(TrainerError::config(
+                "train.distributed",
+                "timeout_s and bucket_mb must be positive",
+            ));
+        }
+        let backend = match (cfg.backend, device) {
+            (BackendChoice::Tcp, _) | (BackendChoice::Auto, Device::Cpu) => Backend::Tcp,
+            (BackendChoice::Nccl, Device::Cuda(_)) | (BackendChoice::Auto, _) => Backend::Nccl,
+            (BackendChoice::Nccl, _) => {
+                return Err(TrainerError::config(
+                    "train.distributed.backend",
+                    "`nccl` needs training on a GPU; use `tcp` or `auto` on the CPU",
+                ))
+            }
+        };
+        // A single process never needs NCCL.
+        let backend = if rdv.is_distributed() {
+            backend
+        } else {
+            Backend::Tcp
+        };
+        let opts = GroupOptions {
+            timeout: Duration::from_secs_f64(cfg.timeout_s),
+            bucket_bytes: (cfg.bucket_mb * 1024.0 * 1024.0) as usize,
+        };
+        let group = group::join(rdv, backend, device, opts)?;
+        Ok(Self {
+            group,
+            rdv: rdv.clone(),
+            device,
+        })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.group.rank()
+    }
+
+    /// Ranks in the job.
+    pub fn world(&self) -> usize {
+        self.group.world()
+    }
+
+    /// Whether this rank writes checkpoints, metrics and sample grids.
+    pub fn is_primary(&self) -> bool {
+        self.rank() == 0
+    }
+
+    /// Where this rank sits.
+    pub fn rendezvous(&self) -> &Rendezvous {
+        &self.rdv
+    }
+
+    /// Gives every rank rank 0's values of `tensors` (parameters, optimiser state).
+    pub fn broadcast(&mut self, tensors: &[Tensor]) -> Result<()> {
+        Ok(self.group.broadcast(tensors, 0)?)
+    }
+
+    /// Averages the gradients of `params` over the ranks.
+    pub fn average_gradients(&mut self, params: &[(String, Tensor)]) -> Result<()> {
+        if self.world() == 1 {
+            return Ok(());
+        }
+        let grads: Vec<Tensor> = params.iter().map(|(_, p)| p.grad()).collect();
+        if let Some(i) = grads.iter().position(|g| !g.defined()) {
+            return Err(TrainerError::config(
+                "train (data parallel)",
+                format!("parameter {} has no gradient to average", params[i].0),
+            ));
+        }
+        Ok(self.group.all_reduce_mean(&grads)?)
+    }
+
+    /// The mean of `loss` over the ranks and whether any rank asked to stop.
+    pub fn agree(&mut self, loss: f64, stop: bool) -> Result<(f64, bool)> {
+        if self.world() == 1 {
+            return Ok((loss, stop));
+        }
+        let t =
+            Tensor::from_slice(&[loss as f32, if stop { 1.0 } else { 0.0 }]).to_device(self.device);
+        self.group.all_reduce_mean(&[t.shallow_clone()])?;
+        let v = Vec::<f32>::try_from(&t.to_device(Device::Cpu))?;
+        Ok((v[0] as f64, v[1] > 0.0))
+    }
+
+    /// Rank 0's `value` on every rank.
+    pub fn broadcast_u64(&mut self, value: u64) -> Result<u64> {
+        if self.world() == 1 {
+            return Ok(value);
+        }
+        // Two exact f32 halves of 24 bits each hold any step count in practice (< 2^48).
+        let t = Tensor::from_slice(&[(value >> 24) as f32, (value & 0xFF_FFFF) as f32])
+            .to_device(self.device)
+            .to_kind(Kind::Float);
+        self.group.broadcast(&[t.shallow_clone()], 0)?;
+        let v = Vec::<f32>::try_from(&t.to_device(Device::Cpu))?;
+        Ok(((v[0] as u64) << 24) | v[1] as u64)
+    }
+
+    /// Returns once every rank has called it.
+    pub fn barrier(&mut self) -> Result<()> {
+        Ok(self.group.barrier()?)
+    }
+}
+
+/// Gives every parameter a (zero) gradient, so all ranks reduce the same set of buffers
+/// even when a step's batch leaves some parameter unused.
+pub fn define_gradients(params: &[(String, Tensor)]) {
+    let mut total: Option<Tensor> = None;
+    for (_, p) in params {
+        if !p.grad().defined() {
+            let z = p.sum(Kind::Float) * 0.0;
+            total = Some(match total {
+                Some(t) => t + z,
+                None => z,
+            });
+        }
+    }
+    if let Some(t) = total {
+        t.backward();
+    }
+}
