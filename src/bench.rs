@@ -6,6 +6,7 @@
 //! - the Python reference (`python/bench_embed_reference.py`: PIL + HF processor in a torch
 //!   DataLoader, `CLIPModel.get_image_features`) on the same images, model and batch.
 
+pub mod allreduce;
 pub mod knn;
 pub mod train;
 

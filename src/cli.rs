@@ -276,6 +276,39 @@ pub enum BenchCommand {
     /// share of step time in a real `train` run on the embedded default tables (run
     /// scripts/demo.sh first); and guided sampling images/s.
     Train(BenchTrainArgs),
+    /// The gradient all-reduce: our process group (TCP ring on the CPU, NCCL on GPUs)
+    /// against torch.distributed (gloo / NCCL) on the same buffer and world size; time per
+    /// all-reduce, algorithm and bus bandwidth.
+    Allreduce(BenchAllReduceArgs),
+}
+
+/// Flags of `bench allreduce`.
+#[derive(Debug, Args)]
+pub struct BenchAllReduceArgs {
+    /// `tcp` (CPU tensors) or `nccl` (one GPU per rank).
+    #[arg(long, default_value = "tcp")]
+    pub backend: String,
+    /// Ranks (threads of this process; GPUs 0..world for NCCL).
+    #[arg(long, default_value_t = 2)]
+    pub world: usize,
+    /// Buffer size in MiB (float32).
+    #[arg(long, default_value_t = 64)]
+    pub mib: usize,
+    /// Timed all-reduces per run.
+    #[arg(long, default_value_t = 10)]
+    pub rounds: usize,
+    /// Untimed all-reduces first.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Runs of each side, alternating.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Skip the torch.distributed peer.
+    #[arg(long)]
+    pub no_peer: bool,
+    /// File whose section to rewrite.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub out: PathBuf,
 }
 
 /// Flags of `bench train`.

@@ -94,6 +94,11 @@ fn try_main(cli: Cli) -> Result<()> {
             println!("{md}");
             Ok(())
         }
+        Command::Bench(BenchCommand::Allreduce(args)) => {
+            let md = bench::allreduce::run(&args)?;
+            println!("{md}");
+            Ok(())
+        }
         Command::Bench(BenchCommand::Knn(args)) => {
             let md = runtime.block_on(bench::knn::run(&args))?;
             println!("{md}");

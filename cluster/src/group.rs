@@ -106,6 +106,7 @@ fn scatter_back(flat: &Tensor, tensors: &[Tensor]) {
     }
 }
 
+/// The tensors' values in one new contiguous buffer (`cat` always allocates).
 fn flatten(tensors: &[Tensor]) -> Tensor {
     let parts: Vec<Tensor> = tensors.iter().map(|t| t.reshape([-1])).collect();
     Tensor::cat(&parts, 0).contiguous()
@@ -258,12 +259,32 @@ impl TcpGroup {
         Self { ring, bucket_bytes }
     }
 
-    fn host_values(flat: &Tensor) -> Vec<f32> {
-        let host = flat.to_kind(Kind::Float).to_device(Device::Cpu);
-        let mut v = vec![0f32; host.numel()];
-        let n = v.len();
-        host.copy_data(&mut v, n);
-        v
+    /// Runs `op` on the values of `part` as one contiguous float32 host buffer, in place,
+    /// then writes them back.
+    fn on_host(part: &[Tensor], op: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<()> {
+        if let [t] = part {
+            if t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous() {
+                // One float32 host tensor: work in its own memory, as gloo does.
+                // SAFETY: contiguous float32 storage of `numel` values, alive for the call;
+                // the caller hands it over for the collective and does not touch it meanwhile.
+                let values = unsafe {
+                    std::slice::from_raw_parts_mut(t.data_ptr().cast::<f32>(), t.numel())
+                };
+                return op(values);
+            }
+        }
+        // `cat` always makes a new buffer, so on the CPU in float32 this is already ours.
+        let host = flatten(part)
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu)
+            .contiguous();
+        let n = host.numel();
+        // SAFETY: `host` is a contiguous float32 CPU tensor of `n` values that this function
+        // alone references, alive until the slice is dropped.
+        let values = unsafe { std::slice::from_raw_parts_mut(host.data_ptr().cast::<f32>(), n) };
+        op(values)?;
+        scatter_back(&host, part);
+        Ok(())
     }
 }
 
@@ -286,10 +307,8 @@ impl Collective for TcpGroup {
         }
         let _guard = tch::no_grad_guard();
         for b in buckets(tensors, self.bucket_bytes) {
-            let part = &tensors[b];
-            let mut v = Self::host_values(&flatten(part));
-            self.ring.all_reduce_mean(&mut v)?;
-            scatter_back(&Tensor::from_slice(&v), part);
+            let ring = &mut self.ring;
+            Self::on_host(&tensors[b], |v| ring.all_reduce_mean(v))?;
         }
         Ok(())
     }
@@ -300,10 +319,8 @@ impl Collective for TcpGroup {
         }
         let _guard = tch::no_grad_guard();
         for b in buckets(tensors, self.bucket_bytes) {
-            let part = &tensors[b];
-            let mut v = Self::host_values(&flatten(part));
-            self.ring.broadcast(&mut v, root)?;
-            scatter_back(&Tensor::from_slice(&v), part);
+            let ring = &mut self.ring;
+            Self::on_host(&tensors[b], |v| ring.broadcast(v, root))?;
         }
         Ok(())
     }
@@ -565,6 +582,7 @@ impl Drop for NcclGroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn buckets_split_by_size_kind_and_device() {
@@ -659,6 +677,23 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("ring/1"), "{err}");
+    }
+
+    /// scripts/setup.sh links the torch wheel's NCCL as `.libtorch/lib/libnccl.so`, on the
+    /// binaries' run path: cudarc's loader must find it there with no LD_LIBRARY_PATH.
+    #[test]
+    fn libnccl_is_found_beside_libtorch() {
+        let link = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.libtorch/lib/libnccl.so");
+        if !link.exists() {
+            assert!(
+                std::env::var("CI").is_err(),
+                "scripts/setup.sh makes {} in CI (the torch wheel brings NCCL)",
+                link.display()
+            );
+            return;
+        }
+        // SAFETY: only opens the shared library.
+        assert!(unsafe { cudarc::nccl::sys::is_culib_present() });
     }
 
     #[test]

@@ -79,25 +79,83 @@ pub enum CollectiveError {
 /// Result with [`CollectiveError`].
 pub type Result<T> = std::result::Result<T, CollectiveError>;
 
-/// A length-prefixed frame of little-endian f32s.
-fn frame(values: &[f32]) -> Vec<u8> {
-    (values.len() as u64)
-        .to_le_bytes()
-        .into_iter()
-        .chain(values.iter().flat_map(|v| v.to_le_bytes()))
-        .collect()
+/// Writes a frame: the value count (`u64`) then the values, all little-endian, straight
+/// from `values`' memory on little-endian hosts (no copy of the buffer).
+fn write_frame(to: &mut TcpStream, values: &[f32]) -> std::io::Result<()> {
+    to.write_all(&(values.len() as u64).to_le_bytes())?;
+    if cfg!(target_endian = "little") {
+        // SAFETY: f32 has no padding and any byte pattern is a valid u8; the view lives no
+        // longer than `values`.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
+        };
+        to.write_all(bytes)?;
+    } else {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        to.write_all(&bytes)?;
+    }
+    to.flush()
 }
 
-/// Reads one [`frame`].
-fn read_frame(from: &mut TcpStream) -> std::io::Result<Vec<f32>> {
+/// Values received per read while reducing: small enough to stay in cache, large enough
+/// for few system calls.
+const RECV_CHUNK: usize = 64 * 1024;
+
+/// Reads a frame of exactly `into.len()` values into `into`, adding them when `add`, as they
+/// arrive. Returns the frame's length when it is not `into.len()` (the frame is then left
+/// unread: the ring is broken anyway).
+fn receive_into(
+    from: &mut TcpStream,
+    into: &mut [f32],
+    add: bool,
+    scratch: &mut Vec<f32>,
+) -> std::io::Result<Option<usize>> {
     let mut len = [0u8; 8];
     from.read_exact(&mut len)?;
-    let mut buf = vec![0u8; u64::from_le_bytes(len) as usize * 4];
-    from.read_exact(&mut buf)?;
-    Ok(buf
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
+    let n = u64::from_le_bytes(len) as usize;
+    if n != into.len() {
+        return Ok(Some(n));
+    }
+    if !add {
+        read_values(from, into)?;
+        return Ok(None);
+    }
+    scratch.resize(RECV_CHUNK.min(n), 0.0);
+    for dst in into.chunks_mut(RECV_CHUNK) {
+        let got = &mut scratch[..dst.len()];
+        read_values(from, got)?;
+        for (x, y) in dst.iter_mut().zip(got.iter()) {
+            *x += *y;
+        }
+    }
+    Ok(None)
+}
+
+/// Fills `into` with little-endian f32s from `from`.
+fn read_values(from: &mut TcpStream, into: &mut [f32]) -> std::io::Result<()> {
+    // SAFETY: f32 has no padding and every byte pattern is a valid f32; the view lives no
+    // longer than `into`.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(into.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(into))
+    };
+    from.read_exact(bytes)?;
+    if cfg!(target_endian = "big") {
+        for v in into.iter_mut() {
+            *v = f32::from_le_bytes(v.to_ne_bytes());
+        }
+    }
+    Ok(())
+}
+
+/// `buf[send]` to read and `buf[recv]` to write, two disjoint ranges of one buffer.
+fn disjoint(buf: &mut [f32], send: (usize, usize), recv: (usize, usize)) -> (&[f32], &mut [f32]) {
+    if send.1 <= recv.0 {
+        let (lo, hi) = buf.split_at_mut(recv.0);
+        (&lo[send.0..send.1], &mut hi[..recv.1 - recv.0])
+    } else {
+        let (lo, hi) = buf.split_at_mut(send.0);
+        (&hi[..send.1 - send.0], &mut lo[recv.0..recv.1])
+    }
 }
 
 /// This rank's connections in the ring.
@@ -110,6 +168,8 @@ pub struct TcpRing {
     next: Option<TcpStream>,
     /// From rank − 1.
     prev: Option<TcpStream>,
+    /// Receive buffer for reductions, reused.
+    scratch: Vec<f32>,
 }
 
 impl TcpRing {
@@ -151,6 +211,7 @@ impl TcpRing {
             timeout,
             next: None,
             prev: None,
+            scratch: Vec::new(),
         };
         let listener = match listener {
             _ if world == 1 => return Ok(ring),
@@ -223,13 +284,13 @@ impl TcpRing {
         }
     }
 
-    /// Sends `out` to the next rank while receiving `want` values from the previous one.
-    fn exchange(&mut self, out: &[f32], want: usize, into: &mut Vec<f32>) -> Result<()> {
+    /// Sends `out` to the next rank while receiving as many values as `into` holds from the
+    /// previous one, added into `into` (`add`) or written over it, as they arrive.
+    fn exchange(&mut self, out: &[f32], into: &mut [f32], add: bool) -> Result<()> {
         let (next_rank, prev_rank) = (
             (self.rank + 1) % self.world,
             (self.rank + self.world - 1) % self.world,
         );
-        let bytes = frame(out);
         let mut next = self
             .next
             .as_ref()
@@ -240,14 +301,12 @@ impl TcpRing {
             .prev
             .as_mut()
             .expect("a ring of 2+ has a previous rank");
+        let scratch = &mut self.scratch;
         // Send on a helper thread so two ranks sending at once cannot both block on full
         // socket buffers.
         let (sent, received) = std::thread::scope(|s| {
-            let sender = s.spawn(move || -> std::io::Result<()> {
-                next.write_all(&bytes)?;
-                next.flush()
-            });
-            let received = read_frame(prev);
+            let sender = s.spawn(move || write_frame(&mut next, out));
+            let received = receive_into(prev, into, add, scratch);
             (
                 sender
                     .join()
@@ -256,16 +315,14 @@ impl TcpRing {
             )
         });
         sent.map_err(|e| self.peer_err(next_rank, "did not take data", e))?;
-        let values = received.map_err(|e| self.peer_err(prev_rank, "sent no data", e))?;
-        if values.len() != want {
-            return Err(CollectiveError::Mismatch {
+        match received.map_err(|e| self.peer_err(prev_rank, "sent no data", e))? {
+            Some(got) => Err(CollectiveError::Mismatch {
                 rank: prev_rank,
-                got: values.len(),
-                want,
-            });
+                got,
+                want: into.len(),
+            }),
+            None => Ok(()),
         }
-        *into = values;
-        Ok(())
     }
 
     /// Sums `buf` over all ranks, in place; every rank ends with the same bits.
@@ -276,37 +333,20 @@ impl TcpRing {
         }
         let n = buf.len();
         let bounds: Vec<(usize, usize)> = (0..w).map(|c| (c * n / w, (c + 1) * n / w)).collect();
-        let mut got = Vec::new();
         // Reduce-scatter: at step s, send chunk (rank − s) and add the received one into
         // chunk (rank − s − 1). After w − 1 steps rank r holds the full sum of chunk r + 1.
         for s in 0..w - 1 {
-            let send = (self.rank + w - s) % w;
-            let recv = (self.rank + w - s - 1) % w;
-            let (a, b) = bounds[send];
-            let out = buf[a..b].to_vec();
-            let (c, d) = bounds[recv];
-            self.exchange(&out, d - c, &mut got)?;
-            let (a, b) = (c, d);
-            if got.len() != b - a {
-                return Err(CollectiveError::Mismatch {
-                    rank: (self.rank + w - 1) % w,
-                    got: got.len(),
-                    want: b - a,
-                });
-            }
-            for (x, y) in buf[a..b].iter_mut().zip(&got) {
-                *x += *y;
-            }
+            let send = bounds[(self.rank + w - s) % w];
+            let recv = bounds[(self.rank + w - s - 1) % w];
+            let (out, into) = disjoint(buf, send, recv);
+            self.exchange(out, into, true)?;
         }
         // All-gather: pass the finished chunks round.
         for s in 0..w - 1 {
-            let send = (self.rank + 1 + w - s) % w;
-            let recv = (self.rank + w - s) % w;
-            let (a, b) = bounds[send];
-            let out = buf[a..b].to_vec();
-            let (c, d) = bounds[recv];
-            self.exchange(&out, d - c, &mut got)?;
-            buf[c..d].copy_from_slice(&got);
+            let send = bounds[(self.rank + 1 + w - s) % w];
+            let recv = bounds[(self.rank + w - s) % w];
+            let (out, into) = disjoint(buf, send, recv);
+            self.exchange(out, into, false)?;
         }
         Ok(())
     }
@@ -332,19 +372,18 @@ impl TcpRing {
                 .prev
                 .as_mut()
                 .expect("a ring of 2+ has a previous rank");
-            let got = read_frame(prev).map_err(|e| self.peer_err(prev_rank, "sent no data", e))?;
-            if got.len() != buf.len() {
+            let got = receive_into(prev, buf, false, &mut self.scratch);
+            if let Some(got) = got.map_err(|e| self.peer_err(prev_rank, "sent no data", e))? {
                 return Err(CollectiveError::Mismatch {
                     rank: prev_rank,
-                    got: got.len(),
+                    got,
                     want: buf.len(),
                 });
             }
-            buf.copy_from_slice(&got);
         }
         if hops < w - 1 {
             let next = self.next.as_mut().expect("a ring of 2+ has a next rank");
-            let sent = next.write_all(&frame(buf)).and_then(|_| next.flush());
+            let sent = write_frame(next, buf);
             sent.map_err(|e| self.peer_err(next_rank, "did not take data", e))?;
         }
         Ok(())

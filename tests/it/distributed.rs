@@ -111,6 +111,7 @@ fn two_ranks_end_where_one_process_with_twice_the_batch_ends() {
         worst = worst.max((ta - tb).abs().max().double_value(&[]));
         moved = moved.max(ta.abs().max().double_value(&[]));
     }
+    eprintln!("2 ranks x 4 vs 1 x 8, {steps} steps: largest parameter difference {worst:e}, largest parameter {moved:e}");
     assert!(worst <= 1e-5, "largest parameter difference {worst}");
     assert!(moved > 0.0);
     // Both runs have the same trajectory (global batch 8), recorded with their world size.

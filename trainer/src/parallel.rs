@@ -98,11 +98,11 @@ impl DataParallel {
                 ))
             }
         };
-        // A single process never needs NCCL.
-        let backend = if rdv.is_distributed() {
-            backend
-        } else {
-            Backend::Tcp
+        // A single process needs no collectives unless NCCL is asked for by name (a GPU
+        // check of the NCCL path at world size 1).
+        let backend = match (rdv.is_distributed(), cfg.backend) {
+            (false, BackendChoice::Auto) => Backend::Tcp,
+            _ => backend,
         };
         let opts = GroupOptions {
             timeout: Duration::from_secs_f64(cfg.timeout_s),
@@ -143,7 +143,7 @@ impl DataParallel {
 
     /// Averages the gradients of `params` over the ranks.
     pub fn average_gradients(&mut self, params: &[(String, Tensor)]) -> Result<()> {
-        if self.world() == 1 {
+        if self.world() == 1 && self.group.backend() == Backend::Tcp {
             return Ok(());
         }
         let grads: Vec<Tensor> = params.iter().map(|(_, p)| p.grad()).collect();
