@@ -339,6 +339,8 @@ pub struct NcclGroup {
     device: Device,
     timeout: Duration,
     bucket_bytes: usize,
+    /// Set once the communicator was aborted: it must not be used or destroyed again.
+    aborted: bool,
 }
 
 // The communicator and context are handles NCCL and CUDA allow to be used from any thread;
@@ -430,6 +432,7 @@ impl NcclGroup {
             device,
             timeout: opts.timeout,
             bucket_bytes: opts.bucket_bytes,
+            aborted: false,
         })
     }
 
@@ -453,7 +456,7 @@ impl NcclGroup {
 
     /// Waits for the default stream, polling so a lost rank becomes an error after the
     /// timeout (the communicator is aborted) instead of a hang.
-    fn wait(&self, op: &'static str) -> Result<()> {
+    fn wait(&mut self, op: &'static str) -> Result<()> {
         use cudarc::driver::sys as cusys;
         use cudarc::nccl::sys as ncsys;
         let deadline = Instant::now() + self.timeout;
@@ -474,13 +477,15 @@ impl NcclGroup {
             if async_err != ncsys::ncclResult_t::ncclSuccess
                 && async_err != ncsys::ncclResult_t::ncclInProgress
             {
-                // SAFETY: aborting a live communicator; it is not used again.
+                // SAFETY: aborting a live communicator; `aborted` keeps it from further use.
                 unsafe { ncsys::ncclCommAbort(self.comm) };
+                self.aborted = true;
                 return Err(nccl_err("reported an error from a peer", async_err));
             }
             if Instant::now() >= deadline {
                 // SAFETY: as above.
                 unsafe { ncsys::ncclCommAbort(self.comm) };
+                self.aborted = true;
                 return Err(CollectiveError::Timeout {
                     op,
                     world: self.world,
@@ -497,6 +502,12 @@ impl NcclGroup {
         op: &'static str,
         call: impl Fn(*mut std::ffi::c_void, usize, cudarc::nccl::sys::ncclDataType_t) -> Result<()>,
     ) -> Result<()> {
+        if self.aborted {
+            return Err(CollectiveError::Nccl {
+                what: "communicator was aborted",
+                reason: "an earlier collective failed; restart the job".into(),
+            });
+        }
         let _guard = tch::no_grad_guard();
         for b in buckets(tensors, self.bucket_bytes) {
             let part = &tensors[b];
@@ -572,7 +583,10 @@ impl Collective for NcclGroup {
 
 impl Drop for NcclGroup {
     fn drop(&mut self) {
-        // SAFETY: the communicator is ours and not used after this.
+        if self.aborted {
+            return;
+        }
+        // SAFETY: the communicator is ours, live, and not used after this.
         unsafe {
             let _ = cudarc::nccl::result::comm_destroy(self.comm);
         }
