@@ -21,9 +21,12 @@ if [[ "$(cat $FIX/.stamp 2>/dev/null)" != "$STAMP" ]]; then
   echo "$STAMP" > "$FIX/.stamp"
 fi
 # A one-node Slurm on 127.0.0.1 for the job-submission tests (stopped when the tests end).
-bash scripts/slurm.sh start
-export SLURM_CONF="$PWD/target/slurm/slurm.conf"
-trap 'bash scripts/slurm.sh stop' EXIT
+if bash scripts/slurm.sh start; then
+  export SLURM_CONF="$PWD/target/slurm/slurm.conf"
+  trap 'bash scripts/slurm.sh stop' EXIT
+else
+  echo "warning: no loopback Slurm; its test is skipped here (in CI it fails)" >&2
+fi
 LOG=target/test-output.log
 set +e
 cargo test --workspace --all-targets "$@" 2>&1 | tee "$LOG"

@@ -175,6 +175,12 @@ pub struct TrainArgs {
     /// checkpointed to this file, so a batch script knows to requeue the job.
     #[arg(long, value_name = "FILE")]
     pub requeue_marker: Option<PathBuf>,
+
+    /// Exit code when a signal stopped training early (after its checkpoint). 0 suits Slurm
+    /// (the script requeues); Kubernetes jobs use 143 so the Job recreates the pod, which
+    /// resumes.
+    #[arg(long, default_value_t = 0, value_name = "CODE")]
+    pub stopped_exit_code: i32,
 }
 
 /// Flags of `sample`.

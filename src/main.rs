@@ -195,6 +195,7 @@ async fn run_precompute_knn(args: EmbedArgs, log_format: LogFormat) -> Result<()
 
 async fn run_train(args: cli::TrainArgs, log_format: LogFormat) -> Result<()> {
     let requeue_marker = args.requeue_marker;
+    let stopped_exit_code = args.stopped_exit_code;
     let args = args.config;
     let project = config::load(&args.config, &args.overrides)?;
     let cfg = project.train(&args.config)?;
@@ -246,7 +247,12 @@ async fn run_train(args: cli::TrainArgs, log_format: LogFormat) -> Result<()> {
         summary.checkpoint.as_deref().unwrap_or("(none written this run)"),
         summary.metrics.display()
     );
-    write_summary(args.summary_json.as_deref(), &summary)
+    write_summary(args.summary_json.as_deref(), &summary)?;
+    if summary.step < cfg.max_steps && stopped_exit_code != 0 {
+        // Stopped early with a checkpoint: a non-zero code makes Kubernetes recreate the pod.
+        std::process::exit(stopped_exit_code);
+    }
+    Ok(())
 }
 
 fn run_submit(args: cli::SubmitArgs) -> Result<()> {
@@ -307,8 +313,19 @@ fn run_launch(args: cli::LaunchArgs) -> Result<()> {
         grace_s: args.grace_s,
     };
     let stop = stop_on_signals()?;
-    launch.run(&stop)?;
-    Ok(())
+    match launch.run(&stop) {
+        Ok(_) => Ok(()),
+        // Every process ended with the same code (a stop for requeueing): pass it on.
+        Err(knn_cluster::launch::LaunchError::Failed { codes, detail, .. })
+            if codes
+                .first()
+                .is_some_and(|c| c.is_some() && codes.iter().all(|x| x == c)) =>
+        {
+            eprintln!("launch: {detail}");
+            std::process::exit(codes[0].unwrap_or(1))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A flag set by SIGTERM or SIGUSR1 (Slurm's `--signal`, Kubernetes' pod termination): the

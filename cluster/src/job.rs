@@ -539,30 +539,17 @@ impl Job {
             q(image)
         );
         if train {
-            // A rank stopped by SIGTERM checkpoints and leaves the marker; the pod then exits
-            // 143 so the Job recreates it (podFailurePolicy: not counted as a failure) and the
-            // new pod resumes from the checkpoint.
-            let mut line: Vec<String> = std::iter::once("knn-diffusion".to_string())
-                .chain(args.iter().map(|a| match a.as_str() {
-                    "$(JOB_COMPLETION_INDEX)" => "\"$JOB_COMPLETION_INDEX\"".to_string(),
-                    a => sh(a),
-                }))
-                .collect();
-            line.extend(["--requeue-marker".into(), "/tmp/knn-requeue".into()]);
-            let script = format!(
-                "{} && if [ -e /tmp/knn-requeue ]; then exit 143; fi",
-                line.join(" ")
-            );
-            let _ = writeln!(o, "          command: [\"/bin/sh\", \"-c\"]");
-            let _ = writeln!(o, "          args: [{}]", q(&script));
-        } else {
-            let _ = writeln!(o, "          command: [\"knn-diffusion\"]");
-            let _ = writeln!(
-                o,
-                "          args: [{}]",
-                args.iter().map(|a| q(a)).collect::<Vec<_>>().join(", ")
-            );
+            // SIGTERM reaches `launch` (the container's PID 1), which passes it to the ranks;
+            // they checkpoint and exit 143, so the Job recreates the pod (podFailurePolicy
+            // does not count it as a failure) and the new pod resumes.
+            args.extend(["--stopped-exit-code".to_string(), "143".to_string()]);
         }
+        let _ = writeln!(o, "          command: [\"knn-diffusion\"]");
+        let _ = writeln!(
+            o,
+            "          args: [{}]",
+            args.iter().map(|a| q(a)).collect::<Vec<_>>().join(", ")
+        );
         let _ = writeln!(
             o,
             "          env:\n            - name: OMP_NUM_THREADS\n              value: \"{}\"",

@@ -36,6 +36,8 @@ pub enum LaunchError {
         failed: usize,
         total: usize,
         detail: String,
+        /// Every process's exit code, in rank order (`None`: killed by a signal).
+        codes: Vec<Option<i32>>,
     },
     /// The layout cannot run here.
     #[error("{0}")]
@@ -205,6 +207,7 @@ impl LocalLaunch {
                 failed: bad.len(),
                 total: statuses.len(),
                 detail: bad.join(", "),
+                codes: statuses.iter().map(|s| s.code()).collect(),
             })
         }
     }

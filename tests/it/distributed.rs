@@ -351,3 +351,33 @@ fn bad_job_files_name_the_key() {
     let o = run(bin().args(["submit", job.to_str().unwrap(), "--dry-run"]));
     assert!(text(&o).contains("trian"), "{}", text(&o));
 }
+
+/// The Kubernetes path: SIGTERM reaches `launch` (a pod's PID 1), which passes it to every
+/// rank; they checkpoint, exit with `--stopped-exit-code`, and `launch` exits with it too.
+#[test]
+fn sigterm_to_launch_reaches_every_rank_and_passes_their_code_on() {
+    let (dir, cfg, base) = tables();
+    let out = dir.path().join("run");
+    let mut c = bin();
+    c.args(["launch", "--nproc-per-node", "2", "--", "train", "--config"])
+        .arg(&cfg);
+    with_sets(&mut c, &train_sets(&base, &out, 4, 10_000, 10_000));
+    c.args(["--stopped-exit-code", "143"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut launcher = [c.spawn().unwrap()];
+    wait_for_steps(&out.join("metrics.jsonl"), 2, &mut launcher);
+    let [launcher] = launcher;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(launcher.id() as i32, libc::SIGTERM) };
+    let (status, err) = stderr_of(launcher);
+    assert_eq!(status.code(), Some(143), "{err}");
+    for rank in 0..2 {
+        assert!(
+            err.contains(&format!("[rank {rank}] trained to step")),
+            "{err}"
+        );
+    }
+    let store = std::fs::read_dir(out.join("checkpoints")).unwrap().count();
+    assert_eq!(store, 1, "one checkpoint, written at the stop: {err}");
+}
