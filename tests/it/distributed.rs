@@ -286,6 +286,7 @@ fn rendered_jobs_match_the_golden_files() {
         ("stickers-train", "kubernetes", "yaml"),
         ("stickers-embed", "slurm", "sbatch"),
         ("stickers-embed", "kubernetes", "yaml"),
+        ("stickers-knn", "slurm", "sbatch"),
         ("train-400m", "slurm", "sbatch"),
         ("train-400m", "kubernetes", "yaml"),
     ];

@@ -113,6 +113,9 @@ impl LoadedCheckpoint {
 pub struct CheckpointStore {
     location: SourceLocation,
     keep_last: usize,
+    /// Steps this process wrote or fully verified: pruning need not download them again
+    /// (for a large model that is gigabytes per save).
+    verified: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>,
 }
 
 fn step_dir(step: u64) -> String {
@@ -137,6 +140,7 @@ impl CheckpointStore {
         Ok(Self {
             location: SourceLocation::open(url, storage)?,
             keep_last: keep_last.max(1),
+            verified: Default::default(),
         })
     }
 
@@ -187,6 +191,7 @@ impl CheckpointStore {
             .put(&self.path(&[&dir, MANIFEST]), PutPayload::from(json))
             .await
             .map_err(|e| self.err(&format!("writing {dir}/{MANIFEST}"), e))?;
+        self.mark_verified(step);
         self.prune().await?;
         Ok(format!("{}/{dir}", self.location.url.trim_end_matches('/')))
     }
@@ -260,6 +265,7 @@ impl CheckpointStore {
             }
             files.insert(e.name.clone(), data);
         }
+        self.mark_verified(step);
         Ok(LoadedCheckpoint {
             step,
             location,
@@ -278,12 +284,28 @@ impl CheckpointStore {
         Ok(None)
     }
 
-    /// Deletes every checkpoint older than the newest `keep_last` valid ones.
+    fn mark_verified(&self, step: u64) {
+        self.verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(step);
+    }
+
+    fn is_verified(&self, step: u64) -> bool {
+        self.verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&step)
+    }
+
+    /// Deletes every checkpoint older than the newest `keep_last` valid ones. A checkpoint
+    /// this process wrote or verified counts as valid without being read again; any other is
+    /// verified once.
     async fn prune(&self) -> Result<()> {
         let mut valid = 0;
         for step in self.steps().await? {
             if valid < self.keep_last {
-                if self.load(step).await.is_ok() {
+                if self.is_verified(step) || self.load(step).await.is_ok() {
                     valid += 1;
                 }
                 continue;
@@ -301,6 +323,10 @@ impl CheckpointStore {
             let (manifest, rest): (Vec<_>, Vec<_>) = objects
                 .into_iter()
                 .partition(|p| p.filename() == Some(MANIFEST));
+            self.verified
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&step);
             for p in manifest.into_iter().chain(rest) {
                 self.location
                     .store
