@@ -70,6 +70,8 @@ pub trait Collective: Send {
     fn broadcast(&mut self, tensors: &[Tensor], root: usize) -> Result<()>;
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<()>;
+    /// A barrier bounded by `timeout` instead of the group's own.
+    fn barrier_within(&mut self, timeout: Duration) -> Result<()>;
 }
 
 /// Consecutive runs of tensors of one kind and device, each at most `bucket_bytes` (a
@@ -328,6 +330,10 @@ impl Collective for TcpGroup {
     fn barrier(&mut self) -> Result<()> {
         self.ring.barrier()
     }
+
+    fn barrier_within(&mut self, timeout: Duration) -> Result<()> {
+        self.ring.barrier_within(timeout)
+    }
 }
 
 /// Collectives through NCCL on CUDA tensors.
@@ -578,6 +584,14 @@ impl Collective for NcclGroup {
     fn barrier(&mut self) -> Result<()> {
         let token = Tensor::zeros([1], (Kind::Float, self.device));
         self.all_reduce_mean(&[token])
+    }
+
+    fn barrier_within(&mut self, timeout: Duration) -> Result<()> {
+        let saved = self.timeout;
+        self.timeout = timeout;
+        let result = self.barrier();
+        self.timeout = saved;
+        result
     }
 }
 

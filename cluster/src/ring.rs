@@ -389,6 +389,31 @@ impl TcpRing {
         Ok(())
     }
 
+    /// Returns once every rank has called it, waiting up to `timeout` instead of the ring's
+    /// own (a rank writing a large checkpoint).
+    pub fn barrier_within(&mut self, timeout: Duration) -> Result<()> {
+        let saved = self.timeout;
+        self.set_timeout(timeout)?;
+        let result = self.barrier();
+        self.set_timeout(saved)?;
+        result
+    }
+
+    fn set_timeout(&mut self, timeout: Duration) -> Result<()> {
+        self.timeout = timeout;
+        let next_rank = (self.rank + 1) % self.world;
+        for s in [self.next.as_ref(), self.prev.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            let set = s
+                .set_read_timeout(Some(timeout))
+                .and_then(|_| s.set_write_timeout(Some(timeout)));
+            set.map_err(|e| self.peer_err(next_rank, "could not be configured", e))?;
+        }
+        Ok(())
+    }
+
     /// Returns once every rank has called it.
     pub fn barrier(&mut self) -> Result<()> {
         let mut token = [0f32; 1];
@@ -525,5 +550,29 @@ mod tests {
             err.contains("rank 1") && err.contains("timeout 0.5 s"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_barrier_within_a_longer_bound_waits_for_a_slow_writer() {
+        let a = addrs(2);
+        std::thread::scope(|s| {
+            let writer = s.spawn(|| {
+                let mut ring = TcpRing::connect(1, &a, Duration::from_millis(300)).unwrap();
+                // Rank 1 "writes a checkpoint" for longer than the ring's timeout.
+                std::thread::sleep(Duration::from_millis(900));
+                ring.barrier_within(Duration::from_secs(10)).unwrap();
+                let mut v = vec![2f32; 3];
+                ring.all_reduce_sum(&mut v).unwrap();
+                v
+            });
+            let mut ring = TcpRing::connect(0, &a, Duration::from_millis(300)).unwrap();
+            ring.barrier_within(Duration::from_secs(10)).unwrap();
+            // The ring's own timeout is back in force afterwards (and the ring still works).
+            let mut v = vec![1f32; 3];
+            ring.all_reduce_sum(&mut v).unwrap();
+            assert_eq!(v, vec![3.0; 3]);
+            assert_eq!(writer.join().unwrap(), vec![3.0; 3]);
+            assert_eq!(ring.timeout, Duration::from_millis(300));
+        });
     }
 }

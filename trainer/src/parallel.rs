@@ -41,6 +41,10 @@ pub struct DistributedConfig {
     /// Gradient bucket size in MiB.
     #[serde(default = "default_bucket_mb")]
     pub bucket_mb: f64,
+    /// Bound in seconds on the other ranks' wait while rank 0 writes a checkpoint or a
+    /// sample grid (a large model's checkpoint to object storage can take minutes).
+    #[serde(default = "default_checkpoint_timeout_s")]
+    pub checkpoint_timeout_s: f64,
 }
 
 fn default_timeout_s() -> f64 {
@@ -49,6 +53,9 @@ fn default_timeout_s() -> f64 {
 fn default_bucket_mb() -> f64 {
     25.0
 }
+fn default_checkpoint_timeout_s() -> f64 {
+    3600.0
+}
 
 impl Default for DistributedConfig {
     fn default() -> Self {
@@ -56,6 +63,7 @@ impl Default for DistributedConfig {
             backend: BackendChoice::Auto,
             timeout_s: default_timeout_s(),
             bucket_mb: default_bucket_mb(),
+            checkpoint_timeout_s: default_checkpoint_timeout_s(),
         }
     }
 }
@@ -65,6 +73,7 @@ pub struct DataParallel {
     group: Box<dyn Collective>,
     rdv: Rendezvous,
     device: Device,
+    checkpoint_timeout: Duration,
 }
 
 impl DataParallel {
@@ -82,10 +91,13 @@ impl DataParallel {
     /// Joins the job `rdv` describes (a single process joins trivially).
     pub fn join(rdv: &Rendezvous, cfg: &DistributedConfig, device: Device) -> Result<Self> {
         let positive = |v: f64| v.is_finite() && v > 0.0;
-        if !positive(cfg.timeout_s) || !positive(cfg.bucket_mb) {
+        if !positive(cfg.timeout_s)
+            || !positive(cfg.bucket_mb)
+            || !positive(cfg.checkpoint_timeout_s)
+        {
             return Err(TrainerError::config(
                 "train.distributed",
-                "timeout_s and bucket_mb must be positive",
+                "timeout_s, bucket_mb and checkpoint_timeout_s must be positive",
             ));
         }
         let backend = match (cfg.backend, device) {
@@ -113,6 +125,7 @@ impl DataParallel {
             group,
             rdv: rdv.clone(),
             device,
+            checkpoint_timeout: Duration::from_secs_f64(cfg.checkpoint_timeout_s),
         })
     }
 
@@ -182,9 +195,13 @@ impl DataParallel {
         Ok(((v[0] as u64) << 24) | v[1] as u64)
     }
 
-    /// Returns once every rank has called it.
-    pub fn barrier(&mut self) -> Result<()> {
-        Ok(self.group.barrier()?)
+    /// Waits for rank 0 to finish writing (a checkpoint, a grid), bounded by
+    /// `checkpoint_timeout_s` rather than the collectives' timeout.
+    pub fn wait_for_primary(&mut self) -> Result<()> {
+        if self.world() == 1 {
+            return Ok(());
+        }
+        Ok(self.group.barrier_within(self.checkpoint_timeout)?)
     }
 }
 

@@ -815,18 +815,21 @@ pub async fn train(
                 tracing::info!(step, grid = %path.display(), "sample grid (top: held-out images; bottom: samples from their conditions)");
             }
         }
+        let at_grid = holdout > 0
+            && cfg.samples.every_steps > 0
+            && step.is_multiple_of(cfg.samples.every_steps);
+        if at_checkpoint || at_grid {
+            // The others wait (under the longer checkpoint bound) while rank 0 writes, so
+            // none exits before the checkpoint exists or times out in the next step.
+            dp.wait_for_primary()?;
+        }
         if stop {
-            // The others wait for rank 0's checkpoint before they exit.
-            dp.barrier()?;
             tracing::info!(
                 step,
                 "stopping early on request; the checkpoint above resumes it"
             );
             break;
         }
-    }
-    if step == cfg.max_steps {
-        dp.barrier()?;
     }
     let elapsed = run_start.elapsed().as_secs_f64();
     let step_time = elapsed / steps_run.max(1) as f64;
