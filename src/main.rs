@@ -226,7 +226,9 @@ async fn run_train(args: cli::TrainArgs, log_format: LogFormat) -> Result<()> {
         }
     };
     let summary = knn_trainer::train(&cfg, &project.storage, &rdv, &mut on_step).await?;
-    if summary.step < cfg.max_steps && summary.rank == 0 {
+    // Stopped early, by a signal, after writing its checkpoint.
+    let stopped_early = summary.step < cfg.max_steps;
+    if stopped_early && summary.rank == 0 {
         // Stopped by a signal with its checkpoint written: tell a Slurm script to requeue.
         if let Some(marker) = requeue_marker {
             std::fs::write(&marker, format!("{}\n", summary.step))
@@ -248,7 +250,7 @@ async fn run_train(args: cli::TrainArgs, log_format: LogFormat) -> Result<()> {
         summary.metrics.display()
     );
     write_summary(args.summary_json.as_deref(), &summary)?;
-    if summary.step < cfg.max_steps && stopped_exit_code != 0 {
+    if stopped_early && stopped_exit_code != 0 {
         // Stopped early with a checkpoint: a non-zero code makes Kubernetes recreate the pod.
         std::process::exit(stopped_exit_code);
     }

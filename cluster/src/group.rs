@@ -125,10 +125,10 @@ pub fn join(
 ) -> Result<Box<dyn Collective>> {
     if !rdv.is_distributed() {
         return match backend {
-            Backend::Tcp => Ok(Box::new(TcpGroup {
-                ring: TcpRing::connect(0, &["127.0.0.1:0".parse().expect("valid")], opts.timeout)?,
-                bucket_bytes: opts.bucket_bytes,
-            })),
+            Backend::Tcp => Ok(Box::new(TcpGroup::new(
+                TcpRing::connect(0, &["127.0.0.1:0".parse().expect("valid")], opts.timeout)?,
+                opts.bucket_bytes,
+            ))),
             Backend::Nccl => Ok(Box::new(NcclGroup::new(rdv, device, opts, None)?)),
         };
     }
@@ -192,10 +192,10 @@ pub fn join(
         "joined the process group through {master}"
     );
     match backend {
-        Backend::Tcp => Ok(Box::new(TcpGroup {
-            ring: TcpRing::join(rdv.rank, Some(listener), &addrs, opts.timeout)?,
-            bucket_bytes: opts.bucket_bytes,
-        })),
+        Backend::Tcp => Ok(Box::new(TcpGroup::new(
+            TcpRing::join(rdv.rank, Some(listener), &addrs, opts.timeout)?,
+            opts.bucket_bytes,
+        ))),
         Backend::Nccl => {
             drop(listener);
             Ok(Box::new(NcclGroup::new(
@@ -623,11 +623,7 @@ mod tests {
     }
 
     fn run<T: Send>(world: usize, f: impl Fn(Box<dyn Collective>) -> T + Sync) -> Vec<T> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::launch::free_port().unwrap();
         std::thread::scope(|s| {
             let handles: Vec<_> = (0..world)
                 .map(|rank| {
@@ -682,11 +678,7 @@ mod tests {
     #[test]
     fn a_rank_that_never_comes_is_named() {
         // World of 2, only rank 0 starts: the wait for rank 1's address times out.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::launch::free_port().unwrap();
         let rdv = Rendezvous {
             rank: 0,
             world: 2,

@@ -8,6 +8,7 @@
 //! `nodes x tasks_per_node` ranks (`srun`, one pod per node running `launch`); build-index
 //! and sample run once.
 
+use crate::rendezvous::DEFAULT_MASTER_PORT;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -480,7 +481,7 @@ impl Job {
                     "--master-addr",
                     &format!("{name}-0.{name}"),
                     "--master-port",
-                    "29500",
+                    &DEFAULT_MASTER_PORT.to_string(),
                     "--",
                 ]
                 .map(String::from),
@@ -510,7 +511,7 @@ impl Job {
         }
         if train {
             let _ = writeln!(o, "---\n# Headless: pod <job>-<index> resolves as {name}-<index>.{name}, so rank 0 is {name}-0.{name}.");
-            let _ = writeln!(o, "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  clusterIP: None\n  selector:\n    job-name: {name}\n  ports:\n    - name: rendezvous\n      port: 29500");
+            let _ = writeln!(o, "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  clusterIP: None\n  selector:\n    job-name: {name}\n  ports:\n    - name: rendezvous\n      port: {DEFAULT_MASTER_PORT}");
         }
         let _ = writeln!(o, "---\napiVersion: batch/v1\nkind: Job\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:");
         let _ = writeln!(o, "  completionMode: Indexed\n  completions: {pods}\n  parallelism: {pods}\n  backoffLimit: {}", k.backoff_limit);

@@ -220,7 +220,8 @@ fn signal_all(children: &[(usize, Child)], sig: i32) {
     }
 }
 
-fn free_port() -> std::io::Result<u16> {
+/// A TCP port free on 127.0.0.1 right now (for a rendezvous on this machine).
+pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

@@ -46,6 +46,31 @@ pub enum ClusterError {
 /// Result with [`ClusterError`].
 pub type Result<T> = std::result::Result<T, ClusterError>;
 
+/// The number in environment variable `name` read through `env` (`None` when unset).
+pub(crate) fn env_number<T: std::str::FromStr>(
+    env: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+) -> Result<Option<T>> {
+    match env(name) {
+        None => Ok(None),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| ClusterError::BadEnv { name, value: v }),
+    }
+}
+
+/// An environment of `pairs`, for tests of what reads the environment.
+#[cfg(test)]
+pub(crate) fn test_env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    let map: std::collections::HashMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    move |k| map.get(k).cloned()
+}
+
 /// This worker's index among `count` workers; always valid once built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WorkerSlot {
@@ -89,16 +114,7 @@ impl WorkerSlot {
         count: Option<usize>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self> {
-        let num = |name: &'static str| -> Result<Option<usize>> {
-            match env(name) {
-                None => Ok(None),
-                Some(v) => v
-                    .trim()
-                    .parse()
-                    .map(Some)
-                    .map_err(|_| ClusterError::BadEnv { name, value: v }),
-            }
-        };
+        let num = |name: &'static str| env_number::<usize>(&env, name);
         let from_env: Option<(usize, Option<usize>, &'static str)> =
             if let Some(id) = num("SLURM_ARRAY_TASK_ID")? {
                 let min = num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
@@ -136,15 +152,7 @@ impl WorkerSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-
-    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |k| map.get(k).cloned()
-    }
+    use crate::test_env as env;
 
     #[test]
     fn flags_win() {

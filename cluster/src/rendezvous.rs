@@ -12,7 +12,7 @@
 //!
 //! Nothing set means a single process.
 
-use crate::ClusterError;
+use crate::{env_number, ClusterError};
 
 /// The port rank 0's store listens on when nothing names one (torch's default too).
 pub const DEFAULT_MASTER_PORT: u16 = 29500;
@@ -62,40 +62,26 @@ impl Rendezvous {
 
     /// Reads the rendezvous through `env` (see the module docs for the variables).
     pub fn resolve(env: impl Fn(&str) -> Option<String>) -> Result<Self, ClusterError> {
-        let num = |name: &'static str| -> Result<Option<usize>, ClusterError> {
-            match env(name) {
-                None => Ok(None),
-                Some(v) if v.trim().is_empty() => Ok(None),
-                Some(v) => v
-                    .trim()
-                    .parse()
-                    .map(Some)
-                    .map_err(|_| ClusterError::BadEnv { name, value: v }),
-            }
-        };
+        // Set but empty reads as unset (for all but MASTER_PORT).
+        let set = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+        let addr = || set("MASTER_ADDR").map(|v| v.trim().to_string());
+        let num = |name: &'static str| env_number::<usize>(&set, name);
         let need = |name: &'static str, source: &'static str| -> Result<usize, ClusterError> {
             num(name)?.ok_or(ClusterError::MissingEnv {
                 name,
                 launcher: source,
             })
         };
-        let port = |fallback: u16| -> Result<u16, ClusterError> {
-            match env("MASTER_PORT") {
-                None => Ok(fallback),
-                Some(v) => v.trim().parse().map_err(|_| ClusterError::BadEnv {
-                    name: "MASTER_PORT",
-                    value: v,
-                }),
+        let port = |fallback: u16| Ok(env_number::<u16>(&env, "MASTER_PORT")?.unwrap_or(fallback));
+        // Rank 0's host, required once other ranks take part.
+        let master = |world: usize, source: &'static str| -> Result<String, ClusterError> {
+            if world <= 1 {
+                return Ok("127.0.0.1".into());
             }
-        };
-        let master = |source: &'static str| -> Result<String, ClusterError> {
-            env("MASTER_ADDR")
-                .filter(|v| !v.trim().is_empty())
-                .map(|v| v.trim().to_string())
-                .ok_or(ClusterError::MissingEnv {
-                    name: "MASTER_ADDR",
-                    launcher: source,
-                })
+            addr().ok_or(ClusterError::MissingEnv {
+                name: "MASTER_ADDR",
+                launcher: source,
+            })
         };
 
         let rdv = if let Some(rank) = num("RANK")? {
@@ -107,23 +93,18 @@ impl Rendezvous {
                 world,
                 local_rank: num("LOCAL_RANK")?.unwrap_or(rank % local_world.max(1)),
                 local_world,
-                master_addr: if world > 1 {
-                    master(source)?
-                } else {
-                    "127.0.0.1".into()
-                },
+                master_addr: master(world, source)?,
                 master_port: port(DEFAULT_MASTER_PORT)?,
                 source,
             }
         } else if let (Some(rank), Some(world)) = (num("SLURM_PROCID")?, num("SLURM_NTASKS")?) {
             let source = "Slurm (SLURM_PROCID/SLURM_NTASKS)";
-            let master_addr = match env("MASTER_ADDR").filter(|v| !v.trim().is_empty()) {
-                Some(a) => a.trim().to_string(),
-                None => env("SLURM_STEP_NODELIST")
+            let master_addr = addr().unwrap_or_else(|| {
+                env("SLURM_STEP_NODELIST")
                     .or_else(|| env("SLURM_JOB_NODELIST"))
                     .and_then(|l| first_host(&l))
-                    .unwrap_or_else(|| "127.0.0.1".into()),
-            };
+                    .unwrap_or_else(|| "127.0.0.1".into())
+            });
             let job_port = match num("SLURM_JOB_ID")? {
                 Some(id) => 20_000 + (id % 20_000) as u16,
                 None => DEFAULT_MASTER_PORT,
@@ -151,11 +132,7 @@ impl Rendezvous {
                 world,
                 local_rank: 0,
                 local_world: 1,
-                master_addr: if world > 1 {
-                    master(source)?
-                } else {
-                    "127.0.0.1".into()
-                },
+                master_addr: master(world, source)?,
                 master_port: port(DEFAULT_MASTER_PORT)?,
                 source,
             }
@@ -209,15 +186,7 @@ fn leading_number(v: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-
-    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |k| map.get(k).cloned()
-    }
+    use crate::test_env as env;
 
     #[test]
     fn nothing_set_is_a_single_process() {

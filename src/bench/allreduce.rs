@@ -8,17 +8,12 @@ use super::{machine, write_section};
 use crate::cli::BenchAllReduceArgs;
 use anyhow::{bail, Context, Result};
 use knn_cluster::group::{self, Backend, GroupOptions};
+use knn_cluster::launch::free_port;
 use knn_cluster::rendezvous::Rendezvous;
 use std::fmt::Write as _;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
 
 /// Our seconds per all-reduce: one thread per rank, each with its own group member.
 fn ours(args: &BenchAllReduceArgs, backend: Backend) -> Result<f64> {

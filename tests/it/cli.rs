@@ -392,8 +392,9 @@ fn default_stage(stage: &str, sets: &[&str], extra: &[&str]) -> String {
     t
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn train_killed_mid_run_resumes_bit_identically() {
+/// Embeddings and kNN tables (embed + precompute-knn) of 40 small images below a temporary
+/// directory: the directory, the stage config, and the `--set` pointing stages at the table.
+pub(crate) fn knn_tables() -> (tempfile::TempDir, PathBuf, String) {
     let (dir, cfg, table) = local_job(40, "t.lance");
     let set_table = format!("embed.output.table={}", table.display());
     for stage in ["embed", "precompute-knn"] {
@@ -406,6 +407,12 @@ async fn train_killed_mid_run_resumes_bit_identically() {
         ]));
         assert!(o.status.success(), "{}", text(&o));
     }
+    (dir, cfg, set_table)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn train_killed_mid_run_resumes_bit_identically() {
+    let (dir, cfg, set_table) = knn_tables();
     let train = |out: &Path| {
         let mut c = bin();
         c.args([

@@ -1,28 +1,10 @@
 //! Data-parallel training across real processes on loopback: equivalence with one process,
 //! a stop signal that every rank obeys, a killed rank, and the job files' rendered scripts.
 
-use crate::cli::{bin, local_job, run, text};
+use crate::cli::{bin, knn_tables, local_job, run, text};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// Tables (embed + precompute-knn) for 40 images below a temporary directory; returns the
-/// directory, the stage config, and `--set` flags pointing training at the tables.
-fn tables() -> (tempfile::TempDir, PathBuf, Vec<String>) {
-    let (dir, cfg, table) = local_job(40, "t.lance");
-    let set_table = format!("embed.output.table={}", table.display());
-    for stage in ["embed", "precompute-knn"] {
-        let o = run(bin().args([
-            stage,
-            "--config",
-            cfg.to_str().unwrap(),
-            "--set",
-            &set_table,
-        ]));
-        assert!(o.status.success(), "{}", text(&o));
-    }
-    (dir, cfg, vec![set_table])
-}
 
 /// `train` flags for a small CPU run into `out`.
 fn train_sets(base: &[String], out: &Path, batch: usize, steps: u64, every: u64) -> Vec<String> {
@@ -79,7 +61,8 @@ fn job_file(dir: &Path, cfg: &Path, stage: &str, tasks: usize, sets: &[String]) 
 
 #[test]
 fn two_ranks_end_where_one_process_with_twice_the_batch_ends() {
-    let (dir, cfg, base) = tables();
+    let (dir, cfg, set_table) = knn_tables();
+    let base = [set_table];
     let steps = 4;
     // Two local processes, 4 images each, through `submit --backend local`.
     let two = dir.path().join("two");
@@ -143,11 +126,7 @@ fn spawn_rank(cfg: &Path, sets: &[String], rank: usize, port: u16, marker: &Path
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    knn_cluster::launch::free_port().unwrap()
 }
 
 fn wait_for_steps(metrics: &Path, n: usize, children: &mut [Child]) {
@@ -179,7 +158,8 @@ fn stderr_of(c: Child) -> (std::process::ExitStatus, String) {
 
 #[test]
 fn sigterm_checkpoints_every_rank_and_the_job_resumes() {
-    let (dir, cfg, base) = tables();
+    let (dir, cfg, set_table) = knn_tables();
+    let base = [set_table];
     let out = dir.path().join("run");
     let sets = train_sets(&base, &out, 4, 10_000, 10_000);
     let marker = dir.path().join("requeue");
@@ -238,7 +218,8 @@ fn sigterm_checkpoints_every_rank_and_the_job_resumes() {
 
 #[test]
 fn a_killed_rank_makes_the_other_fail_naming_it() {
-    let (dir, cfg, base) = tables();
+    let (dir, cfg, set_table) = knn_tables();
+    let base = [set_table];
     let out = dir.path().join("run");
     let mut sets = train_sets(&base, &out, 4, 10_000, 10_000);
     sets.push("train.distributed.timeout_s=3".into());
@@ -357,7 +338,8 @@ fn bad_job_files_name_the_key() {
 /// rank; they checkpoint, exit with `--stopped-exit-code`, and `launch` exits with it too.
 #[test]
 fn sigterm_to_launch_reaches_every_rank_and_passes_their_code_on() {
-    let (dir, cfg, base) = tables();
+    let (dir, cfg, set_table) = knn_tables();
+    let base = [set_table];
     let out = dir.path().join("run");
     let mut c = bin();
     c.args(["launch", "--nproc-per-node", "2", "--", "train", "--config"])

@@ -71,7 +71,6 @@ impl Default for DistributedConfig {
 /// The data-parallel wrapper: a process group plus what training asks of it.
 pub struct DataParallel {
     group: Box<dyn Collective>,
-    rdv: Rendezvous,
     device: Device,
     checkpoint_timeout: Duration,
 }
@@ -100,21 +99,18 @@ impl DataParallel {
                 "timeout_s, bucket_mb and checkpoint_timeout_s must be positive",
             ));
         }
+        // `auto` is NCCL for GPU ranks of a real job; a single process needs no collectives
+        // unless NCCL is asked for by name (a GPU check of the NCCL path at world size 1).
         let backend = match (cfg.backend, device) {
-            (BackendChoice::Tcp, _) | (BackendChoice::Auto, Device::Cpu) => Backend::Tcp,
-            (BackendChoice::Nccl, Device::Cuda(_)) | (BackendChoice::Auto, _) => Backend::Nccl,
+            (BackendChoice::Nccl, Device::Cuda(_)) => Backend::Nccl,
             (BackendChoice::Nccl, _) => {
                 return Err(TrainerError::config(
                     "train.distributed.backend",
                     "`nccl` needs training on a GPU; use `tcp` or `auto` on the CPU",
                 ))
             }
-        };
-        // A single process needs no collectives unless NCCL is asked for by name (a GPU
-        // check of the NCCL path at world size 1).
-        let backend = match (rdv.is_distributed(), cfg.backend) {
-            (false, BackendChoice::Auto) => Backend::Tcp,
-            _ => backend,
+            (BackendChoice::Auto, Device::Cuda(_)) if rdv.is_distributed() => Backend::Nccl,
+            _ => Backend::Tcp,
         };
         let opts = GroupOptions {
             timeout: Duration::from_secs_f64(cfg.timeout_s),
@@ -123,7 +119,6 @@ impl DataParallel {
         let group = group::join(rdv, backend, device, opts)?;
         Ok(Self {
             group,
-            rdv: rdv.clone(),
             device,
             checkpoint_timeout: Duration::from_secs_f64(cfg.checkpoint_timeout_s),
         })
@@ -142,11 +137,6 @@ impl DataParallel {
     /// Whether this rank writes checkpoints, metrics and sample grids.
     pub fn is_primary(&self) -> bool {
         self.rank() == 0
-    }
-
-    /// Where this rank sits.
-    pub fn rendezvous(&self) -> &Rendezvous {
-        &self.rdv
     }
 
     /// Gives every rank rank 0's values of `tensors` (parameters, optimiser state).

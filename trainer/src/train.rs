@@ -647,6 +647,8 @@ pub async fn train(
         flip: cfg.data.flip,
     };
     let accum = cfg.grad_accum as u64;
+    // Over all ranks.
+    let images_per_step = accum * cfg.batch_size as u64 * dp.world() as u64;
     let mut loader = Loader::start(
         data.clone(),
         layout,
@@ -716,24 +718,24 @@ pub async fn train(
             max_steps: cfg.max_steps,
             loss: step_loss,
             lr,
-            images_per_s: (accum * cfg.batch_size as u64 * dp.world() as u64) as f64
-                / step_started.elapsed().as_secs_f64().max(1e-9),
+            images_per_s: images_per_step as f64 / step_started.elapsed().as_secs_f64().max(1e-9),
         })
         .is_break();
         // Every rank logs the same mean loss and stops at the same step.
         let (step_loss, stop) = dp.agree(step_loss, asked)?;
         last_loss = step_loss;
         window_losses.push(step_loss);
-        recent_losses.push(step_loss);
+        if primary {
+            // Only rank 0's checkpoints record them.
+            recent_losses.push(step_loss);
+        }
         let wait = loader.take_waited().as_secs_f64();
         window_wait += wait;
         total_wait += wait;
 
         if step.is_multiple_of(cfg.log_every) || step == cfg.max_steps {
             let secs = window_start.elapsed().as_secs_f64();
-            let images =
-                (window_losses.len() as u64 * accum * cfg.batch_size as u64 * dp.world() as u64)
-                    as f64;
+            let images = (window_losses.len() as u64 * images_per_step) as f64;
             let line = serde_json::json!({
                 "step": step,
                 "loss": step_loss,
@@ -787,37 +789,36 @@ pub async fn train(
             tracing::info!(step, checkpoint = %at, "checkpoint written");
             last_ckpt = Some(at);
         }
-        if let Some(h) = &holdout_cond {
-            if step.is_multiple_of(cfg.samples.every_steps) {
-                let path = out_dir.join("samples").join(format!("step-{step:010}.png"));
-                let ema_model = DiffusionModel::new(&unet_cfg, &cfg.diffusion, device, cfg.seed)?;
-                ema_model.load_weights(ema.weights(), "EMA weights")?;
-                let (c, present) = condition_tensors(h, cfg.k, data.dim);
-                let cond = Condition {
-                    emb: c.to_device(device),
-                    present: present.to_device(device),
-                    drop: Tensor::zeros([h.ids.len() as i64], (Kind::Float, device)),
-                };
-                let sampler = cfg
-                    .samples
-                    .sampler
-                    .build(&ema_model.diffusion, "train.samples.sampler")?;
-                let imgs = generate(
-                    &ema_model,
-                    sampler.as_ref(),
-                    &cond,
-                    cfg.samples.guidance,
-                    cfg.seed,
-                    0,
-                );
-                let real = image_tensor(h, data.image_size_px).to_device(device);
-                write_grid(&Tensor::cat(&[real, imgs], 0), h.ids.len(), &path)?;
-                tracing::info!(step, grid = %path.display(), "sample grid (top: held-out images; bottom: samples from their conditions)");
-            }
-        }
+        // Rank 0 alone holds the held-out conditions (see `holdout_cond`).
         let at_grid = holdout > 0
             && cfg.samples.every_steps > 0
             && step.is_multiple_of(cfg.samples.every_steps);
+        if let Some(h) = holdout_cond.as_ref().filter(|_| at_grid) {
+            let path = out_dir.join("samples").join(format!("step-{step:010}.png"));
+            let ema_model = DiffusionModel::new(&unet_cfg, &cfg.diffusion, device, cfg.seed)?;
+            ema_model.load_weights(ema.weights(), "EMA weights")?;
+            let (c, present) = condition_tensors(h, cfg.k, data.dim);
+            let cond = Condition {
+                emb: c.to_device(device),
+                present: present.to_device(device),
+                drop: Tensor::zeros([h.ids.len() as i64], (Kind::Float, device)),
+            };
+            let sampler = cfg
+                .samples
+                .sampler
+                .build(&ema_model.diffusion, "train.samples.sampler")?;
+            let imgs = generate(
+                &ema_model,
+                sampler.as_ref(),
+                &cond,
+                cfg.samples.guidance,
+                cfg.seed,
+                0,
+            );
+            let real = image_tensor(h, data.image_size_px).to_device(device);
+            write_grid(&Tensor::cat(&[real, imgs], 0), h.ids.len(), &path)?;
+            tracing::info!(step, grid = %path.display(), "sample grid (top: held-out images; bottom: samples from their conditions)");
+        }
         if at_checkpoint || at_grid {
             // The others wait (under the longer checkpoint bound) while rank 0 writes, so
             // none exits before the checkpoint exists or times out in the next step.
