@@ -9,9 +9,10 @@
 pub mod allreduce;
 pub mod knn;
 pub mod train;
+pub mod train_clip;
 
 use anyhow::{bail, Context, Result};
-use knn_indexer::embed::RandomPreset;
+use knn_indexer::clip::RandomPreset;
 use knn_indexer::EmbedSummary;
 use serde_json::Value;
 use std::fmt::Write as _;

@@ -53,6 +53,21 @@ pub enum Command {
     /// grids and checkpoints under `train.output_dir`; rerun the same command to resume from
     /// the newest valid checkpoint (a corrupted one is skipped with a warning).
     Train(TrainArgs),
+    /// Train the project's own CLIP on captioned shards (img2dataset parquet with a caption
+    /// column, or WebDataset with .txt): a ViT image tower and a causal text transformer,
+    /// symmetric InfoNCE with a learned temperature, a byte-level BPE tokenizer learned from
+    /// the captions. Records whose key falls in the held-out split are never trained on;
+    /// held-out recall@1/5/10 (against chance) and the modality gap are reported. Writes an
+    /// HF CLIP directory (`train_clip.output_dir`/model) that `embed.clip.checkpoint` loads.
+    /// Resumable and data-parallel like `train`. `--judge` trains the judge CLIP instead
+    /// (its own seed and held-out split, `[train_clip.judge]`), used only to score samples.
+    TrainClip(TrainClipArgs),
+    /// Fetch a captioned image set that ships in a package (npm or Debian) and write it as
+    /// img2dataset parquet shards (key, png, caption, license, source): `twitter`,
+    /// `openmoji`, `openclipart`, `fluent-3d`, or `all`. Packages are downloaded once into
+    /// --cache; a set already complete at --out is left as it is.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Generate images from text: each prompt's CLIP text embedding retrieves its k nearest
     /// image embeddings from `--retrieval-db` (any embeddings table: swap it to change the
     /// output distribution without retraining), then the model samples with classifier-free
@@ -74,6 +89,56 @@ pub enum Command {
     /// Measure a stage on this machine against its peers and write BENCHMARKS.md.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// `data` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Fetch packaged captioned sets into parquet shards.
+    Fetch(DataFetchArgs),
+}
+
+/// Flags of `data fetch`.
+#[derive(Debug, Args)]
+pub struct DataFetchArgs {
+    /// The set: twitter, openmoji, openclipart, fluent-3d, or all.
+    pub set: String,
+
+    /// Where the shards go (a local path or an s3/gs/az URL); `all` and the default put
+    /// each set in `<out>/<set>/`.
+    #[arg(long, default_value = "data/captioned")]
+    pub out: String,
+
+    /// Where downloaded packages are kept.
+    #[arg(long, default_value = ".cache/packages")]
+    pub cache: PathBuf,
+
+    /// Rows per parquet shard.
+    #[arg(long, default_value_t = 1000)]
+    pub rows_per_shard: usize,
+
+    /// Longer side of the stored images at most (larger ones are shrunk).
+    #[arg(long, default_value_t = 256)]
+    pub max_side_px: u32,
+
+    /// A config file whose `[storage]` gives credentials for --out.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+
+    /// Also write the summaries as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub summary_json: Option<PathBuf>,
+}
+
+/// Flags of `train-clip`.
+#[derive(Debug, Args)]
+pub struct TrainClipArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+
+    /// Train the judge CLIP (`[train_clip.judge]`: its own seed, split and directory).
+    #[arg(long)]
+    pub judge: bool,
 }
 
 /// Flags of `submit`.
@@ -252,6 +317,11 @@ pub struct SampleArgs {
     #[arg(long)]
     pub raw_weights: bool,
 
+    /// Read the samples with this judge CLIP (an HF CLIP directory, e.g. the one
+    /// `train-clip --judge` writes) and report the share nearest their own prompt.
+    #[arg(long, value_name = "DIR")]
+    pub judge_clip: Option<String>,
+
     /// Also write the summary as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub summary_json: Option<PathBuf>,
@@ -282,6 +352,10 @@ pub enum BenchCommand {
     /// share of step time in a real `train` run on the embedded default tables (run
     /// scripts/demo.sh first); and guided sampling images/s.
     Train(BenchTrainArgs),
+    /// One `train-clip` step of our CLIP against HF transformers' CLIPModel trained the same
+    /// way in PyTorch eager (python/bench_train_clip_torch.py), same preset, batch and
+    /// threads.
+    TrainClip(BenchTrainClipArgs),
     /// The gradient all-reduce: our process group (TCP ring on the CPU, NCCL on GPUs)
     /// against torch.distributed (gloo / NCCL) on the same buffer and world size; time per
     /// all-reduce, algorithm and bus bandwidth.
@@ -315,6 +389,40 @@ pub struct BenchAllReduceArgs {
     /// File whose section to rewrite.
     #[arg(long, default_value = "BENCHMARKS.md")]
     pub out: PathBuf,
+}
+
+/// Flags of `bench train-clip`.
+#[derive(Debug, Args)]
+pub struct BenchTrainClipArgs {
+    /// CLIP preset: tiny, small or base.
+    #[arg(long, default_value = "small", value_parser = parse_clip_preset)]
+    pub preset: knn_trainer::train_clip::config::ClipPreset,
+    /// Pairs per step.
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+    /// Timed steps per round.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed warm-up steps per round.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Rounds, alternating ours and the peer.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Skip the PyTorch peer.
+    #[arg(long)]
+    pub no_python: bool,
+    /// Scratch directory.
+    #[arg(long, default_value = "target/bench-train-clip")]
+    pub workdir: PathBuf,
+    /// Markdown file whose section for this benchmark is replaced.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub write: PathBuf,
+}
+
+fn parse_clip_preset(s: &str) -> Result<knn_trainer::train_clip::config::ClipPreset, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("`{s}`: use tiny, small or base"))
 }
 
 /// Flags of `bench train`.

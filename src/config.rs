@@ -5,10 +5,10 @@
 use anyhow::{bail, Context, Result};
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
-use knn_datasets::StorageConfig;
+use knn_datasets::{SplitConfig, StorageConfig};
 use knn_indexer::knn::{IndexConfig, KnnConfig};
 use knn_indexer::EmbedConfig;
-use knn_trainer::TrainConfig;
+use knn_trainer::{TrainClipConfig, TrainConfig};
 use serde::Deserialize;
 use std::path::Path;
 
@@ -27,6 +27,13 @@ pub struct ProjectConfig {
     pub knn: Option<KnnConfig>,
     /// Training.
     pub train: Option<TrainConfig>,
+    /// Training the project's own CLIP.
+    pub train_clip: Option<TrainClipConfig>,
+    /// The held-out split every stage honours: its records are never trained on, by the
+    /// CLIP or the diffusion model, and never a training row's neighbour; `eval` scores on
+    /// them.
+    #[serde(default)]
+    pub split: SplitConfig,
 }
 
 impl ProjectConfig {
@@ -55,6 +62,7 @@ impl ProjectConfig {
             None => toml::from_str("").context("default [knn] config")?,
         };
         cfg.table = cfg.table.or_else(|| self.embeddings_table());
+        cfg.split = cfg.split.or_else(|| Some(self.split.clone()));
         if cfg.table.is_none() {
             bail!(
                 "config `{}` names no embeddings table: set `knn.table` or `embed.output.table`",
@@ -66,6 +74,24 @@ impl ProjectConfig {
 }
 
 impl ProjectConfig {
+    /// `[train_clip]` (its defaults when absent), with the split defaulting to `[split]`;
+    /// `judge` turns it into the judge CLIP's.
+    pub fn train_clip(&self, path: &Path, judge: bool) -> Result<TrainClipConfig> {
+        let mut cfg = match self.train_clip.clone() {
+            Some(c) => c,
+            None => toml::from_str("").context("default [train_clip] config")?,
+        };
+        if cfg.split.is_none() {
+            cfg.split = Some(self.split.clone());
+        }
+        if judge {
+            cfg = cfg.for_judge();
+        }
+        cfg.validate()
+            .with_context(|| format!("config `{}`", path.display()))?;
+        Ok(cfg)
+    }
+
     /// `[train]`, with the tables defaulting to embed's output and precompute-knn's output.
     pub fn train(&self, path: &Path) -> Result<TrainConfig> {
         let mut cfg = match self.train.clone() {

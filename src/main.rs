@@ -80,6 +80,8 @@ fn try_main(cli: Cli) -> Result<()> {
         Command::PrecomputeKnn(args) => runtime.block_on(run_precompute_knn(args, cli.log_format)),
         Command::Train(args) => runtime.block_on(run_train(args, cli.log_format)),
         Command::Sample(args) => runtime.block_on(run_sample(args)),
+        Command::TrainClip(args) => runtime.block_on(run_train_clip(args, cli.log_format)),
+        Command::Data(cli::DataCommand::Fetch(args)) => runtime.block_on(run_data_fetch(args)),
         Command::Submit(args) => {
             let _guard = runtime.enter();
             run_submit(args)
@@ -91,6 +93,11 @@ fn try_main(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Train(args)) => {
             let wait = runtime.block_on(loader_wait(&args))?;
             let md = runtime.block_on(bench::train::run(&args, wait))?;
+            println!("{md}");
+            Ok(())
+        }
+        Command::Bench(BenchCommand::TrainClip(args)) => {
+            let md = bench::train_clip::run(&args)?;
             println!("{md}");
             Ok(())
         }
@@ -106,9 +113,9 @@ fn try_main(cli: Cli) -> Result<()> {
         }
         Command::Bench(BenchCommand::Embed(args)) => {
             let model = match args.model.as_str() {
-                "tiny" => knn_indexer::embed::RandomPreset::Tiny,
-                "vit-b-32" => knn_indexer::embed::RandomPreset::VitB32,
-                "vit-l-14" => knn_indexer::embed::RandomPreset::VitL14,
+                "tiny" => knn_indexer::clip::RandomPreset::Tiny,
+                "vit-b-32" => knn_indexer::clip::RandomPreset::VitB32,
+                "vit-l-14" => knn_indexer::clip::RandomPreset::VitL14,
                 other => anyhow::bail!("--model `{other}`: use tiny, vit-b-32 or vit-l-14"),
             };
             let md = bench::run(&bench::EmbedBench {
@@ -200,31 +207,8 @@ async fn run_train(args: cli::TrainArgs, log_format: LogFormat) -> Result<()> {
     let project = config::load(&args.config, &args.overrides)?;
     let cfg = project.train(&args.config)?;
     let rdv = knn_cluster::rendezvous::Rendezvous::from_env()?;
-    let stop = stop_on_signals()?;
-    let show_bar = log_format == LogFormat::Human && std::io::stderr().is_terminal();
-    let bar = (show_bar && rdv.rank == 0).then(|| {
-        let bar = indicatif::ProgressBar::new(cfg.max_steps);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "[{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}  eta {eta}",
-            )
-            .expect("valid template"),
-        );
-        bar
-    });
-    let mut on_step = |p: &knn_trainer::TrainProgress| {
-        if let Some(bar) = &bar {
-            bar.set_position(p.step);
-            bar.set_message(format!(
-                "loss {:.4}  lr {:.2e}  {:.1} img/s",
-                p.loss, p.lr, p.images_per_s
-            ));
-        }
-        match stop.load(std::sync::atomic::Ordering::SeqCst) {
-            true => std::ops::ControlFlow::Break(()),
-            false => std::ops::ControlFlow::Continue(()),
-        }
-    };
+    let (bar, stop) = step_reporter(cfg.max_steps, rdv.rank, log_format)?;
+    let mut on_step = |p: &knn_trainer::TrainProgress| on_step(&bar, &stop, p);
     let summary = knn_trainer::train(&cfg, &project.storage, &rdv, &mut on_step).await?;
     // Stopped early, by a signal, after writing its checkpoint.
     let stopped_early = summary.step < cfg.max_steps;
@@ -255,6 +239,123 @@ async fn run_train(args: cli::TrainArgs, log_format: LogFormat) -> Result<()> {
         std::process::exit(stopped_exit_code);
     }
     Ok(())
+}
+
+/// A progress bar over optimiser steps on a terminal (rank 0), and the stop flag: the
+/// `progress` callback of both training loops.
+fn step_reporter(
+    max_steps: u64,
+    rank: usize,
+    log_format: LogFormat,
+) -> Result<(
+    Option<indicatif::ProgressBar>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+)> {
+    let stop = stop_on_signals()?;
+    let show_bar = log_format == LogFormat::Human && std::io::stderr().is_terminal();
+    let bar = (show_bar && rank == 0).then(|| {
+        let bar = indicatif::ProgressBar::new(max_steps);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "[{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}  eta {eta}",
+            )
+            .expect("valid template"),
+        );
+        bar
+    });
+    Ok((bar, stop))
+}
+
+/// Shows a step on the bar and says whether a signal asked to stop.
+fn on_step(
+    bar: &Option<indicatif::ProgressBar>,
+    stop: &std::sync::atomic::AtomicBool,
+    p: &knn_trainer::TrainProgress,
+) -> std::ops::ControlFlow<()> {
+    if let Some(bar) = bar {
+        bar.set_position(p.step);
+        bar.set_message(format!(
+            "loss {:.4}  lr {:.2e}  {:.1} img/s",
+            p.loss, p.lr, p.images_per_s
+        ));
+    }
+    match stop.load(std::sync::atomic::Ordering::SeqCst) {
+        true => std::ops::ControlFlow::Break(()),
+        false => std::ops::ControlFlow::Continue(()),
+    }
+}
+
+async fn run_train_clip(args: cli::TrainClipArgs, log_format: LogFormat) -> Result<()> {
+    let judge = args.judge;
+    let args = args.config;
+    let project = config::load(&args.config, &args.overrides)?;
+    let cfg = project.train_clip(&args.config, judge)?;
+    let rdv = knn_cluster::rendezvous::Rendezvous::from_env()?;
+    let (bar, stop) = step_reporter(cfg.max_steps, rdv.rank, log_format)?;
+    let summary = knn_trainer::train_clip(&cfg, &project.storage, &rdv, &mut |p| {
+        on_step(&bar, &stop, p)
+    })
+    .await?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let p = &summary.prepare;
+    eprintln!(
+        "train-clip{}: step {} (resumed from {}), loss {:.4}, {:.3} s/step, data wait {:.1}%\n  \
+         captions: {} training pairs, {} held out; this rank: {} shards read, {} already in, {} rows, {} rejected {:?}",
+        if judge { " --judge" } else { "" },
+        summary.step,
+        summary.resumed_from,
+        summary.last_loss,
+        summary.step_time_s,
+        100.0 * summary.data_wait_fraction,
+        summary.train_rows,
+        summary.holdout_rows,
+        p.committed,
+        p.skipped,
+        p.rows_written,
+        p.rejected.values().sum::<u64>(),
+        p.rejected,
+    );
+    for (key, shard, why) in &p.reject_examples {
+        eprintln!("    rejected `{key}` in `{shard}`: {why}");
+    }
+    if let Some(e) = &summary.eval {
+        eprintln!("  {e}");
+    }
+    if let Some(dir) = &summary.export_dir {
+        eprintln!("  CLIP written to {dir} (set embed.clip.checkpoint to it)");
+    }
+    write_summary(args.summary_json.as_deref(), &summary)
+}
+
+async fn run_data_fetch(args: cli::DataFetchArgs) -> Result<()> {
+    use knn_datasets::packaged::{fetch, FetchOptions, PackagedSet};
+    let sets: Vec<PackagedSet> = match args.set.as_str() {
+        "all" => PackagedSet::ALL.to_vec(),
+        name => vec![PackagedSet::from_name(name).with_context(|| {
+            format!("unknown set `{name}`: use twitter, openmoji, openclipart, fluent-3d or all")
+        })?],
+    };
+    let storage = match &args.config {
+        Some(path) => config::load(path, &[])?.storage,
+        None => Default::default(),
+    };
+    let mut summaries = Vec::new();
+    for set in sets {
+        let opts = FetchOptions {
+            out: format!("{}/{}", args.out.trim_end_matches('/'), set.name()),
+            cache_dir: args.cache.clone(),
+            rows_per_shard: args.rows_per_shard,
+            max_side_px: args.max_side_px,
+        };
+        let summary = fetch(set, &opts, &storage)
+            .await
+            .with_context(|| format!("data fetch {}", set.name()))?;
+        eprint!("{summary}");
+        summaries.push(summary);
+    }
+    write_summary(args.summary_json.as_deref(), &summaries)
 }
 
 fn run_submit(args: cli::SubmitArgs) -> Result<()> {
@@ -415,6 +516,10 @@ async fn run_sample(args: SampleArgs) -> Result<()> {
         neighbours_out: args.neighbours_out,
         raw_weights: args.raw_weights,
         device: train.device,
+        judge: args.judge_clip.map(|dir| knn_indexer::clip::ClipSettings {
+            checkpoint: Some(dir),
+            ..clip.clone()
+        }),
     };
     let summary = knn_trainer::sample(&req, &clip, &project.storage).await?;
     eprintln!(
@@ -426,6 +531,19 @@ async fn run_sample(args: SampleArgs) -> Result<()> {
         summary.grid.display(),
         summary.neighbours_grid.display()
     );
+    if let Some(j) = &summary.judge {
+        eprintln!(
+            "  judge CLIP {}: {:.0}% of the samples are nearest their own prompt ({}); CLIP score {:.3}",
+            j.judge,
+            100.0 * j.on_prompt,
+            j.per_prompt
+                .iter()
+                .map(|(p, s)| format!("{p:?}: {:.0}%", 100.0 * s))
+                .collect::<Vec<_>>()
+                .join(", "),
+            j.clip_score
+        );
+    }
     write_summary(args.summary_json.as_deref(), &summary)
 }
 

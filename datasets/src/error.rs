@@ -40,13 +40,25 @@ pub enum DatasetError {
     #[error("shard `{shard}` is unreadable: {reason}")]
     CorruptShard { shard: String, reason: String },
 
-    /// A configured column is missing from a parquet shard.
-    #[error("shard `{shard}` has no column `{column}` (has: {available}); set `source.{key}`")]
+    /// A configured column is missing from a shard; `key` is the config key that names it.
+    #[error("shard `{shard}` has no column `{column}` (has: {available}); set `{key}`")]
     MissingColumn {
         shard: String,
         column: String,
         available: String,
-        key: &'static str,
+        key: String,
+    },
+
+    /// A packaged data set could not be fetched or unpacked.
+    #[error("package `{package}`: {reason}")]
+    Package { package: String, reason: String },
+
+    /// A local file or directory could not be read or written.
+    #[error("{path}: {source}")]
+    LocalIo {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
     },
 
     /// Worker index and count do not fit together.

@@ -9,21 +9,28 @@
 //!   each yielding [`RawRecord`]s with a stable id and bounded memory;
 //! - [`decode`]: decoding with explicit limits (header-checked pixel counts, zero-length and
 //!   truncated files), each failure a [`RejectReason`];
-//! - [`resize`]: Pillow-exact antialiased resampling and center cropping.
+//! - [`resize`]: Pillow-exact antialiased resampling and center cropping;
+//! - [`split`]: the held-out split, a hash of each record's key;
+//! - [`writer`]: img2dataset parquet shards written to any store;
+//! - [`packaged`]: captioned image sets that ship in npm and Debian packages.
 
 pub mod decode;
 pub mod error;
+pub mod packaged;
 pub mod reader;
 pub mod record;
 pub mod resize;
 pub mod secret;
 pub mod shard;
+pub mod split;
 pub mod store;
+pub mod writer;
 
 pub use decode::{decode_image, DecodeLimits, RejectReason};
 pub use error::{DatasetError, Result};
-pub use reader::{read_shard, ReaderOptions};
+pub use reader::{read_shard, ReaderOptions, TextColumn};
 pub use record::{record_id, RawRecord};
 pub use secret::Secret;
 pub use shard::{assign_shards, list_shards, Shard, ShardFormat, ShardId};
+pub use split::SplitConfig;
 pub use store::{SourceLocation, StorageConfig};

@@ -15,6 +15,9 @@ pub struct RawRecord {
     pub shard: ShardId,
     /// Encoded image bytes, or the reason the container held no usable image.
     pub payload: Result<Bytes, RejectReason>,
+    /// The configured text columns ([`crate::ReaderOptions::text_columns`]), in order; `None`
+    /// where the record's cell is null or its member absent.
+    pub text: Vec<Option<String>>,
 }
 
 /// A stable 63-bit id for the record `key` of `shard`: the first 8 bytes of

@@ -13,8 +13,7 @@
 //! its id; the [`crate::ledger`] refuses a second commit of the same shard, so a rerun after
 //! `kill -9`, or a duplicated worker, never duplicates a row.
 
-use crate::clip::checkpoint::random_clip;
-use crate::clip::{l2_normalize, ClipCheckpoint, ClipConfig, LoadedClip};
+use crate::clip::{l2_normalize, ClipSettings, LoadedClip};
 use crate::table::{embeddings_schema, rejects_schema, ShardWriter, ShardedTable};
 use crate::{IndexerError, Result};
 use arrow_array::builder::{BinaryBuilder, StringBuilder};
@@ -98,155 +97,6 @@ impl OutputConfig {
         self.rejects_table
             .clone()
             .unwrap_or_else(|| crate::table::sibling_uri(&self.table, "rejects"))
-    }
-}
-
-/// Which device runs CLIP.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceChoice {
-    /// The first CUDA GPU when there is one, else the CPU.
-    #[default]
-    Auto,
-    /// The CPU.
-    Cpu,
-    /// The first CUDA GPU (an error when there is none).
-    Cuda,
-}
-
-/// Numeric precision of CLIP.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// f16 on a GPU, f32 on the CPU.
-    #[default]
-    Auto,
-    /// 32-bit floats.
-    F32,
-    /// 16-bit floats (GPU).
-    F16,
-    /// bfloat16 (GPU).
-    Bf16,
-}
-
-/// The CLIP model used.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClipSettings {
-    /// HF checkpoint directory or URL (config.json + model.safetensors). Empty: a tiny
-    /// random-weight CLIP, for trying the pipeline only (a warning says so).
-    #[serde(default)]
-    pub checkpoint: Option<String>,
-    /// Local cache for checkpoints fetched from object storage.
-    #[serde(default = "default_cache_dir")]
-    pub cache_dir: String,
-    /// `auto`, `cpu` or `cuda`.
-    #[serde(default)]
-    pub device: DeviceChoice,
-    /// `auto`, `f32`, `f16` or `bf16`.
-    #[serde(default)]
-    pub precision: Precision,
-    /// Images per CLIP forward pass.
-    #[serde(default = "default_batch")]
-    pub batch_size: usize,
-    /// Seed of the random CLIP when no checkpoint is given.
-    #[serde(default)]
-    pub random_seed: i64,
-    /// Shape of the random CLIP when no checkpoint is given: `tiny`, `vit-b-32` or
-    /// `vit-l-14` (random weights: for trials and speed benchmarks only).
-    #[serde(default)]
-    pub random_preset: RandomPreset,
-}
-
-/// Architecture of a random-weight CLIP.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum RandomPreset {
-    /// [`ClipConfig::tiny`]: d = 64, 32 px input.
-    #[default]
-    Tiny,
-    /// [`ClipConfig::vit_b_32`]: d = 512, 224 px input.
-    #[serde(rename = "vit-b-32")]
-    VitB32,
-    /// [`ClipConfig::vit_l_14`]: d = 768, 224 px input.
-    #[serde(rename = "vit-l-14")]
-    VitL14,
-}
-
-impl RandomPreset {
-    /// The architecture.
-    pub fn config(self) -> ClipConfig {
-        match self {
-            RandomPreset::Tiny => ClipConfig::tiny(),
-            RandomPreset::VitB32 => ClipConfig::vit_b_32(),
-            RandomPreset::VitL14 => ClipConfig::vit_l_14(),
-        }
-    }
-
-    /// Its name in config files.
-    pub fn name(self) -> &'static str {
-        match self {
-            RandomPreset::Tiny => "tiny",
-            RandomPreset::VitB32 => "vit-b-32",
-            RandomPreset::VitL14 => "vit-l-14",
-        }
-    }
-}
-
-fn default_cache_dir() -> String {
-    ".cache/clip".into()
-}
-fn default_batch() -> usize {
-    64
-}
-
-impl Default for ClipSettings {
-    fn default() -> Self {
-        Self {
-            checkpoint: None,
-            cache_dir: default_cache_dir(),
-            device: DeviceChoice::Auto,
-            precision: Precision::Auto,
-            batch_size: default_batch(),
-            random_seed: 0,
-            random_preset: RandomPreset::Tiny,
-        }
-    }
-}
-
-impl DeviceChoice {
-    /// The device, checked against what this machine has; `key` names the setting in errors.
-    pub fn resolve(self, key: &str) -> Result<Device> {
-        match self {
-            DeviceChoice::Auto => Ok(Device::cuda_if_available()),
-            DeviceChoice::Cpu => Ok(Device::Cpu),
-            DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-            DeviceChoice::Cuda => Err(IndexerError::Config {
-                key: key.into(),
-                reason: "`cuda` asked for but libtorch sees no CUDA GPU; use `auto` or `cpu`"
-                    .into(),
-            }),
-        }
-    }
-}
-
-impl ClipSettings {
-    /// The device to run on, checked against what this machine has.
-    pub fn device(&self) -> Result<Device> {
-        self.device.resolve("embed.clip.device")
-    }
-
-    /// The tensor kind for `device`.
-    pub fn kind(&self, device: Device) -> Result<Kind> {
-        match (self.precision, device) {
-            (Precision::Auto, Device::Cpu) | (Precision::F32, _) => Ok(Kind::Float),
-            (Precision::Auto, _) | (Precision::F16, Device::Cuda(_)) => Ok(Kind::Half),
-            (Precision::Bf16, _) => Ok(Kind::BFloat16),
-            (Precision::F16, _) => Err(IndexerError::Config {
-                key: "embed.clip.precision".into(),
-                reason: "f16 needs a GPU; use f32 or bf16 on the CPU".into(),
-            }),
-        }
     }
 }
 
@@ -514,60 +364,6 @@ enum ShardOutcome {
     Raced,
 }
 
-/// Loads the configured CLIP (or the tiny random one) and names it for the table metadata.
-pub async fn load_clip(
-    settings: &ClipSettings,
-    storage: &StorageConfig,
-    device: Device,
-) -> Result<(LoadedClip, String)> {
-    match settings.checkpoint.as_deref().filter(|c| !c.is_empty()) {
-        Some(location) => {
-            let ckpt =
-                ClipCheckpoint::open(location, storage, std::path::Path::new(&settings.cache_dir))
-                    .await?;
-            let kind = settings.kind(device)?;
-            let identity = checkpoint_identity(&ckpt)?;
-            let loaded = ckpt.load(device, kind)?;
-            Ok((loaded, identity))
-        }
-        None => {
-            tracing::warn!(
-                "no `embed.clip.checkpoint` configured: using a {} CLIP with random weights \
-                 (seed {}). Its embeddings carry no meaning; set `embed.clip.checkpoint` to an \
-                 HF CLIP directory (config.json + model.safetensors) for real use",
-                settings.random_preset.name(),
-                settings.random_seed
-            );
-            let cfg = settings.random_preset.config();
-            let loaded = random_clip(&cfg, settings.random_seed, device);
-            Ok((
-                loaded,
-                format!(
-                    "random-{}(seed={})",
-                    settings.random_preset.name(),
-                    settings.random_seed
-                ),
-            ))
-        }
-    }
-}
-
-/// A short identity of a checkpoint: hash of its config.json and size of its weights.
-fn checkpoint_identity(ckpt: &ClipCheckpoint) -> Result<String> {
-    use sha2::Digest;
-    let bad = |e: std::io::Error| IndexerError::Checkpoint {
-        path: ckpt.dir.clone(),
-        reason: e.to_string(),
-    };
-    let config = std::fs::read(ckpt.dir.join("config.json")).map_err(bad)?;
-    let weights = std::fs::metadata(ckpt.dir.join("model.safetensors"))
-        .map_err(bad)?
-        .len();
-    let digest = sha2::Sha256::digest(&config);
-    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
-    Ok(format!("hf:{hex}:{weights}"))
-}
-
 /// Runs CLIP on its own thread: batches in, L2-normalised embeddings out.
 fn spawn_model(
     clip: LoadedClip,
@@ -638,7 +434,7 @@ pub async fn embed(
     }
 
     let device = cfg.clip.device()?;
-    let (clip, identity) = load_clip(&cfg.clip, storage, device).await?;
+    let (clip, identity) = cfg.clip.load(storage, device).await?;
     let dim = clip.model.config().projection_dim as usize;
     let processor = clip.processor.clone();
     let (w, h) = processor.output_size(1, 1);
@@ -696,6 +492,7 @@ pub async fn embed(
             image_column: cfg.source.image_column.clone(),
             key_column: cfg.source.key_column.clone().filter(|k| !k.is_empty()),
             max_record_bytes: cfg.decode.max_bytes,
+            config_prefix: "embed.source".into(),
             ..Default::default()
         },
         limits: DecodeLimits {

@@ -40,6 +40,15 @@ pub enum IndexerError {
     )]
     SchemaMismatch { table: String, detail: String },
 
+    /// A table was embedded by another CLIP than the one embedding the query: their spaces
+    /// differ, so its neighbours would be meaningless.
+    #[error("table `{table}` was embedded by CLIP `{table_clip}`, but the query is embedded by CLIP `{query_clip}`; embed the table with the same CLIP (`embed.clip.checkpoint`) or query with the table's")]
+    ClipMismatch {
+        table: String,
+        table_clip: String,
+        query_clip: String,
+    },
+
     /// Some shards failed; the others were committed. A rerun retries only the failed ones.
     #[error("{failed} of {total} shards failed (first: {first}); rerun to retry them")]
     ShardsFailed {

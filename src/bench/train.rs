@@ -7,11 +7,12 @@
 use super::{machine, write_section};
 use crate::cli::BenchTrainArgs;
 use anyhow::{bail, Context, Result};
+use knn_trainer::config::ModelConfig;
 use knn_trainer::data::Batch;
 use knn_trainer::diffusion::{DiffusionConfig, SamplerConfig};
-use knn_trainer::optim::{AdamW, Ema, OptimConfig};
-use knn_trainer::sample::generate;
-use knn_trainer::train::{batch_loss, optimiser_step, DiffusionModel, ModelConfig};
+use knn_trainer::model::{batch_loss, DiffusionModel};
+use knn_trainer::optim::{zero_gradients, OptimConfig, Optimiser};
+use knn_trainer::sampling::generate;
 use knn_trainer::unet::{parameter_count, Condition};
 use serde_json::Value;
 use std::fmt::Write as _;
@@ -32,22 +33,16 @@ fn ours(args: &BenchTrainArgs, device: Device) -> Result<(f64, i64, Vec<f64>)> {
         warmup_steps: 0,
         ..Default::default()
     };
-    let mut opt = AdamW::new(&params);
-    let mut ema = Ema::new(&params, optim.ema_decay);
+    let mut opt = Optimiser::new(&params, &optim, false);
     let batch = synthetic_batch(args, device);
     let mut times = Vec::new();
     for step in 0..(args.warmup + args.steps) as u64 {
         let t0 = Instant::now();
-        for (_, p) in &params {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.zero_();
-            }
-        }
+        zero_gradients(&params);
         let loss = batch_loss(&model, &batch, None);
         loss.backward();
         let _ = f64::try_from(&loss)?;
-        optimiser_step(&params, &mut opt, &mut ema, None, &optim, 1e-4, step);
+        opt.step(&params, &optim, 1e-4, step);
         if device.is_cuda() {
             tch::Cuda::synchronize(0);
         }

@@ -15,9 +15,16 @@
 //!   counter-based generator keyed by (seed, epoch, position), so they do not depend on the
 //!   rank layout, the thread, or what ran before: a resumed run draws exactly what an
 //!   uninterrupted one would.
+//! - Held-out rows: the rows precompute-knn marked `holdout` (the project's `[split]`, a
+//!   hash of each key) are never trained on, and were never anyone's neighbour; they make
+//!   the sample grids, and `eval` scores on them.
+//! - Neighbour-count dropout: with probability `knn_dropout` a sample keeps only the first j
+//!   of its k neighbours, j uniform in 0..=k (the rest become null tokens), so one model can
+//!   be sampled at any k' <= k with conditions it saw in training.
 //! - A row whose image cannot be decoded keeps its slot with loss weight 0; it is counted
 //!   and reported with its id.
 
+use crate::rng::{EpochPermutation, SampleRng};
 use crate::{Result, TrainerError};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float32Type, UInt64Type};
@@ -29,7 +36,6 @@ use lance::Dataset;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tch::{Device, Tensor};
 
@@ -43,25 +49,25 @@ pub struct DataConfig {
     /// precompute-knn output (default: `knn.output`, i.e. `<embeddings>-knn.lance`).
     #[serde(default)]
     pub knn: Option<String>,
-    /// Rows kept out of training; their conditions make the sample grids.
-    #[serde(default = "default_holdout")]
-    pub holdout_rows: usize,
     /// Batches prepared ahead of the model.
     #[serde(default = "default_prefetch")]
     pub prefetch_batches: usize,
-    /// Random horizontal flips.
-    #[serde(default = "default_flip")]
+    /// Random horizontal flips of the image. Off by default: the condition is the embedding
+    /// of the unflipped image, and a mirrored arrow, letter or flag is another image. Turn
+    /// it on only for data whose meaning survives a mirror.
+    #[serde(default)]
     pub flip: bool,
+    /// Probability that a sample keeps only a random prefix of its neighbours (0..=k of
+    /// them, uniformly), so the model can be sampled at any k' <= k (0: always all k).
+    #[serde(default = "default_knn_dropout")]
+    pub knn_dropout: f64,
 }
 
-fn default_holdout() -> usize {
-    8
-}
 fn default_prefetch() -> usize {
     4
 }
-fn default_flip() -> bool {
-    true
+fn default_knn_dropout() -> f64 {
+    0.5
 }
 
 impl Default for DataConfig {
@@ -69,94 +75,9 @@ impl Default for DataConfig {
         Self {
             embeddings: None,
             knn: None,
-            holdout_rows: default_holdout(),
             prefetch_batches: default_prefetch(),
-            flip: default_flip(),
-        }
-    }
-}
-
-/// splitmix64's finaliser: a good 64-bit mix.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// A bijection of `0..n` keyed by (seed, epoch): 4-round Feistel with cycle walking.
-#[derive(Clone, Debug)]
-pub struct EpochPermutation {
-    n: u64,
-    half_bits: u32,
-    keys: [u64; 4],
-}
-
-impl EpochPermutation {
-    /// The permutation of `0..n` for `epoch`.
-    pub fn new(n: u64, seed: u64, epoch: u64) -> Self {
-        let bits = 64 - n.saturating_sub(1).leading_zeros();
-        let half_bits = bits.div_ceil(2).max(1);
-        let base = mix(seed ^ mix(epoch.wrapping_add(0x5851_F42D_4C95_7F2D)));
-        let keys = [mix(base), mix(base ^ 1), mix(base ^ 2), mix(base ^ 3)];
-        Self { n, half_bits, keys }
-    }
-
-    fn round(&self, x: u64) -> u64 {
-        let mask = (1u64 << self.half_bits) - 1;
-        let (mut l, mut r) = (x >> self.half_bits, x & mask);
-        for k in self.keys {
-            let f = mix(r ^ k) & mask;
-            (l, r) = (r, l ^ f);
-        }
-        (l << self.half_bits) | r
-    }
-
-    /// Where position `i` (< n) goes.
-    pub fn apply(&self, i: u64) -> u64 {
-        debug_assert!(i < self.n);
-        let mut x = self.round(i);
-        while x >= self.n {
-            x = self.round(x);
-        }
-        x
-    }
-}
-
-/// A counter-based generator: one stream per (seed, epoch, position).
-#[derive(Clone, Debug)]
-pub struct SampleRng(u64);
-
-impl SampleRng {
-    /// The stream of one sample.
-    pub fn new(seed: u64, epoch: u64, position: u64) -> Self {
-        Self(mix(
-            seed ^ mix(epoch ^ mix(position ^ 0xD1B5_4A32_D192_ED03))
-        ))
-    }
-
-    /// Next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        mix(self.0)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// `n` standard normals (Box–Muller).
-    pub fn normals(&mut self, n: usize, out: &mut Vec<f32>) {
-        while out.len() < n {
-            let u1 = 1.0 - self.uniform();
-            let u2 = self.uniform();
-            let r = (-2.0 * u1.ln()).sqrt();
-            let th = 2.0 * std::f64::consts::PI * u2;
-            out.push((r * th.cos()) as f32);
-            if out.len() < n {
-                out.push((r * th.sin()) as f32);
-            }
+            flip: false,
+            knn_dropout: default_knn_dropout(),
         }
     }
 }
@@ -202,7 +123,7 @@ impl DataLayout {
                 "train.batch_size",
                 format!(
                     "one global batch ({per_rank_batch} x {world} ranks = {global}) is larger than the \
-                     {train_rows} training rows; lower train.batch_size or train.data.holdout_rows"
+                     {train_rows} training rows; lower train.batch_size or split.holdout_fraction"
                 ),
             ));
         }
@@ -234,8 +155,13 @@ impl DataLayout {
         }
     }
 
-    /// This rank's positions in micro-batch `m`.
-    fn positions(&self, m: u64) -> (u64, Vec<u64>) {
+    /// Training rows per epoch.
+    pub fn train_rows(&self) -> u64 {
+        self.train_rows
+    }
+
+    /// This rank's positions in micro-batch `m`, and its epoch.
+    pub fn positions(&self, m: u64) -> (u64, Vec<u64>) {
         let c = self.cursor(m);
         let start = c.position + (self.rank * self.per_rank_batch) as u64;
         (
@@ -285,6 +211,14 @@ pub struct TrainingData {
     ids: IdIndex,
     /// Rows of the kNN table (training rows + held out).
     pub rows: u64,
+    /// kNN-table offsets of the training rows, in table order.
+    pub train: Vec<u64>,
+    /// kNN-table offsets of the held-out rows, in table order.
+    pub holdout: Vec<u64>,
+    /// The held-out split the kNN table was made with (`None`: no row is held out).
+    pub split: Option<knn_datasets::SplitConfig>,
+    /// The CLIP that embedded the table (its schema metadata), when recorded.
+    pub clip: Option<String>,
     /// Embedding dimension.
     pub dim: usize,
     /// Neighbours stored per row.
@@ -377,10 +311,21 @@ impl TrainingData {
                 "the kNN table was made from another URI; using it with these embeddings");
         }
         let ids = scan_ids(&emb, embeddings_uri).await?;
-        let rows = knn
-            .count_rows(None)
-            .await
-            .map_err(|e| TrainerError::lance(knn_uri, e))? as u64;
+        let (train, holdout) = scan_holdout(&knn, knn_uri).await?;
+        let rows = (train.len() + holdout.len()) as u64;
+        if meta.split.is_none() {
+            tracing::warn!(
+                knn = knn_uri,
+                "the kNN table marks no held-out rows (made without a split): every row trains, \
+                 and no sample grid is written; rerun precompute-knn into a new output to hold \
+                 rows out"
+            );
+        }
+        let clip = emb
+            .schema()
+            .metadata
+            .get(knn_indexer::table::CLIP_METADATA)
+            .cloned();
         let mut data = Self {
             embeddings_uri: embeddings_uri.to_string(),
             knn_uri: knn_uri.to_string(),
@@ -388,6 +333,10 @@ impl TrainingData {
             knn,
             ids,
             rows,
+            train,
+            holdout,
+            split: meta.split.clone(),
+            clip,
             dim: meta.dim,
             k_available: meta.k,
             k,
@@ -551,11 +500,37 @@ impl TrainingData {
         Ok(out)
     }
 
-    /// kNN-table offsets of the held-out rows (the last `holdout` rows).
-    pub fn holdout_offsets(&self, holdout: usize) -> Vec<u64> {
-        let h = (holdout as u64).min(self.rows);
-        (self.rows - h..self.rows).collect()
+    /// kNN-table offsets of the first `n` held-out rows.
+    pub fn holdout_offsets(&self, n: usize) -> Vec<u64> {
+        self.holdout.iter().take(n).copied().collect()
     }
+}
+
+/// The kNN table's training and held-out row offsets, from its `holdout` column (all rows
+/// train when it has none).
+async fn scan_holdout(knn: &Dataset, uri: &str) -> Result<(Vec<u64>, Vec<u64>)> {
+    let lance_err = |e| TrainerError::lance(uri, e);
+    if knn.schema().field("holdout").is_none() {
+        let n = knn.count_rows(None).await.map_err(lance_err)? as u64;
+        return Ok(((0..n).collect(), Vec::new()));
+    }
+    let mut scanner = knn.scan();
+    scanner.project(&["holdout"]).map_err(lance_err)?;
+    let mut stream = scanner.try_into_stream().await.map_err(lance_err)?;
+    let (mut train, mut holdout, mut at) = (Vec::new(), Vec::new(), 0u64);
+    while let Some(b) = stream.next().await {
+        let b = b.map_err(|e| TrainerError::lance(uri, e))?;
+        let flags = b.column(0).as_boolean();
+        for i in 0..b.num_rows() {
+            if flags.value(i) {
+                holdout.push(at);
+            } else {
+                train.push(at);
+            }
+            at += 1;
+        }
+    }
+    Ok((train, holdout))
 }
 
 async fn scan_ids(ds: &Dataset, uri: &str) -> Result<IdIndex> {
@@ -616,6 +591,8 @@ pub struct SampleSpec {
     pub cond_drop_prob: f64,
     /// Random horizontal flips.
     pub flip: bool,
+    /// Probability of keeping only a random prefix of the neighbours.
+    pub knn_dropout: f64,
 }
 
 /// One rank's micro-batch, ready for the model (host memory).
@@ -670,8 +647,12 @@ pub async fn build_batch(
 ) -> Result<Batch> {
     let (epoch, positions) = layout.positions(m);
     let perm = EpochPermutation::new(layout.train_rows, spec.seed, epoch);
-    let offsets: Vec<u64> = positions.iter().map(|&p| perm.apply(p)).collect();
-    let f = data.fetch(&offsets).await?;
+    let offsets: Vec<u64> = positions
+        .iter()
+        .map(|&p| data.train[perm.apply(p) as usize])
+        .collect();
+    let mut f = data.fetch(&offsets).await?;
+    let slots = data.k + 1;
     let side = data.image_size_px;
     let plane = side * side;
     let b = positions.len();
@@ -690,6 +671,13 @@ pub async fn build_batch(
         let mut z = Vec::with_capacity(3 * plane);
         rng.normals(3 * plane, &mut z);
         noise.extend_from_slice(&z);
+        // Drawn after everything else, so the other draws do not depend on it.
+        if spec.knn_dropout > 0.0 && rng.uniform() < spec.knn_dropout {
+            let keep = (rng.next_u64() % (data.k as u64 + 1)) as usize;
+            for j in keep..data.k {
+                f.present[i * slots + 1 + j] = 0.0;
+            }
+        }
         match &f.images[i] {
             Some(px) if flip => {
                 for row in px.chunks_exact(side) {
@@ -723,21 +711,19 @@ pub async fn build_batch(
 }
 
 /// Prefetches micro-batches on its own thread (with its own async runtime for Lance), a
-/// bounded number ahead.
-pub struct Loader {
-    rx: Receiver<Result<Batch>>,
+/// bounded number ahead. Every training loop uses it: `make(m)` builds micro-batch `m`.
+pub struct Loader<B = Batch> {
+    rx: Receiver<Result<B>>,
     waited: Duration,
 }
 
-impl Loader {
-    /// Starts reading at micro-batch `start`.
-    pub fn start(
-        data: Arc<TrainingData>,
-        layout: DataLayout,
-        spec: SampleSpec,
-        start: u64,
-        depth: usize,
-    ) -> Result<Self> {
+impl<B: Send + 'static> Loader<B> {
+    /// Starts reading at micro-batch `start`, `depth` batches ahead.
+    pub fn start<F, Fut>(make: F, start: u64, depth: usize) -> Result<Self>
+    where
+        F: Fn(u64) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<B>>,
+    {
         let (tx, rx) = sync_channel(depth.max(1));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -749,7 +735,7 @@ impl Loader {
             .name("knn-loader".into())
             .spawn(move || {
                 for m in start.. {
-                    let batch = rt.block_on(build_batch(&data, &layout, &spec, m));
+                    let batch = rt.block_on(make(m));
                     let failed = batch.is_err();
                     // The trainer dropped the loader: stop.
                     if tx.send(batch).is_err() || failed {
@@ -764,8 +750,8 @@ impl Loader {
         })
     }
 
-    /// The next micro-batch; the time spent waiting for it is added to [`Loader::waited`].
-    pub fn next_batch(&mut self) -> Result<Batch> {
+    /// The next micro-batch; the time spent waiting for it is added to the waited time.
+    pub fn next_batch(&mut self) -> Result<B> {
         let t0 = Instant::now();
         let b = self
             .rx
@@ -808,37 +794,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn permutation_is_a_bijection_for_many_sizes() {
-        for n in [1u64, 2, 3, 7, 64, 1000, 4097] {
-            let p = EpochPermutation::new(n, 42, 3);
-            let mut seen: Vec<u64> = (0..n).map(|i| p.apply(i)).collect();
-            seen.sort_unstable();
-            assert_eq!(seen, (0..n).collect::<Vec<_>>(), "n = {n}");
-        }
-    }
-
-    #[test]
-    fn epochs_and_seeds_shuffle_differently() {
-        let a: Vec<u64> = (0..100)
-            .map(|i| EpochPermutation::new(100, 1, 0).apply(i))
-            .collect();
-        let b: Vec<u64> = (0..100)
-            .map(|i| EpochPermutation::new(100, 1, 1).apply(i))
-            .collect();
-        let c: Vec<u64> = (0..100)
-            .map(|i| EpochPermutation::new(100, 2, 0).apply(i))
-            .collect();
-        assert_ne!(a, b);
-        assert_ne!(a, c);
-        assert_eq!(
-            a,
-            (0..100)
-                .map(|i| EpochPermutation::new(100, 1, 0).apply(i))
-                .collect::<Vec<_>>()
-        );
-    }
-
-    #[test]
     fn ranks_split_the_global_batch_disjointly() {
         let one = DataLayout::new(100, 8, 0, 1).unwrap();
         let r0 = DataLayout::new(100, 4, 0, 2).unwrap();
@@ -861,18 +816,5 @@ mod tests {
             }
         );
         assert!(DataLayout::new(7, 4, 0, 2).is_err());
-    }
-
-    #[test]
-    fn normals_have_unit_variance() {
-        let mut rng = SampleRng::new(0, 0, 0);
-        let mut z = Vec::new();
-        rng.normals(100_000, &mut z);
-        let mean = z.iter().map(|&x| x as f64).sum::<f64>() / z.len() as f64;
-        let var = z.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / z.len() as f64;
-        assert!(
-            mean.abs() < 0.02 && (var - 1.0).abs() < 0.02,
-            "{mean} {var}"
-        );
     }
 }

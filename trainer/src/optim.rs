@@ -3,6 +3,7 @@
 //! learning rate, gradient clipping by global norm, and an exponential moving average of
 //! the weights. State is plain named tensors so checkpoints hold it in safetensors.
 
+use crate::checkpoint::copy_named;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -121,6 +122,8 @@ pub struct AdamW {
     names: Vec<String>,
     exp_avg: Vec<Tensor>,
     exp_avg_sq: Vec<Tensor>,
+    /// Whether each parameter takes weight decay.
+    decays: Vec<bool>,
     steps: u64,
 }
 
@@ -131,8 +134,20 @@ impl AdamW {
             names: params.iter().map(|p| p.0.clone()).collect(),
             exp_avg: params.iter().map(|p| p.1.zeros_like()).collect(),
             exp_avg_sq: params.iter().map(|p| p.1.zeros_like()).collect(),
+            decays: vec![true; params.len()],
             steps: 0,
         }
+    }
+
+    /// Weight decay only for the parameters `decays` accepts (CLIP decays its weight
+    /// matrices, not its gains, biases, embeddings or temperature).
+    pub fn decay_only(
+        mut self,
+        params: &[(String, Tensor)],
+        decays: impl Fn(&str, &Tensor) -> bool,
+    ) -> Self {
+        self.decays = params.iter().map(|(n, t)| decays(n, t)).collect();
+        self
     }
 
     /// One update with learning rate `lr` (`torch.optim.AdamW`, non-amsgrad).
@@ -147,7 +162,7 @@ impl AdamW {
                     continue;
                 }
                 let mut p = p.shallow_clone();
-                if cfg.weight_decay > 0.0 {
+                if cfg.weight_decay > 0.0 && self.decays[i] {
                     let _ = p.g_mul_scalar_(1.0 - lr * cfg.weight_decay);
                 }
                 let m = &mut self.exp_avg[i];
@@ -180,34 +195,22 @@ impl AdamW {
         out
     }
 
-    /// Restores [`AdamW::state`]; a missing or mis-shaped entry is named.
-    pub fn load_state(&mut self, state: &[(String, Tensor)]) -> Result<(), String> {
-        let map: std::collections::HashMap<&str, &Tensor> =
-            state.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let get = |key: &str, like: &Tensor| -> Result<Tensor, String> {
-            let t = map
-                .get(key)
-                .ok_or_else(|| format!("optimizer state lacks `{key}`"))?;
-            if t.size() != like.size() {
-                return Err(format!(
-                    "`{key}` is {:?}, the model needs {:?}",
-                    t.size(),
-                    like.size()
-                ));
+    /// Restores [`AdamW::state`] from the file at `location`; a missing or mis-shaped entry
+    /// is named.
+    pub fn load_state(&mut self, state: &[(String, Tensor)], location: &str) -> crate::Result<()> {
+        let moments: Vec<(String, Tensor)> = self
+            .state()
+            .into_iter()
+            .filter(|(n, _)| n != "step")
+            .collect();
+        copy_named(&moments, state, location)?;
+        let step = state.iter().find(|(n, _)| n == "step").ok_or_else(|| {
+            crate::TrainerError::Checkpoint {
+                location: location.to_string(),
+                reason: "lacks `step`".into(),
             }
-            Ok(t.to_device(like.device()).to_kind(like.kind()))
-        };
-        tch::no_grad(|| -> Result<(), String> {
-            for (i, n) in self.names.iter().enumerate() {
-                let m = get(&format!("exp_avg.{n}"), &self.exp_avg[i])?;
-                self.exp_avg[i].copy_(&m);
-                let v = get(&format!("exp_avg_sq.{n}"), &self.exp_avg_sq[i])?;
-                self.exp_avg_sq[i].copy_(&v);
-            }
-            Ok(())
         })?;
-        let step = map.get("step").ok_or("optimizer state lacks `step`")?;
-        self.steps = i64::try_from(*step).map_err(|e| e.to_string())? as u64;
+        self.steps = i64::try_from(&step.1)? as u64;
         Ok(())
     }
 }
@@ -273,26 +276,76 @@ impl Ema {
         &self.shadow
     }
 
-    /// Overwrites the averaged weights (resume).
-    pub fn load(&mut self, weights: &[(String, Tensor)]) -> Result<(), String> {
-        let map: std::collections::HashMap<&str, &Tensor> =
-            weights.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        tch::no_grad(|| {
-            for (n, s) in self.shadow.iter_mut() {
-                let t = map
-                    .get(n.as_str())
-                    .ok_or_else(|| format!("EMA weights lack `{n}`"))?;
-                if t.size() != s.size() {
-                    return Err(format!(
-                        "EMA `{n}` is {:?}, the model needs {:?}",
-                        t.size(),
-                        s.size()
-                    ));
-                }
-                s.copy_(&t.to_device(s.device()).to_kind(s.kind()));
-            }
-            Ok(())
-        })
+    /// Overwrites the averaged weights from the file at `location` (resume).
+    pub fn load(&mut self, weights: &[(String, Tensor)], location: &str) -> crate::Result<()> {
+        copy_named(&self.shadow, weights, location)
+    }
+}
+
+/// Everything that updates the weights after backward: AdamW, the EMA and, for f16, the loss
+/// scaler. The training loops hold one and call [`Optimiser::step`] once per optimiser step.
+#[derive(Debug)]
+pub struct Optimiser {
+    /// AdamW and its moments.
+    pub adamw: AdamW,
+    /// The EMA of the weights.
+    pub ema: Ema,
+    /// Dynamic loss scaling (f16 autocast only).
+    pub scaler: Option<LossScaler>,
+    /// Steps skipped because f16 gradients overflowed.
+    pub skipped_steps: u64,
+}
+
+impl Optimiser {
+    /// Fresh state for `params` (`loss_scaling` for f16 autocast).
+    pub fn new(params: &[(String, Tensor)], cfg: &OptimConfig, loss_scaling: bool) -> Self {
+        Self {
+            adamw: AdamW::new(params),
+            ema: Ema::new(params, cfg.ema_decay),
+            scaler: loss_scaling.then(LossScaler::default),
+            skipped_steps: 0,
+        }
+    }
+
+    /// What each micro-batch's loss is multiplied by before backward (the loss scale, 1
+    /// without f16), divided by the micro-batches per step.
+    pub fn loss_factor(&self, micro_batches: usize) -> f64 {
+        self.scaler.as_ref().map_or(1.0, LossScaler::scale) / micro_batches as f64
+    }
+
+    /// After backward: unscale (f16), clip, AdamW, EMA for optimiser step `step` (0-based).
+    /// Returns the gradient norm before clipping and whether the step was taken (false: f16
+    /// overflow, step skipped and counted).
+    pub fn step(
+        &mut self,
+        params: &[(String, Tensor)],
+        cfg: &OptimConfig,
+        lr: f64,
+        step: u64,
+    ) -> (f64, bool) {
+        let finite = self.scaler.as_mut().is_none_or(|s| s.unscale(params));
+        let grad_norm = clip_grad_norm(params, cfg.grad_clip);
+        if finite {
+            self.adamw.step(params, cfg, lr);
+            self.ema.update(params, step + 1);
+        } else {
+            self.skipped_steps += 1;
+            tracing::warn!(
+                step,
+                "f16 gradients overflowed: step skipped, loss scale halved"
+            );
+        }
+        (grad_norm, finite)
+    }
+}
+
+/// Sets every parameter's gradient to zero (where it has one), before a step's micro-batches.
+pub fn zero_gradients(params: &[(String, Tensor)]) {
+    for (_, p) in params {
+        let mut g = p.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
     }
 }
 

@@ -159,6 +159,32 @@ impl DataParallel {
         Ok(self.group.all_reduce_mean(&grads)?)
     }
 
+    /// Every rank's rows of `local` (`[B, d]`, the same B on every rank) stacked in rank
+    /// order. This rank's rows are `local` itself, gradient and all; the others' are copies
+    /// without one (open_clip's `gather_with_grad = False`).
+    pub fn gather_with_own(&mut self, local: &Tensor) -> Result<Tensor> {
+        let world = self.world() as i64;
+        if world == 1 {
+            return Ok(local.shallow_clone());
+        }
+        let (b, d) = local.size2()?;
+        let r = self.rank() as i64;
+        let all = Tensor::zeros([world * b, d], (local.kind(), local.device()));
+        tch::no_grad(|| all.narrow(0, r * b, b).copy_(&local.detach()));
+        // A sum is the mean times the ranks; every slot but one rank's is zero.
+        self.group.all_reduce_mean(&[all.shallow_clone()])?;
+        let all = all * world as f64;
+        let mut parts = Vec::with_capacity(3);
+        if r > 0 {
+            parts.push(all.narrow(0, 0, r * b));
+        }
+        parts.push(local.shallow_clone());
+        if r + 1 < world {
+            parts.push(all.narrow(0, (r + 1) * b, (world - r - 1) * b));
+        }
+        Ok(Tensor::cat(&parts, 0))
+    }
+
     /// The mean of `loss` over the ranks and whether any rank asked to stop.
     pub fn agree(&mut self, loss: f64, stop: bool) -> Result<(f64, bool)> {
         if self.world() == 1 {

@@ -6,219 +6,23 @@
 //! Repeatable: the starting noise and every step's noise come from `(seed, step, sample
 //! index)` streams, so a seed gives the same images whatever the batch size.
 
-use crate::checkpoint::{CheckpointStore, TrainState};
-use crate::data::SampleRng;
-use crate::diffusion::{guide, Sampler, SamplerConfig};
-use crate::train::{DiffusionModel, TrajectoryConfig};
+use crate::diffusion::SamplerConfig;
+use crate::judge::{judge_samples, JudgeReport};
+use crate::model::TrainedModel;
+use crate::sampling::{generate, write_grid};
 use crate::unet::Condition;
 use crate::{Result, TrainerError};
 use arrow_array::cast::AsArray;
 use arrow_array::types::UInt64Type;
 use futures::TryStreamExt;
 use knn_datasets::StorageConfig;
-use knn_indexer::clip::checkpoint::LoadedClip;
-use knn_indexer::clip::model::l2_normalize;
-use knn_indexer::embed::{ClipSettings, DeviceChoice};
+use knn_indexer::clip::{ClipSettings, DeviceChoice};
 use knn_indexer::knn::Retriever;
 use lance::deps::datafusion::prelude::{col, lit};
 use serde::Serialize;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
-
-/// Standard normals `[n, 3, side, side]` for images `first..first+n` of stream `stream`.
-fn noise(seed: u64, stream: u64, first: usize, n: usize, side: usize, device: Device) -> Tensor {
-    let per = 3 * side * side;
-    let mut v = Vec::with_capacity(n * per);
-    for i in first..first + n {
-        let mut z = Vec::with_capacity(per);
-        SampleRng::new(seed ^ 0xA076_1D64_78BD_642F, stream, i as u64).normals(per, &mut z);
-        v.extend(z);
-    }
-    Tensor::from_slice(&v)
-        .view([n as i64, 3, side as i64, side as i64])
-        .to_device(device)
-}
-
-/// Runs the reverse process from noise for each row of `cond`; images in [−1, 1].
-/// `guidance` is the classifier-free scale s (1: conditional only; 0: unconditional only).
-/// Row i is image `first + i` of the request: its noise depends on that index and the seed
-/// only, so batching does not change any image.
-pub fn generate(
-    model: &DiffusionModel,
-    sampler: &dyn Sampler,
-    cond: &Condition,
-    guidance: f64,
-    seed: u64,
-    first: usize,
-) -> Tensor {
-    let device = cond.emb.device();
-    let n = cond.emb.size()[0] as usize;
-    let side = model.unet.config().image_size_px;
-    let uncond = cond.unconditional();
-    let both = Condition::cat(cond, &uncond);
-    tch::no_grad(|| {
-        let mut x = noise(seed, 0, first, n, side, device);
-        for (i, &t) in sampler.timesteps().iter().enumerate() {
-            let tt = Tensor::full([n as i64], t as i64, (Kind::Int64, device));
-            let out = if guidance == 1.0 {
-                model.unet.forward(&x, &tt, cond, false)
-            } else {
-                let out = model.unet.forward(
-                    &Tensor::cat(&[&x, &x], 0),
-                    &Tensor::cat(&[&tt, &tt], 0),
-                    &both,
-                    false,
-                );
-                let halves = out.chunk(2, 0);
-                guide(&halves[0], &halves[1], guidance)
-            };
-            let z = if sampler.uses_noise(t) {
-                noise(seed, i as u64 + 1, first, n, side, device)
-            } else {
-                x.zeros_like()
-            };
-            x = sampler.step(&out, t, &x, &z).prev_sample;
-        }
-        x.clamp(-1.0, 1.0)
-    })
-}
-
-/// Writes `[N, 3, H, W]` images in [−1, 1] as one PNG, `cols` per row.
-pub fn write_grid(images: &Tensor, cols: usize, path: &Path) -> Result<()> {
-    let (n, _, h, w) = images.size4()?;
-    let (n, h, w) = (n as usize, h as usize, w as usize);
-    let cols = cols.clamp(1, n.max(1));
-    let rows = n.div_ceil(cols);
-    let px = ((images.to_device(Device::Cpu).to_kind(Kind::Float) + 1.0) * 127.5)
-        .round()
-        .clamp(0.0, 255.0)
-        .to_kind(Kind::Uint8)
-        .permute([0, 2, 3, 1])
-        .contiguous();
-    let data = Vec::<u8>::try_from(&px.view([-1]))?;
-    let mut grid = image::RgbImage::new((cols * w) as u32, (rows * h) as u32);
-    for i in 0..n {
-        let (gx, gy) = ((i % cols) * w, (i / cols) * h);
-        for y in 0..h {
-            for x in 0..w {
-                let o = ((i * h + y) * w + x) * 3;
-                grid.put_pixel(
-                    (gx + x) as u32,
-                    (gy + y) as u32,
-                    image::Rgb([data[o], data[o + 1], data[o + 2]]),
-                );
-            }
-        }
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| TrainerError::io(dir, e))?;
-    }
-    grid.save(path).map_err(|e| TrainerError::Io {
-        path: path.to_path_buf(),
-        source: std::io::Error::other(e.to_string()),
-    })
-}
-
-/// A trained model loaded from a checkpoint.
-pub struct TrainedModel {
-    /// Weights (EMA unless asked otherwise) and process.
-    pub model: DiffusionModel,
-    /// The checkpoint's state.
-    pub state: TrainState,
-    /// What it was trained with.
-    pub trajectory: TrajectoryConfig,
-    /// Where it came from.
-    pub location: String,
-}
-
-/// Loads the newest valid checkpoint under `url` onto `device` (EMA weights when `ema`).
-pub async fn load_trained(
-    url: &str,
-    storage: &StorageConfig,
-    device: Device,
-    ema: bool,
-) -> Result<TrainedModel> {
-    let store = CheckpointStore::open(url, storage, usize::MAX)?;
-    let ck = store
-        .latest_valid()
-        .await?
-        .ok_or_else(|| TrainerError::NoCheckpoint {
-            location: url.to_string(),
-            detail: "; run `knn-diffusion train` first or point --checkpoint at its checkpoints"
-                .into(),
-        })?;
-    let state = ck.state()?;
-    let trajectory: TrajectoryConfig =
-        serde_json::from_value(state.config.clone()).map_err(|e| TrainerError::Checkpoint {
-            location: ck.location.clone(),
-            reason: format!("state.json's config is unreadable: {e}"),
-        })?;
-    let model = DiffusionModel::new(&trajectory.unet, &trajectory.diffusion, device, 0)?;
-    let file = if ema {
-        "ema.safetensors"
-    } else {
-        "model.safetensors"
-    };
-    model.load_weights(&ck.tensors(file)?, &format!("{}/{file}", ck.location))?;
-    Ok(TrainedModel {
-        model,
-        state,
-        trajectory,
-        location: ck.location,
-    })
-}
-
-/// Token ids for a CLIP without a tokenizer (the random-weight CLIP of the embedded
-/// default): UTF-8 bytes mapped into the vocabulary between begin and end tokens. Only for
-/// trying the pipeline: such a CLIP's embeddings mean nothing anyway.
-fn byte_tokens(clip: &LoadedClip, texts: &[String]) -> Tensor {
-    let tc = &clip.model.config().text_config;
-    let (ctx, vocab) = (tc.max_position_embeddings as usize, tc.vocab_size);
-    // Legacy configs (eos id 2) pool at the largest id: make the end token the largest.
-    let eos = if tc.eos_token_id == 2 {
-        vocab - 1
-    } else {
-        tc.eos_token_id
-    };
-    let bos = vocab - 2;
-    let mut ids = Vec::with_capacity(texts.len() * ctx);
-    for t in texts {
-        let mut row: Vec<i64> = vec![bos];
-        row.extend(t.bytes().take(ctx - 2).map(|b| 3 + b as i64 % (vocab - 4)));
-        row.push(eos);
-        row.resize(ctx, tc.pad_token_id);
-        ids.extend(row);
-    }
-    Tensor::from_slice(&ids).view([texts.len() as i64, ctx as i64])
-}
-
-/// L2-normalised CLIP text embeddings `[n, d]` of `prompts`.
-pub async fn text_embeddings(
-    settings: &ClipSettings,
-    storage: &StorageConfig,
-    prompts: &[String],
-    device: Device,
-) -> Result<Tensor> {
-    let (clip, identity) = knn_indexer::embed::load_clip(settings, storage, device).await?;
-    let ids = match (&clip.tokenizer, settings.checkpoint.is_some()) {
-        (Some(tok), _) => {
-            let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-            tok.encode(&refs).map_err(|e| {
-                TrainerError::config("embed.clip.checkpoint", format!("tokenizer: {e}"))
-            })?
-        }
-        (None, true) => {
-            return Err(TrainerError::config(
-                "embed.clip.checkpoint",
-                format!("CLIP `{identity}` has no tokenizer.json; sampling from text needs one"),
-            ))
-        }
-        (None, false) => byte_tokens(&clip, prompts),
-    };
-    let feats = tch::no_grad(|| clip.model.text_features(&ids.to_device(device)));
-    Ok(l2_normalize(&feats.to_kind(Kind::Float)))
-}
 
 /// What `sample` does.
 #[derive(Clone, Debug)]
@@ -247,8 +51,11 @@ pub struct SampleRequest {
     pub neighbours_out: Option<PathBuf>,
     /// Use the raw weights instead of the EMA.
     pub raw_weights: bool,
-    /// `auto`, `cpu` or `cuda`.
+    /// `auto`, `cpu` or `cuda` (`train.device` of the config).
     pub device: DeviceChoice,
+    /// A judge CLIP to read the samples with ([`crate::judge`]); its report is in the
+    /// summary.
+    pub judge: Option<ClipSettings>,
 }
 
 /// What `sample` wrote.
@@ -268,6 +75,8 @@ pub struct SampleSummary {
     pub images_per_s: f64,
     /// Neighbour ids per prompt, best first.
     pub neighbour_ids: Vec<Vec<u64>>,
+    /// The judge CLIP's reading of the samples, when one was given.
+    pub judge: Option<JudgeReport>,
 }
 
 /// Samples per `req` with CLIP from `clip`.
@@ -279,8 +88,11 @@ pub async fn sample(
     if req.prompts.is_empty() {
         return Err(TrainerError::config("--prompt", "give at least one prompt"));
     }
-    let device = req.device.resolve("--device")?;
-    let trained = load_trained(&req.checkpoint, storage, device, !req.raw_weights).await?;
+    let device = req
+        .device
+        .resolve()
+        .map_err(|reason| TrainerError::config("train.device", reason))?;
+    let trained = TrainedModel::load(&req.checkpoint, storage, device, !req.raw_weights).await?;
     let unet = trained.model.unet.config().clone();
     let k = req.k.unwrap_or(unet.knn);
     if k > unet.knn {
@@ -294,7 +106,20 @@ pub async fn sample(
             ),
         });
     }
-    let q = text_embeddings(clip, storage, &req.prompts, device).await?;
+    let (clip_model, identity) = clip.load(storage, device).await?;
+    if let Some(trained_on) = trained.trajectory.clip.as_deref() {
+        if trained_on != identity {
+            return Err(TrainerError::Indexer(
+                knn_indexer::IndexerError::ClipMismatch {
+                    table: format!("{} (the model's training table)", trained.location),
+                    table_clip: trained_on.to_string(),
+                    query_clip: identity.clone(),
+                },
+            ));
+        }
+    }
+    let prompts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
+    let q = clip_model.embed_texts(&prompts)?;
     if q.size()[1] as usize != unet.cond_dim {
         return Err(TrainerError::config(
             "embed.clip.checkpoint",
@@ -306,6 +131,7 @@ pub async fn sample(
         ));
     }
     let retriever = Retriever::open(&req.retrieval_db, storage).await?;
+    retriever.require_clip(&identity)?;
     if retriever.dim() != unet.cond_dim {
         return Err(TrainerError::BadTable {
             table: req.retrieval_db.clone(),
@@ -384,6 +210,28 @@ pub async fn sample(
     let nb_imgs =
         neighbour_images(&req.retrieval_db, storage, &neighbour_ids, k.max(1), side).await?;
     write_grid(&nb_imgs, k.max(1), &nb_out)?;
+    let judge = match &req.judge {
+        Some(settings) => {
+            let (judge, judge_id) = settings.load(storage, device).await?;
+            if judge_id == identity {
+                tracing::warn!(
+                    judge = %judge_id,
+                    "the judge CLIP is the CLIP the samples were conditioned on: its score is \
+                     not independent"
+                );
+            }
+            let owner: Vec<usize> = (0..total).map(|i| i / reps).collect();
+            let report = judge_samples(&judge, &judge_id, &images, &req.prompts, &owner)?;
+            tracing::info!(
+                on_prompt = report.on_prompt,
+                clip_score = report.clip_score,
+                "judge CLIP: {:.0}% of the samples are nearest their own prompt",
+                100.0 * report.on_prompt
+            );
+            Some(report)
+        }
+        None => None,
+    };
     Ok(SampleSummary {
         grid: req.out.clone(),
         neighbours_grid: nb_out,
@@ -392,6 +240,7 @@ pub async fn sample(
         images: total,
         images_per_s: total as f64 / secs.max(1e-9),
         neighbour_ids,
+        judge,
     })
 }
 

@@ -9,6 +9,16 @@ pub(super) fn read(
     shard: Shard,
     opts: ReaderOptions,
 ) -> BoxStream<'static, Result<RawRecord>> {
+    if let Some(t) = opts.text_columns.first() {
+        // A folder of images carries no text: say which setting asked for some.
+        let err = DatasetError::MissingColumn {
+            shard: shard.id.to_string(),
+            column: t.name.clone(),
+            available: "only images: a folder source has no text columns".into(),
+            key: t.config_key.clone(),
+        };
+        return stream::once(async move { Err(err) }).boxed();
+    }
     let shard_id = shard.id.clone();
     stream::iter(shard.objects)
         .map(move |meta| {
@@ -44,6 +54,7 @@ pub(super) fn read(
                     key,
                     shard: shard_id,
                     payload,
+                    text: Vec::new(),
                 })
             }
         })

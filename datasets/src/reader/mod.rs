@@ -14,6 +14,16 @@ mod webdataset;
 use crate::{RawRecord, Result, Shard, ShardFormat, SourceLocation};
 use futures::stream::BoxStream;
 
+/// A text column read beside the image (a caption, a score kept as text), and the config key
+/// that names it, for errors.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TextColumn {
+    /// Parquet: the column. WebDataset: the member extension (`caption` also reads `.txt`).
+    pub name: String,
+    /// The config key a user sets to name another column.
+    pub config_key: String,
+}
+
 /// How records are read from shards.
 #[derive(Clone, Debug)]
 pub struct ReaderOptions {
@@ -21,6 +31,12 @@ pub struct ReaderOptions {
     pub image_column: String,
     /// Parquet: the key column; the row number when absent.
     pub key_column: Option<String>,
+    /// The config section the two columns above are set in (errors name
+    /// `<prefix>.image_column`).
+    pub config_prefix: String,
+    /// Text columns read into [`crate::RawRecord::text`], in this order. A shard that lacks
+    /// one is an error naming its config key (folder sources have none).
+    pub text_columns: Vec<TextColumn>,
     /// Parquet: rows per record batch (images are large, keep it small).
     pub parquet_batch_rows: usize,
     /// Records larger than this are rejected without being read into memory where possible.
@@ -34,6 +50,8 @@ impl Default for ReaderOptions {
         Self {
             image_column: "jpg".into(),
             key_column: Some("key".into()),
+            config_prefix: "embed.source".into(),
+            text_columns: Vec::new(),
             parquet_batch_rows: 64,
             max_record_bytes: 64 * 1024 * 1024,
             fetch_concurrency: 8,

@@ -95,30 +95,26 @@ pub(super) fn read(
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let image_idx =
+        let index_of = |column: &str, key: String| {
             schema
-                .index_of(&opts.image_column)
+                .index_of(column)
                 .map_err(|_| DatasetError::MissingColumn {
                     shard: shard.id.to_string(),
-                    column: opts.image_column.clone(),
+                    column: column.to_string(),
                     available: available(),
-                    key: "image_column",
-                })?;
-        let key_idx = match &opts.key_column {
-            Some(k) => Some(
-                schema
-                    .index_of(k)
-                    .map_err(|_| DatasetError::MissingColumn {
-                        shard: shard.id.to_string(),
-                        column: k.clone(),
-                        available: available(),
-                        key: "key_column",
-                    })?,
-            ),
-            None => None,
+                    key,
+                })
         };
-        let mut roots = vec![image_idx];
-        roots.extend(key_idx);
+        let mut roots = vec![index_of(
+            &opts.image_column,
+            format!("{}.image_column", opts.config_prefix),
+        )?];
+        if let Some(k) = &opts.key_column {
+            roots.push(index_of(k, format!("{}.key_column", opts.config_prefix))?);
+        }
+        for t in &opts.text_columns {
+            roots.push(index_of(&t.name, t.config_key.clone())?);
+        }
         let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
         let batches = builder
             .with_projection(mask)
@@ -164,6 +160,7 @@ fn rows(
     let col = |name: &str| schema.index_of(name).ok().map(|i| batch.column(i).clone());
     let image = col(&opts.image_column).expect("projected image column");
     let key = opts.key_column.as_deref().and_then(col);
+    let texts: Vec<_> = opts.text_columns.iter().map(|t| col(&t.name)).collect();
     (0..batch.num_rows())
         .map(|row| {
             let key = match &key {
@@ -197,17 +194,36 @@ fn rows(
                     detail: format!("`{}` is null", opts.image_column),
                 }),
             };
+            let mut text = Vec::with_capacity(texts.len());
+            for (t, column) in texts.iter().zip(&opts.text_columns) {
+                let cell = match t {
+                    Some(c) => cell_text(c.as_ref(), row)
+                        .ok_or_else(|| DatasetError::CorruptShard {
+                            shard: shard.to_string(),
+                            reason: format!(
+                                "column `{}` has type {} (want a string or a number)",
+                                column.name,
+                                c.data_type()
+                            ),
+                        })
+                        .map(|v| (!c.is_null(row)).then_some(v))?,
+                    None => None,
+                };
+                text.push(cell);
+            }
             Ok(RawRecord {
                 id: record_id(shard, &key),
                 key,
                 shard: shard.clone(),
                 payload,
+                text,
             })
         })
         .collect()
 }
 
-/// The row's key as text; `None` for an unsupported column type. A null key becomes `#row`.
+/// The row's cell as text (keys, captions, scores); `None` for an unsupported column type.
+/// A null cell becomes `#row` (callers that care check nulls first).
 fn cell_text(col: &dyn Array, row: usize) -> Option<String> {
     if col.is_null(row) {
         return Some(format!("#{row}"));
@@ -226,6 +242,14 @@ fn cell_text(col: &dyn Array, row: usize) -> Option<String> {
             .to_string(),
         DataType::UInt64 => col
             .as_primitive::<arrow_array::types::UInt64Type>()
+            .value(row)
+            .to_string(),
+        DataType::Float64 => col
+            .as_primitive::<arrow_array::types::Float64Type>()
+            .value(row)
+            .to_string(),
+        DataType::Float32 => col
+            .as_primitive::<arrow_array::types::Float32Type>()
             .value(row)
             .to_string(),
         _ => return None,

@@ -1,6 +1,8 @@
 //! WebDataset shards: a tar whose consecutive members sharing a key (the file name up to its
 //! first dot, with its directory) form one sample. The sample's image member (jpg, jpeg, png,
-//! webp, gif or bmp, in that preference) is the record; other members (txt, json) are ignored.
+//! webp, gif or bmp, in that preference) is the record; a text column `c` is read from the
+//! member with extension `c` (a `caption` also from `txt`, img2dataset's name); other members
+//! are ignored.
 //! The tar is streamed from the store and parsed on a blocking thread; records cross to async
 //! code through a bounded channel, so memory holds one sample at a time.
 
@@ -72,6 +74,19 @@ struct Sample {
     key: String,
     members: Vec<String>,
     image: Option<(usize, std::result::Result<Bytes, RejectReason>)>,
+    text: Vec<Option<String>>,
+}
+
+/// Which text column a member with extension `ext` fills, if any.
+fn text_slot(opts: &ReaderOptions, ext: &str) -> Option<usize> {
+    opts.text_columns
+        .iter()
+        .position(|c| c.name == ext)
+        .or_else(|| {
+            (ext == "txt")
+                .then(|| opts.text_columns.iter().position(|c| c.name == "caption"))
+                .flatten()
+        })
 }
 
 impl Sample {
@@ -90,6 +105,7 @@ impl Sample {
             key: self.key,
             shard: shard.clone(),
             payload,
+            text: self.text,
         }
     }
 }
@@ -130,8 +146,19 @@ fn parse(
             key: key.clone(),
             members: Vec::new(),
             image: None,
+            text: vec![None; opts.text_columns.len()],
         });
         sample.members.push(ext.clone());
+        if let Some(slot) = text_slot(opts, &ext) {
+            let size = entry.header().size().unwrap_or(0);
+            if size <= opts.max_record_bytes {
+                let mut body = String::new();
+                if entry.read_to_string(&mut body).is_ok() {
+                    sample.text[slot] = Some(body);
+                }
+            }
+            continue;
+        }
         let rank = IMAGE_EXTENSIONS.iter().position(|e| *e == ext);
         let Some(rank) = rank else { continue };
         if sample.image.as_ref().is_some_and(|(r, _)| *r <= rank) {

@@ -4,6 +4,7 @@
 mod fixtures;
 #[path = "../../../tests/support/images.rs"]
 mod images;
+mod packaged;
 mod readers;
 mod s3;
 #[path = "../../../tests/support/s3_server.rs"]

@@ -146,7 +146,7 @@ async fn parquet_missing_column_names_the_config_key() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, DatasetError::MissingColumn { column, key: "image_column", .. } if column == "image"),
+        matches!(&err, DatasetError::MissingColumn { column, key, .. } if column == "image" && key == "embed.source.image_column"),
         "{err}"
     );
     assert!(

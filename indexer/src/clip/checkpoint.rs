@@ -40,6 +40,9 @@ pub struct LoadedClip {
     pub processor: ClipImageProcessor,
     /// Text tokenisation, when `tokenizer.json` exists.
     pub tokenizer: Option<ClipTokenizer>,
+    /// A random-weight CLIP without a tokenizer: texts become byte tokens (see
+    /// [`LoadedClip::tokenize`]).
+    pub random: bool,
 }
 
 impl ClipCheckpoint {
@@ -101,6 +104,7 @@ impl ClipCheckpoint {
             model,
             processor: self.processor.clone(),
             tokenizer,
+            random: false,
         })
     }
 
@@ -134,6 +138,7 @@ pub fn random_clip(config: &ClipConfig, seed: i64, device: Device) -> LoadedClip
         model,
         processor: ClipImageProcessor::for_image_size(config.vision_config.image_size as u32),
         tokenizer: None,
+        random: true,
     }
 }
 

@@ -295,6 +295,7 @@ pub struct ClipModel {
     vision_model: ClipVisionTransformer,
     text_projection: nn::Linear,
     visual_projection: nn::Linear,
+    logit_scale: Tensor,
     config: ClipConfig,
 }
 
@@ -305,7 +306,8 @@ impl ClipModel {
             bias: false,
             ..Default::default()
         };
-        let _logit_scale = vs.var("logit_scale", &[], nn::Init::Const(2.6592));
+        // ln(1 / 0.07), the temperature CLIP starts from (Radford et al. 2021, §2.5).
+        let logit_scale = vs.var("logit_scale", &[], nn::Init::Const(2.6592));
         Self {
             text_model: ClipTextTransformer::new(&vs / "text_model", &c.text_config),
             vision_model: ClipVisionTransformer::new(&vs / "vision_model", &c.vision_config),
@@ -321,8 +323,14 @@ impl ClipModel {
                 c.projection_dim,
                 no_bias,
             ),
+            logit_scale,
             config: c.clone(),
         }
+    }
+
+    /// The learned log inverse temperature of the contrastive logits.
+    pub fn logit_scale(&self) -> &Tensor {
+        &self.logit_scale
     }
 
     /// The configuration the model was built from.

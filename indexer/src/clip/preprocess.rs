@@ -130,6 +130,32 @@ impl ClipImageProcessor {
         })
     }
 
+    /// `preprocessor_config.json` in HF's layout, as `CLIPImageProcessor` reads it.
+    pub fn to_json(&self) -> Result<String, String> {
+        let resample = match self.filter {
+            Filter::Lanczos => 1,
+            Filter::Bilinear => 2,
+            Filter::Bicubic => 3,
+        };
+        let (mean, std) = self.normalize.unwrap_or((CLIP_MEAN, CLIP_STD));
+        let (cw, ch) = self.crop.unwrap_or((0, 0));
+        let v = serde_json::json!({
+            "image_processor_type": "CLIPImageProcessor",
+            "do_resize": self.shortest_edge.is_some(),
+            "size": {"shortest_edge": self.shortest_edge.unwrap_or(0)},
+            "resample": resample,
+            "do_center_crop": self.crop.is_some(),
+            "crop_size": {"height": ch, "width": cw},
+            "do_rescale": self.rescale_factor.is_some(),
+            "rescale_factor": self.rescale_factor.unwrap_or(1.0 / 255.0),
+            "do_normalize": self.normalize.is_some(),
+            "image_mean": mean,
+            "image_std": std,
+            "do_convert_rgb": true,
+        });
+        serde_json::to_string_pretty(&v).map_err(|e| e.to_string())
+    }
+
     /// Output (width, height) for an input of the given size.
     pub fn output_size(&self, width: u32, height: u32) -> (u32, u32) {
         match (self.crop, self.shortest_edge) {
@@ -141,18 +167,27 @@ impl ClipImageProcessor {
 
     /// Appends the preprocessed image, channels first (`3 x H x W` f32), to `out`.
     pub fn preprocess_into(&self, img: &RgbImage, out: &mut Vec<f32>) {
-        let resized;
-        let mut img = img;
-        if let Some(s) = self.shortest_edge {
-            let (w, h) = shortest_side_size(img.width(), img.height(), s);
-            resized = resize(img, w, h, self.filter);
-            img = &resized;
-        }
-        let cropped;
+        self.normalize_into(&self.geometry(img), out);
+    }
+
+    /// The resize and center crop of preprocessing: an 8-bit image of the model's input
+    /// size (what `train-clip` stores, so training normalises only).
+    pub fn geometry(&self, img: &RgbImage) -> RgbImage {
+        let mut out = match self.shortest_edge {
+            Some(s) => {
+                let (w, h) = shortest_side_size(img.width(), img.height(), s);
+                resize(img, w, h, self.filter)
+            }
+            None => img.clone(),
+        };
         if let Some((w, h)) = self.crop {
-            cropped = center_crop(img, w, h);
-            img = &cropped;
+            out = center_crop(&out, w, h);
         }
+        out
+    }
+
+    /// The rescale and normalisation of preprocessing, appended channels first to `out`.
+    pub fn normalize_into(&self, img: &RgbImage, out: &mut Vec<f32>) {
         let (w, h) = (img.width() as usize, img.height() as usize);
         let raw = img.as_raw();
         out.reserve(3 * w * h);
@@ -186,6 +221,11 @@ mod tests {
             "image_processor_type": "CLIPImageProcessor"}"#;
         let p = ClipImageProcessor::from_json(new).unwrap();
         assert_eq!(p, ClipImageProcessor::for_image_size(224));
+        let round = ClipImageProcessor::for_image_size(32);
+        assert_eq!(
+            ClipImageProcessor::from_json(&round.to_json().unwrap()).unwrap(),
+            round
+        );
         let old = r#"{"crop_size": 224, "size": 224, "resample": 3}"#;
         assert_eq!(
             ClipImageProcessor::from_json(old).unwrap().crop,

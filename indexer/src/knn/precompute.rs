@@ -26,14 +26,15 @@
 use super::plan::{compute_plan, Calibration, IvfConfig, KnnPlan, RowPartitions};
 use super::search::{Exclusion, IvfQueries, TopK, NO_NEIGHBOUR};
 use super::vectors::VectorTable;
-use crate::embed::{peak_rss_mib, DeviceChoice};
+use crate::clip::DeviceChoice;
+use crate::embed::peak_rss_mib;
 use crate::table::{load_dataset, sibling_uri, ShardWriter, ShardedTable};
 use crate::{IndexerError, Result};
 use arrow_array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, UInt64Array};
 use arrow_buffer::NullBuffer;
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use futures::StreamExt;
-use knn_datasets::StorageConfig;
+use knn_datasets::{SplitConfig, StorageConfig};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt;
@@ -107,6 +108,11 @@ pub struct KnnConfig {
     /// created; later runs on the same output always read the version it records).
     #[serde(default)]
     pub source_version: Option<u64>,
+    /// The held-out split (set from the project's `[split]`): held-out rows get neighbours
+    /// but are nobody's neighbour, and the output marks them (`holdout`), so training never
+    /// sees them. `None`: no row is held out.
+    #[serde(default)]
+    pub split: Option<SplitConfig>,
     /// The IVF plan.
     #[serde(default)]
     pub ivf: IvfConfig,
@@ -201,6 +207,9 @@ pub struct KnnOutputMeta {
     pub nprobe: usize,
     /// The calibration, when one ran.
     pub calibration: Option<Calibration>,
+    /// The held-out split applied (`None`: none).
+    #[serde(default)]
+    pub split: Option<SplitConfig>,
 }
 
 /// Schema of a precompute-knn output for `k` neighbours.
@@ -220,6 +229,7 @@ pub fn knn_schema(k: usize, meta: &KnnOutputMeta) -> SchemaRef {
                 DataType::FixedSizeList(f32_item, k as i32),
                 false,
             ),
+            Field::new("holdout", DataType::Boolean, false),
         ])
         .with_metadata(HashMap::from([(
             KNN_METADATA.to_string(),
@@ -394,6 +404,11 @@ fn check_meta(cfg: &KnnConfig, meta: &KnnOutputMeta, output: &str) -> Result<()>
         format!("{:?}", meta.duplicate_similarity),
         format!("{:?}", cfg.duplicate_similarity),
     );
+    differ(
+        "split",
+        serde_json::to_string(&meta.split).unwrap_or_default(),
+        serde_json::to_string(&cfg.split).unwrap_or_default(),
+    );
     if let Some(v) = cfg.source_version {
         differ(
             "source_version",
@@ -458,7 +473,9 @@ async fn prepare(
     // No output yet: make the plan, store it, then create the output naming it.
     let started = Instant::now();
     let source_uri = cfg.table_uri()?;
-    let source = VectorTable::open(source_uri, storage, cfg.source_version).await?;
+    let source = VectorTable::open(source_uri, storage, cfg.source_version)
+        .await?
+        .with_split(cfg.split.clone())?;
     source.require_rows()?;
     if cfg.k >= source.rows {
         return Err(IndexerError::KTooLarge {
@@ -509,6 +526,7 @@ async fn prepare(
         partitions: plan.partitions(),
         nprobe: plan.nprobe,
         calibration: plan.calibration.clone(),
+        split: cfg.split.clone(),
     };
     match ShardedTable::open_or_create(&output, knn_schema(cfg.k, &m), storage.clone()).await {
         Ok(table) => Ok(Prepared {
@@ -543,7 +561,9 @@ async fn adopt(
     plan_s: f64,
 ) -> Result<Prepared> {
     check_meta(cfg, &m, output)?;
-    let source = VectorTable::open(&m.source, storage, Some(m.source_version)).await?;
+    let source = VectorTable::open(&m.source, storage, Some(m.source_version))
+        .await?
+        .with_split(m.split.clone())?;
     let plan = KnnPlan::load(&m.plan, storage).await?;
     let table = ShardedTable::open_or_create(output, knn_schema(m.k, &m), storage.clone()).await?;
     Ok(Prepared {
@@ -564,7 +584,14 @@ pub async fn precompute_knn(
 ) -> Result<KnnSummary> {
     let started = Instant::now();
     cfg.validate()?;
-    let device = cfg.compute.device.resolve("knn.compute.device")?;
+    let device = cfg
+        .compute
+        .device
+        .resolve()
+        .map_err(|reason| IndexerError::Config {
+            key: "knn.compute.device".into(),
+            reason,
+        })?;
     let storage = storage.to_lance_options();
     let mut partitions = RowPartitions::default();
     let prepared = prepare(cfg, &storage, device, &mut partitions).await?;
@@ -623,6 +650,7 @@ pub async fn precompute_knn(
             .blocks(
                 Some(shard_range(s, meta.shards, meta.id_min, meta.id_max)),
                 query_rows,
+                false,
             )
             .await?;
         let mut rows = 0u64;
@@ -631,6 +659,13 @@ pub async fn precompute_knn(
             let n = block.len() as u64;
             let pass_started = Instant::now();
             let (q, q_ids) = block.tensors(source.dim, device);
+            let held: std::collections::HashSet<u64> = block
+                .ids
+                .iter()
+                .zip(&block.holdout)
+                .filter(|(_, h)| **h)
+                .map(|(id, _)| *id)
+                .collect();
             drop(block);
             let pass = SearchPass {
                 top: TopK::new(q.size()[0], meta.k as i64, device, false),
@@ -669,7 +704,13 @@ pub async fn precompute_knn(
             partitions = std::mem::take(&mut pass.partitions);
             summary.short_rows += pass.top.finish() as u64;
             writer
-                .write(output_batch(&schema, &pass.queries.ids, &pass.top, meta.k)?)
+                .write(output_batch(
+                    &schema,
+                    &pass.queries.ids,
+                    &pass.top,
+                    meta.k,
+                    &held,
+                )?)
                 .await?;
             rows += n;
             progress.queries_done.fetch_add(n, Ordering::Relaxed);
@@ -716,8 +757,15 @@ struct SearchPass {
     busy_s: f64,
 }
 
-/// The output rows of one query block; missing neighbours are nulls.
-fn output_batch(schema: &SchemaRef, ids: &Tensor, top: &TopK, k: usize) -> Result<RecordBatch> {
+/// The output rows of one query block; missing neighbours are nulls; rows in `held` are
+/// marked held out.
+fn output_batch(
+    schema: &SchemaRef,
+    ids: &Tensor,
+    top: &TopK,
+    k: usize,
+    held: &std::collections::HashSet<u64>,
+) -> Result<RecordBatch> {
     let cpu = |t: &Tensor| t.to_device(Device::Cpu).contiguous().view([-1]);
     let ids: Vec<i64> = Vec::try_from(&cpu(ids))?;
     let knn_ids: Vec<i64> = Vec::try_from(&cpu(&top.ids))?;
@@ -746,6 +794,9 @@ fn output_batch(schema: &SchemaRef, ids: &Tensor, top: &TopK, k: usize) -> Resul
             k as i32,
             Arc::new(Float32Array::new(knn_sims.into(), Some(valid))),
             None,
+        )),
+        Arc::new(arrow_array::BooleanArray::from_iter(
+            ids.iter().map(|&i| Some(held.contains(&(i as u64)))),
         )),
     ];
     RecordBatch::try_new(schema.clone(), columns)

@@ -125,6 +125,37 @@ impl Retriever {
         &self.table.uri
     }
 
+    /// The CLIP that embedded the table, as its schema metadata records it.
+    pub fn clip(&self) -> Option<&str> {
+        self.table
+            .ds
+            .schema()
+            .metadata
+            .get(crate::table::CLIP_METADATA)
+            .map(String::as_str)
+    }
+
+    /// Refuses the table when it records another CLIP than `query_clip`, the one that embeds
+    /// the queries. A table that records none is allowed, with a warning.
+    pub fn require_clip(&self, query_clip: &str) -> Result<()> {
+        match self.clip() {
+            Some(c) if c == query_clip => Ok(()),
+            Some(c) => Err(IndexerError::ClipMismatch {
+                table: self.table.uri.clone(),
+                table_clip: c.to_string(),
+                query_clip: query_clip.to_string(),
+            }),
+            None => {
+                tracing::warn!(
+                    table = %self.table.uri,
+                    query_clip,
+                    "the retrieval table does not record its CLIP; assuming it is the query's"
+                );
+                Ok(())
+            }
+        }
+    }
+
     /// The `k` rows most similar to `query`.
     pub async fn search(&self, query: &[f32], k: usize) -> Result<Neighbours> {
         self.search_filtered(query, k, None).await

@@ -4,6 +4,11 @@
 //! Any Lance table with a `u64` column `id` and a `FixedSizeList<f32, d>` column `emb` works:
 //! the embed stage's table, or one a user brings (PAPER.md swaps the retrieval database at
 //! inference).
+//!
+//! With a held-out split ([`VectorTable::with_split`], which needs a `key` column) every row
+//! read says whether it is held out, and *database* scans ([`VectorTable::scan_blocks`], the
+//! rows neighbours are chosen from) leave held-out rows out: they are never anyone's
+//! neighbour.
 
 use crate::{IndexerError, Result};
 use arrow_array::cast::AsArray;
@@ -12,6 +17,7 @@ use arrow_array::{Array, RecordBatch};
 use arrow_schema::DataType;
 use futures::stream::BoxStream;
 use futures::StreamExt;
+use knn_datasets::SplitConfig;
 use lance::deps::datafusion::prelude::{col, lit};
 use lance::Dataset;
 use std::collections::HashMap;
@@ -21,6 +27,8 @@ use tch::{Device, Kind, Tensor};
 pub const ID_COLUMN: &str = "id";
 /// The embedding column every vector table has.
 pub const EMB_COLUMN: &str = "emb";
+/// The key column the held-out split hashes.
+pub const KEY_COLUMN: &str = "key";
 
 /// An embeddings table opened at one version.
 #[derive(Clone, Debug)]
@@ -33,6 +41,8 @@ pub struct VectorTable {
     pub dim: usize,
     /// Rows at this version.
     pub rows: usize,
+    /// The held-out split, when one is applied.
+    pub split: Option<SplitConfig>,
 }
 
 /// Rows read from a vector table: ids and row-major embeddings.
@@ -42,6 +52,8 @@ pub struct VectorBlock {
     pub ids: Vec<u64>,
     /// `ids.len() * dim` floats.
     pub emb: Vec<f32>,
+    /// Whether each row is held out (all false without a split).
+    pub holdout: Vec<bool>,
 }
 
 impl VectorBlock {
@@ -75,7 +87,15 @@ impl VectorBlock {
         )
     }
 
-    fn append(&mut self, batch: &RecordBatch, table: &str) -> Result<()> {
+    /// Appends a scanned batch; with `split`, marks held-out rows, and with `database` too,
+    /// leaves them out.
+    fn append(
+        &mut self,
+        batch: &RecordBatch,
+        table: &str,
+        split: Option<&SplitConfig>,
+        database: bool,
+    ) -> Result<()> {
         let missing = |c: &str| IndexerError::MissingColumn {
             table: table.to_string(),
             column: c.to_string(),
@@ -101,8 +121,27 @@ impl VectorBlock {
             });
         }
         let values = emb.values().as_primitive::<Float32Type>();
-        self.ids.extend_from_slice(ids.values());
-        self.emb.extend_from_slice(values.values());
+        let Some(split) = split else {
+            self.ids.extend_from_slice(ids.values());
+            self.emb.extend_from_slice(values.values());
+            self.holdout.resize(self.ids.len(), false);
+            return Ok(());
+        };
+        let keys = batch
+            .column_by_name(KEY_COLUMN)
+            .ok_or_else(|| missing(KEY_COLUMN))?
+            .as_string::<i32>();
+        let d = emb.value_length() as usize;
+        for row in 0..batch.num_rows() {
+            let held = split.is_holdout(keys.value(row));
+            if held && database {
+                continue;
+            }
+            self.ids.push(ids.value(row));
+            self.emb
+                .extend_from_slice(&values.values()[row * d..(row + 1) * d]);
+            self.holdout.push(held);
+        }
         Ok(())
     }
 }
@@ -163,7 +202,30 @@ impl VectorTable {
             ds,
             dim,
             rows,
+            split: None,
         })
+    }
+
+    /// Applies a held-out split (by the `key` column, which must exist).
+    pub fn with_split(mut self, split: Option<SplitConfig>) -> Result<Self> {
+        if split.is_some() && self.ds.schema().field(KEY_COLUMN).is_none() {
+            return Err(IndexerError::MissingColumn {
+                table: self.uri.clone(),
+                column: KEY_COLUMN.into(),
+                detail: "a held-out split hashes each row's key; embed-stage tables have one"
+                    .into(),
+            });
+        }
+        self.split = split;
+        Ok(self)
+    }
+
+    /// The columns a scan reads.
+    fn columns(&self) -> Vec<&'static str> {
+        match self.split {
+            Some(_) => vec![ID_COLUMN, EMB_COLUMN, KEY_COLUMN],
+            None => vec![ID_COLUMN, EMB_COLUMN],
+        }
     }
 
     /// The opened version.
@@ -208,26 +270,27 @@ impl VectorTable {
                 offsets,
                 self.ds
                     .schema()
-                    .project(&[ID_COLUMN, EMB_COLUMN])
+                    .project(&self.columns())
                     .map_err(|e| IndexerError::lance(&self.uri, e))?,
             )
             .await
             .map_err(|e| IndexerError::lance(&self.uri, e))?;
         let mut block = VectorBlock::default();
-        block.append(&batch, &self.uri)?;
+        block.append(&batch, &self.uri, self.split.as_ref(), false)?;
         Ok(block)
     }
 
     /// All rows (or those with `low <= id < high`) in table order, in blocks of at most
-    /// `block_rows` rows.
+    /// `block_rows` rows; a `database` read leaves held-out rows out.
     pub async fn blocks(
         &self,
         id_range: Option<(u64, Option<u64>)>,
         block_rows: usize,
+        database: bool,
     ) -> Result<BoxStream<'static, Result<VectorBlock>>> {
         let mut scanner = self.ds.scan();
         scanner
-            .project(&[ID_COLUMN, EMB_COLUMN])
+            .project(&self.columns())
             .map_err(|e| IndexerError::lance(&self.uri, e))?;
         if let Some((low, high)) = id_range {
             let mut filter = col(ID_COLUMN).gt_eq(lit(low));
@@ -241,10 +304,11 @@ impl VectorTable {
             .await
             .map_err(|e| IndexerError::lance(&self.uri, e))?;
         let (uri, dim, block_rows) = (self.uri.clone(), self.dim, block_rows.max(1));
+        let split = self.split.clone();
         let state = (Some(batches), VectorBlock::default());
         Ok(
             futures::stream::unfold(state, move |(mut batches, mut block)| {
-                let uri = uri.clone();
+                let (uri, split) = (uri.clone(), split.clone());
                 async move {
                     loop {
                         if block.len() >= block_rows {
@@ -263,7 +327,8 @@ impl VectorTable {
                         };
                         match stream.next().await {
                             Some(Ok(batch)) => {
-                                if let Err(e) = block.append(&batch, &uri) {
+                                if let Err(e) = block.append(&batch, &uri, split.as_ref(), database)
+                                {
                                     return Some((Err(e), (None, VectorBlock::default())));
                                 }
                             }
@@ -282,8 +347,9 @@ impl VectorTable {
         )
     }
 
-    /// Passes over all rows in blocks (see [`VectorTable::blocks`]), calling `each` on a
-    /// blocking thread while the next block is read, so reading overlaps computing.
+    /// Passes over the database rows (all but held-out ones) in blocks (see
+    /// [`VectorTable::blocks`]), calling `each` on a blocking thread while the next block is
+    /// read, so reading overlaps computing.
     pub async fn scan_blocks<S, F>(
         &self,
         id_range: Option<(u64, Option<u64>)>,
@@ -295,7 +361,7 @@ impl VectorTable {
         S: Send + 'static,
         F: FnMut(&mut S, VectorBlock) -> Result<()> + Send + 'static,
     {
-        let mut blocks = self.blocks(id_range, block_rows).await?;
+        let mut blocks = self.blocks(id_range, block_rows, true).await?;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<VectorBlock>(1);
         let compute = tokio::task::spawn_blocking(move || {
             let (mut state, mut each) = (state, each);
@@ -331,5 +397,6 @@ fn split_off(block: &mut VectorBlock, rows: usize, dim: usize) -> VectorBlock {
     VectorBlock {
         ids: block.ids.split_off(rows),
         emb: block.emb.split_off(rows * dim),
+        holdout: block.holdout.split_off(rows),
     }
 }

@@ -1,6 +1,7 @@
 //! Integration tests of the trainer: schedule and sampler parity with HF diffusers, and
 //! training, resuming and sampling on real Lance tables with real libtorch.
 
+mod clip;
 mod fixtures;
 mod parity;
 #[path = "../../../tests/support/s3_server.rs"]

@@ -7,7 +7,8 @@ use knn_datasets::StorageConfig;
 use knn_trainer::checkpoint::CheckpointStore;
 use knn_trainer::data::TrainingData;
 use knn_trainer::diffusion::SamplerConfig;
-use knn_trainer::sample::{generate, load_trained};
+use knn_trainer::model::TrainedModel;
+use knn_trainer::sampling::generate;
 use knn_trainer::unet::Condition;
 use knn_trainer::{train, TrainConfig, TrainProgress, TrainerError};
 use std::ops::ControlFlow;
@@ -18,7 +19,7 @@ use tch::{Device, Kind, Tensor};
 fn config(dir: &Path, emb: &str, knn: &str) -> TrainConfig {
     let text = format!(
         "output_dir = {:?}\nk = 3\nbatch_size = 4\ndevice = \"cpu\"\nlog_every = 1\n\
-         [data]\nembeddings = {emb:?}\nknn = {knn:?}\nholdout_rows = 0\nprefetch_batches = 2\n\
+         [data]\nembeddings = {emb:?}\nknn = {knn:?}\nknn_dropout = 0.0\nprefetch_batches = 2\n\
          [samples]\nevery_steps = 0\n",
         dir.join("run").to_string_lossy()
     );
@@ -77,7 +78,7 @@ async fn overfits_a_handful_and_samples_them_back() {
     );
 
     // Each image's own condition (its embedding and its neighbours') brings it back.
-    let trained = load_trained(
+    let trained = TrainedModel::load(
         &cfg.checkpoint_url(),
         &StorageConfig::default(),
         Device::Cpu,
@@ -295,7 +296,8 @@ async fn accumulating_two_half_batches_equals_one_full_batch() {
         assert_eq!(sa, sb);
         assert!((x - y).abs() < 1e-5, "step {sa}: loss {x} vs {y}");
     }
-    let read = |d: &Path| knn_trainer::checkpoint::from_safetensors(&model_bytes(d, 3)).unwrap();
+    let read =
+        |d: &Path| knn_trainer::checkpoint::from_safetensors(&model_bytes(d, 3), "model").unwrap();
     let (pa, pb) = (
         read(&dir.path().join("full")),
         read(&dir.path().join("halves")),
@@ -359,7 +361,7 @@ async fn checkpoints_go_to_s3_and_resume_from_there() {
         !state.contains(&server.secret_key),
         "no credential in a checkpoint"
     );
-    let trained = load_trained("s3://ckpt/runs/a", &st, Device::Cpu, true)
+    let trained = TrainedModel::load("s3://ckpt/runs/a", &st, Device::Cpu, true)
         .await
         .unwrap();
     assert_eq!(trained.state.step, 3);

@@ -1,6 +1,6 @@
-//! Checkpoints: what the loop hands over (model, EMA and optimizer tensors, the JSON train
-//! state) written as files under `<dir>/step-NNNNNNNNNN/` on a local path or any object-store
-//! URL, with `MANIFEST.json` (each file's size and SHA-256) written last.
+//! Where checkpoints are stored: the files a loop hands over (see [`super::contents`] for what
+//! they are) written under `<dir>/step-NNNNNNNNNN/` on a local path or any object-store URL,
+//! with `MANIFEST.json` (each file's size and SHA-256) written last.
 //!
 //! A checkpoint exists only once its manifest does and every file matches it: a crash mid-save,
 //! a torn upload or a flipped byte make it invalid, and loading falls back to the previous one
@@ -8,7 +8,7 @@
 //! `keep_last` valid checkpoints are kept. No credential is ever written: the state holds the
 //! training config, which has none.
 
-use crate::data::DataCursor;
+use super::safetensors::from_safetensors;
 use crate::{Result, TrainerError};
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -17,35 +17,13 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::borrow::Cow;
 use std::collections::BTreeMap;
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
 /// Name of the manifest inside a checkpoint directory.
 pub const MANIFEST: &str = "MANIFEST.json";
 /// Format tag in every manifest.
 pub const FORMAT: &str = "knn-diffusion-checkpoint/1";
-
-/// The training state saved beside the tensors.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-pub struct TrainState {
-    /// Optimiser steps completed.
-    pub step: u64,
-    /// The next micro-batch the data loader reads.
-    pub cursor: DataCursor,
-    /// Every random stream derives from this seed: data order from (seed, epoch), each
-    /// sample's flip / drop / step / noise from (seed, epoch, position), the model's dropout
-    /// from (seed, step, rank). Nothing else holds random state.
-    pub seed: u64,
-    /// SHA-256 of `config`.
-    pub config_hash: String,
-    /// The settings that determine the training trajectory.
-    pub config: serde_json::Value,
-    /// Data-parallel ranks that trained it.
-    pub world_size: usize,
-    /// Loss of every optimiser step since the previous checkpoint (diagnostics).
-    pub recent_losses: Vec<f64>,
-}
 
 /// One file of a manifest.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -93,16 +71,13 @@ impl LoadedCheckpoint {
 
     /// Tensors of a safetensors file.
     pub fn tensors(&self, name: &str) -> Result<Vec<(String, Tensor)>> {
-        from_safetensors(self.file(name)?).map_err(|reason| TrainerError::Checkpoint {
-            location: format!("{}/{name}", self.location),
-            reason,
-        })
+        from_safetensors(self.file(name)?, &format!("{}/{name}", self.location))
     }
 
-    /// The JSON train state.
-    pub fn state(&self) -> Result<TrainState> {
-        serde_json::from_slice(self.file("state.json")?).map_err(|e| TrainerError::Checkpoint {
-            location: format!("{}/state.json", self.location),
+    /// A JSON file, parsed.
+    pub fn json<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<T> {
+        serde_json::from_slice(self.file(name)?).map_err(|e| TrainerError::Checkpoint {
+            location: format!("{}/{name}", self.location),
             reason: format!("unreadable: {e}"),
         })
     }
@@ -336,105 +311,5 @@ impl CheckpointStore {
             }
         }
         Ok(())
-    }
-}
-
-struct TensorBytes {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl safetensors::View for &TensorBytes {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
-fn dtype_of(kind: Kind) -> std::result::Result<safetensors::Dtype, String> {
-    Ok(match kind {
-        Kind::Float => safetensors::Dtype::F32,
-        Kind::Double => safetensors::Dtype::F64,
-        Kind::Half => safetensors::Dtype::F16,
-        Kind::BFloat16 => safetensors::Dtype::BF16,
-        Kind::Int64 => safetensors::Dtype::I64,
-        Kind::Int => safetensors::Dtype::I32,
-        other => return Err(format!("cannot store tensors of kind {other:?}")),
-    })
-}
-
-fn kind_of(dtype: safetensors::Dtype) -> std::result::Result<Kind, String> {
-    Ok(match dtype {
-        safetensors::Dtype::F32 => Kind::Float,
-        safetensors::Dtype::F64 => Kind::Double,
-        safetensors::Dtype::F16 => Kind::Half,
-        safetensors::Dtype::BF16 => Kind::BFloat16,
-        safetensors::Dtype::I64 => Kind::Int64,
-        safetensors::Dtype::I32 => Kind::Int,
-        other => return Err(format!("unsupported dtype {other:?}")),
-    })
-}
-
-/// Named tensors → safetensors bytes (copied to the CPU first).
-pub fn to_safetensors(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
-    let mut owned = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let t = t.detach().to_device(Device::Cpu).contiguous();
-        let dtype = dtype_of(t.kind()).map_err(|r| TrainerError::Checkpoint {
-            location: name.clone(),
-            reason: r,
-        })?;
-        let mut data = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
-        t.f_copy_data_u8(&mut data, t.numel())?;
-        let shape = t.size().iter().map(|&d| d as usize).collect();
-        owned.push((name.clone(), TensorBytes { dtype, shape, data }));
-    }
-    safetensors::serialize(owned.iter().map(|(n, t)| (n.as_str(), t)), None).map_err(|e| {
-        TrainerError::Checkpoint {
-            location: "safetensors".into(),
-            reason: e.to_string(),
-        }
-    })
-}
-
-/// safetensors bytes → named tensors on the CPU, sorted by name.
-pub fn from_safetensors(bytes: &[u8]) -> std::result::Result<Vec<(String, Tensor)>, String> {
-    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    for (name, view) in st.tensors() {
-        let kind = kind_of(view.dtype())?;
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        out.push((name, Tensor::from_data_size(view.data(), &shape, kind)));
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn safetensors_round_trip() {
-        let a = Tensor::randn([3, 4], (Kind::Float, Device::Cpu));
-        let b = Tensor::from_slice(&[7i64]);
-        let bytes = to_safetensors(&[
-            ("a".into(), a.shallow_clone()),
-            ("b".into(), b.shallow_clone()),
-        ])
-        .unwrap();
-        let back = from_safetensors(&bytes).unwrap();
-        let get = |n: &str| back.iter().find(|p| p.0 == n).unwrap().1.shallow_clone();
-        assert!(get("a").equal(&a));
-        assert!(get("b").equal(&b));
     }
 }

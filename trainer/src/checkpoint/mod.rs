@@ -1,0 +1,12 @@
+//! Checkpoints, in three parts: [`store`] (where: files under `step-N/` on any local path or
+//! object-store URL, a SHA-256 manifest written last, pruning), [`contents`] (what: weights,
+//! EMA, optimiser state and `state.json`, saved and resumed the same way by every training
+//! loop) and [`safetensors`] (how tensors become bytes).
+
+pub mod contents;
+pub mod safetensors;
+pub mod store;
+
+pub use contents::{SavePoint, TrainState, TrainingCheckpoints, Trajectory};
+pub use safetensors::{copy_named, from_safetensors, to_safetensors};
+pub use store::{CheckpointStore, LoadedCheckpoint, Manifest, ManifestEntry, FORMAT, MANIFEST};

@@ -1,0 +1,501 @@
+//! `train-clip`: contrastive training of a small CLIP on captioned images, so the pipeline
+//! has a text encoder that means something without downloading one (a user can also train
+//! a domain CLIP on their own captioned shards). As open_clip does it: a ViT image tower and
+//! a causal text transformer ([`knn_indexer::clip::ClipModel`]), symmetric InfoNCE with a
+//! learned temperature ([`loss`]), features gathered over the ranks so every pair of the
+//! global batch is a negative for every other, AdamW without decay on gains, biases,
+//! embeddings and the temperature.
+//!
+//! ```text
+//! captioned shards ─► captions table (once, sharded over ranks)      [captions]
+//!   └─ split by key: training rows | held-out rows (never trained on)
+//!   └─ byte-level BPE trained on the training captions (tokenizer.json, once)
+//!   └─ loop: batch → both towers → gathered features → loss → step   (this file)
+//!   └─ held-out recall@k and the modality gap                         [eval]
+//!   └─ an HF CLIP directory                                            [export]
+//! ```
+//! It shares the diffusion loop's parts: the checkpoint store and format, the process group,
+//! the data layout and loader, the optimiser and the metrics log. Rerunning resumes from the
+//! newest valid checkpoint; two ranks with batch B train what one process with batch 2B does.
+
+pub mod captions;
+pub mod config;
+pub mod eval;
+pub mod export;
+pub mod loss;
+
+use crate::autocast::{set_cuda_autocast_dtype, AutocastDtype};
+use crate::checkpoint::{CheckpointStore, SavePoint, TrainingCheckpoints, Trajectory};
+use crate::data::{DataLayout, Loader};
+use crate::metrics::{MetricsLog, TrainProgress};
+use crate::model::named_parameters;
+use crate::optim::{zero_gradients, AdamW, Optimiser};
+use crate::parallel::{define_gradients, DataParallel};
+use crate::rng::EpochPermutation;
+use crate::{Result, TrainerError};
+use captions::{CaptionRows, PrepareSummary};
+use config::TrainClipConfig;
+use eval::ClipEval;
+use knn_cluster::rendezvous::Rendezvous;
+use knn_datasets::{SplitConfig, StorageConfig};
+use knn_indexer::clip::tokenizer::{train_bpe, PAD_TOKEN};
+use knn_indexer::clip::{l2_normalize, ClipConfig, ClipImageProcessor, ClipModel, ClipTokenizer};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use tch::{nn, Device, Kind, Tensor};
+
+/// What a `train-clip` run did.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClipTrainSummary {
+    /// Step resumed from (0: fresh start).
+    pub resumed_from: u64,
+    /// Step reached.
+    pub step: u64,
+    /// Trainable parameters.
+    pub parameters: i64,
+    /// Loss of the last step.
+    pub last_loss: f64,
+    /// The learned temperature at the end (`exp(logit_scale)`).
+    pub temperature_inverse: f64,
+    /// Rows trained on and held out.
+    pub train_rows: usize,
+    /// Rows held out for evaluation.
+    pub holdout_rows: usize,
+    /// Preparing the captions table (this rank).
+    pub prepare: PrepareSummary,
+    /// Held-out recall and the modality gap (rank 0, after the last step).
+    pub eval: Option<ClipEval>,
+    /// The exported HF directory (rank 0).
+    pub export_dir: Option<String>,
+    /// Newest checkpoint written.
+    pub checkpoint: Option<String>,
+    /// Mean seconds per optimiser step.
+    pub step_time_s: f64,
+    /// Fraction of the time spent waiting for data.
+    pub data_wait_fraction: f64,
+    /// The metrics file.
+    pub metrics: PathBuf,
+    /// This process's rank.
+    pub rank: usize,
+    /// Ranks that trained together.
+    pub world_size: usize,
+}
+
+/// What a CLIP checkpoint records and a resume must agree with.
+#[derive(Serialize)]
+struct ClipTrajectory<'a> {
+    model: &'a ClipConfig,
+    optim: &'a crate::optim::OptimConfig,
+    seed: u64,
+    global_batch_size: usize,
+    split: &'a SplitConfig,
+    captions_version: u64,
+    rows: u64,
+    tokenizer_sha256: &'a str,
+}
+
+/// One step's data, on the host.
+struct ClipBatch {
+    /// `[B, 3, S, S]`, normalised.
+    pixels: Tensor,
+    /// `[B, context]` token ids.
+    tokens: Tensor,
+}
+
+/// Trains (or resumes) the CLIP per `cfg` and exports it. `progress` is called after every
+/// step; `Break` stops at that step with a checkpoint (no export).
+pub async fn train_clip(
+    cfg: &TrainClipConfig,
+    storage: &StorageConfig,
+    rdv: &Rendezvous,
+    progress: &mut dyn FnMut(&TrainProgress) -> ControlFlow<()>,
+) -> Result<ClipTrainSummary> {
+    cfg.validate()?;
+    let clip_cfg = cfg.model.resolve()?;
+    let device = cfg
+        .device
+        .resolve()
+        .map_err(|reason| TrainerError::config("train_clip.device", reason))?;
+    let device = DataParallel::rank_device(device, rdv);
+    let reduced = cfg.precision.autocast(device)?;
+    let mut dp = DataParallel::join(rdv, &cfg.distributed, device)?;
+    let primary = dp.is_primary();
+    let out_dir = PathBuf::from(&cfg.output_dir);
+    std::fs::create_dir_all(&out_dir).map_err(|e| TrainerError::io(&out_dir, e))?;
+    let processor = ClipImageProcessor::for_image_size(clip_cfg.vision_config.image_size as u32);
+
+    let prepare = captions::prepare(cfg, storage, &processor, &mut dp).await?;
+    let uri = captions::table_uri(cfg);
+    let latest = knn_indexer::table::load_dataset(&uri, &storage.to_lance_options(), None)
+        .await
+        .map_err(|e| TrainerError::lance(&uri, e))?
+        .version()
+        .version;
+    let version = dp.broadcast_u64(latest)?;
+    let split = cfg.split();
+    let rows = Arc::new(CaptionRows::open(&uri, storage, version, &split).await?);
+    tracing::info!(
+        table = %uri,
+        train = rows.train.len(),
+        holdout = rows.holdout.len(),
+        "captions table ready"
+    );
+    let layout = DataLayout::new(rows.train.len() as u64, cfg.batch_size, dp.rank(), dp.world())
+        .map_err(|_| TrainerError::config(
+            "train_clip.batch_size",
+            format!(
+                "one global batch ({} x {} ranks) is larger than the {} training pairs; lower it or add data",
+                cfg.batch_size,
+                dp.world(),
+                rows.train.len()
+            ),
+        ))?;
+
+    let (tokenizer_json, tokenizer) = tokenizer(cfg, &clip_cfg, &rows, &mut dp).await?;
+    let tokenizer = Arc::new(tokenizer);
+    let tokenizer_sha: String = Sha256::digest(tokenizer_json.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+
+    tch::manual_seed(cfg.seed as i64);
+    let vs = nn::VarStore::new(device);
+    let model = ClipModel::new(vs.root(), &clip_cfg);
+    let params = named_parameters(&vs);
+    define_gradients(&params);
+    let n_params: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
+    tracing::info!(
+        parameters = n_params,
+        dim = clip_cfg.projection_dim,
+        device = ?device,
+        rank = dp.rank(),
+        world = dp.world(),
+        "CLIP with {:.2}M parameters",
+        n_params as f64 / 1e6
+    );
+    let mut opt = Optimiser::new(&params, &cfg.optim, reduced == Some(AutocastDtype::F16));
+    // Decay weight matrices only, as open_clip does.
+    opt.adamw = AdamW::new(&params).decay_only(&params, |name, t| {
+        t.dim() >= 2 && !name.contains("embedding")
+    });
+    let trajectory = Trajectory::of(&ClipTrajectory {
+        model: &clip_cfg,
+        optim: &cfg.optim,
+        seed: cfg.seed,
+        global_batch_size: cfg.batch_size * dp.world(),
+        split: &split,
+        captions_version: version,
+        rows: rows.rows(),
+        tokenizer_sha256: &tokenizer_sha,
+    });
+    let store = CheckpointStore::open(&cfg.checkpoint_url(), storage, cfg.checkpoint.keep_last)?;
+    let checkpoints = TrainingCheckpoints::new(store, trajectory);
+    let mut step = 0u64;
+    if let Some((state, location)) = checkpoints.resume(&mut dp, &params, &mut opt).await? {
+        if state.cursor != layout.cursor(state.step) {
+            return Err(TrainerError::Checkpoint {
+                location,
+                reason: format!(
+                    "its data cursor {:?} disagrees with step {}",
+                    state.cursor, state.step
+                ),
+            });
+        }
+        step = state.step;
+        tracing::info!(step, checkpoint = %location, "resuming");
+    }
+    let resumed_from = step;
+    let tensors: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
+    dp.broadcast(&tensors)?;
+
+    let mut loader = {
+        let (rows, tokenizer, processor) = (rows.clone(), tokenizer.clone(), processor.clone());
+        let seed = cfg.seed;
+        Loader::start(
+            move |m| {
+                let (rows, tokenizer, processor) =
+                    (rows.clone(), tokenizer.clone(), processor.clone());
+                async move {
+                    let (epoch, positions) = layout.positions(m);
+                    let perm = EpochPermutation::new(layout.train_rows(), seed, epoch);
+                    let offsets: Vec<u64> = positions
+                        .iter()
+                        .map(|&p| rows.train[perm.apply(p) as usize])
+                        .collect();
+                    load_batch(&rows, &offsets, &tokenizer, &processor).await
+                }
+            },
+            step,
+            cfg.data.prefetch_batches,
+        )?
+    };
+    let images_per_step = (cfg.batch_size * dp.world()) as u64;
+    let mut metrics = MetricsLog::open(
+        &out_dir.join("metrics.jsonl"),
+        step,
+        primary,
+        images_per_step,
+    )?;
+    let (mut last_ckpt, mut last_loss, mut recent_losses) = (None, f64::NAN, Vec::new());
+    let (run_start, mut steps_run) = (Instant::now(), 0u64);
+    let mut stopped = false;
+    while step < cfg.max_steps {
+        let started = Instant::now();
+        let lr = cfg.optim.lr_at(step, cfg.max_steps);
+        zero_gradients(&params);
+        let batch = loader.next_batch()?;
+        let loss = contrastive_loss(&model, &batch, device, reduced, &mut dp)?;
+        (&loss * opt.loss_factor(1)).backward();
+        let local = f64::try_from(&loss)? / dp.world() as f64;
+        dp.average_gradients(&params)?;
+        let (grad_norm, _) = opt.step(&params, &cfg.optim, lr, step);
+        tch::no_grad(|| {
+            let _ = model
+                .logit_scale()
+                .shallow_clone()
+                .clamp_(0.0, loss::MAX_LOGIT_SCALE);
+        });
+        step += 1;
+        steps_run += 1;
+        let asked = progress(&TrainProgress {
+            step,
+            max_steps: cfg.max_steps,
+            loss: local,
+            lr,
+            images_per_s: images_per_step as f64 / started.elapsed().as_secs_f64().max(1e-9),
+        })
+        .is_break();
+        let (loss_all, stop) = dp.agree(local, asked)?;
+        last_loss = loss_all;
+        metrics.record(loss_all, loader.take_waited().as_secs_f64());
+        if primary {
+            recent_losses.push(loss_all);
+        }
+        if step.is_multiple_of(cfg.log_every) || step == cfg.max_steps {
+            let scale = f64::try_from(model.logit_scale())?;
+            metrics.write(
+                step,
+                serde_json::json!({
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "logit_scale": scale,
+                    "skipped_steps": opt.skipped_steps,
+                }),
+            )?;
+        }
+        let at_checkpoint =
+            stop || step.is_multiple_of(cfg.checkpoint.every_steps) || step == cfg.max_steps;
+        if primary && at_checkpoint {
+            let at = SavePoint {
+                step,
+                cursor: layout.cursor(step),
+                seed: cfg.seed,
+                world_size: dp.world(),
+                recent_losses: std::mem::take(&mut recent_losses),
+            };
+            let location = checkpoints.save(at, &params, &opt).await?;
+            tracing::info!(step, checkpoint = %location, "checkpoint written");
+            last_ckpt = Some(location);
+        }
+        let at_eval =
+            cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every) && step < cfg.max_steps;
+        if primary && at_eval {
+            let e = evaluate(&model, &rows, &tokenizer, &processor, device).await?;
+            tracing::info!(step, "held-out: {e}");
+        }
+        if at_checkpoint || at_eval {
+            dp.wait_for_primary()?;
+        }
+        if stop {
+            tracing::info!(
+                step,
+                "stopping early on request; the checkpoint above resumes it"
+            );
+            stopped = true;
+            break;
+        }
+    }
+    drop(loader);
+    let elapsed = run_start.elapsed().as_secs_f64();
+
+    let (mut eval_result, mut export_dir) = (None, None);
+    if primary && !stopped {
+        let e = evaluate(&model, &rows, &tokenizer, &processor, device).await?;
+        tracing::info!("held-out after step {step}: {e}");
+        let path = out_dir.join("eval.json");
+        std::fs::write(
+            &path,
+            serde_json::to_vec_pretty(&e).expect("eval serialises"),
+        )
+        .map_err(|err| TrainerError::io(&path, err))?;
+        eval_result = Some(e);
+        let dir = cfg.export_dir();
+        let cpu: Vec<(String, Tensor)> = params
+            .iter()
+            .map(|(n, p)| (n.clone(), p.detach().to_device(Device::Cpu)))
+            .collect();
+        export::write_hf_dir(
+            Path::new(&dir),
+            &clip_cfg,
+            &cpu,
+            &tokenizer_json,
+            &processor,
+        )?;
+        tracing::info!(dir = %dir, "exported the CLIP as an HF directory");
+        export_dir = Some(dir);
+    }
+    dp.wait_for_primary()?;
+    Ok(ClipTrainSummary {
+        resumed_from,
+        step,
+        parameters: n_params,
+        last_loss,
+        temperature_inverse: f64::try_from(model.logit_scale())?.exp(),
+        train_rows: rows.train.len(),
+        holdout_rows: rows.holdout.len(),
+        prepare,
+        eval: eval_result,
+        export_dir,
+        checkpoint: last_ckpt,
+        step_time_s: elapsed / steps_run.max(1) as f64,
+        data_wait_fraction: if elapsed > 0.0 {
+            metrics.total_wait_s() / elapsed
+        } else {
+            0.0
+        },
+        metrics: metrics.path().to_path_buf(),
+        rank: dp.rank(),
+        world_size: dp.world(),
+    })
+}
+
+/// The run's tokenizer: trained by rank 0 on the training captions the first time and kept
+/// in `<output_dir>/tokenizer.json`, so a resumed run tokenizes exactly as before. Returns its
+/// JSON text and the loaded tokenizer.
+async fn tokenizer(
+    cfg: &TrainClipConfig,
+    clip: &ClipConfig,
+    rows: &CaptionRows,
+    dp: &mut DataParallel,
+) -> Result<(String, ClipTokenizer)> {
+    let path = Path::new(&cfg.output_dir).join("tokenizer.json");
+    if dp.is_primary() && !path.is_file() {
+        let captions = rows.training_captions().await?;
+        let vocab = clip.text_config.vocab_size as usize;
+        let json = train_bpe(captions.iter().map(String::as_str), vocab).map_err(|r| {
+            TrainerError::config(
+                "train_clip.model.vocab_size",
+                format!("training the tokenizer: {r}"),
+            )
+        })?;
+        let tmp = path.with_extension("json.partial");
+        std::fs::write(&tmp, &json).map_err(|e| TrainerError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| TrainerError::io(&path, e))?;
+        tracing::info!(path = %path.display(), captions = captions.len(), "trained the tokenizer");
+    }
+    dp.wait_for_primary()?;
+    let json = std::fs::read_to_string(&path).map_err(|e| TrainerError::io(&path, e))?;
+    let tok = ClipTokenizer::from_file(
+        &path,
+        clip.text_config.max_position_embeddings as usize,
+        PAD_TOKEN.1,
+    )
+    .map_err(|r| TrainerError::Checkpoint {
+        location: path.display().to_string(),
+        reason: r,
+    })?;
+    Ok((json, tok))
+}
+
+/// Rows at `offsets` as model inputs.
+async fn load_batch(
+    rows: &CaptionRows,
+    offsets: &[u64],
+    tokenizer: &ClipTokenizer,
+    processor: &ClipImageProcessor,
+) -> Result<ClipBatch> {
+    let b = rows.take(offsets).await?;
+    let mut pixels = Vec::new();
+    let mut side = 0;
+    for (id, png) in b.ids.iter().zip(&b.images) {
+        let img = image::load_from_memory(png)
+            .map_err(|e| TrainerError::BadRecord {
+                table: rows.uri.clone(),
+                id: *id,
+                reason: format!("stored image does not decode: {e}"),
+            })?
+            .to_rgb8();
+        side = img.width() as i64;
+        processor.normalize_into(&img, &mut pixels);
+    }
+    let refs: Vec<&str> = b.captions.iter().map(String::as_str).collect();
+    let tokens = tokenizer
+        .encode(&refs)
+        .map_err(|r| TrainerError::Loader(format!("tokenizing captions: {r}")))?;
+    Ok(ClipBatch {
+        pixels: Tensor::from_slice(&pixels).view([offsets.len() as i64, 3, side, side]),
+        tokens,
+    })
+}
+
+/// This rank's part of the loss of the global batch: its own features against everyone's
+/// (gathered without gradient, its own slice with), times the ranks, so that averaging the
+/// ranks' gradients gives the gradient of the global loss.
+fn contrastive_loss(
+    model: &ClipModel,
+    batch: &ClipBatch,
+    device: Device,
+    reduced: Option<AutocastDtype>,
+    dp: &mut DataParallel,
+) -> Result<Tensor> {
+    if let Some(dtype) = reduced {
+        set_cuda_autocast_dtype(dtype);
+    }
+    let (img, txt) = tch::autocast(reduced.is_some(), || {
+        let img = model.image_features(&batch.pixels.to_device(device));
+        let txt = model.text_features(&batch.tokens.to_device(device));
+        (
+            l2_normalize(&img.to_kind(Kind::Float)),
+            l2_normalize(&txt.to_kind(Kind::Float)),
+        )
+    });
+    let all_img = dp.gather_with_own(&img)?;
+    let all_txt = dp.gather_with_own(&txt)?;
+    Ok(loss::clip_loss(&all_img, &all_txt, model.logit_scale()) * dp.world() as f64)
+}
+
+/// Embeds the held-out rows and scores them.
+async fn evaluate(
+    model: &ClipModel,
+    rows: &CaptionRows,
+    tokenizer: &ClipTokenizer,
+    processor: &ClipImageProcessor,
+    device: Device,
+) -> Result<ClipEval> {
+    let (mut imgs, mut txts) = (Vec::new(), Vec::new());
+    for chunk in rows.holdout.chunks(256) {
+        let b = load_batch(rows, chunk, tokenizer, processor).await?;
+        tch::no_grad(|| {
+            imgs.push(l2_normalize(
+                &model.image_features(&b.pixels.to_device(device)),
+            ));
+            txts.push(l2_normalize(
+                &model.text_features(&b.tokens.to_device(device)),
+            ));
+        });
+    }
+    if imgs.is_empty() {
+        return Err(TrainerError::config(
+            "train_clip.split.holdout_fraction",
+            "no held-out rows to evaluate on; raise the fraction or add data",
+        ));
+    }
+    Ok(eval::evaluate(
+        &Tensor::cat(&imgs, 0),
+        &Tensor::cat(&txts, 0),
+    ))
+}
