@@ -31,9 +31,9 @@ pub struct ProjectConfig {
     pub train_clip: Option<TrainClipConfig>,
     /// The held-out split every stage honours: its records are never trained on, by the
     /// CLIP or the diffusion model, and never a training row's neighbour; `eval` scores on
-    /// them.
-    #[serde(default)]
-    pub split: SplitConfig,
+    /// them. Absent: `train-clip` holds out its default split, `precompute-knn` nothing
+    /// (tables without a `key` column, for one, cannot be split).
+    pub split: Option<SplitConfig>,
 }
 
 impl ProjectConfig {
@@ -62,7 +62,7 @@ impl ProjectConfig {
             None => toml::from_str("").context("default [knn] config")?,
         };
         cfg.table = cfg.table.or_else(|| self.embeddings_table());
-        cfg.split = cfg.split.or_else(|| Some(self.split.clone()));
+        cfg.split = cfg.split.or_else(|| self.split.clone());
         if cfg.table.is_none() {
             bail!(
                 "config `{}` names no embeddings table: set `knn.table` or `embed.output.table`",
@@ -82,7 +82,7 @@ impl ProjectConfig {
             None => toml::from_str("").context("default [train_clip] config")?,
         };
         if cfg.split.is_none() {
-            cfg.split = Some(self.split.clone());
+            cfg.split = Some(self.split.clone().unwrap_or_default());
         }
         if judge {
             cfg = cfg.for_judge();

@@ -51,7 +51,7 @@ fn ensure_passive_openmp() {
 
 fn init_logging(format: LogFormat, verbose: u8) {
     let default = match verbose {
-        0 => "info,lance=warn,lance_core=warn,lance_table=warn,lance_io=warn,lance_file=warn,lance_encoding=warn",
+        0 => "info,usvg=error,resvg=error,lance=warn,lance_core=warn,lance_table=warn,lance_io=warn,lance_file=warn,lance_encoding=warn",
         1 => "debug,lance=info,datafusion=info,h2=info,hyper=info",
         _ => "trace",
     };

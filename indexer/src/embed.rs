@@ -14,7 +14,7 @@
 //! `kill -9`, or a duplicated worker, never duplicates a row.
 
 use crate::clip::{l2_normalize, ClipSettings, LoadedClip};
-use crate::table::{embeddings_schema, rejects_schema, ShardWriter, ShardedTable};
+use crate::table::{embeddings_schema, rejects_schema, Reject, ShardWriter, ShardedTable};
 use crate::{IndexerError, Result};
 use arrow_array::builder::{BinaryBuilder, StringBuilder};
 use arrow_array::{
@@ -27,7 +27,6 @@ use knn_datasets::{
     assign_shards, decode_image, list_shards, read_shard, DecodeLimits, RawRecord, ReaderOptions,
     RejectReason, Shard, ShardFormat, SourceLocation, StorageConfig,
 };
-use lance::deps::datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -317,14 +316,6 @@ impl fmt::Display for EmbedSummary {
     }
 }
 
-/// One rejected record.
-struct RejectRow {
-    id: u64,
-    key: String,
-    shard: String,
-    reason: RejectReason,
-}
-
 /// A chunk of decoded records waiting for CLIP.
 struct DecodedChunk {
     ids: Vec<u64>,
@@ -333,7 +324,7 @@ struct DecodedChunk {
     images: Vec<Vec<u8>>,
     sizes: Vec<(u32, u32)>,
     pixels: Vec<f32>,
-    rejects: Vec<RejectRow>,
+    rejects: Vec<Reject>,
 }
 
 struct ModelJob {
@@ -360,7 +351,7 @@ struct Stage {
 }
 
 enum ShardOutcome {
-    Committed { ok: u64, rejects: Vec<RejectRow> },
+    Committed { ok: u64, rejects: Vec<Reject> },
     Raced,
 }
 
@@ -535,16 +526,13 @@ pub async fn embed(
                 summary.shards_committed += 1;
                 summary.images_ok += ok;
                 for r in rejects {
-                    *summary
-                        .rejected
-                        .entry(r.reason.code().to_string())
-                        .or_default() += 1;
+                    *summary.rejected.entry(r.code.clone()).or_default() += 1;
                     if summary.reject_examples.len() < 10 {
                         summary.reject_examples.push((
                             r.id,
                             r.key,
                             r.shard,
-                            format!("{}: {}", r.reason.code(), r.reason.detail()),
+                            format!("{}: {}", r.code, r.detail),
                         ));
                     }
                 }
@@ -605,16 +593,7 @@ async fn process_shard(stage: Arc<Stage>, shard: Shard) -> Result<ShardOutcome> 
     drop(chunks);
     let images_txn = writer.finish().await?;
 
-    if !rejects.is_empty() && !stage.rejects.is_committed(&shard_id) {
-        let batch = rejects_batch(&rejects)?;
-        let rds = Arc::new(stage.rejects.open().await?);
-        let stream = Box::pin(RecordBatchStreamAdapter::new(
-            batch.schema(),
-            futures::stream::iter([Ok(batch)]),
-        ));
-        let txn = stage.rejects.write_uncommitted(&rds, stream).await?;
-        stage.rejects.commit_shard(rds, &shard_id, txn).await?;
-    }
+    stage.rejects.commit_rejects(&shard_id, &rejects).await?;
     let committed = stage.images.commit_shard(ds, &shard_id, images_txn).await?;
     if !committed {
         tracing::warn!(shard = %shard_id, "shard was committed by another process meanwhile; this run's copy is discarded");
@@ -693,11 +672,12 @@ fn decode_records(stage: &Stage, records: Vec<RawRecord>) -> DecodedChunk {
             }
             Err(reason) => {
                 tracing::debug!(id = rec.id, key = %rec.key, shard = %shard, reason = reason.code(), "rejected: {}", reason.detail());
-                chunk.rejects.push(RejectRow {
+                chunk.rejects.push(Reject {
                     id: rec.id,
                     key: rec.key,
                     shard: shard.clone(),
-                    reason,
+                    code: reason.code().to_string(),
+                    detail: reason.detail(),
                 });
             }
         }
@@ -709,7 +689,7 @@ fn decode_records(stage: &Stage, records: Vec<RawRecord>) -> DecodedChunk {
 async fn embed_chunk(
     stage: Arc<Stage>,
     decoded: Result<DecodedChunk>,
-) -> Result<(RecordBatch, Vec<RejectRow>)> {
+) -> Result<(RecordBatch, Vec<Reject>)> {
     let mut chunk = decoded?;
     let n = chunk.ids.len();
     let embs = if n == 0 {
@@ -764,28 +744,6 @@ fn rows_batch(
     ];
     RecordBatch::try_new(schema.clone(), columns)
         .map_err(|e| IndexerError::Internal(format!("row batch: {e}")))
-}
-
-fn rejects_batch(rejects: &[RejectRow]) -> Result<RecordBatch> {
-    let mut keys = StringBuilder::new();
-    let mut shards = StringBuilder::new();
-    let mut reasons = StringBuilder::new();
-    let mut details = StringBuilder::new();
-    for r in rejects {
-        keys.append_value(&r.key);
-        shards.append_value(&r.shard);
-        reasons.append_value(r.reason.code());
-        details.append_value(r.reason.detail());
-    }
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(UInt64Array::from_iter_values(rejects.iter().map(|r| r.id))),
-        Arc::new(keys.finish()),
-        Arc::new(shards.finish()),
-        Arc::new(reasons.finish()),
-        Arc::new(details.finish()),
-    ];
-    RecordBatch::try_new(rejects_schema(), columns)
-        .map_err(|e| IndexerError::Internal(format!("rejects batch: {e}")))
 }
 
 /// Peak resident set size of this process in MiB (`VmHWM`), where /proc exists.

@@ -55,6 +55,41 @@ pub fn rejects_schema() -> SchemaRef {
     ]))
 }
 
+/// A record left out of a table, and why: one row of a rejects table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reject {
+    /// The record's id.
+    pub id: u64,
+    /// Its key in its shard.
+    pub key: String,
+    /// Its shard.
+    pub shard: String,
+    /// A short reason code (`corrupt`, `empty_caption`, ...).
+    pub code: String,
+    /// What exactly was wrong.
+    pub detail: String,
+}
+
+/// Rejects as a batch of [`rejects_schema`].
+pub fn rejects_batch(rejects: &[Reject]) -> Result<RecordBatch> {
+    let strings = |f: fn(&Reject) -> &str| -> arrow_array::ArrayRef {
+        Arc::new(arrow_array::StringArray::from_iter_values(
+            rejects.iter().map(f),
+        ))
+    };
+    let columns: Vec<arrow_array::ArrayRef> = vec![
+        Arc::new(arrow_array::UInt64Array::from_iter_values(
+            rejects.iter().map(|r| r.id),
+        )),
+        strings(|r| &r.key),
+        strings(|r| &r.shard),
+        strings(|r| &r.code),
+        strings(|r| &r.detail),
+    ];
+    RecordBatch::try_new(rejects_schema(), columns)
+        .map_err(|e| IndexerError::Internal(format!("rejects batch: {e}")))
+}
+
 /// A Lance table that shards are committed to exactly once.
 #[derive(Clone, Debug)]
 pub struct ShardedTable {
@@ -99,6 +134,23 @@ pub(crate) fn store_params(storage: &HashMap<String, String>) -> ObjectStorePara
 }
 
 impl ShardedTable {
+    /// Commits `rejects` of shard `shard` to this (rejects) table in one commit, once: nothing
+    /// when there are none or the shard is already in.
+    pub async fn commit_rejects(&self, shard: &str, rejects: &[Reject]) -> Result<()> {
+        if rejects.is_empty() || self.is_committed(shard) {
+            return Ok(());
+        }
+        let batch = rejects_batch(rejects)?;
+        let ds = Arc::new(self.open().await?);
+        let stream = Box::pin(RecordBatchStreamAdapter::new(
+            batch.schema(),
+            futures::stream::iter([Ok(batch)]),
+        ));
+        let txn = self.write_uncommitted(&ds, stream).await?;
+        self.commit_shard(ds, shard, txn).await?;
+        Ok(())
+    }
+
     /// Opens the table at `uri`, creating it empty with `schema` if it does not exist; an
     /// existing table must have the same columns and the same CLIP identity.
     pub async fn open_or_create(

@@ -302,6 +302,8 @@ async fn the_embedded_default_config_runs() {
         "--set",
         "embed.pipeline.max_shards=1",
         "--set",
+        "embed.clip.checkpoint=\"\"",
+        "--set",
         &format!("embed.output.table={}", table.display()),
     ]));
     let t = text(&o);
@@ -354,7 +356,7 @@ async fn the_embedded_default_config_runs() {
     let grid = dir.path().join("grid.png");
     let t = default_stage(
         "sample",
-        &[&set_table, &set_out],
+        &[&set_table, &set_out, "embed.clip.checkpoint=\"\""],
         &[
             "--prompt",
             "a red cat",
@@ -369,12 +371,56 @@ async fn the_embedded_default_config_runs() {
         ],
     );
     let img = image::open(&grid).unwrap();
-    assert_eq!((img.width(), img.height()), (2 * 64, 2 * 64), "{t}");
+    assert_eq!((img.width(), img.height()), (2 * 32, 2 * 32), "{t}");
     let nb = image::open(dir.path().join("grid-neighbours.png")).unwrap();
-    assert_eq!((nb.width(), nb.height()), (10 * 64, 2 * 64), "{t}");
+    assert_eq!((nb.width(), nb.height()), (10 * 32, 2 * 32), "{t}");
     assert!(
         t.contains("grid-neighbours.png"),
         "says where the grids are: {t}"
+    );
+
+    // Another CLIP (another seed) for the prompt: the model was trained on this one's space.
+    let other = |extra: &[&str]| {
+        let mut cmd = bin();
+        cmd.args(["sample", "--config", "configs/stickers.toml"]);
+        for s in [&set_table, &set_out, "embed.clip.checkpoint=\"\""] {
+            cmd.args(["--set", s]);
+        }
+        cmd.args(extra).args([
+            "--prompt",
+            "x",
+            "--steps",
+            "2",
+            "--out",
+            grid.to_str().unwrap(),
+        ]);
+        text(&run(&mut cmd))
+    };
+    let t = other(&["--set", "embed.clip.random_seed=7"]);
+    assert!(
+        t.contains("random-tiny(seed=0)") && t.contains("random-tiny(seed=7)"),
+        "names both CLIPs: {t}"
+    );
+    // A retrieval table of another CLIP is refused too, naming it.
+    let table7 = dir.path().join("seed7.lance");
+    let o = run(bin().args([
+        "embed",
+        "--config",
+        "configs/stickers.toml",
+        "--set",
+        "embed.pipeline.max_shards=1",
+        "--set",
+        "embed.clip.checkpoint=\"\"",
+        "--set",
+        "embed.clip.random_seed=7",
+        "--set",
+        &format!("embed.output.table={}", table7.display()),
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    let t = other(&["--retrieval-db", table7.to_str().unwrap()]);
+    assert!(
+        t.contains("seed7.lance") && t.contains("random-tiny(seed=7)"),
+        "refuses the table: {t}"
     );
 }
 

@@ -364,3 +364,119 @@ fn sigterm_to_launch_reaches_every_rank_and_passes_their_code_on() {
     let store = std::fs::read_dir(out.join("checkpoints")).unwrap().count();
     assert_eq!(store, 1, "one checkpoint, written at the stop: {err}");
 }
+
+/// 24 captioned 32 px pictures in one img2dataset parquet shard under `dir/captioned/`, and a
+/// config training the tiny CLIP on them.
+fn captioned_job(dir: &Path) -> PathBuf {
+    use arrow_array::{BinaryArray, RecordBatch, StringArray};
+    let data = dir.join("captioned");
+    std::fs::create_dir_all(&data).unwrap();
+    let colours = [
+        ("red", [220u8, 30, 30]),
+        ("green", [30, 200, 60]),
+        ("blue", [30, 60, 220]),
+    ];
+    let (mut keys, mut pngs, mut caps) = (Vec::new(), Vec::new(), Vec::new());
+    for (name, rgb) in colours {
+        for v in 0..8u32 {
+            let img = image::RgbImage::from_fn(32, 32, |x, y| {
+                let on = (x + v) % 16 < 8 || y < 4 * (v % 4);
+                image::Rgb(if on { rgb } else { [255, 255, 255] })
+            });
+            let mut png = Vec::new();
+            img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                .unwrap();
+            keys.push(format!("{name}-{v}"));
+            pngs.push(png);
+            caps.push(format!("a {name} pattern number {v}"));
+        }
+    }
+    let schema = std::sync::Arc::new(arrow_schema::Schema::new(vec![
+        arrow_schema::Field::new("key", arrow_schema::DataType::Utf8, false),
+        arrow_schema::Field::new("png", arrow_schema::DataType::Binary, false),
+        arrow_schema::Field::new("caption", arrow_schema::DataType::Utf8, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            std::sync::Arc::new(StringArray::from(keys)),
+            std::sync::Arc::new(BinaryArray::from_iter_values(
+                pngs.iter().map(Vec::as_slice),
+            )),
+            std::sync::Arc::new(StringArray::from(caps)),
+        ],
+    )
+    .unwrap();
+    let mut bytes = Vec::new();
+    let mut w = parquet::arrow::ArrowWriter::try_new(&mut bytes, schema, None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    std::fs::write(data.join("part-0.parquet"), bytes).unwrap();
+    let cfg = dir.join("clip.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[split]\nholdout_fraction = 0.2\nsalt = \"t\"\n[train_clip]\ndevice = \"cpu\"\nlog_every = 1\n\
+             max_steps = 3\n[train_clip.data]\nurl = {:?}\n[train_clip.model]\npreset = \"tiny\"\n\
+             vocab_size = 300\ncontext_tokens = 8\n[train_clip.optim]\nlr = 1e-2\nwarmup_steps = 1\n\
+             [train_clip.distributed]\ntimeout_s = 30\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+#[test]
+fn two_ranks_of_train_clip_end_where_one_process_with_twice_the_batch_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = captioned_job(dir.path());
+    let sets = |out: &Path, batch: usize| {
+        vec![
+            "--set".to_string(),
+            format!("train_clip.output_dir={}", out.display()),
+            "--set".to_string(),
+            format!("train_clip.batch_size={batch}"),
+        ]
+    };
+    let two = dir.path().join("two");
+    let o = run(bin()
+        .args([
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--",
+            "train-clip",
+            "--config",
+        ])
+        .arg(&cfg)
+        .args(sets(&two, 4)));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("[rank 1]") && t.contains("world=2"), "{t}");
+    let one = dir.path().join("one");
+    let o = run(bin()
+        .args(["train-clip", "--config"])
+        .arg(&cfg)
+        .args(sets(&one, 8)));
+    assert!(o.status.success(), "{}", text(&o));
+    let (a, b) = (weights(&two, 3), weights(&one, 3));
+    assert_eq!(a.len(), b.len());
+    let mut worst = 0f64;
+    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        // Attention is blind to the key bias (softmax ignores a constant added to every
+        // score), so its true gradient is 0 and what it gets is rounding noise, which AdamW
+        // divides by its own size: it moves by ~lr either way, differently in each run.
+        if na.ends_with("k_proj.bias") {
+            continue;
+        }
+        worst = worst.max((ta - tb).abs().max().double_value(&[]));
+    }
+    eprintln!("train-clip, 2 ranks x 4 vs 1 x 8, 3 steps: largest parameter difference {worst:e}");
+    assert!(worst <= 1e-5, "largest parameter difference {worst}");
+    // Both exported the same directory layout; rank 1 wrote no metrics of its own.
+    assert!(two.join("model/config.json").is_file());
+    let lines = std::fs::read_to_string(two.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 3);
+}

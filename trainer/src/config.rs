@@ -95,6 +95,15 @@ fn default_keep() -> usize {
     3
 }
 
+impl CheckpointConfig {
+    /// The configured URL, or `<output_dir>/checkpoints`.
+    pub fn url_under(&self, output_dir: &str) -> String {
+        self.url
+            .clone()
+            .unwrap_or_else(|| format!("{}/checkpoints", output_dir.trim_end_matches('/')))
+    }
+}
+
 impl Default for CheckpointConfig {
     fn default() -> Self {
         Self {
@@ -161,12 +170,13 @@ pub enum TrainPrecision {
 }
 
 impl TrainPrecision {
-    /// The autocast precision on `device` (`None`: f32); bf16 and f16 need a GPU.
-    pub fn autocast(self, device: Device) -> Result<Option<AutocastDtype>> {
+    /// The autocast precision on `device` (`None`: f32); bf16 and f16 need a GPU. `key`
+    /// names the setting in errors.
+    pub fn autocast(self, device: Device, key: &str) -> Result<Option<AutocastDtype>> {
         match (self, device) {
             (TrainPrecision::F32, _) | (TrainPrecision::Auto, Device::Cpu) => Ok(None),
             (TrainPrecision::Bf16 | TrainPrecision::F16, Device::Cpu) => Err(TrainerError::config(
-                "train.precision",
+                key,
                 "bf16 and f16 autocast need a GPU; use `auto` or `f32` on the CPU",
             )),
             (TrainPrecision::F16, _) => Ok(Some(AutocastDtype::F16)),
@@ -257,10 +267,7 @@ fn default_log_every() -> u64 {
 impl TrainConfig {
     /// Where checkpoints go.
     pub fn checkpoint_url(&self) -> String {
-        self.checkpoint
-            .url
-            .clone()
-            .unwrap_or_else(|| format!("{}/checkpoints", self.output_dir.trim_end_matches('/')))
+        self.checkpoint.url_under(&self.output_dir)
     }
 
     /// Checks ranges and that the tables are named; errors name the key.

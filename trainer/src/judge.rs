@@ -5,7 +5,8 @@
 //! made for says how on-prompt the samples are. The mean cosine of a sample with its own
 //! prompt is the judge's CLIP score.
 
-use crate::{Result, TrainerError};
+use crate::sampling::to_rgb_images;
+use crate::Result;
 use knn_indexer::clip::{l2_normalize, LoadedClip};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
@@ -61,22 +62,8 @@ pub fn judge_samples(
 ) -> Result<JudgeReport> {
     let device = judge.vs.device();
     let (n, _, h, w) = images.size4()?;
-    let px = ((images.to_device(Device::Cpu).to_kind(Kind::Float) + 1.0) * 127.5)
-        .round()
-        .clamp(0.0, 255.0)
-        .to_kind(Kind::Uint8)
-        .permute([0, 2, 3, 1])
-        .contiguous();
-    let bytes = Vec::<u8>::try_from(&px.view([-1]))?;
-    let plane = (h * w * 3) as usize;
     let mut pixels = Vec::new();
-    for i in 0..n as usize {
-        let img = image::RgbImage::from_raw(
-            w as u32,
-            h as u32,
-            bytes[i * plane..(i + 1) * plane].to_vec(),
-        )
-        .ok_or_else(|| TrainerError::Loader("a sample has the wrong size".into()))?;
+    for img in to_rgb_images(images)? {
         judge.processor.preprocess_into(&img, &mut pixels);
     }
     let (side_w, side_h) = judge.processor.output_size(w as u32, h as u32);

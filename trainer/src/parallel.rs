@@ -6,9 +6,12 @@
 //! Gradients are reduced after the whole backward pass: tch exposes no per-parameter
 //! autograd hooks, so the reduction cannot overlap backward the way torch DDP's does.
 
+use crate::autocast::AutocastDtype;
+use crate::config::TrainPrecision;
 use crate::{Result, TrainerError};
 use knn_cluster::group::{self, Backend, Collective, GroupOptions};
 use knn_cluster::rendezvous::Rendezvous;
+use knn_indexer::clip::DeviceChoice;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
@@ -85,6 +88,29 @@ impl DataParallel {
             }
             other => other,
         }
+    }
+
+    /// Where a training loop runs: the device (`choice`, a GPU rank on its own GPU) and the
+    /// autocast precision, checked, and the process group joined. `section` (`train`,
+    /// `train_clip`) names the settings in errors.
+    pub fn for_run(
+        choice: DeviceChoice,
+        precision: TrainPrecision,
+        cfg: &DistributedConfig,
+        rdv: &Rendezvous,
+        section: &str,
+    ) -> Result<(Self, Option<AutocastDtype>)> {
+        let device = choice
+            .resolve()
+            .map_err(|reason| TrainerError::config(&format!("{section}.device"), reason))?;
+        let device = Self::rank_device(device, rdv);
+        let reduced = precision.autocast(device, &format!("{section}.precision"))?;
+        Ok((Self::join(rdv, cfg, device)?, reduced))
+    }
+
+    /// The device this rank computes on.
+    pub fn device(&self) -> Device {
+        self.device
     }
 
     /// Joins the job `rdv` describes (a single process joins trivially).

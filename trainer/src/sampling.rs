@@ -74,12 +74,9 @@ pub fn generate(
     })
 }
 
-/// Writes `[N, 3, H, W]` images in [−1, 1] as one PNG, `cols` per row.
-pub fn write_grid(images: &Tensor, cols: usize, path: &Path) -> Result<()> {
+/// `[N, 3, H, W]` images in [−1, 1] as 8-bit RGB images.
+pub fn to_rgb_images(images: &Tensor) -> Result<Vec<image::RgbImage>> {
     let (n, _, h, w) = images.size4()?;
-    let (n, h, w) = (n as usize, h as usize, w as usize);
-    let cols = cols.clamp(1, n.max(1));
-    let rows = n.div_ceil(cols);
     let px = ((images.to_device(Device::Cpu).to_kind(Kind::Float) + 1.0) * 127.5)
         .round()
         .clamp(0.0, 255.0)
@@ -87,19 +84,33 @@ pub fn write_grid(images: &Tensor, cols: usize, path: &Path) -> Result<()> {
         .permute([0, 2, 3, 1])
         .contiguous();
     let data = Vec::<u8>::try_from(&px.view([-1]))?;
+    let plane = (3 * h * w) as usize;
+    Ok((0..n as usize)
+        .map(|i| {
+            image::RgbImage::from_raw(
+                w as u32,
+                h as u32,
+                data[i * plane..(i + 1) * plane].to_vec(),
+            )
+            .expect("a plane holds h x w RGB pixels")
+        })
+        .collect())
+}
+
+/// Writes `[N, 3, H, W]` images in [−1, 1] as one PNG, `cols` per row.
+pub fn write_grid(images: &Tensor, cols: usize, path: &Path) -> Result<()> {
+    let tiles = to_rgb_images(images)?;
+    let (n, h, w) = (
+        tiles.len(),
+        images.size()[2] as usize,
+        images.size()[3] as usize,
+    );
+    let cols = cols.clamp(1, n.max(1));
+    let rows = n.div_ceil(cols);
     let mut grid = image::RgbImage::new((cols * w) as u32, (rows * h) as u32);
-    for i in 0..n {
+    for (i, tile) in tiles.iter().enumerate() {
         let (gx, gy) = ((i % cols) * w, (i / cols) * h);
-        for y in 0..h {
-            for x in 0..w {
-                let o = ((i * h + y) * w + x) * 3;
-                grid.put_pixel(
-                    (gx + x) as u32,
-                    (gy + y) as u32,
-                    image::Rgb([data[o], data[o + 1], data[o + 2]]),
-                );
-            }
-        }
+        image::imageops::replace(&mut grid, tile, gx as i64, gy as i64);
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| TrainerError::io(dir, e))?;

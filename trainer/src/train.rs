@@ -233,13 +233,9 @@ impl<'a> Run<'a> {
     ) -> Result<Self> {
         let emb_uri = cfg.data.embeddings.clone().unwrap_or_default();
         let knn_uri = cfg.data.knn.clone().unwrap_or_default();
-        let device = cfg
-            .device
-            .resolve()
-            .map_err(|reason| TrainerError::config("train.device", reason))?;
-        let device = DataParallel::rank_device(device, rdv);
-        let reduced = cfg.precision.autocast(device)?;
-        let dp = DataParallel::join(rdv, &cfg.distributed, device)?;
+        let (dp, reduced) =
+            DataParallel::for_run(cfg.device, cfg.precision, &cfg.distributed, rdv, "train")?;
+        let device = dp.device();
         let data = Arc::new(TrainingData::open(&emb_uri, &knn_uri, storage, cfg.k).await?);
         let holdout = data.holdout.len().min(cfg.samples.rows);
         let train_rows = data.train.len() as u64;

@@ -93,13 +93,20 @@ pub fn deb_unpack(deb: &Path, dir: &Path) -> Result<PathBuf> {
     let package = deb.display().to_string();
     let _ = std::fs::remove_dir_all(dir);
     ensure_dir(dir)?;
+    let absolute = |p: &Path| {
+        std::fs::canonicalize(p).map_err(|e| DatasetError::LocalIo {
+            path: p.to_path_buf(),
+            source: e,
+        })
+    };
+    let (deb, dir) = (absolute(deb)?, absolute(dir)?);
     let (deb_s, dir_s) = (deb.to_string_lossy(), dir.to_string_lossy());
-    run(&package, dir, "dpkg-deb", &["-x", &deb_s, &dir_s])?;
+    run(&package, &dir, "dpkg-deb", &["-x", &deb_s, &dir_s])?;
     std::fs::write(&marker, b"").map_err(|e| DatasetError::LocalIo {
         path: marker,
         source: e,
     })?;
-    Ok(dir.to_path_buf())
+    Ok(dir)
 }
 
 /// The members of the gzipped tar `tgz` whose path `wanted` accepts, with their bytes.

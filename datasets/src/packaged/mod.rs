@@ -5,10 +5,10 @@
 //!
 //! | set | package | license | caption from |
 //! |---|---|---|---|
-//! | `twitter` | npm `emoji-datasource-twitter@16.0.0` | CC-BY-4.0 | `emoji.json` names |
+//! | `twitter` | npm `emoji-datasource-twitter@16.0.0` | CC-BY-4.0 | CLDR name + `emoji.json` names |
 //! | `openmoji` | npm `openmoji@17.0.0` (SVG, rasterised here) | CC-BY-SA-4.0 | CLDR annotation + tags |
 //! | `openclipart` | Debian `openclipart-png` + `openclipart-svg` | public domain | SVG title + keywords |
-//! | `fluent-3d` | npm `@lobehub/fluent-emoji-3d@1.1.0` | MIT | `emoji.json` names by code point |
+//! | `fluent-3d` | npm `@lobehub/fluent-emoji-3d@1.1.0` | MIT | the same, by code point |
 //!
 //! The embedded default (Google's Noto emoji) is not here: it stays image-only, the set the
 //! diffusion model learns from. Images are stored as PNG with alpha, their longer side at
@@ -19,7 +19,6 @@ mod archive;
 mod emoji;
 mod openclipart;
 
-use crate::resize::{resize, Filter};
 use crate::writer::{read_manifest, write_shards, CaptionedImage};
 use crate::{DatasetError, Result, SourceLocation, StorageConfig};
 use serde::Serialize;
@@ -242,10 +241,18 @@ pub async fn fetch(
     let (cache, opts2) = (opts.cache_dir.clone(), opts.clone());
     let (records, rejected) = tokio::task::spawn_blocking(move || -> Result<_> {
         let (candidates, mut rejected) = candidates(set, &cache)?;
-        let mut records = Vec::with_capacity(candidates.len());
-        for c in candidates {
-            match normalise(c.image, opts2.max_side_px) {
-                Ok((png, width, height)) => records.push(CaptionedImage {
+        // Decoding and shrinking dominate: one worker per core, each its own slice.
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let per = candidates.len().div_ceil(threads).max(1);
+        let mut chunks: Vec<Vec<Candidate>> = Vec::new();
+        let mut it = candidates.into_iter().peekable();
+        while it.peek().is_some() {
+            chunks.push(it.by_ref().take(per).collect());
+        }
+        let max_side = opts2.max_side_px;
+        let to_record = |c: Candidate| -> std::result::Result<CaptionedImage, Rejected> {
+            match normalise(c.image, max_side) {
+                Ok((png, width, height)) => Ok(CaptionedImage {
                     key: c.key,
                     png,
                     caption: c.caption,
@@ -254,7 +261,24 @@ pub async fn fetch(
                     width,
                     height,
                 }),
-                Err(why) => rejected.push(Rejected::new(c.key, why)),
+                Err(why) => Err(Rejected::new(c.key, why)),
+            }
+        };
+        let done: Vec<Vec<_>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = chunks
+                .into_iter()
+                .map(|chunk| scope.spawn(move || chunk.into_iter().map(to_record).collect()))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("an image worker panicked"))
+                .collect()
+        });
+        let mut records = Vec::new();
+        for r in done.into_iter().flatten() {
+            match r {
+                Ok(rec) => records.push(rec),
+                Err(rej) => rejected.push(rej),
             }
         }
         records.sort_by(|a, b| a.key.cmp(&b.key));
@@ -266,6 +290,15 @@ pub async fn fetch(
         package: set.source(),
         reason: format!("conversion thread failed: {e}"),
     })??;
+    if records.is_empty() {
+        return Err(DatasetError::Package {
+            package: set.source(),
+            reason: format!(
+                "no usable record in the package ({} files left out); nothing was written",
+                rejected.len()
+            ),
+        });
+    }
     for r in rejected {
         *summary.rejected.entry(r.reason.clone()).or_default() += 1;
         if summary.reject_examples.len() < 5 {
@@ -297,13 +330,22 @@ fn candidates(
         package: set.source(),
         reason,
     };
+    let cldr = || -> Result<emoji::Cldr> {
+        let tgz = archive::npm_pack(OPENMOJI.0, OPENMOJI.1, cache)?;
+        let csv = archive::tgz_members(&tgz, |p| p == "package/data/openmoji.csv")?;
+        let (_, bytes) = csv
+            .into_iter()
+            .next()
+            .ok_or_else(|| bad("openmoji has no data/openmoji.csv".into()))?;
+        emoji::Cldr::parse(&String::from_utf8_lossy(&bytes)).map_err(bad)
+    };
     let emoji_names = |tgz: &std::path::Path| -> Result<emoji::EmojiNames> {
         let json = archive::tgz_members(tgz, |p| p == "package/emoji.json")?;
         let (_, bytes) = json
             .into_iter()
             .next()
             .ok_or_else(|| bad("the package has no emoji.json".into()))?;
-        emoji::EmojiNames::parse(&bytes).map_err(bad)
+        emoji::EmojiNames::parse(&bytes, &cldr()?).map_err(bad)
     };
     match set {
         PackagedSet::Twitter => {
@@ -324,17 +366,10 @@ fn candidates(
         }
         PackagedSet::Openmoji => {
             let tgz = archive::npm_pack(OPENMOJI.0, OPENMOJI.1, cache)?;
-            let mut members = archive::tgz_members(&tgz, |p| {
-                p == "package/data/openmoji.csv"
-                    || (p.starts_with("package/color/svg/") && p.ends_with(".svg"))
+            let svgs = archive::tgz_members(&tgz, |p| {
+                p.starts_with("package/color/svg/") && p.ends_with(".svg")
             })?;
-            let csv_at = members
-                .iter()
-                .position(|(p, _)| p.ends_with("openmoji.csv"))
-                .ok_or_else(|| bad("the package has no data/openmoji.csv".into()))?;
-            let (_, csv) = members.swap_remove(csv_at);
-            let csv = String::from_utf8_lossy(&csv).into_owned();
-            emoji::openmoji(&csv, members, &mut out, &mut rejected).map_err(bad)?;
+            emoji::openmoji(&cldr()?, svgs, &mut out, &mut rejected);
         }
         PackagedSet::Openclipart => {
             let png = archive::apt_download("openclipart-png", cache)?;
@@ -351,7 +386,13 @@ fn candidates(
                         path: tree.clone(),
                         source: e,
                     })?;
-                    let target = root.join(deb).join("usr/share/openclipart").join(part);
+                    let target = std::fs::canonicalize(root.join(deb))
+                        .map_err(|e| DatasetError::LocalIo {
+                            path: root.join(deb),
+                            source: e,
+                        })?
+                        .join("usr/share/openclipart")
+                        .join(part);
                     std::os::unix::fs::symlink(&target, &link).map_err(|e| {
                         DatasetError::LocalIo {
                             path: link.clone(),
@@ -369,9 +410,19 @@ fn candidates(
 /// The image as RGBA PNG with its longer side at most `max_side_px`: (bytes, width, height).
 fn normalise(image: Encoded, max_side_px: u32) -> std::result::Result<(Vec<u8>, u32, u32), String> {
     let rgba = match image {
-        Encoded::Raster(bytes) => image::load_from_memory(&bytes)
-            .map_err(|e| format!("does not decode: {e}"))?
-            .to_rgba8(),
+        Encoded::Raster(bytes) => {
+            let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+                .with_guessed_format()
+                .map_err(|e| format!("does not decode: {e}"))?;
+            // Packaged clip art can be large (4000 px and more); bound it, but well above.
+            let mut limits = image::Limits::default();
+            limits.max_alloc = Some(1 << 30);
+            reader.limits(limits);
+            reader
+                .decode()
+                .map_err(|e| format!("does not decode: {e}"))?
+                .to_rgba8()
+        }
         Encoded::Svg(bytes) => rasterise(&bytes, max_side_px)?,
     };
     let (w, h) = rgba.dimensions();
@@ -392,29 +443,27 @@ fn normalise(image: Encoded, max_side_px: u32) -> std::result::Result<(Vec<u8>, 
     Ok((png, w, h))
 }
 
-/// Resizes RGBA with the Lanczos filter, alpha premultiplied so transparent pixels do not
-/// bleed their colour into the edges.
+/// Shrinks RGBA by averaging the pixels each output pixel covers (fast at any factor),
+/// alpha premultiplied so transparent pixels do not bleed their colour into the edges.
 fn shrink_rgba(img: &image::RgbaImage, w: u32, h: u32) -> image::RgbaImage {
-    let (iw, ih) = img.dimensions();
-    let mut premul = image::RgbImage::new(iw, ih);
-    let mut alpha = image::RgbImage::new(iw, ih);
-    for (x, y, p) in img.enumerate_pixels() {
+    let mut premul = img.clone();
+    for p in premul.pixels_mut() {
         let a = p[3] as u32;
-        let m = |c: u8| ((c as u32 * a + 127) / 255) as u8;
-        premul.put_pixel(x, y, image::Rgb([m(p[0]), m(p[1]), m(p[2])]));
-        alpha.put_pixel(x, y, image::Rgb([p[3], p[3], p[3]]));
+        for c in 0..3 {
+            p[c] = ((p[c] as u32 * a + 127) / 255) as u8;
+        }
     }
-    let premul = resize(&premul, w, h, Filter::Lanczos);
-    let alpha = resize(&alpha, w, h, Filter::Lanczos);
-    image::RgbaImage::from_fn(w, h, |x, y| {
-        let a = alpha.get_pixel(x, y)[0];
-        let c = premul.get_pixel(x, y);
-        let un = |v: u8| match a {
-            0 => 0,
-            a => ((v as u32 * 255 + a as u32 / 2) / a as u32).min(255) as u8,
-        };
-        image::Rgba([un(c[0]), un(c[1]), un(c[2]), a])
-    })
+    let mut out = image::imageops::thumbnail(&premul, w, h);
+    for p in out.pixels_mut() {
+        let a = p[3] as u32;
+        for c in 0..3 {
+            p[c] = match a {
+                0 => 0,
+                a => ((p[c] as u32 * 255 + a / 2) / a).min(255) as u8,
+            };
+        }
+    }
+    out
 }
 
 /// An SVG drawn with its longer side `side_px`, on a transparent background.

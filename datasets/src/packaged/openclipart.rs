@@ -191,7 +191,8 @@ pub(super) fn records(root: &Path, out: &mut Vec<Candidate>, rejected: &mut Vec<
                 continue;
             }
         };
-        match std::fs::read(png_root.join(&rel).with_extension("png")) {
+        // Not `with_extension`: names like `wasp_gerald_g._01` have dots of their own.
+        match std::fs::read(png_root.join(format!("{key}.png"))) {
             Ok(bytes) => out.push(Candidate::raster(key, cap, bytes)),
             Err(_) => rejected.push(Rejected::new(key, "no PNG twin")),
         }

@@ -67,6 +67,10 @@ async fn twitter_shards_carry_captions_and_count_what_they_leave_out() {
         ("package/img/twitter/32/1f600.png", png(32, 32, 3)),
     ]);
     std::fs::write(cache.join("emoji-datasource-twitter-16.0.0.tgz"), pkg).unwrap();
+    // Twitter's captions start with the CLDR names OpenMoji's CSV gives.
+    let csv = "emoji,hexcode,group,subgroups,annotation,tags\n❤️,2764,smileys-emotion,heart,red heart,\"heart, love\"\n";
+    let om = tgz(&[("package/data/openmoji.csv", csv.as_bytes().to_vec())]);
+    std::fs::write(cache.join("openmoji-17.0.0.tgz"), om).unwrap();
     let out = dir.path().join("out");
     let opts = FetchOptions {
         out: out.to_string_lossy().into_owned(),
@@ -95,7 +99,7 @@ async fn twitter_shards_carry_captions_and_count_what_they_leave_out() {
         got,
         [
             ("1f44b", Some("waving hand sign, wave")),
-            ("2764-fe0f", Some("heavy black heart"))
+            ("2764-fe0f", Some("red heart, heavy black heart"))
         ]
     );
     // Shrunk to the longer side asked for, alpha kept.

@@ -45,6 +45,11 @@ impl ClipTokenizer {
         })
     }
 
+    /// Tokens in the vocabulary (special tokens included).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
     /// Token ids `[texts, context_length]` (i64) for the text tower.
     pub fn encode(&self, texts: &[&str]) -> Result<Tensor, String> {
         let encodings = self

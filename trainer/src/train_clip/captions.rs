@@ -24,8 +24,7 @@ use knn_datasets::{
     Shard, SourceLocation, SplitConfig, StorageConfig, TextColumn,
 };
 use knn_indexer::clip::ClipImageProcessor;
-use knn_indexer::table::{rejects_schema, sibling_uri, ShardWriter, ShardedTable};
-use lance::deps::datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use knn_indexer::table::{rejects_schema, sibling_uri, Reject, ShardWriter, ShardedTable};
 use lance::Dataset;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -56,15 +55,6 @@ pub struct PrepareSummary {
     pub rejected: BTreeMap<String, u64>,
     /// A few of them: (key, shard, reason).
     pub reject_examples: Vec<(String, String, String)>,
-}
-
-/// One record left out.
-struct Reject {
-    id: u64,
-    key: String,
-    shard: String,
-    code: String,
-    detail: String,
 }
 
 /// Reads the configured shards into the captions table (this rank's share), then waits for
@@ -195,16 +185,7 @@ async fn prepare_shard(ctx: Arc<ShardContext>, shard: Shard) -> Result<(u64, Vec
         }
     }
     let txn = writer.finish().await?;
-    if !rejects.is_empty() && !ctx.rejects.is_committed(&shard_id) {
-        let batch = rejects_batch(&rejects)?;
-        let rds = Arc::new(ctx.rejects.open().await?);
-        let stream = Box::pin(RecordBatchStreamAdapter::new(
-            batch.schema(),
-            futures::stream::iter([Ok(batch)]),
-        ));
-        let t = ctx.rejects.write_uncommitted(&rds, stream).await?;
-        ctx.rejects.commit_shard(rds, &shard_id, t).await?;
-    }
+    ctx.rejects.commit_rejects(&shard_id, &rejects).await?;
     ctx.table.commit_shard(ds, &shard_id, txn).await?;
     Ok((rows, rejects))
 }
@@ -277,23 +258,6 @@ fn convert(ctx: &ShardContext, records: Vec<RawRecord>) -> Result<(RecordBatch, 
     let batch = RecordBatch::try_new(captions_schema(), columns)
         .map_err(|e| TrainerError::Loader(format!("captions batch: {e}")))?;
     Ok((batch, rejects))
-}
-
-fn rejects_batch(rejects: &[Reject]) -> Result<RecordBatch> {
-    let strings = |f: fn(&Reject) -> &str| -> ArrayRef {
-        Arc::new(arrow_array::StringArray::from_iter_values(
-            rejects.iter().map(f),
-        ))
-    };
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(UInt64Array::from_iter_values(rejects.iter().map(|r| r.id))),
-        strings(|r| &r.key),
-        strings(|r| &r.shard),
-        strings(|r| &r.code),
-        strings(|r| &r.detail),
-    ];
-    RecordBatch::try_new(rejects_schema(), columns)
-        .map_err(|e| TrainerError::Loader(format!("rejects batch: {e}")))
 }
 
 /// The captions table opened at one version, split into training and held-out rows.

@@ -40,6 +40,15 @@ pub struct ClipDataConfig {
     /// Micro-batches prepared ahead of the model.
     #[serde(default = "default_prefetch")]
     pub prefetch_batches: usize,
+    /// Each training caption is put in one of these (`{}` is the caption), drawn per sample,
+    /// so the text tower reads "a red heart" as it reads "red heart": captions are tags,
+    /// prompts are phrases. Held-out recall uses the captions as they are.
+    #[serde(default = "default_templates")]
+    pub caption_templates: Vec<String>,
+    /// Each training image is a random square crop of at least this fraction of its side,
+    /// scaled back (1: no crops): the towers learn what a thing is, not where it sits.
+    #[serde(default = "default_crop_scale")]
+    pub random_crop_scale: f64,
 }
 
 fn default_url() -> String {
@@ -69,6 +78,14 @@ fn default_max_pixels() -> u64 {
 fn default_prefetch() -> usize {
     4
 }
+fn default_crop_scale() -> f64 {
+    0.8
+}
+fn default_templates() -> Vec<String> {
+    ["{}", "a {}", "an image of {}", "a picture of a {}"]
+        .map(String::from)
+        .to_vec()
+}
 
 impl Default for ClipDataConfig {
     fn default() -> Self {
@@ -83,8 +100,8 @@ pub enum ClipPreset {
     /// 32 px input, 8 px patches, width 64, 2 layers a tower, d = 64 (~0.4M parameters):
     /// tests.
     Tiny,
-    /// 32 px input, 4 px patches, width 128, 4 layers a tower, d = 128 (~1.9M parameters):
-    /// the demo.
+    /// 32 px input, 8 px patches, width 128, 3 layers a tower, 24 tokens of context,
+    /// d = 128 (~1.8M parameters): the demo.
     #[default]
     Small,
     /// 64 px input, 8 px patches, width 256, 6 layers a tower, d = 256 (~10M parameters).
@@ -121,7 +138,7 @@ impl ClipModelConfig {
     pub fn resolve(&self) -> Result<ClipConfig> {
         let (side, patch, width, layers, heads, dim, ctx, vocab) = match self.preset {
             ClipPreset::Tiny => (32, 8, 64, 2, 4, 64, 32, 1024),
-            ClipPreset::Small => (32, 4, 128, 4, 4, 128, 32, 4096),
+            ClipPreset::Small => (32, 8, 128, 3, 4, 128, 24, 4096),
             ClipPreset::Base => (64, 8, 256, 6, 8, 256, 48, 8192),
         };
         let side = self.image_size_px.unwrap_or(side);
@@ -327,10 +344,7 @@ impl TrainClipConfig {
 
     /// Where checkpoints go.
     pub fn checkpoint_url(&self) -> String {
-        self.checkpoint
-            .url
-            .clone()
-            .unwrap_or_else(|| format!("{}/checkpoints", self.output_dir.trim_end_matches('/')))
+        self.checkpoint.url_under(&self.output_dir)
     }
 
     /// Checks ranges; errors name the key.
@@ -354,6 +368,24 @@ impl TrainClipConfig {
             return Err(TrainerError::config(
                 "train_clip.data.format",
                 "captions need `parquet` or `webdataset` shards (a folder has no captions)",
+            ));
+        }
+        if self.data.caption_templates.is_empty()
+            || self
+                .data
+                .caption_templates
+                .iter()
+                .any(|t| !t.contains("{}"))
+        {
+            return Err(TrainerError::config(
+                "train_clip.data.caption_templates",
+                "give at least one template, each with `{}` where the caption goes",
+            ));
+        }
+        if !(self.data.random_crop_scale > 0.0 && self.data.random_crop_scale <= 1.0) {
+            return Err(TrainerError::config(
+                "train_clip.data.random_crop_scale",
+                "a fraction of the side in (0, 1]",
             ));
         }
         self.split()

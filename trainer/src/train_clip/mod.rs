@@ -31,7 +31,7 @@ use crate::metrics::{MetricsLog, TrainProgress};
 use crate::model::named_parameters;
 use crate::optim::{zero_gradients, AdamW, Optimiser};
 use crate::parallel::{define_gradients, DataParallel};
-use crate::rng::EpochPermutation;
+use crate::rng::{EpochPermutation, SampleRng};
 use crate::{Result, TrainerError};
 use captions::{CaptionRows, PrepareSummary};
 use config::TrainClipConfig;
@@ -96,6 +96,8 @@ struct ClipTrajectory<'a> {
     captions_version: u64,
     rows: u64,
     tokenizer_sha256: &'a str,
+    caption_templates: &'a [String],
+    random_crop_scale: f64,
 }
 
 /// One step's data, on the host.
@@ -116,13 +118,14 @@ pub async fn train_clip(
 ) -> Result<ClipTrainSummary> {
     cfg.validate()?;
     let clip_cfg = cfg.model.resolve()?;
-    let device = cfg
-        .device
-        .resolve()
-        .map_err(|reason| TrainerError::config("train_clip.device", reason))?;
-    let device = DataParallel::rank_device(device, rdv);
-    let reduced = cfg.precision.autocast(device)?;
-    let mut dp = DataParallel::join(rdv, &cfg.distributed, device)?;
+    let (mut dp, reduced) = DataParallel::for_run(
+        cfg.device,
+        cfg.precision,
+        &cfg.distributed,
+        rdv,
+        "train_clip",
+    )?;
+    let device = dp.device();
     let primary = dp.is_primary();
     let out_dir = PathBuf::from(&cfg.output_dir);
     std::fs::create_dir_all(&out_dir).map_err(|e| TrainerError::io(&out_dir, e))?;
@@ -191,6 +194,8 @@ pub async fn train_clip(
         captions_version: version,
         rows: rows.rows(),
         tokenizer_sha256: &tokenizer_sha,
+        caption_templates: &cfg.data.caption_templates,
+        random_crop_scale: cfg.data.random_crop_scale,
     });
     let store = CheckpointStore::open(&cfg.checkpoint_url(), storage, cfg.checkpoint.keep_last)?;
     let checkpoints = TrainingCheckpoints::new(store, trajectory);
@@ -215,10 +220,17 @@ pub async fn train_clip(
     let mut loader = {
         let (rows, tokenizer, processor) = (rows.clone(), tokenizer.clone(), processor.clone());
         let seed = cfg.seed;
+        let templates = Arc::new(cfg.data.caption_templates.clone());
+        let side = clip_cfg.vision_config.image_size as u32;
+        let min_side = ((side as f64 * cfg.data.random_crop_scale).ceil() as u32).clamp(1, side);
         Loader::start(
             move |m| {
-                let (rows, tokenizer, processor) =
-                    (rows.clone(), tokenizer.clone(), processor.clone());
+                let (rows, tokenizer, processor, templates) = (
+                    rows.clone(),
+                    tokenizer.clone(),
+                    processor.clone(),
+                    templates.clone(),
+                );
                 async move {
                     let (epoch, positions) = layout.positions(m);
                     let perm = EpochPermutation::new(layout.train_rows(), seed, epoch);
@@ -226,7 +238,22 @@ pub async fn train_clip(
                         .iter()
                         .map(|&p| rows.train[perm.apply(p) as usize])
                         .collect();
-                    load_batch(&rows, &offsets, &tokenizer, &processor).await
+                    // Each sample's template from its own stream, like every other draw.
+                    let augs: Vec<SampleAug> = positions
+                        .iter()
+                        .map(|&p| {
+                            let mut rng = SampleRng::new(seed ^ AUGMENT_STREAM, epoch, p);
+                            let t = (rng.next_u64() % templates.len() as u64) as usize;
+                            let c = min_side + (rng.next_u64() % (side - min_side + 1) as u64) as u32;
+                            let x = (rng.next_u64() % (side - c + 1) as u64) as u32;
+                            let y = (rng.next_u64() % (side - c + 1) as u64) as u32;
+                            SampleAug {
+                                template: templates[t].as_str(),
+                                crop: (x, y, c),
+                            }
+                        })
+                        .collect();
+                    load_batch(&rows, &offsets, &tokenizer, &processor, Some(&augs)).await
                 }
             },
             step,
@@ -408,31 +435,68 @@ async fn tokenizer(
         location: path.display().to_string(),
         reason: r,
     })?;
+    let model_vocab = clip.text_config.vocab_size as usize;
+    if tok.vocab_size() > model_vocab {
+        return Err(TrainerError::config(
+            "train_clip.model.vocab_size",
+            format!(
+                "{} holds {} tokens but the model has {model_vocab}: it was trained for another \
+                 model; use a new train_clip.output_dir (or delete the file to train a new one)",
+                path.display(),
+                tok.vocab_size()
+            ),
+        ));
+    }
     Ok((json, tok))
 }
 
-/// Rows at `offsets` as model inputs.
+/// Keys the augmentation draws apart from the data order's.
+const AUGMENT_STREAM: u64 = 0x7E3A_11C0_5EED_0001;
+
+/// What training changes in one sample: the template its caption is put in, and the square
+/// of its image (x, y, side) that is cut out and scaled back to the input size.
+struct SampleAug<'a> {
+    template: &'a str,
+    crop: (u32, u32, u32),
+}
+
+/// Rows at `offsets` as model inputs, augmented by `augs[i]` when given (training).
 async fn load_batch(
     rows: &CaptionRows,
     offsets: &[u64],
     tokenizer: &ClipTokenizer,
     processor: &ClipImageProcessor,
+    augs: Option<&[SampleAug<'_>]>,
 ) -> Result<ClipBatch> {
     let b = rows.take(offsets).await?;
     let mut pixels = Vec::new();
     let mut side = 0;
-    for (id, png) in b.ids.iter().zip(&b.images) {
-        let img = image::load_from_memory(png)
+    for (i, (id, png)) in b.ids.iter().zip(&b.images).enumerate() {
+        let mut img = image::load_from_memory(png)
             .map_err(|e| TrainerError::BadRecord {
                 table: rows.uri.clone(),
                 id: *id,
                 reason: format!("stored image does not decode: {e}"),
             })?
             .to_rgb8();
+        let full = img.width();
+        if let Some((x, y, c)) = augs.map(|a| a[i].crop).filter(|&(_, _, c)| c < full) {
+            let cut = image::imageops::crop_imm(&img, x, y, c, c).to_image();
+            img = knn_datasets::resize::resize(&cut, full, full, knn_datasets::resize::Filter::Bilinear);
+        }
         side = img.width() as i64;
         processor.normalize_into(&img, &mut pixels);
     }
-    let refs: Vec<&str> = b.captions.iter().map(String::as_str).collect();
+    let texts: Vec<String> = match augs {
+        Some(a) => b
+            .captions
+            .iter()
+            .zip(a)
+            .map(|(c, a)| a.template.replace("{}", c))
+            .collect(),
+        None => b.captions,
+    };
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let tokens = tokenizer
         .encode(&refs)
         .map_err(|r| TrainerError::Loader(format!("tokenizing captions: {r}")))?;
@@ -465,7 +529,12 @@ fn contrastive_loss(
     });
     let all_img = dp.gather_with_own(&img)?;
     let all_txt = dp.gather_with_own(&txt)?;
-    Ok(loss::clip_loss(&all_img, &all_txt, model.logit_scale()) * dp.world() as f64)
+    // Every rank sees the whole temperature gradient (not a share, as for the features):
+    // its value stays, its gradient is cut by the ranks, so the average is the true one.
+    let w = dp.world() as f64;
+    let scale = model.logit_scale();
+    let scale = scale / w + scale.detach() * (1.0 - 1.0 / w);
+    Ok(loss::clip_loss(&all_img, &all_txt, &scale) * w)
 }
 
 /// Embeds the held-out rows and scores them.
@@ -478,7 +547,7 @@ async fn evaluate(
 ) -> Result<ClipEval> {
     let (mut imgs, mut txts) = (Vec::new(), Vec::new());
     for chunk in rows.holdout.chunks(256) {
-        let b = load_batch(rows, chunk, tokenizer, processor).await?;
+        let b = load_batch(rows, chunk, tokenizer, processor, None).await?;
         tch::no_grad(|| {
             imgs.push(l2_normalize(
                 &model.image_features(&b.pixels.to_device(device)),

@@ -61,6 +61,16 @@ pub fn embedding(i: usize) -> Vec<f32> {
 /// Writes `n` rows (ids 100 + i) to `<dir>/emb.lance` and runs precompute-knn with `k`.
 /// Returns (embeddings URI, kNN URI).
 pub async fn tables(dir: &std::path::Path, n: usize, k: usize) -> (String, String) {
+    tables_with(dir, n, k, "").await
+}
+
+/// [`tables`] with more `[knn]` settings (TOML lines), e.g. a held-out split.
+pub async fn tables_with(
+    dir: &std::path::Path,
+    n: usize,
+    k: usize,
+    knn_settings: &str,
+) -> (String, String) {
     let uri = dir.join("emb.lance").to_string_lossy().to_string();
     let schema = embeddings_schema(DIM as i32, "test");
     let (mut id, mut key, mut shard, mut img, mut w, mut h) = (
@@ -104,7 +114,8 @@ pub async fn tables(dir: &std::path::Path, n: usize, k: usize) -> (String, Strin
     .unwrap();
     let reader = arrow_array::RecordBatchIterator::new(vec![Ok(batch)], schema);
     lance::Dataset::write(reader, &uri, None).await.unwrap();
-    let cfg: KnnConfig = toml::from_str(&format!("table = {uri:?}\nk = {k}\n")).unwrap();
+    let cfg: KnnConfig =
+        toml::from_str(&format!("table = {uri:?}\nk = {k}\n{knn_settings}")).unwrap();
     precompute_knn(
         &cfg,
         &StorageConfig::default(),

@@ -1,7 +1,7 @@
 //! Training on real Lance tables: overfitting a handful of images, sampling them back from
 //! their own embeddings, bit-exact resume, corrupt-checkpoint fallback, and config errors.
 
-use crate::fixtures::{image, tables, SIDE};
+use crate::fixtures::{image, tables, tables_with, SIDE};
 use knn_cluster::rendezvous::Rendezvous;
 use knn_datasets::StorageConfig;
 use knn_trainer::checkpoint::CheckpointStore;
@@ -365,4 +365,107 @@ async fn checkpoints_go_to_s3_and_resume_from_there() {
         .await
         .unwrap();
     assert_eq!(trained.state.step, 3);
+}
+
+/// Held-out rows (by a hash of their key) are marked in the kNN table, are nobody's
+/// neighbour, and are never in a training batch.
+#[tokio::test(flavor = "multi_thread")]
+async fn held_out_rows_are_never_trained_on_nor_neighbours() {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::UInt64Type;
+    use futures::TryStreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let split = "split = { holdout_fraction = 0.25, salt = \"t\" }\n";
+    let (emb, knn) = tables_with(dir.path(), 40, 5, split).await;
+    let held: std::collections::HashSet<u64> = (0..40u64)
+        .filter(|i| {
+            knn_datasets::SplitConfig {
+                holdout_fraction: 0.25,
+                salt: "t".into(),
+            }
+            .is_holdout(&format!("img-{i}.png"))
+        })
+        .map(|i| 100 + i)
+        .collect();
+    assert!((4..=18).contains(&held.len()), "{}", held.len());
+    let batches: Vec<arrow_array::RecordBatch> = lance::Dataset::open(&knn)
+        .await
+        .unwrap()
+        .scan()
+        .try_into_stream()
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    for b in &batches {
+        let ids = b.column_by_name("id").unwrap().as_primitive::<UInt64Type>();
+        let flags = b.column_by_name("holdout").unwrap().as_boolean();
+        let lists = b.column_by_name("knn_ids").unwrap().as_fixed_size_list();
+        for r in 0..b.num_rows() {
+            assert_eq!(
+                flags.value(r),
+                held.contains(&ids.value(r)),
+                "id {}",
+                ids.value(r)
+            );
+            let nbrs = lists.value(r);
+            for n in nbrs.as_primitive::<UInt64Type>().iter().flatten() {
+                assert!(
+                    !held.contains(&n),
+                    "held-out {n} is a neighbour of {}",
+                    ids.value(r)
+                );
+            }
+        }
+    }
+    let data = TrainingData::open(&emb, &knn, &StorageConfig::default(), 3)
+        .await
+        .unwrap();
+    assert_eq!(data.holdout.len(), held.len());
+    assert_eq!(data.train.len() + data.holdout.len(), 40);
+    let train_ids = data.fetch(&data.train).await.unwrap().ids;
+    assert!(train_ids.iter().all(|id| !held.contains(id)));
+}
+
+/// With `knn_dropout = 1`, every sample keeps a prefix of its neighbours, of every length
+/// from 0 to k over a few batches; with 0, all of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn neighbour_count_dropout_keeps_a_prefix() {
+    use knn_trainer::data::{build_batch, DataLayout, SampleSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let (emb, knn) = tables(dir.path(), 24, 4).await;
+    let data = TrainingData::open(&emb, &knn, &StorageConfig::default(), 4)
+        .await
+        .unwrap();
+    let layout = DataLayout::new(24, 8, 0, 1).unwrap();
+    let spec = |knn_dropout| SampleSpec {
+        seed: 3,
+        timesteps: 1000,
+        cond_drop_prob: 0.0,
+        flip: false,
+        knn_dropout,
+    };
+    let mut kept = std::collections::BTreeSet::new();
+    for m in 0..6 {
+        let b = build_batch(&data, &layout, &spec(1.0), m).await.unwrap();
+        let p = Vec::<f32>::try_from(b.present.view([-1])).unwrap();
+        for row in p.chunks(5) {
+            assert_eq!(row[0], 1.0, "the query slot is always there");
+            let n = row[1..].iter().take_while(|&&x| x == 1.0).count();
+            assert!(
+                row[1 + n..].iter().all(|&x| x == 0.0),
+                "{row:?} is not a prefix"
+            );
+            kept.insert(n);
+        }
+        let full = build_batch(&data, &layout, &spec(0.0), m).await.unwrap();
+        assert!(Vec::<f32>::try_from(full.present.view([-1]))
+            .unwrap()
+            .iter()
+            .all(|&x| x == 1.0));
+        // The other draws do not depend on it.
+        assert!(full.noise.equal(&b.noise) && full.t.equal(&b.t));
+    }
+    assert_eq!(kept, (0..=4).collect(), "{kept:?}");
 }
