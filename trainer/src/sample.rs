@@ -119,7 +119,10 @@ pub async fn sample(
         }
     }
     let prompts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
-    let q = clip_model.embed_texts(&prompts)?;
+    if clip_model.modality.is_some() {
+        tracing::info!("prompts are moved across the CLIP's modality gap (its modality.json)");
+    }
+    let q = clip_model.embed_prompts(&prompts)?;
     if q.size()[1] as usize != unet.cond_dim {
         return Err(TrainerError::config(
             "embed.clip.checkpoint",

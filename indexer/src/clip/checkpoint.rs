@@ -11,12 +11,29 @@ use object_store::ObjectStoreExt;
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind};
 
-const FILES: [(&str, bool); 4] = [
+const FILES: [(&str, bool); 5] = [
     ("config.json", true),
     ("model.safetensors", true),
     ("tokenizer.json", false),
     ("preprocessor_config.json", false),
+    (MODALITY_FILE, false),
 ];
+
+/// Where `train-clip` records the mean text and image embeddings of its training pairs.
+pub const MODALITY_FILE: &str = "modality.json";
+
+/// The mean L2-normalised text and image embeddings of a CLIP's training pairs: the two ends
+/// of its modality gap (Liang et al. 2022, arXiv 2203.02053). See
+/// [`LoadedClip::embed_prompts`].
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+pub struct ModalityMeans {
+    /// Mean text embedding.
+    pub text_mean: Vec<f32>,
+    /// Mean image embedding.
+    pub image_mean: Vec<f32>,
+    /// Pairs averaged.
+    pub pairs: usize,
+}
 
 /// A checkpoint directory on local disk with its parsed config.
 #[derive(Clone, Debug)]
@@ -43,6 +60,8 @@ pub struct LoadedClip {
     /// A random-weight CLIP without a tokenizer: texts become byte tokens (see
     /// [`LoadedClip::tokenize`]).
     pub random: bool,
+    /// The modality means, when the checkpoint has `modality.json`.
+    pub modality: Option<ModalityMeans>,
 }
 
 impl ClipCheckpoint {
@@ -99,13 +118,43 @@ impl ClipCheckpoint {
             })?;
         vs.set_kind(kind);
         let tokenizer = self.tokenizer()?;
+        let modality = self.modality()?;
         Ok(LoadedClip {
             vs,
             model,
             processor: self.processor.clone(),
             tokenizer,
             random: false,
+            modality,
         })
+    }
+
+    /// The modality means, when the checkpoint has `modality.json` (of the model's width).
+    pub fn modality(&self) -> Result<Option<ModalityMeans>> {
+        let path = self.dir.join(MODALITY_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(IndexerError::Checkpoint {
+                    path,
+                    reason: e.to_string(),
+                })
+            }
+        };
+        let m: ModalityMeans =
+            serde_json::from_str(&text).map_err(|e| IndexerError::Checkpoint {
+                path: path.clone(),
+                reason: format!("unreadable: {e}"),
+            })?;
+        let d = self.config.projection_dim as usize;
+        if m.text_mean.len() != d || m.image_mean.len() != d {
+            return Err(IndexerError::Checkpoint {
+                path,
+                reason: format!("its means are not {d}-d, the model's projection_dim"),
+            });
+        }
+        Ok(Some(m))
     }
 
     /// The tokenizer, when the checkpoint has `tokenizer.json`.
@@ -139,6 +188,7 @@ pub fn random_clip(config: &ClipConfig, seed: i64, device: Device) -> LoadedClip
         processor: ClipImageProcessor::for_image_size(config.vision_config.image_size as u32),
         tokenizer: None,
         random: true,
+        modality: None,
     }
 }
 

@@ -22,7 +22,7 @@ pub mod settings;
 pub mod text;
 pub mod tokenizer;
 
-pub use checkpoint::{ClipCheckpoint, LoadedClip};
+pub use checkpoint::{ClipCheckpoint, LoadedClip, ModalityMeans, MODALITY_FILE};
 pub use config::{Activation, ClipConfig, ClipTextConfig, ClipVisionConfig};
 pub use model::{l2_normalize, ClipModel};
 pub use preprocess::ClipImageProcessor;

@@ -31,6 +31,24 @@ impl LoadedClip {
         Ok(l2_normalize(&feats.to_kind(Kind::Float)))
     }
 
+    /// Prompt embeddings for retrieval and conditioning `[texts, d]`: the text embeddings
+    /// moved across the modality gap, `normalize(t - text_mean + image_mean)`, when the CLIP
+    /// records its means ([`super::checkpoint::ModalityMeans`]); else the text embeddings.
+    ///
+    /// Why: a small CLIP's text embeddings sit apart from its image embeddings, and the
+    /// images nearest the mean text direction come first for every prompt (hubs). Removing
+    /// the text mean removes that shared term from every similarity; adding the image mean
+    /// puts the query where the image embeddings the diffusion model trained on live.
+    pub fn embed_prompts(&self, texts: &[&str]) -> Result<Tensor> {
+        let t = self.embed_texts(texts)?;
+        let Some(m) = &self.modality else {
+            return Ok(t);
+        };
+        let device = t.device();
+        let shift = Tensor::from_slice(&m.image_mean) - Tensor::from_slice(&m.text_mean);
+        Ok(l2_normalize(&(t + shift.to_device(device).unsqueeze(0))))
+    }
+
     /// Token ids for a CLIP without a tokenizer (the random-weight CLIP of the embedded
     /// default): UTF-8 bytes mapped into the vocabulary between begin and end tokens. Only
     /// for trying the pipeline: such a CLIP's embeddings mean nothing anyway.

@@ -49,6 +49,10 @@ pub struct ClipDataConfig {
     /// scaled back (1: no crops): the towers learn what a thing is, not where it sits.
     #[serde(default = "default_crop_scale")]
     pub random_crop_scale: f64,
+    /// Probability that a training caption is cut to its first comma-separated part
+    /// (`red heart, emotion, love` → `red heart`): captions list tags, prompts name a thing.
+    #[serde(default = "default_first_part")]
+    pub first_part_prob: f64,
 }
 
 fn default_url() -> String {
@@ -79,7 +83,10 @@ fn default_prefetch() -> usize {
     4
 }
 fn default_crop_scale() -> f64 {
-    0.8
+    0.9
+}
+fn default_first_part() -> f64 {
+    0.5
 }
 fn default_templates() -> Vec<String> {
     ["{}", "a {}", "an image of {}", "a picture of a {}"]
@@ -380,6 +387,12 @@ impl TrainClipConfig {
             return Err(TrainerError::config(
                 "train_clip.data.caption_templates",
                 "give at least one template, each with `{}` where the caption goes",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.data.first_part_prob) {
+            return Err(TrainerError::config(
+                "train_clip.data.first_part_prob",
+                "a probability in [0, 1]",
             ));
         }
         if !(self.data.random_crop_scale > 0.0 && self.data.random_crop_scale <= 1.0) {

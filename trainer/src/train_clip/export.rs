@@ -1,6 +1,8 @@
 //! A trained CLIP as an HF CLIP directory: `config.json` (HF's `CLIPConfig` layout),
 //! `model.safetensors` (the state-dict keys `CLIPModel` uses, which are our variable
-//! names), `tokenizer.json` and `preprocessor_config.json`. `embed.clip.checkpoint` loads it
+//! names), `tokenizer.json` and `preprocessor_config.json`, plus `modality.json` (the mean
+//! text and image embeddings of its training pairs, which `sample` uses to move prompts
+//! across the modality gap; transformers ignores it). `embed.clip.checkpoint` loads it
 //! as it is, and so does `transformers.CLIPModel.from_pretrained`.
 //!
 //! The directory is written beside itself first and renamed into place, so a reader never
@@ -9,7 +11,7 @@
 use crate::checkpoint::to_safetensors;
 use crate::{Result, TrainerError};
 use knn_indexer::clip::tokenizer::BOS_TOKEN;
-use knn_indexer::clip::{ClipConfig, ClipImageProcessor};
+use knn_indexer::clip::{ClipConfig, ClipImageProcessor, ModalityMeans, MODALITY_FILE};
 use std::path::Path;
 use tch::Tensor;
 
@@ -46,6 +48,7 @@ pub fn write_hf_dir(
     params: &[(String, Tensor)],
     tokenizer_json: &str,
     processor: &ClipImageProcessor,
+    modality: &ModalityMeans,
 ) -> Result<()> {
     let io = |p: &Path, e: std::io::Error| TrainerError::io(p, e);
     let name = dir
@@ -59,11 +62,15 @@ pub fn write_hf_dir(
     let processor_json = processor
         .to_json()
         .map_err(|r| TrainerError::config("train_clip.model", r))?;
-    let files: [(&str, Vec<u8>); 4] = [
+    let files: [(&str, Vec<u8>); 5] = [
         ("config.json", config),
         ("model.safetensors", to_safetensors(params)?),
         ("tokenizer.json", tokenizer_json.as_bytes().to_vec()),
         ("preprocessor_config.json", processor_json.into_bytes()),
+        (
+            MODALITY_FILE,
+            serde_json::to_vec_pretty(modality).expect("means serialise"),
+        ),
     ];
     for (f, bytes) in files {
         let p = staging.join(f);

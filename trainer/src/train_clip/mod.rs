@@ -39,7 +39,9 @@ use eval::ClipEval;
 use knn_cluster::rendezvous::Rendezvous;
 use knn_datasets::{SplitConfig, StorageConfig};
 use knn_indexer::clip::tokenizer::{train_bpe, PAD_TOKEN};
-use knn_indexer::clip::{l2_normalize, ClipConfig, ClipImageProcessor, ClipModel, ClipTokenizer};
+use knn_indexer::clip::{
+    l2_normalize, ClipConfig, ClipImageProcessor, ClipModel, ClipTokenizer, ModalityMeans,
+};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::ops::ControlFlow;
@@ -98,6 +100,7 @@ struct ClipTrajectory<'a> {
     tokenizer_sha256: &'a str,
     caption_templates: &'a [String],
     random_crop_scale: f64,
+    first_part_prob: f64,
 }
 
 /// One step's data, on the host.
@@ -196,6 +199,7 @@ pub async fn train_clip(
         tokenizer_sha256: &tokenizer_sha,
         caption_templates: &cfg.data.caption_templates,
         random_crop_scale: cfg.data.random_crop_scale,
+        first_part_prob: cfg.data.first_part_prob,
     });
     let store = CheckpointStore::open(&cfg.checkpoint_url(), storage, cfg.checkpoint.keep_last)?;
     let checkpoints = TrainingCheckpoints::new(store, trajectory);
@@ -223,6 +227,7 @@ pub async fn train_clip(
         let templates = Arc::new(cfg.data.caption_templates.clone());
         let side = clip_cfg.vision_config.image_size as u32;
         let min_side = ((side as f64 * cfg.data.random_crop_scale).ceil() as u32).clamp(1, side);
+        let first_part_prob = cfg.data.first_part_prob;
         Loader::start(
             move |m| {
                 let (rows, tokenizer, processor, templates) = (
@@ -244,12 +249,14 @@ pub async fn train_clip(
                         .map(|&p| {
                             let mut rng = SampleRng::new(seed ^ AUGMENT_STREAM, epoch, p);
                             let t = (rng.next_u64() % templates.len() as u64) as usize;
-                            let c = min_side + (rng.next_u64() % (side - min_side + 1) as u64) as u32;
+                            let c =
+                                min_side + (rng.next_u64() % (side - min_side + 1) as u64) as u32;
                             let x = (rng.next_u64() % (side - c + 1) as u64) as u32;
                             let y = (rng.next_u64() % (side - c + 1) as u64) as u32;
                             SampleAug {
                                 template: templates[t].as_str(),
                                 crop: (x, y, c),
+                                first_part: rng.uniform() < first_part_prob,
                             }
                         })
                         .collect();
@@ -365,12 +372,14 @@ pub async fn train_clip(
             .iter()
             .map(|(n, p)| (n.clone(), p.detach().to_device(Device::Cpu)))
             .collect();
+        let means = modality_means(&model, &rows, &tokenizer, &processor, device).await?;
         export::write_hf_dir(
             Path::new(&dir),
             &clip_cfg,
             &cpu,
             &tokenizer_json,
             &processor,
+            &means,
         )?;
         tracing::info!(dir = %dir, "exported the CLIP as an HF directory");
         export_dir = Some(dir);
@@ -453,11 +462,13 @@ async fn tokenizer(
 /// Keys the augmentation draws apart from the data order's.
 const AUGMENT_STREAM: u64 = 0x7E3A_11C0_5EED_0001;
 
-/// What training changes in one sample: the template its caption is put in, and the square
-/// of its image (x, y, side) that is cut out and scaled back to the input size.
+/// What training changes in one sample: the template its caption is put in, whether the
+/// caption is cut to its first part, and the square of its image (x, y, side) that is cut out
+/// and scaled back to the input size.
 struct SampleAug<'a> {
     template: &'a str,
     crop: (u32, u32, u32),
+    first_part: bool,
 }
 
 /// Rows at `offsets` as model inputs, augmented by `augs[i]` when given (training).
@@ -482,7 +493,12 @@ async fn load_batch(
         let full = img.width();
         if let Some((x, y, c)) = augs.map(|a| a[i].crop).filter(|&(_, _, c)| c < full) {
             let cut = image::imageops::crop_imm(&img, x, y, c, c).to_image();
-            img = knn_datasets::resize::resize(&cut, full, full, knn_datasets::resize::Filter::Bilinear);
+            img = knn_datasets::resize::resize(
+                &cut,
+                full,
+                full,
+                knn_datasets::resize::Filter::Bilinear,
+            );
         }
         side = img.width() as i64;
         processor.normalize_into(&img, &mut pixels);
@@ -492,7 +508,13 @@ async fn load_batch(
             .captions
             .iter()
             .zip(a)
-            .map(|(c, a)| a.template.replace("{}", c))
+            .map(|(c, a)| {
+                let c = match a.first_part {
+                    true => c.split(',').next().unwrap_or(c).trim(),
+                    false => c.as_str(),
+                };
+                a.template.replace("{}", c)
+            })
             .collect(),
         None => b.captions,
     };
@@ -537,16 +559,18 @@ fn contrastive_loss(
     Ok(loss::clip_loss(&all_img, &all_txt, &scale) * w)
 }
 
-/// Embeds the held-out rows and scores them.
-async fn evaluate(
+/// L2-normalised image and text embeddings `[n, d]` of the rows at `offsets` (captions as
+/// they are, images not cropped).
+async fn embed_rows(
     model: &ClipModel,
     rows: &CaptionRows,
+    offsets: &[u64],
     tokenizer: &ClipTokenizer,
     processor: &ClipImageProcessor,
     device: Device,
-) -> Result<ClipEval> {
+) -> Result<(Tensor, Tensor)> {
     let (mut imgs, mut txts) = (Vec::new(), Vec::new());
-    for chunk in rows.holdout.chunks(256) {
+    for chunk in offsets.chunks(256) {
         let b = load_batch(rows, chunk, tokenizer, processor, None).await?;
         tch::no_grad(|| {
             imgs.push(l2_normalize(
@@ -557,14 +581,46 @@ async fn evaluate(
             ));
         });
     }
-    if imgs.is_empty() {
+    Ok((Tensor::cat(&imgs, 0), Tensor::cat(&txts, 0)))
+}
+
+/// Embeds the held-out rows and scores them.
+async fn evaluate(
+    model: &ClipModel,
+    rows: &CaptionRows,
+    tokenizer: &ClipTokenizer,
+    processor: &ClipImageProcessor,
+    device: Device,
+) -> Result<ClipEval> {
+    if rows.holdout.is_empty() {
         return Err(TrainerError::config(
             "train_clip.split.holdout_fraction",
             "no held-out rows to evaluate on; raise the fraction or add data",
         ));
     }
-    Ok(eval::evaluate(
-        &Tensor::cat(&imgs, 0),
-        &Tensor::cat(&txts, 0),
-    ))
+    let (img, txt) = embed_rows(model, rows, &rows.holdout, tokenizer, processor, device).await?;
+    Ok(eval::evaluate(&img, &txt))
+}
+
+/// The mean text and image embeddings of (up to 8,192, evenly spread) training pairs.
+async fn modality_means(
+    model: &ClipModel,
+    rows: &CaptionRows,
+    tokenizer: &ClipTokenizer,
+    processor: &ClipImageProcessor,
+    device: Device,
+) -> Result<ModalityMeans> {
+    let every = rows.train.len().div_ceil(8192).max(1);
+    let offsets: Vec<u64> = rows.train.iter().step_by(every).copied().collect();
+    let (img, txt) = embed_rows(model, rows, &offsets, tokenizer, processor, device).await?;
+    let mean = |t: &Tensor| -> Result<Vec<f32>> {
+        Ok(Vec::<f32>::try_from(
+            t.mean_dim(0, false, Kind::Float).to_device(Device::Cpu),
+        )?)
+    };
+    Ok(ModalityMeans {
+        text_mean: mean(&txt)?,
+        image_mean: mean(&img)?,
+        pairs: offsets.len(),
+    })
 }

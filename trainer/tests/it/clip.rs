@@ -159,6 +159,19 @@ async fn learns_exports_and_matches_transformers() {
     let export = s.export_dir.clone().unwrap();
     let ckpt = ClipCheckpoint::open_dir(Path::new(&export)).unwrap();
     let clip = ckpt.load(Device::Cpu, Kind::Float).unwrap();
+    // The modality means came along: prompts move towards the images' side of the gap.
+    let m = clip.modality.clone().expect("modality.json");
+    assert_eq!(m.text_mean.len(), 64);
+    let raw = clip.embed_texts(&["a red circle"]).unwrap();
+    let moved = clip.embed_prompts(&["a red circle"]).unwrap();
+    let img_mean = Tensor::from_slice(&m.image_mean);
+    let toward = |t: &Tensor| f64::try_from(t.get(0).dot(&img_mean)).unwrap();
+    assert!(
+        toward(&moved) > toward(&raw),
+        "{} vs {}",
+        toward(&moved),
+        toward(&raw)
+    );
     let texts = [
         "a red circle",
         "a blue cross with a longer caption than eight tokens",
