@@ -312,3 +312,111 @@ pub(crate) fn write_section(path: &Path, name: &str, body: &str) -> Result<()> {
     };
     std::fs::write(path, new).with_context(|| format!("writing `{}`", path.display()))
 }
+
+/// The middle value (the upper one of an even count; NaN when empty).
+pub(crate) fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Step times of ours and the PyTorch peer over rounds that alternate the two, so that
+/// the machine's drift falls on both (the training benchmarks).
+pub(crate) struct StepRounds {
+    /// Our median step time (s) in each round.
+    pub ours: Vec<f64>,
+    /// The peer's, from its `step_time_s_median`.
+    pub peer: Vec<f64>,
+    /// Our parameter count.
+    pub params: i64,
+    /// The peer's last JSON report (`torch_version`, `parameters`, …); None without a peer.
+    pub peer_report: Option<Value>,
+}
+
+impl StepRounds {
+    /// Runs `rounds` rounds of `ours` (median step seconds, parameters) then `peer`.
+    pub fn run(
+        rounds: usize,
+        with_peer: bool,
+        mut ours: impl FnMut() -> Result<(f64, i64)>,
+        mut peer: impl FnMut() -> Result<Value>,
+    ) -> Result<Self> {
+        let mut r = Self {
+            ours: Vec::new(),
+            peer: Vec::new(),
+            params: 0,
+            peer_report: None,
+        };
+        for _ in 0..rounds.max(1) {
+            let (s, n) = ours()?;
+            r.ours.push(s);
+            r.params = n;
+            if with_peer {
+                let p = peer()?;
+                r.peer
+                    .push(p["step_time_s_median"].as_f64().unwrap_or(f64::NAN));
+                r.peer_report = Some(p);
+            }
+        }
+        Ok(r)
+    }
+
+    /// Our median step time over the rounds.
+    pub fn ours_s(&self) -> f64 {
+        median(&self.ours)
+    }
+
+    /// The step-time table (`per` items a step: "images", "pairs"), the peer's row named
+    /// `peer_label` (given its report), and each round's times and ratios below it.
+    pub fn table(
+        &self,
+        md: &mut String,
+        per: &str,
+        batch: usize,
+        peer_label: impl Fn(&Value) -> String,
+    ) -> std::fmt::Result {
+        let ours_s = self.ours_s();
+        writeln!(
+            md,
+            "| peer | step time (s) | {per}/s | parameters | ratio (ours / peer) |"
+        )?;
+        writeln!(md, "|---|---:|---:|---:|---:|")?;
+        writeln!(
+            md,
+            "| **ours** (tch, libtorch 2.13) | {ours_s:.4} | {:.1} | {} | |",
+            batch as f64 / ours_s,
+            self.params
+        )?;
+        let Some(p) = &self.peer_report else {
+            return Ok(());
+        };
+        let ps = median(&self.peer);
+        writeln!(
+            md,
+            "| {} | {ps:.4} | {:.1} | {} | {:.3} |",
+            peer_label(p),
+            batch as f64 / ps,
+            p["parameters"],
+            ours_s / ps
+        )?;
+        let ratios: Vec<f64> = self
+            .ours
+            .iter()
+            .zip(&self.peer)
+            .map(|(a, b)| a / b)
+            .collect();
+        let fmt = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.3}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        writeln!(
+            md,
+            "\nPer round: ours {} s; peer {} s; ratio {}.",
+            fmt(&self.ours),
+            fmt(&self.peer),
+            fmt(&ratios)
+        )
+    }
+}

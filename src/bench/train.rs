@@ -4,7 +4,7 @@
 //! a real `train` run on the embedded default tables; and sampling throughput. Writes the
 //! `train` section of BENCHMARKS.md.
 
-use super::{machine, write_section};
+use super::{machine, median, write_section, StepRounds};
 use crate::cli::BenchTrainArgs;
 use anyhow::{bail, Context, Result};
 use knn_trainer::config::ModelConfig;
@@ -76,12 +76,6 @@ fn synthetic_batch(args: &BenchTrainArgs, device: Device) -> Batch {
     }
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 fn python(args: &BenchTrainArgs) -> Result<Value> {
     let out_file = args.workdir.join("torch.json");
     std::fs::create_dir_all(&args.workdir)?;
@@ -137,24 +131,13 @@ fn sampling(args: &BenchTrainArgs, device: Device) -> Result<f64> {
 /// Runs the benchmark and returns the markdown section.
 pub async fn run(args: &BenchTrainArgs, data_wait: Option<(f64, f64, u64)>) -> Result<String> {
     let device = Device::Cpu;
-    let (mut ours_rounds, mut peer_rounds, mut params, mut peer) =
-        (Vec::new(), Vec::new(), 0, None);
-    for _ in 0..args.rounds.max(1) {
-        let (s, p, _) = ours(args, device)?;
-        ours_rounds.push(s);
-        params = p;
-        if !args.no_python {
-            let p = python(args)?;
-            peer_rounds.push(p["step_time_s_median"].as_f64().unwrap_or(f64::NAN));
-            peer = Some(p);
-        }
-    }
-    let ours_s = median(&ours_rounds);
-    let ratios: Vec<f64> = ours_rounds
-        .iter()
-        .zip(&peer_rounds)
-        .map(|(a, b)| a / b)
-        .collect();
+    let rounds = StepRounds::run(
+        args.rounds,
+        !args.no_python,
+        || ours(args, device).map(|(s, p, _)| (s, p)),
+        || python(args),
+    )?;
+    let params = rounds.params;
     let sample_ips = sampling(args, device)?;
     let preset = serde_json::to_value(args.preset)?;
     let mut md = String::new();
@@ -182,41 +165,13 @@ pub async fn run(args: &BenchTrainArgs, data_wait: Option<(f64, f64, u64)>) -> R
         args.rounds.max(1),
         super::knn::chrono_free_date()
     )?;
-    writeln!(
-        md,
-        "| peer | step time (s) | images/s | parameters | ratio (ours / peer) |"
-    )?;
-    writeln!(md, "|---|---:|---:|---:|---:|")?;
-    writeln!(
-        md,
-        "| **ours** (tch, libtorch 2.13) | {ours_s:.4} | {:.1} | {params} | |",
-        args.batch as f64 / ours_s
-    )?;
-    if let Some(p) = &peer {
-        let ps = median(&peer_rounds);
-        writeln!(
-            md,
-            "| PyTorch {} eager (`python/bench_train_torch.py`, {} threads) | {ps:.4} | {:.1} | {} | {:.3} |",
+    rounds.table(&mut md, "images", args.batch, |p| {
+        format!(
+            "PyTorch {} eager (`python/bench_train_torch.py`, {} threads)",
             p["torch_version"].as_str().unwrap_or("?"),
-            p["threads"],
-            args.batch as f64 / ps,
-            p["parameters"],
-            ours_s / ps
-        )?;
-        let fmt = |v: &[f64]| {
-            v.iter()
-                .map(|x| format!("{x:.3}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        writeln!(
-            md,
-            "\nPer round: ours {} s; peer {} s; ratio {}.",
-            fmt(&ours_rounds),
-            fmt(&peer_rounds),
-            fmt(&ratios)
-        )?;
-    }
+            p["threads"]
+        )
+    })?;
     writeln!(
         md,
         "\nSampling: guided DDIM ({} steps, guidance 3, both branches in one batch of {}): \

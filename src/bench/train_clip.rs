@@ -3,7 +3,7 @@
 //! `python/bench_train_clip_torch.py`), same preset, batch and thread count, rounds
 //! alternating the two. Writes the `train-clip` section of BENCHMARKS.md.
 
-use super::{machine, write_section};
+use super::{machine, median, write_section, StepRounds};
 use crate::cli::BenchTrainClipArgs;
 use anyhow::{bail, Context, Result};
 use knn_indexer::clip::{l2_normalize, ClipModel};
@@ -17,12 +17,6 @@ use std::fmt::Write as _;
 use std::process::Command;
 use std::time::Instant;
 use tch::{nn, Device, Kind, Tensor};
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
 
 /// Our median step time (s) and parameter count.
 fn ours(args: &BenchTrainClipArgs) -> Result<(f64, i64)> {
@@ -117,19 +111,13 @@ pub fn run(args: &BenchTrainClipArgs) -> Result<String> {
     .resolve()?;
     let config = args.workdir.join("config.json");
     std::fs::write(&config, serde_json::to_vec_pretty(&hf_config(&cfg))?)?;
-    let (mut ours_rounds, mut peer_rounds, mut params, mut peer) =
-        (Vec::new(), Vec::new(), 0, None);
-    for _ in 0..args.rounds.max(1) {
-        let (s, n) = ours(args)?;
-        ours_rounds.push(s);
-        params = n;
-        if !args.no_python {
-            let p = python(args, &config)?;
-            peer_rounds.push(p["step_time_s_median"].as_f64().unwrap_or(f64::NAN));
-            peer = Some(p);
-        }
-    }
-    let ours_s = median(&ours_rounds);
+    let rounds = StepRounds::run(
+        args.rounds,
+        !args.no_python,
+        || ours(args),
+        || python(args, &config),
+    )?;
+    let params = rounds.params;
     let preset = serde_json::to_value(args.preset)?;
     let preset = preset.as_str().unwrap_or("?");
     let mut md = String::new();
@@ -161,39 +149,12 @@ pub fn run(args: &BenchTrainClipArgs) -> Result<String> {
         args.rounds.max(1),
         super::knn::chrono_free_date()
     )?;
-    writeln!(
-        md,
-        "| peer | step time (s) | pairs/s | parameters | ratio (ours / peer) |"
-    )?;
-    writeln!(md, "|---|---:|---:|---:|---:|")?;
-    writeln!(
-        md,
-        "| **ours** (tch, libtorch 2.13) | {ours_s:.4} | {:.1} | {params} | |",
-        args.batch as f64 / ours_s
-    )?;
-    if let Some(p) = &peer {
-        let ps = median(&peer_rounds);
-        writeln!(
-            md,
-            "| PyTorch {} eager + transformers (`python/bench_train_clip_torch.py`) | {ps:.4} | {:.1} | {} | {:.3} |",
-            p["torch_version"].as_str().unwrap_or("?"),
-            args.batch as f64 / ps,
-            p["parameters"],
-            ours_s / ps
-        )?;
-        let fmt = |v: &[f64]| {
-            v.iter()
-                .map(|x| format!("{x:.3}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        writeln!(
-            md,
-            "\nPer round: ours {} s; peer {} s.",
-            fmt(&ours_rounds),
-            fmt(&peer_rounds)
-        )?;
-    }
+    rounds.table(&mut md, "pairs", args.batch, |p| {
+        format!(
+            "PyTorch {} eager + transformers (`python/bench_train_clip_torch.py`)",
+            p["torch_version"].as_str().unwrap_or("?")
+        )
+    })?;
     write_section(
         &args.write,
         &format!("train-clip:{preset}:b{}", args.batch),
