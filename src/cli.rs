@@ -273,21 +273,21 @@ pub struct SampleArgs {
     #[arg(long)]
     pub k: Option<usize>,
 
-    /// Classifier-free guidance scale (1: no guidance).
-    #[arg(long, default_value_t = 3.0)]
-    pub guidance: f64,
+    /// Classifier-free guidance scale (1: no guidance). Default: `train.samples.guidance`.
+    #[arg(long)]
+    pub guidance: Option<f64>,
 
-    /// Reverse-process sampler.
-    #[arg(long, value_enum, default_value_t = SamplerArg::Ddim)]
-    pub sampler: SamplerArg,
+    /// Reverse-process sampler. Default: `train.samples.sampler.kind`.
+    #[arg(long, value_enum)]
+    pub sampler: Option<SamplerArg>,
 
-    /// Sampling steps.
-    #[arg(long, default_value_t = 50)]
-    pub steps: usize,
+    /// Sampling steps. Default: `train.samples.sampler.steps`.
+    #[arg(long)]
+    pub steps: Option<usize>,
 
-    /// DDIM eta (0: deterministic).
-    #[arg(long, default_value_t = 0.0)]
-    pub eta: f64,
+    /// DDIM eta (0: deterministic). Default: `train.samples.sampler.eta`.
+    #[arg(long)]
+    pub eta: Option<f64>,
 
     /// Images per prompt (grid columns).
     #[arg(long, default_value_t = 4)]

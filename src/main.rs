@@ -483,6 +483,25 @@ async fn loader_wait(args: &cli::BenchTrainArgs) -> Result<Option<(f64, f64, u64
     )))
 }
 
+/// `sample`'s guidance and sampler: each flag given wins, the rest come from `[train.samples]`.
+fn sampling_settings(
+    args: &SampleArgs,
+    grid: &knn_trainer::config::SampleGridConfig,
+) -> (f64, knn_trainer::diffusion::SamplerConfig) {
+    use knn_trainer::diffusion::{SamplerConfig, SamplerKind};
+    let sampler = SamplerConfig {
+        kind: match args.sampler {
+            Some(SamplerArg::Ddim) => SamplerKind::Ddim,
+            Some(SamplerArg::Ddpm) => SamplerKind::Ddpm,
+            None => grid.sampler.kind,
+        },
+        steps: args.steps.unwrap_or(grid.sampler.steps),
+        eta: args.eta.unwrap_or(grid.sampler.eta),
+        ..grid.sampler.clone()
+    };
+    (args.guidance.unwrap_or(grid.guidance), sampler)
+}
+
 async fn run_sample(args: SampleArgs) -> Result<()> {
     let project = config::load(&args.config, &args.overrides)?;
     let train = project.train(&args.config)?;
@@ -491,6 +510,7 @@ async fn run_sample(args: SampleArgs) -> Result<()> {
         .as_ref()
         .map(|e| e.clip.clone())
         .unwrap_or_default();
+    let (guidance, sampler) = sampling_settings(&args, &train.samples);
     let req = knn_trainer::SampleRequest {
         prompts: args.prompts,
         checkpoint: args.checkpoint.unwrap_or_else(|| train.checkpoint_url()),
@@ -499,16 +519,8 @@ async fn run_sample(args: SampleArgs) -> Result<()> {
             .or(train.data.embeddings.clone())
             .context("no --retrieval-db and no embeddings table in the config")?,
         k: args.k,
-        guidance: args.guidance,
-        sampler: knn_trainer::diffusion::SamplerConfig {
-            kind: match args.sampler {
-                SamplerArg::Ddim => knn_trainer::diffusion::SamplerKind::Ddim,
-                SamplerArg::Ddpm => knn_trainer::diffusion::SamplerKind::Ddpm,
-            },
-            steps: args.steps,
-            eta: args.eta,
-            clip_denoised: true,
-        },
+        guidance,
+        sampler,
         per_prompt: args.per_prompt,
         seed: args.seed,
         batch_size: args.batch_size,
@@ -636,4 +648,65 @@ async fn report_knn_progress(progress: Arc<KnnProgress>, log_format: LogFormat) 
         (todo.max(done), done, msg)
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use knn_trainer::config::SampleGridConfig;
+    use knn_trainer::diffusion::SamplerKind;
+
+    fn sample_args(extra: &[&str]) -> SampleArgs {
+        let mut argv = vec![
+            "knn-diffusion",
+            "sample",
+            "-c",
+            "x.toml",
+            "--prompt",
+            "a cat",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Sample(a) => a,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sample_takes_the_config_sampler_unless_a_flag_overrides_it() {
+        let mut grid = SampleGridConfig {
+            guidance: 2.0,
+            ..Default::default()
+        };
+        grid.sampler.kind = SamplerKind::Ddpm;
+        grid.sampler.steps = 100;
+        grid.sampler.clip_denoised = false;
+
+        let (g, s) = sampling_settings(&sample_args(&[]), &grid);
+        assert_eq!(
+            (g, s.kind, s.steps, s.eta),
+            (2.0, SamplerKind::Ddpm, 100, 0.0)
+        );
+        assert!(
+            !s.clip_denoised,
+            "settings without a flag come from the config"
+        );
+
+        let flags = [
+            "--guidance",
+            "4",
+            "--sampler",
+            "ddim",
+            "--steps",
+            "20",
+            "--eta",
+            "0.5",
+        ];
+        let (g, s) = sampling_settings(&sample_args(&flags), &grid);
+        assert_eq!(
+            (g, s.kind, s.steps, s.eta),
+            (4.0, SamplerKind::Ddim, 20, 0.5)
+        );
+    }
 }
