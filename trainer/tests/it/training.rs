@@ -469,3 +469,49 @@ async fn neighbour_count_dropout_keeps_a_prefix() {
     }
     assert_eq!(kept, (0..=4).collect(), "{kept:?}");
 }
+
+/// Flips are off unless asked for (a mirrored arrow is another image, and the condition is
+/// the unflipped image's embedding); with `flip = true`, some images come out mirrored and
+/// the rest unchanged, their conditions the same either way.
+#[tokio::test(flavor = "multi_thread")]
+async fn flips_are_off_by_default_and_mirror_when_on() {
+    use knn_trainer::data::{build_batch, DataConfig, DataLayout, SampleSpec};
+    assert!(!DataConfig::default().flip);
+    let from_empty: DataConfig = serde_json::from_str("{}").unwrap();
+    assert!(!from_empty.flip, "a config without `flip` must not flip");
+
+    let dir = tempfile::tempdir().unwrap();
+    let (emb, knn) = tables(dir.path(), 16, 2).await;
+    let data = TrainingData::open(&emb, &knn, &StorageConfig::default(), 2)
+        .await
+        .unwrap();
+    let layout = DataLayout::new(16, 16, 0, 1).unwrap();
+    let spec = |flip| SampleSpec {
+        seed: 5,
+        timesteps: 1000,
+        cond_drop_prob: 0.0,
+        flip,
+        knn_dropout: 0.0,
+    };
+    let plain = build_batch(&data, &layout, &spec(false), 0).await.unwrap();
+    let flipped = build_batch(&data, &layout, &spec(true), 0).await.unwrap();
+    assert_eq!(plain.ids, flipped.ids);
+    assert!(plain.cond.equal(&flipped.cond));
+    let (mut mirrored, mut same) = (0, 0);
+    for i in 0..plain.ids.len() as i64 {
+        let (a, b) = (plain.images.get(i), flipped.images.get(i));
+        if a.equal(&b) {
+            same += 1;
+        } else {
+            assert!(
+                a.flip([2]).equal(&b),
+                "image {i} changed but is not a mirror"
+            );
+            mirrored += 1;
+        }
+    }
+    assert!(
+        mirrored > 0 && same > 0,
+        "{mirrored} mirrored, {same} unchanged"
+    );
+}
