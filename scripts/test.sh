@@ -3,23 +3,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --tests
-# The CLIP parity fixture comes from HF transformers (python/make_clip_fixture.py).
-FIX=target/fixtures/clip-tiny
-STAMP=$(sha256sum python/make_clip_fixture.py python/requirements.txt | sha256sum | cut -c1-16)
-if [[ "$(cat $FIX/.stamp 2>/dev/null)" != "$STAMP" ]]; then
-  rm -rf "$FIX"
-  .venv/bin/python python/make_clip_fixture.py --out "$FIX"
-  echo "$STAMP" > "$FIX/.stamp"
-fi
-# The diffusion schedule/sampler parity fixture comes from HF diffusers
-# (python/make_diffusion_fixture.py).
-FIX=target/fixtures/diffusion
-STAMP=$(sha256sum python/make_diffusion_fixture.py python/requirements.txt | sha256sum | cut -c1-16)
-if [[ "$(cat $FIX/.stamp 2>/dev/null)" != "$STAMP" ]]; then
-  rm -rf "$FIX"
-  .venv/bin/python python/make_diffusion_fixture.py --out "$FIX"
-  echo "$STAMP" > "$FIX/.stamp"
-fi
+# Generated fixtures: the reference numbers come from the Python libraries themselves, each
+# made again only when its script or the pinned requirements change.
+fixture() {  # fixture DIR SCRIPT
+  local dir=$1 script=$2 stamp
+  stamp=$(sha256sum "$script" python/requirements.txt | sha256sum | cut -c1-16)
+  if [[ "$(cat "$dir/.stamp" 2>/dev/null)" != "$stamp" ]]; then
+    rm -rf "$dir"
+    .venv/bin/python "$script" --out "$dir"
+    echo "$stamp" > "$dir/.stamp"
+  fi
+}
+fixture target/fixtures/clip-tiny python/make_clip_fixture.py          # HF transformers CLIP
+fixture target/fixtures/diffusion python/make_diffusion_fixture.py     # HF diffusers schedulers
+fixture target/fixtures/eval python/make_eval_fixture.py               # numpy/scipy FD, P/R, R-precision
 # A one-node Slurm on 127.0.0.1 for the job-submission tests (stopped when the tests end).
 if bash scripts/slurm.sh start; then
   export SLURM_CONF="$PWD/target/slurm/slurm.conf"

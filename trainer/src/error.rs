@@ -70,6 +70,12 @@ pub enum TrainerError {
     /// The data loader thread stopped.
     #[error("data loader: {0}")]
     Loader(String),
+    /// An evaluation measure cannot be computed from its inputs (too few samples, shapes).
+    #[error("{measure}: {reason}")]
+    Measure {
+        measure: &'static str,
+        reason: String,
+    },
 }
 
 impl TrainerError {

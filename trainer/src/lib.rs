@@ -26,6 +26,7 @@ pub mod config;
 pub mod data;
 pub mod diffusion;
 pub mod error;
+pub mod eval;
 pub mod judge;
 pub mod metrics;
 pub mod model;

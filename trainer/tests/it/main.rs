@@ -3,6 +3,7 @@
 
 mod clip;
 mod fixtures;
+mod measures;
 mod parity;
 #[path = "../../../tests/support/s3_server.rs"]
 mod s3_server;
