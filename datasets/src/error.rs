@@ -49,6 +49,9 @@ pub enum DatasetError {
         key: String,
     },
 
+    /// A setting asks for something this source cannot give.
+    #[error("{what} is not supported: {hint}")]
+    Unsupported { what: String, hint: String },
     /// A packaged data set could not be fetched or unpacked.
     #[error("package `{package}`: {reason}")]
     Package { package: String, reason: String },
@@ -67,6 +70,26 @@ pub enum DatasetError {
 }
 
 impl DatasetError {
+    /// [`DatasetError::MissingColumn`] for `column` of `shard`, listing what `schema` has.
+    pub fn missing_column(
+        shard: impl ToString,
+        column: &str,
+        schema: &arrow_schema::Schema,
+        key: impl Into<String>,
+    ) -> Self {
+        Self::MissingColumn {
+            shard: shard.to_string(),
+            column: column.to_string(),
+            available: schema
+                .fields()
+                .iter()
+                .map(|f| f.name().as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            key: key.into(),
+        }
+    }
+
     /// Classifies an object store error at `url` into the variant a user can act on.
     pub fn from_store(url: impl Into<String>, source: object_store::Error) -> Self {
         let url = url.into();

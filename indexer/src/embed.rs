@@ -14,18 +14,22 @@
 //! `kill -9`, or a duplicated worker, never duplicates a row.
 
 use crate::clip::{l2_normalize, ClipSettings, LoadedClip};
-use crate::table::{embeddings_schema, rejects_schema, Reject, ShardWriter, ShardedTable};
+use crate::table::{
+    embeddings_schema_with, rejects_schema, Reject, ShardWriter, ShardedTable, EMBEDDINGS_COLUMNS,
+};
 use crate::{IndexerError, Result};
 use arrow_array::builder::{BinaryBuilder, StringBuilder};
 use arrow_array::{
-    ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, UInt32Array, UInt64Array,
+    ArrayRef, FixedSizeListArray, Float32Array, Float64Array, RecordBatch, StringArray,
+    UInt32Array, UInt64Array,
 };
 use arrow_schema::{DataType, Field, SchemaRef};
 use futures::StreamExt;
 use knn_datasets::resize::{resize_and_center_crop, Filter};
 use knn_datasets::{
-    assign_shards, decode_image, list_shards, read_shard, DecodeLimits, RawRecord, ReaderOptions,
-    RejectReason, Shard, ShardFormat, SourceLocation, StorageConfig,
+    assign_shards, decode_image, list_shards, read_shard, shard_schema, DatasetError, DecodeLimits,
+    RawRecord, ReaderOptions, RejectReason, Shard, ShardFormat, SourceLocation, StorageConfig,
+    TextColumn,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -54,6 +58,12 @@ pub struct SourceConfig {
     /// Folder sources: images per shard (a shard is a slice of one directory).
     #[serde(default = "default_folder_shard_size")]
     pub folder_shard_size: usize,
+    /// Parquet: source columns carried into the table beside each embedding (LAION's
+    /// `aesthetic`, `similarity`, a `caption`). Typed from the first shard: numbers become
+    /// nullable Float64 columns, strings nullable Utf8. A record whose value does not fit
+    /// the type is rejected (`bad_column`), naming the column.
+    #[serde(default)]
+    pub columns: Vec<String>,
 }
 
 fn default_image_column() -> String {
@@ -324,6 +334,8 @@ struct DecodedChunk {
     images: Vec<Vec<u8>>,
     sizes: Vec<(u32, u32)>,
     pixels: Vec<f32>,
+    /// Per carried column, the kept records' values.
+    carried: Vec<Vec<Option<String>>>,
     rejects: Vec<Reject>,
 }
 
@@ -342,6 +354,8 @@ struct Stage {
     images: ShardedTable,
     rejects: ShardedTable,
     schema: SchemaRef,
+    /// `embed.source.columns`, typed, in the schema after `emb`.
+    carried: Vec<Field>,
     processor: crate::clip::ClipImageProcessor,
     dim: usize,
     model_tx: mpsc::Sender<ModelJob>,
@@ -397,6 +411,70 @@ fn spawn_model(
     Ok((tx, handle))
 }
 
+/// The columns `embed.source.columns` carries into the table, typed from `first` shard's
+/// schema: numbers as Float64, strings as Utf8, both nullable.
+async fn carried_columns(
+    cfg: &SourceConfig,
+    source: &SourceLocation,
+    first: Option<&Shard>,
+) -> Result<Vec<Field>> {
+    const KEY: &str = "embed.source.columns";
+    let (Some(first), false) = (first, cfg.columns.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let schema = shard_schema(source, first, KEY).await?;
+    let mut seen = std::collections::BTreeSet::new();
+    cfg.columns
+        .iter()
+        .map(|name| {
+            let bad = |reason: String| IndexerError::Config {
+                key: KEY.into(),
+                reason,
+            };
+            if EMBEDDINGS_COLUMNS.contains(&name.as_str()) || !seen.insert(name) {
+                return Err(bad(format!(
+                    "`{name}` is listed twice or is one of the table's own columns ({})",
+                    EMBEDDINGS_COLUMNS.join(", ")
+                )));
+            }
+            let field = schema
+                .field_with_name(name)
+                .map_err(|_| DatasetError::missing_column(&first.id, name, &schema, KEY))?;
+            let kind = match field.data_type() {
+                DataType::Int32
+                | DataType::Int64
+                | DataType::UInt64
+                | DataType::Float32
+                | DataType::Float64 => DataType::Float64,
+                DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => DataType::Utf8,
+                other => {
+                    return Err(bad(format!(
+                        "column `{name}` of shard `{}` has type {other}; only numbers \
+                         (int32, int64, uint64, float32, float64) and strings are carried",
+                        first.id
+                    )))
+                }
+            };
+            Ok(Field::new(name, kind, true))
+        })
+        .collect()
+}
+
+/// The carried values of one record that do not fit their column's type, as a reject detail.
+fn carried_misfit(carried: &[Field], values: &[Option<String>]) -> Option<String> {
+    carried
+        .iter()
+        .zip(values)
+        .find_map(|(f, v)| match (f.data_type(), v) {
+            (DataType::Float64, Some(v)) if v.parse::<f64>().is_err() => Some(format!(
+            "column `{}` is {v:?}, not a number (the table's column is Float64, typed from the \
+             first shard)",
+            f.name()
+        )),
+            _ => None,
+        })
+}
+
 /// Runs the embed stage for worker `worker` of `workers`.
 pub async fn embed(
     cfg: &EmbedConfig,
@@ -419,6 +497,7 @@ pub async fn embed(
     }
     let source = SourceLocation::open(&cfg.source.url, storage)?;
     let all = list_shards(&source, cfg.source.format, cfg.source.folder_shard_size).await?;
+    let carried = carried_columns(&cfg.source, &source, all.first()).await?;
     let mut mine = assign_shards(all, worker.0, worker.1)?;
     if cfg.pipeline.max_shards > 0 {
         mine.truncate(cfg.pipeline.max_shards);
@@ -436,7 +515,7 @@ pub async fn embed(
         });
     }
     let lance_opts = storage.to_lance_options();
-    let schema = embeddings_schema(dim as i32, &identity);
+    let schema = embeddings_schema_with(dim as i32, &identity, &carried);
     let images =
         ShardedTable::open_or_create(&cfg.output.table, schema.clone(), lance_opts.clone()).await?;
     let rejects =
@@ -484,6 +563,13 @@ pub async fn embed(
             key_column: cfg.source.key_column.clone().filter(|k| !k.is_empty()),
             max_record_bytes: cfg.decode.max_bytes,
             config_prefix: "embed.source".into(),
+            text_columns: carried
+                .iter()
+                .map(|f| TextColumn {
+                    name: f.name().clone(),
+                    config_key: "embed.source.columns".into(),
+                })
+                .collect(),
             ..Default::default()
         },
         limits: DecodeLimits {
@@ -495,6 +581,7 @@ pub async fn embed(
         images,
         rejects,
         schema,
+        carried,
         processor,
         dim,
         model_tx,
@@ -638,6 +725,7 @@ fn decode_records(stage: &Stage, records: Vec<RawRecord>) -> DecodedChunk {
         images: Vec::with_capacity(records.len()),
         sizes: Vec::with_capacity(records.len()),
         pixels: Vec::new(),
+        carried: vec![Vec::with_capacity(records.len()); stage.carried.len()],
         rejects: Vec::new(),
     };
     let (side_w, side_h) = stage.processor.output_size(1, 1);
@@ -645,6 +733,16 @@ fn decode_records(stage: &Stage, records: Vec<RawRecord>) -> DecodedChunk {
         .pixels
         .reserve(records.len() * 3 * side_w as usize * side_h as usize);
     for rec in records {
+        if let Some(detail) = carried_misfit(&stage.carried, &rec.text) {
+            chunk.rejects.push(Reject {
+                id: rec.id,
+                key: rec.key,
+                shard: shard.clone(),
+                code: "bad_column".into(),
+                detail,
+            });
+            continue;
+        }
         let decoded = rec
             .payload
             .and_then(|bytes| decode_image(&bytes, &stage.limits))
@@ -669,6 +767,9 @@ fn decode_records(stage: &Stage, records: Vec<RawRecord>) -> DecodedChunk {
                 chunk.keys.push(rec.key);
                 chunk.images.push(png);
                 chunk.sizes.push((img.width, img.height));
+                for (column, value) in chunk.carried.iter_mut().zip(rec.text) {
+                    column.push(value);
+                }
             }
             Err(reason) => {
                 tracing::debug!(id = rec.id, key = %rec.key, shard = %shard, reason = reason.code(), "rejected: {}", reason.detail());
@@ -706,12 +807,13 @@ async fn embed_chunk(
             .map_err(|_| IndexerError::Internal("CLIP thread stopped".into()))?
             .map_err(|e| IndexerError::Internal(format!("CLIP forward pass failed: {e}")))?
     };
-    let batch = rows_batch(&stage.schema, stage.dim, &chunk, embs)?;
+    let batch = rows_batch(&stage.schema, &stage.carried, stage.dim, &chunk, embs)?;
     Ok((batch, chunk.rejects))
 }
 
 fn rows_batch(
     schema: &SchemaRef,
+    carried: &[Field],
     dim: usize,
     chunk: &DecodedChunk,
     embs: Vec<f32>,
@@ -729,7 +831,7 @@ fn rows_batch(
     let emb =
         FixedSizeListArray::try_new(item, dim as i32, Arc::new(Float32Array::from(embs)), None)
             .map_err(|e| IndexerError::Internal(format!("embedding batch: {e}")))?;
-    let columns: Vec<ArrayRef> = vec![
+    let mut columns: Vec<ArrayRef> = vec![
         Arc::new(UInt64Array::from(chunk.ids.clone())),
         Arc::new(keys.finish()),
         Arc::new(shards.finish()),
@@ -742,6 +844,17 @@ fn rows_batch(
         )),
         Arc::new(emb),
     ];
+    for (field, values) in carried.iter().zip(&chunk.carried) {
+        let column: ArrayRef = match field.data_type() {
+            DataType::Float64 => Arc::new(Float64Array::from_iter(
+                values
+                    .iter()
+                    .map(|v| v.as_deref().and_then(|v| v.parse().ok())),
+            )),
+            _ => Arc::new(StringArray::from_iter(values.iter().map(|v| v.as_deref()))),
+        };
+        columns.push(column);
+    }
     RecordBatch::try_new(schema.clone(), columns)
         .map_err(|e| IndexerError::Internal(format!("row batch: {e}")))
 }

@@ -24,24 +24,31 @@ use tokio::sync::mpsc;
 /// Schema metadata key: identity of the CLIP that made `emb`.
 pub const CLIP_METADATA: &str = "knn.clip";
 
+/// The columns every embeddings table has, in order (carried source columns follow them).
+pub const EMBEDDINGS_COLUMNS: [&str; 7] = ["id", "key", "shard", "image", "width", "height", "emb"];
+
 /// Schema of the embeddings table for embedding dimension `dim`.
 pub fn embeddings_schema(dim: i32, clip_identity: &str) -> SchemaRef {
+    embeddings_schema_with(dim, clip_identity, &[])
+}
+
+/// [`embeddings_schema`] with `carried` source columns after `emb` (`embed.source.columns`).
+pub fn embeddings_schema_with(dim: i32, clip_identity: &str, carried: &[Field]) -> SchemaRef {
     let item = Arc::new(Field::new("item", DataType::Float32, true));
-    Arc::new(
-        Schema::new(vec![
-            Field::new("id", DataType::UInt64, false),
-            Field::new("key", DataType::Utf8, false),
-            Field::new("shard", DataType::Utf8, false),
-            Field::new("image", DataType::Binary, false),
-            Field::new("width", DataType::UInt32, false),
-            Field::new("height", DataType::UInt32, false),
-            Field::new("emb", DataType::FixedSizeList(item, dim), false),
-        ])
-        .with_metadata(HashMap::from([(
-            CLIP_METADATA.to_string(),
-            clip_identity.to_string(),
-        )])),
-    )
+    let mut fields = vec![
+        Field::new("id", DataType::UInt64, false),
+        Field::new("key", DataType::Utf8, false),
+        Field::new("shard", DataType::Utf8, false),
+        Field::new("image", DataType::Binary, false),
+        Field::new("width", DataType::UInt32, false),
+        Field::new("height", DataType::UInt32, false),
+        Field::new("emb", DataType::FixedSizeList(item, dim), false),
+    ];
+    fields.extend(carried.iter().cloned());
+    Arc::new(Schema::new(fields).with_metadata(HashMap::from([(
+        CLIP_METADATA.to_string(),
+        clip_identity.to_string(),
+    )])))
 }
 
 /// Schema of the rejects table.

@@ -71,3 +71,23 @@ pub fn read_shard(
         ShardFormat::Folder => folder::read(loc.clone(), shard.clone(), opts.clone()),
     }
 }
+
+/// The Arrow schema of a parquet `shard`, read from its footer: what a stage needs to type
+/// the source columns it carries along (`embed.source.columns`). Other formats have no
+/// schema; `config_key` names the setting that asked for one.
+pub async fn shard_schema(
+    loc: &SourceLocation,
+    shard: &Shard,
+    config_key: &str,
+) -> Result<arrow_schema::SchemaRef> {
+    match shard.format {
+        ShardFormat::Parquet => parquet::schema(loc, shard).await,
+        ShardFormat::WebDataset | ShardFormat::Folder => Err(crate::DatasetError::Unsupported {
+            what: format!(
+                "`{config_key}` with {} shards",
+                if shard.format == ShardFormat::Folder { "folder" } else { "webdataset" }
+            ),
+            hint: "columns are carried from parquet sources only; convert the source with img2dataset or leave the setting empty".into(),
+        }),
+    }
+}

@@ -60,50 +60,53 @@ impl AsyncFileReader for StoreFile {
     }
 }
 
+/// Opens `shard`'s parquet file: its footer read, no rows yet.
+async fn open(
+    loc: &SourceLocation,
+    shard: &Shard,
+) -> Result<ParquetRecordBatchStreamBuilder<StoreFile>> {
+    let meta = shard
+        .objects
+        .first()
+        .cloned()
+        .ok_or_else(|| DatasetError::CorruptShard {
+            shard: shard.id.to_string(),
+            reason: "no object".into(),
+        })?;
+    let file = StoreFile {
+        store: loc.store.clone(),
+        path: meta.location.clone(),
+        size: meta.size,
+    };
+    ParquetRecordBatchStreamBuilder::new(file)
+        .await
+        .map_err(|e| DatasetError::CorruptShard {
+            shard: shard.id.to_string(),
+            reason: format!("cannot read parquet footer: {e}"),
+        })
+}
+
+/// The Arrow schema of `shard` (from its footer alone).
+pub(super) async fn schema(loc: &SourceLocation, shard: &Shard) -> Result<arrow_schema::SchemaRef> {
+    Ok(open(loc, shard).await?.schema().clone())
+}
+
 pub(super) fn read(
     loc: SourceLocation,
     shard: Shard,
     opts: ReaderOptions,
 ) -> BoxStream<'static, Result<RawRecord>> {
     let opened = async move {
-        let meta = shard
-            .objects
-            .first()
-            .cloned()
-            .ok_or_else(|| DatasetError::CorruptShard {
-                shard: shard.id.to_string(),
-                reason: "no object".into(),
-            })?;
         let corrupt = |reason: String| DatasetError::CorruptShard {
             shard: shard.id.to_string(),
             reason,
         };
-        let file = StoreFile {
-            store: loc.store.clone(),
-            path: meta.location.clone(),
-            size: meta.size,
-        };
-        let builder = ParquetRecordBatchStreamBuilder::new(file)
-            .await
-            .map_err(|e| corrupt(format!("cannot read parquet footer: {e}")))?;
+        let builder = open(&loc, &shard).await?;
         let schema = builder.schema().clone();
-        let available = || {
-            schema
-                .fields()
-                .iter()
-                .map(|f| f.name().as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
         let index_of = |column: &str, key: String| {
             schema
                 .index_of(column)
-                .map_err(|_| DatasetError::MissingColumn {
-                    shard: shard.id.to_string(),
-                    column: column.to_string(),
-                    available: available(),
-                    key,
-                })
+                .map_err(|_| DatasetError::missing_column(&shard.id, column, &schema, key))
         };
         let mut roots = vec![index_of(
             &opts.image_column,

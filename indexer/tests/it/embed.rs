@@ -347,3 +347,176 @@ async fn a_corrupt_shard_fails_alone_and_is_retried_by_the_next_run() {
         4
     );
 }
+
+/// An img2dataset parquet shard of `rows` records from key `first`: `key`, `jpg` (PNG bytes
+/// here), `aesthetic` (f32 `i / 2`, null for the second row; or the text "high" instead of
+/// each number) and `caption` (`sticker <key>`).
+fn scored_shard(first: usize, rows: usize, aesthetic_as_text: bool) -> Vec<u8> {
+    use arrow_array::{ArrayRef, BinaryArray, Float32Array, RecordBatch, StringArray};
+    use arrow_schema::{DataType, Field, Schema};
+    let keys: Vec<String> = (first..first + rows).map(|i| format!("{i:05}")).collect();
+    let images: Vec<Vec<u8>> = (first..first + rows)
+        .map(|i| png(20 + i as u32, 20, i as u8))
+        .collect();
+    let scores: Vec<Option<f32>> = (first..first + rows)
+        .map(|i| (i != first + 1).then_some(i as f32 * 0.5))
+        .collect();
+    let aesthetic: ArrayRef = if aesthetic_as_text {
+        Arc::new(StringArray::from_iter(
+            scores.iter().map(|s| s.map(|_| "high".to_string())),
+        ))
+    } else {
+        Arc::new(Float32Array::from(scores))
+    };
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("key", DataType::Utf8, false),
+        Field::new("jpg", DataType::Binary, false),
+        Field::new("aesthetic", aesthetic.data_type().clone(), true),
+        Field::new("caption", DataType::Utf8, true),
+    ]));
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(&keys)),
+        Arc::new(BinaryArray::from_iter_values(
+            images.iter().map(|b| b.as_slice()),
+        )),
+        aesthetic,
+        Arc::new(StringArray::from_iter_values(
+            keys.iter().map(|k| format!("sticker {k}")),
+        )),
+    ];
+    crate::parquet::parquet_bytes(&RecordBatch::try_new(schema, cols).unwrap())
+}
+
+fn parquet_config(source: &Path, out: &Path, columns: &str) -> EmbedConfig {
+    let mut cfg = config(source, out, "");
+    cfg.source.format = knn_datasets::ShardFormat::Parquet;
+    cfg.source.columns = columns
+        .split(',')
+        .filter(|c| !c.is_empty())
+        .map(String::from)
+        .collect();
+    cfg
+}
+
+/// `embed.source.columns` carries a score and a caption into the table, typed from the
+/// first shard (the f32 score as a nullable Float64, nulls kept); a later shard whose score
+/// is text has each such record rejected as `bad_column`, naming the column; a column the
+/// source lacks is an error naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_columns_are_carried_typed_and_misfits_are_rejected() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    std::fs::write(
+        src.path().join("a-00000.parquet"),
+        scored_shard(0, 4, false),
+    )
+    .unwrap();
+    std::fs::write(src.path().join("a-00001.parquet"), scored_shard(4, 3, true)).unwrap();
+    let cfg = parquet_config(src.path(), out.path(), "aesthetic,caption");
+    let s = run(&cfg, (0, 1)).await;
+    assert_eq!(s.images_ok, 5, "{s}");
+    assert_eq!(s.rejected.get("bad_column"), Some(&2), "{s}");
+
+    let ds = Dataset::open(&uri(out.path(), "emb.lance")).await.unwrap();
+    let schema = ds.schema();
+    let names: Vec<&str> = schema.fields.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "id",
+            "key",
+            "shard",
+            "image",
+            "width",
+            "height",
+            "emb",
+            "aesthetic",
+            "caption"
+        ]
+    );
+    let batch = ds
+        .scan()
+        .project(&["key", "aesthetic", "caption"])
+        .unwrap()
+        .try_into_batch()
+        .await
+        .unwrap();
+    let keys = batch
+        .column(0)
+        .as_any()
+        .downcast_ref::<arrow_array::StringArray>()
+        .unwrap();
+    let scores = batch
+        .column(1)
+        .as_any()
+        .downcast_ref::<arrow_array::Float64Array>()
+        .unwrap();
+    let captions = batch
+        .column(2)
+        .as_any()
+        .downcast_ref::<arrow_array::StringArray>()
+        .unwrap();
+    let mut got: Vec<(String, Option<f64>, String)> = (0..batch.num_rows())
+        .map(|r| {
+            (
+                keys.value(r).to_string(),
+                scores.is_valid(r).then(|| scores.value(r)),
+                captions.value(r).to_string(),
+            )
+        })
+        .collect();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    let want: Vec<(String, Option<f64>, String)> = [
+        (0, Some(0.0)),
+        (1, None),
+        (2, Some(1.0)),
+        (3, Some(1.5)),
+        (5, None),
+    ]
+    .into_iter()
+    .map(|(i, s)| (format!("{i:05}"), s, format!("sticker {i:05}")))
+    .collect();
+    assert_eq!(
+        got, want,
+        "the text scores of keys 00004 and 00006 are rejected, 00005's null kept"
+    );
+
+    let rejects = Dataset::open(&uri(out.path(), "emb-rejects.lance"))
+        .await
+        .unwrap();
+    let batch = rejects
+        .scan()
+        .project(&["key", "detail"])
+        .unwrap()
+        .try_into_batch()
+        .await
+        .unwrap();
+    let detail = batch
+        .column(1)
+        .as_any()
+        .downcast_ref::<arrow_array::StringArray>()
+        .unwrap();
+    assert!(
+        detail
+            .value(0)
+            .contains("column `aesthetic` is \"high\", not a number"),
+        "{}",
+        detail.value(0)
+    );
+
+    let out2 = tempfile::tempdir().unwrap();
+    let cfg = parquet_config(src.path(), out2.path(), "aesthetic,similarity");
+    let err = embed(
+        &cfg,
+        &StorageConfig::default(),
+        (0, 1),
+        Arc::new(EmbedProgress::default()),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("embed.source.columns") && err.contains("no column `similarity`"),
+        "{err}"
+    );
+}

@@ -6,5 +6,7 @@ mod embed;
 #[path = "../../../tests/support/images.rs"]
 mod images;
 mod knn;
+#[path = "../../../tests/support/parquet.rs"]
+mod parquet;
 #[path = "../../../tests/support/tables.rs"]
 mod tables;

@@ -64,12 +64,7 @@ fn shard(rows: &[(String, Vec<u8>, String)], with_caption: bool) -> Vec<u8> {
         )));
     }
     let schema = Arc::new(Schema::new(fields));
-    let batch = RecordBatch::try_new(schema.clone(), cols).unwrap();
-    let mut out = Vec::new();
-    let mut w = parquet::arrow::ArrowWriter::try_new(&mut out, schema, None).unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
-    out
+    crate::parquet::parquet_bytes(&RecordBatch::try_new(schema, cols).unwrap())
 }
 
 /// 6 colours x 4 shapes x 3 variants in two shards, plus three bad records.

@@ -5,6 +5,8 @@ mod clip;
 mod fixtures;
 mod measures;
 mod parity;
+#[path = "../../../tests/support/parquet.rs"]
+mod parquet;
 #[path = "../../../tests/support/s3_server.rs"]
 mod s3_server;
 mod training;
