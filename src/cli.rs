@@ -47,6 +47,12 @@ pub enum Command {
     /// number of probes; sharded by id range over workers; resumable, exactly once per
     /// shard; pinned to one version of the embeddings table.
     PrecomputeKnn(EmbedArgs),
+    /// Add a score column to an embeddings table that has none (`[score]`: `column`, default
+    /// `score`), for score-bucket sampling. The scorer is a documented proxy, Hasler &
+    /// Süsstrunk's colourfulness of each stored image; tables embedded from LAION-style
+    /// parquet carry their own scores instead (`embed.source.columns`). One Lance commit:
+    /// a crash leaves the table as it was. Run it after embed has finished.
+    Score(ConfigArgs),
     /// Train the kNN-conditioned diffusion model on the embeddings and kNN tables: each image
     /// is denoised given its own CLIP embedding and its k neighbours' (condition dropped with
     /// `train.cond_drop_prob` for classifier-free guidance). Writes metrics.jsonl, sample

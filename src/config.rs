@@ -7,6 +7,7 @@ use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use knn_datasets::{SplitConfig, StorageConfig};
 use knn_indexer::knn::{IndexConfig, KnnConfig};
+use knn_indexer::score::ScoreConfig;
 use knn_indexer::EmbedConfig;
 use knn_trainer::{TrainClipConfig, TrainConfig};
 use serde::Deserialize;
@@ -23,6 +24,8 @@ pub struct ProjectConfig {
     pub embed: Option<EmbedConfig>,
     /// The build-index stage.
     pub index: Option<IndexConfig>,
+    /// The score stage (a score column for tables without one).
+    pub score: Option<ScoreConfig>,
     /// The precompute-knn stage.
     pub knn: Option<KnnConfig>,
     /// Training.
@@ -42,16 +45,34 @@ impl ProjectConfig {
         self.embed.as_ref().map(|e| e.output.table.clone())
     }
 
+    /// A stage's `table` setting, or embed's output; an error naming `section.table` when
+    /// neither is set.
+    fn table_or_embeddings(
+        &self,
+        table: Option<String>,
+        section: &str,
+        path: &Path,
+    ) -> Result<Option<String>> {
+        match table.or_else(|| self.embeddings_table()) {
+            Some(t) => Ok(Some(t)),
+            None => bail!(
+                "config `{}` names no embeddings table: set `{section}.table` or `embed.output.table`",
+                path.display()
+            ),
+        }
+    }
+
     /// `[index]`, with the table defaulting to embed's output.
     pub fn index(&self, path: &Path) -> Result<IndexConfig> {
         let mut cfg = self.index.clone().unwrap_or_default();
-        cfg.table = cfg.table.or_else(|| self.embeddings_table());
-        if cfg.table.is_none() {
-            bail!(
-                "config `{}` names no embeddings table: set `index.table` or `embed.output.table`",
-                path.display()
-            );
-        }
+        cfg.table = self.table_or_embeddings(cfg.table, "index", path)?;
+        Ok(cfg)
+    }
+
+    /// `[score]`, with the table defaulting to embed's output.
+    pub fn score(&self, path: &Path) -> Result<ScoreConfig> {
+        let mut cfg = self.score.clone().unwrap_or_default();
+        cfg.table = self.table_or_embeddings(cfg.table, "score", path)?;
         Ok(cfg)
     }
 
@@ -61,14 +82,8 @@ impl ProjectConfig {
             Some(c) => c,
             None => toml::from_str("").context("default [knn] config")?,
         };
-        cfg.table = cfg.table.or_else(|| self.embeddings_table());
+        cfg.table = self.table_or_embeddings(cfg.table, "knn", path)?;
         cfg.split = cfg.split.or_else(|| self.split.clone());
-        if cfg.table.is_none() {
-            bail!(
-                "config `{}` names no embeddings table: set `knn.table` or `embed.output.table`",
-                path.display()
-            );
-        }
         Ok(cfg)
     }
 }

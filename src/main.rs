@@ -77,6 +77,7 @@ fn try_main(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Embed(args) => runtime.block_on(run_embed(args, cli.log_format)),
         Command::BuildIndex(args) => runtime.block_on(run_build_index(args)),
+        Command::Score(args) => runtime.block_on(run_score(args)),
         Command::PrecomputeKnn(args) => runtime.block_on(run_precompute_knn(args, cli.log_format)),
         Command::Train(args) => runtime.block_on(run_train(args, cli.log_format)),
         Command::Sample(args) => runtime.block_on(run_sample(args)),
@@ -177,6 +178,14 @@ async fn run_build_index(args: ConfigArgs) -> Result<()> {
     let cfg = project.index(&args.config)?;
     let summary = knn_indexer::knn::build_index(&cfg, &project.storage).await?;
     eprintln!("{summary}");
+    write_summary(args.summary_json.as_deref(), &summary)
+}
+
+async fn run_score(args: ConfigArgs) -> Result<()> {
+    let project = config::load(&args.config, &args.overrides)?;
+    let cfg = project.score(&args.config)?;
+    let summary = knn_indexer::score::score(&cfg, &project.storage).await?;
+    eprint!("{summary}");
     write_summary(args.summary_json.as_deref(), &summary)
 }
 

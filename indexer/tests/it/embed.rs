@@ -81,6 +81,23 @@ fn uri(out: &Path, name: &str) -> String {
     out.join(name).to_string_lossy().into_owned()
 }
 
+/// The `columns` of the table at `uri` in one batch, after Lance's `validate()`.
+async fn read_columns(uri: &str, columns: &[&str]) -> arrow_array::RecordBatch {
+    let ds = Dataset::open(uri).await.unwrap();
+    ds.validate().await.unwrap();
+    ds.scan()
+        .project(columns)
+        .unwrap()
+        .try_into_batch()
+        .await
+        .unwrap()
+}
+
+/// Column `i` of `batch` as the array type `A`.
+fn col<A: 'static>(batch: &arrow_array::RecordBatch, i: usize) -> &A {
+    batch.column(i).as_any().downcast_ref::<A>().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_record_is_embedded_or_rejected_with_a_reason() {
     let src = tempfile::tempdir().unwrap();
@@ -113,11 +130,7 @@ async fn every_record_is_embedded_or_rejected_with_a_reason() {
         .try_into_batch()
         .await
         .unwrap();
-    let emb = batch
-        .column(1)
-        .as_any()
-        .downcast_ref::<arrow_array::FixedSizeListArray>()
-        .unwrap();
+    let emb = col::<arrow_array::FixedSizeListArray>(&batch, 1);
     assert_eq!(emb.value_length(), 64);
     let values = emb
         .values()
@@ -129,11 +142,7 @@ async fn every_record_is_embedded_or_rejected_with_a_reason() {
         let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-4, "row {row} norm {norm}");
     }
-    let images = batch
-        .column(0)
-        .as_any()
-        .downcast_ref::<arrow_array::BinaryArray>()
-        .unwrap();
+    let images = col::<arrow_array::BinaryArray>(&batch, 0);
     let first = image::load_from_memory(images.value(0)).unwrap();
     assert_eq!((first.width(), first.height()), (16, 16));
 }
@@ -434,28 +443,14 @@ async fn source_columns_are_carried_typed_and_misfits_are_rejected() {
             "caption"
         ]
     );
-    let batch = ds
-        .scan()
-        .project(&["key", "aesthetic", "caption"])
-        .unwrap()
-        .try_into_batch()
-        .await
-        .unwrap();
-    let keys = batch
-        .column(0)
-        .as_any()
-        .downcast_ref::<arrow_array::StringArray>()
-        .unwrap();
-    let scores = batch
-        .column(1)
-        .as_any()
-        .downcast_ref::<arrow_array::Float64Array>()
-        .unwrap();
-    let captions = batch
-        .column(2)
-        .as_any()
-        .downcast_ref::<arrow_array::StringArray>()
-        .unwrap();
+    let batch = read_columns(
+        &uri(out.path(), "emb.lance"),
+        &["key", "aesthetic", "caption"],
+    )
+    .await;
+    let keys = col::<arrow_array::StringArray>(&batch, 0);
+    let scores = col::<arrow_array::Float64Array>(&batch, 1);
+    let captions = col::<arrow_array::StringArray>(&batch, 2);
     let mut got: Vec<(String, Option<f64>, String)> = (0..batch.num_rows())
         .map(|r| {
             (
@@ -481,21 +476,8 @@ async fn source_columns_are_carried_typed_and_misfits_are_rejected() {
         "the text scores of keys 00004 and 00006 are rejected, 00005's null kept"
     );
 
-    let rejects = Dataset::open(&uri(out.path(), "emb-rejects.lance"))
-        .await
-        .unwrap();
-    let batch = rejects
-        .scan()
-        .project(&["key", "detail"])
-        .unwrap()
-        .try_into_batch()
-        .await
-        .unwrap();
-    let detail = batch
-        .column(1)
-        .as_any()
-        .downcast_ref::<arrow_array::StringArray>()
-        .unwrap();
+    let batch = read_columns(&uri(out.path(), "emb-rejects.lance"), &["key", "detail"]).await;
+    let detail = col::<arrow_array::StringArray>(&batch, 1);
     assert!(
         detail
             .value(0)
@@ -517,6 +499,47 @@ async fn source_columns_are_carried_typed_and_misfits_are_rejected() {
     .to_string();
     assert!(
         err.contains("embed.source.columns") && err.contains("no column `similarity`"),
+        "{err}"
+    );
+}
+
+/// `score` adds a colourfulness column in one commit, each value that of the row's stored
+/// image; a second run into the same column is refused, naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn score_adds_a_colourfulness_column_once() {
+    use knn_indexer::score::{colourfulness, score, ScoreConfig};
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    write_source(src.path(), 6);
+    run(&config(src.path(), out.path(), ""), (0, 1)).await;
+    let table = uri(out.path(), "emb.lance");
+    let before = Dataset::open(&table).await.unwrap().version().version;
+    let cfg = ScoreConfig {
+        table: Some(table.clone()),
+        ..Default::default()
+    };
+    let s = score(&cfg, &StorageConfig::default()).await.unwrap();
+    assert_eq!((s.scored, s.unscored_total), (7, 0), "{s}");
+    assert_eq!(s.version, before + 1, "one commit");
+
+    let batch = read_columns(&table, &["image", "score"]).await;
+    let images = col::<arrow_array::BinaryArray>(&batch, 0);
+    let scores = col::<arrow_array::Float64Array>(&batch, 1);
+    assert_eq!(scores.len(), 7);
+    let mut distinct = HashSet::new();
+    for r in 0..scores.len() {
+        let rgb = image::load_from_memory(images.value(r)).unwrap().to_rgb8();
+        assert_eq!(scores.value(r), colourfulness(rgb.as_raw()), "row {r}");
+        distinct.insert(scores.value(r).to_bits());
+    }
+    assert!(distinct.len() > 1, "the scores tell the images apart");
+
+    let err = score(&cfg, &StorageConfig::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("score.column") && err.contains("already has a column `score`"),
         "{err}"
     );
 }
