@@ -51,7 +51,8 @@ pub enum Command {
     /// `score`), for score-bucket sampling. The scorer is a documented proxy, Hasler &
     /// Süsstrunk's colourfulness of each stored image; tables embedded from LAION-style
     /// parquet carry their own scores instead (`embed.source.columns`). One Lance commit:
-    /// a crash leaves the table as it was. Run it after embed has finished.
+    /// a crash leaves the table as it was. Run it after embed has finished (embed then skips the
+    /// table's shards but refuses to add new rows to it).
     Score(ConfigArgs),
     /// Train the kNN-conditioned diffusion model on the embeddings and kNN tables: each image
     /// is denoised given its own CLIP embedding and its k neighbours' (condition dropped with

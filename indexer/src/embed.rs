@@ -538,6 +538,17 @@ pub async fn embed(
         .filter(|s| !images.is_committed(s.id.as_str()))
         .collect();
     summary.shards_skipped = summary.shards_assigned - todo.len();
+    if !todo.is_empty() && !images.added_columns().is_empty() {
+        return Err(IndexerError::SchemaMismatch {
+            table: cfg.output.table.clone(),
+            detail: format!(
+                "{} shards are new, but the table has columns added after embedding ({}), \
+                 which new rows would lack; embed them into a new `embed.output.table`",
+                todo.len(),
+                images.added_columns().join(", ")
+            ),
+        });
+    }
     progress
         .shards_todo
         .store(todo.len() as u64, Ordering::Relaxed);

@@ -11,8 +11,9 @@
 //! The column is added in one Lance commit (`add_columns` reading `id` and `image`, fragment
 //! by fragment), so a crash leaves the table as it was. A row whose image does not decode
 //! gets a null score and is counted and named in the summary. A table is scored once: a
-//! second run into the same column is refused. Score after the embed stage has finished:
-//! `embed` refuses to append to a table whose columns changed.
+//! second run into the same column is refused. Score after the embed stage has finished: a
+//! rerun of `embed` still skips the table's committed shards, but refuses to append new
+//! rows, which would lack the score.
 
 use crate::table::load_dataset;
 use crate::{IndexerError, Result};

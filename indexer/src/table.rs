@@ -104,6 +104,8 @@ pub struct ShardedTable {
     storage: HashMap<String, String>,
     schema: SchemaRef,
     ledger: ShardLedger,
+    /// Columns the table has after this run's (added later, e.g. by `score`).
+    added_columns: Vec<String>,
 }
 
 /// The URI of a table beside `uri`: its name with `-suffix` before `.lance`
@@ -165,11 +167,12 @@ impl ShardedTable {
         schema: SchemaRef,
         storage: HashMap<String, String>,
     ) -> Result<Self> {
-        let table = Self {
+        let mut table = Self {
             uri: uri.to_string(),
             storage,
             schema,
             ledger: ShardLedger::new(),
+            added_columns: Vec::new(),
         };
         let ds = match table.open().await {
             Ok(ds) => ds,
@@ -183,7 +186,7 @@ impl ShardedTable {
             },
             Err(e) => return Err(e),
         };
-        table.check_schema(&ds)?;
+        table.added_columns = table.check_schema(&ds)?;
         Ok(table)
     }
 
@@ -256,7 +259,15 @@ impl ShardedTable {
             .map_err(|e| IndexerError::lance(&self.uri, e))
     }
 
-    fn check_schema(&self, ds: &Dataset) -> Result<()> {
+    /// Columns added to the table after this run's own (`score`'s): reading and skipping
+    /// committed shards is fine, appending rows is not.
+    pub fn added_columns(&self) -> &[String] {
+        &self.added_columns
+    }
+
+    /// Checks the table has this run's columns (first, in order) and CLIP; returns the
+    /// names of nullable columns added after them.
+    fn check_schema(&self, ds: &Dataset) -> Result<Vec<String>> {
         let have: Schema = ds.schema().into();
         let names = |s: &Schema| {
             s.fields()
@@ -264,7 +275,9 @@ impl ShardedTable {
                 .map(|f| format!("{}: {}", f.name(), f.data_type()))
                 .collect::<Vec<_>>()
         };
-        if names(&have) != names(&self.schema) {
+        let (mine, theirs) = (names(&self.schema), names(&have));
+        let added = &have.fields()[mine.len().min(theirs.len())..];
+        if !theirs.starts_with(&mine) || added.iter().any(|f| !f.is_nullable()) {
             return Err(IndexerError::SchemaMismatch {
                 table: self.uri.clone(),
                 detail: format!(
@@ -286,7 +299,7 @@ impl ShardedTable {
                 });
             }
         }
-        Ok(())
+        Ok(added.iter().map(|f| f.name().clone()).collect())
     }
 
     /// Reads the shard ledger up to the latest version; returns the committed shard count.

@@ -81,6 +81,19 @@ fn uri(out: &Path, name: &str) -> String {
     out.join(name).to_string_lossy().into_owned()
 }
 
+/// The error of an embed run that must fail, as text.
+async fn embed_error(cfg: &EmbedConfig) -> String {
+    embed(
+        cfg,
+        &StorageConfig::default(),
+        (0, 1),
+        Arc::new(EmbedProgress::default()),
+    )
+    .await
+    .unwrap_err()
+    .to_string()
+}
+
 /// The `columns` of the table at `uri` in one batch, after Lance's `validate()`.
 async fn read_columns(uri: &str, columns: &[&str]) -> arrow_array::RecordBatch {
     let ds = Dataset::open(uri).await.unwrap();
@@ -488,15 +501,7 @@ async fn source_columns_are_carried_typed_and_misfits_are_rejected() {
 
     let out2 = tempfile::tempdir().unwrap();
     let cfg = parquet_config(src.path(), out2.path(), "aesthetic,similarity");
-    let err = embed(
-        &cfg,
-        &StorageConfig::default(),
-        (0, 1),
-        Arc::new(EmbedProgress::default()),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let err = embed_error(&cfg).await;
     assert!(
         err.contains("embed.source.columns") && err.contains("no column `similarity`"),
         "{err}"
@@ -533,6 +538,21 @@ async fn score_adds_a_colourfulness_column_once() {
         distinct.insert(scores.value(r).to_bits());
     }
     assert!(distinct.len() > 1, "the scores tell the images apart");
+
+    // A rerun of embed skips its committed shards on the scored table; new images need a
+    // new table, and the error says so.
+    let again = run(&config(src.path(), out.path(), ""), (0, 1)).await;
+    assert_eq!(
+        (again.images_ok, again.shards_skipped),
+        (0, again.shards_assigned)
+    );
+    std::fs::write(src.path().join("late.png"), png(33, 21, 9)).unwrap();
+    let late = embed_error(&config(src.path(), out.path(), "")).await;
+    assert!(
+        late.contains("columns added after embedding (score)")
+            && late.contains("embed.output.table"),
+        "{late}"
+    );
 
     let err = score(&cfg, &StorageConfig::default())
         .await
