@@ -80,7 +80,7 @@ pub enum Command {
     /// output distribution without retraining), then the model samples with classifier-free
     /// guidance. Writes a grid of samples (a row per prompt) and a grid of the retrieved
     /// neighbours' images.
-    Sample(SampleArgs),
+    Sample(Box<SampleArgs>),
     /// Submit a job file (configs/jobs/*.toml): a stage, its config, resources and a backend.
     /// `local` runs the processes here (training as data-parallel ranks, embed and
     /// precompute-knn as workers splitting the shards); `slurm` renders an sbatch script
@@ -279,6 +279,21 @@ pub struct SampleArgs {
     /// Neighbours per prompt (default: the k the model was trained with).
     #[arg(long)]
     pub k: Option<usize>,
+
+    /// Condition on one score bucket (PAPER.md §4.2): `i/n` cuts the `--pool` nearest rows
+    /// into n equal quantile buckets of `--score-column` and takes the k nearest of bucket i
+    /// (1: lowest scores, n: highest).
+    #[arg(long, value_name = "I/N")]
+    pub bucket: Option<String>,
+
+    /// The float column `--bucket` ranks by (`knn-diffusion score` writes `score`; LAION
+    /// tables carry `aesthetic`).
+    #[arg(long, default_value = "score")]
+    pub score_column: String,
+
+    /// Nearest rows `--bucket` cuts its buckets from.
+    #[arg(long, default_value_t = 1000)]
+    pub pool: usize,
 
     /// Classifier-free guidance scale (1: no guidance). Default: `train.samples.guidance`.
     #[arg(long)]

@@ -80,7 +80,7 @@ fn try_main(cli: Cli) -> Result<()> {
         Command::Score(args) => runtime.block_on(run_score(args)),
         Command::PrecomputeKnn(args) => runtime.block_on(run_precompute_knn(args, cli.log_format)),
         Command::Train(args) => runtime.block_on(run_train(args, cli.log_format)),
-        Command::Sample(args) => runtime.block_on(run_sample(args)),
+        Command::Sample(args) => runtime.block_on(run_sample(*args)),
         Command::TrainClip(args) => runtime.block_on(run_train_clip(args, cli.log_format)),
         Command::Data(cli::DataCommand::Fetch(args)) => runtime.block_on(run_data_fetch(args)),
         Command::Submit(args) => {
@@ -528,6 +528,18 @@ async fn run_sample(args: SampleArgs) -> Result<()> {
             .or(train.data.embeddings.clone())
             .context("no --retrieval-db and no embeddings table in the config")?,
         k: args.k,
+        bucket: args
+            .bucket
+            .as_deref()
+            .map(|spec| {
+                knn_indexer::knn::ScoreBucket::parse(
+                    &args.score_column,
+                    spec,
+                    args.pool,
+                    "--bucket",
+                )
+            })
+            .transpose()?,
         guidance,
         sampler,
         per_prompt: args.per_prompt,
@@ -677,7 +689,7 @@ mod tests {
         ];
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).expect("parses").command {
-            Command::Sample(a) => a,
+            Command::Sample(a) => *a,
             other => panic!("parsed as {other:?}"),
         }
     }

@@ -17,7 +17,7 @@ use arrow_array::types::UInt64Type;
 use futures::TryStreamExt;
 use knn_datasets::StorageConfig;
 use knn_indexer::clip::{ClipSettings, DeviceChoice};
-use knn_indexer::knn::Retriever;
+use knn_indexer::knn::{Retriever, ScoreBucket};
 use lance::deps::datafusion::prelude::{col, lit};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -35,6 +35,8 @@ pub struct SampleRequest {
     pub retrieval_db: String,
     /// Neighbours (default: the k the model was trained with; fewer leaves slots null).
     pub k: Option<usize>,
+    /// Condition on neighbours from one score bucket of a candidate pool (PAPER.md §4.2).
+    pub bucket: Option<ScoreBucket>,
     /// Classifier-free guidance scale.
     pub guidance: f64,
     /// The reverse process.
@@ -155,7 +157,10 @@ pub async fn sample(
         emb[i * slots * d..i * slots * d + d].copy_from_slice(query);
         present[i * slots] = 1.0;
         let nb = if k > 0 {
-            retriever.search(query, k).await?
+            match &req.bucket {
+                Some(b) => retriever.search_bucket(query, k, b).await?,
+                None => retriever.search(query, k).await?,
+            }
         } else {
             Default::default()
         };

@@ -22,5 +22,5 @@ pub mod vectors;
 pub use index::{build_index, IndexConfig, IndexKind, IndexSummary};
 pub use plan::IvfConfig;
 pub use precompute::{precompute_knn, KnnComputeConfig, KnnConfig, KnnProgress, KnnSummary};
-pub use retriever::{Neighbours, RangeFilter, Retriever, RetrieverOptions};
+pub use retriever::{Neighbours, RangeFilter, Retriever, RetrieverOptions, ScoreBucket};
 pub use vectors::VectorTable;

@@ -68,6 +68,83 @@ pub struct Neighbours {
     pub dim: usize,
 }
 
+/// Score-bucket retrieval: the k nearest within one of `of` quantile buckets of `column`
+/// over the `pool` nearest rows ([`Retriever::search_bucket`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScoreBucket {
+    /// A float column of the table (`score`, `aesthetic`).
+    pub column: String,
+    /// Which bucket, 1-based: 1 holds the lowest scores, `of` the highest.
+    pub bucket: usize,
+    /// How many buckets.
+    pub of: usize,
+    /// Nearest rows the buckets are cut from (the paper: 1,000).
+    pub pool: usize,
+}
+
+impl ScoreBucket {
+    /// Parses `i/n` (1 ≤ i ≤ n) for `column` over a pool of `pool` rows; `key` names the
+    /// setting in errors.
+    pub fn parse(column: &str, spec: &str, pool: usize, key: &str) -> Result<Self> {
+        let bad = |reason: String| IndexerError::Config {
+            key: key.into(),
+            reason,
+        };
+        let (i, n) = spec
+            .split_once('/')
+            .and_then(|(i, n)| Some((i.trim().parse().ok()?, n.trim().parse().ok()?)))
+            .ok_or_else(|| {
+                bad(format!(
+                    "`{spec}` is not `i/n`, e.g. `5/5` for the top fifth"
+                ))
+            })?;
+        if n == 0 || i == 0 || i > n {
+            return Err(bad(format!("`{spec}`: need 1 <= i <= n")));
+        }
+        if pool < n {
+            return Err(bad(format!(
+                "a pool of {pool} rows cannot make {n} buckets"
+            )));
+        }
+        Ok(Self {
+            column: column.into(),
+            bucket: i,
+            of: n,
+            pool,
+        })
+    }
+
+    /// The ranks `[lo, hi)` of this bucket among `len` rows sorted by score.
+    pub fn rank_range(&self, len: usize) -> (usize, usize) {
+        (
+            (self.bucket - 1) * len / self.of,
+            self.bucket * len / self.of,
+        )
+    }
+}
+
+/// One search result.
+struct Row {
+    sim: f32,
+    id: u64,
+    emb: Vec<f32>,
+    score: Option<f64>,
+}
+
+/// Row `i` of a float column as f64 (None when null or not a float column).
+fn score_value(col: &dyn arrow_array::Array, i: usize) -> Option<f64> {
+    use arrow_array::types::Float64Type;
+    if col.is_null(i) {
+        return None;
+    }
+    col.as_primitive_opt::<Float64Type>()
+        .map(|c| c.value(i))
+        .or_else(|| {
+            col.as_primitive_opt::<Float32Type>()
+                .map(|c| c.value(i) as f64)
+        })
+}
+
 /// Nearest-neighbour search over one embeddings table.
 #[derive(Debug, Clone)]
 pub struct Retriever {
@@ -169,6 +246,63 @@ impl Retriever {
         k: usize,
         filter: Option<&RangeFilter>,
     ) -> Result<Neighbours> {
+        let rows = self.nearest_rows(query, k, filter, None).await?;
+        Ok(self.neighbours(rows))
+    }
+
+    /// The `k` rows most similar to `query` within one score bucket (PAPER.md §4.2): the
+    /// `bucket.pool` nearest rows are ranked by `bucket.column` and cut into `bucket.of`
+    /// equal quantile buckets; the result is the k nearest of bucket `bucket.bucket` (fewer
+    /// when it holds fewer). Rows with a null score are left out of the pool.
+    pub async fn search_bucket(
+        &self,
+        query: &[f32],
+        k: usize,
+        bucket: &ScoreBucket,
+    ) -> Result<Neighbours> {
+        self.check_score_column(&bucket.column)?;
+        let pool = bucket.pool.min(self.table.rows).max(k.min(self.table.rows));
+        let mut rows: Vec<Row> = self
+            .nearest_rows(query, pool, None, Some(&bucket.column))
+            .await?
+            .into_iter()
+            .filter(|r| r.score.is_some())
+            .collect();
+        rows.sort_by(|a, b| {
+            a.score
+                .unwrap()
+                .total_cmp(&b.score.unwrap())
+                .then(a.id.cmp(&b.id))
+        });
+        let (lo, hi) = bucket.rank_range(rows.len());
+        let mut chosen: Vec<Row> = rows.drain(lo..hi).collect();
+        chosen.sort_by(|a, b| b.sim.total_cmp(&a.sim));
+        chosen.truncate(k);
+        Ok(self.neighbours(chosen))
+    }
+
+    fn neighbours(&self, rows: Vec<Row>) -> Neighbours {
+        let mut out = Neighbours {
+            dim: self.table.dim,
+            ..Default::default()
+        };
+        for r in rows {
+            out.sims.push(r.sim);
+            out.ids.push(r.id);
+            out.emb.extend(r.emb);
+        }
+        out
+    }
+
+    /// The `k` nearest rows to `query` (passing `filter`), best first, with `score_column`'s
+    /// value when asked.
+    async fn nearest_rows(
+        &self,
+        query: &[f32],
+        k: usize,
+        filter: Option<&RangeFilter>,
+        score_column: Option<&str>,
+    ) -> Result<Vec<Row>> {
         let uri = &self.table.uri;
         if query.len() != self.table.dim {
             return Err(IndexerError::DimensionMismatch {
@@ -195,9 +329,9 @@ impl Retriever {
         let q = Float32Array::from_iter_values(query.iter().map(|v| v / norm));
         let lance_err = |e| IndexerError::lance(uri.clone(), e);
         let mut scanner = self.table.ds.scan();
-        scanner
-            .project(&[ID_COLUMN, EMB_COLUMN, DISTANCE_COLUMN])
-            .map_err(lance_err)?;
+        let mut columns = vec![ID_COLUMN, EMB_COLUMN, DISTANCE_COLUMN];
+        columns.extend(score_column);
+        scanner.project(&columns).map_err(lance_err)?;
         scanner
             .nearest(EMB_COLUMN, &q, k)
             .map_err(lance_err)?
@@ -221,11 +355,7 @@ impl Retriever {
             .try_collect()
             .await
             .map_err(lance_err)?;
-        let mut out = Neighbours {
-            dim: self.table.dim,
-            ..Default::default()
-        };
-        let mut rows: Vec<(f32, u64, Vec<f32>)> = Vec::new();
+        let mut rows: Vec<Row> = Vec::new();
         for b in &batches {
             let ids = b
                 .column_by_name(ID_COLUMN)
@@ -241,22 +371,42 @@ impl Retriever {
                     "Lance vector search on `{uri}` returned no id/emb/_distance columns"
                 )));
             };
+            let scores = score_column.and_then(|c| b.column_by_name(c));
             for i in 0..b.num_rows() {
                 let e = emb.value(i);
-                rows.push((
-                    1.0 - dist.value(i),
-                    ids.value(i),
-                    e.as_primitive::<Float32Type>().values().to_vec(),
-                ));
+                rows.push(Row {
+                    sim: 1.0 - dist.value(i),
+                    id: ids.value(i),
+                    emb: e.as_primitive::<Float32Type>().values().to_vec(),
+                    score: scores.and_then(|c| score_value(c.as_ref(), i)),
+                });
             }
         }
-        rows.sort_by(|a, b| b.0.total_cmp(&a.0));
-        for (sim, id, e) in rows.into_iter().take(k) {
-            out.sims.push(sim);
-            out.ids.push(id);
-            out.emb.extend(e);
+        rows.sort_by(|a, b| b.sim.total_cmp(&a.sim));
+        rows.truncate(k);
+        Ok(rows)
+    }
+
+    fn check_score_column(&self, column: &str) -> Result<()> {
+        let schema: arrow_schema::Schema = self.table.ds.schema().into();
+        match schema
+            .field_with_name(column)
+            .map(|f| f.data_type().clone())
+        {
+            Ok(arrow_schema::DataType::Float64 | arrow_schema::DataType::Float32) => Ok(()),
+            Ok(other) => Err(IndexerError::MissingColumn {
+                table: self.table.uri.clone(),
+                column: column.into(),
+                detail: format!("score buckets need a float column; it is {other}"),
+            }),
+            Err(_) => Err(IndexerError::MissingColumn {
+                table: self.table.uri.clone(),
+                column: column.into(),
+                detail: "no such score column: add one with `knn-diffusion score` or carry it \
+                         with `embed.source.columns`"
+                    .into(),
+            }),
         }
-        Ok(out)
     }
 
     fn check_filter_column(&self, f: &RangeFilter) -> Result<()> {

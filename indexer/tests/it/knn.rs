@@ -501,3 +501,72 @@ async fn build_index_makes_the_retriever_use_an_ann_index() {
         "{err}"
     );
 }
+
+/// Score buckets (PAPER.md §4.2): `i/n` ranks the pool of nearest rows by score, cuts it into
+/// n equal buckets and returns the nearest of bucket i — checked against brute force; a
+/// table without the column and a bad spec are named errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn score_buckets_take_the_nearest_of_one_quantile_of_the_pool() {
+    use knn_indexer::knn::ScoreBucket;
+    let dir = tempfile::tempdir().unwrap();
+    let data = clustered(400, 8, 5, 1.0, 21);
+    let table = path(dir.path(), "scored.lance");
+    // Distinct scores, unrelated to the position in the table.
+    let scores: Vec<f32> = (0..400).map(|i| ((i * 37) % 400) as f32 / 4.0).collect();
+    let batch = vector_batch(&data.ids, &data.emb, &[("score", scores.clone())]).unwrap();
+    let reader = arrow_array::RecordBatchIterator::new(vec![Ok(batch.clone())], batch.schema());
+    lance::Dataset::write(reader, &table, None).await.unwrap();
+    let r = Retriever::open(&table, &StorageConfig::default())
+        .await
+        .unwrap();
+
+    let query: Vec<f32> = Vec::try_from(&data.emb.get(3)).unwrap();
+    let q = Tensor::from_slice(&query);
+    let unit = &data.emb / data.emb.norm_scalaropt_dim(2.0, [1], true);
+    let sims: Vec<f32> = Vec::try_from(unit.matmul(&(&q / q.norm()))).unwrap();
+    let mut by_sim: Vec<usize> = (0..400).collect();
+    by_sim.sort_by(|&a, &b| sims[b].total_cmp(&sims[a]));
+    let pool = &by_sim[..100];
+    for (bucket, k) in [(1, 7), (5, 7), (3, 30)] {
+        let spec = ScoreBucket::parse("score", &format!("{bucket}/5"), 100, "--bucket").unwrap();
+        let got = r.search_bucket(&query, k, &spec).await.unwrap();
+        let mut ranked = pool.to_vec();
+        ranked.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+        let mut want: Vec<usize> = ranked[(bucket - 1) * 20..bucket * 20].to_vec();
+        want.sort_by(|&a, &b| sims[b].total_cmp(&sims[a]));
+        want.truncate(k);
+        let want: Vec<u64> = want.iter().map(|&i| data.ids[i]).collect();
+        assert_eq!(got.ids, want, "bucket {bucket}/5, k {k}");
+        assert_eq!(got.emb.len(), want.len() * 8);
+    }
+    // Higher buckets hold higher scores.
+    let mut means = Vec::new();
+    for b in 1..=5 {
+        let spec = ScoreBucket::parse("score", &format!("{b}/5"), 100, "--bucket").unwrap();
+        let got = r.search_bucket(&query, 10, &spec).await.unwrap();
+        let sum: f32 = got
+            .ids
+            .iter()
+            .map(|id| scores[data.ids.iter().position(|x| x == id).unwrap()])
+            .sum();
+        means.push(sum / 10.0);
+    }
+    assert!(means.windows(2).all(|w| w[0] < w[1]), "{means:?}");
+
+    let missing = ScoreBucket::parse("aesthetic", "1/5", 100, "--bucket").unwrap();
+    let err = r
+        .search_bucket(&query, 5, &missing)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("aesthetic") && err.contains("knn-diffusion score"),
+        "{err}"
+    );
+    for bad in ["0/5", "6/5", "five", "2/0"] {
+        let err = ScoreBucket::parse("score", bad, 100, "--bucket")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--bucket"), "{bad}: {err}");
+    }
+}
