@@ -16,7 +16,7 @@ case holds: ``betas``, ``alphas_cumprod``, ``posterior_variance`` (DDPM
 fixed inputs ``x0`` / ``noise`` / ``model_output`` / ``sample`` (shape
 [2,3,4,4], flattened row-major), ``add_noise`` and ``velocity`` at
 t in {0, 10, 500, 999}, DDPM ``step`` outputs (with the noise the step drew),
-DDIM ``step`` outputs after ``set_timesteps(50)`` (explicit variance noise),
+DDIM ``step`` outputs after ``set_timesteps(50)`` (explicit variance noise; with clipping, also with ``use_clipped_model_output``),
 and the schedulers' ``config`` dicts (the defaults relied on).
 
 Deterministic: fixed seeds, CPU generators, float32 everywhere; floats are
@@ -105,9 +105,12 @@ def ddim(kw, prediction, model_output, sample, variance_noise):
     steps = []
     for t in [timesteps[0], timesteps[25], timesteps[49]]:
         for eta in [0.0, 1.0]:
-            for clip in [True, False]:
-                out = make(clip).step(model_output, t, sample, eta=eta, variance_noise=variance_noise)
-                steps.append({"t": t, "eta": eta, "clip_sample": clip, "variance_noise": floats(variance_noise),
+            for clip, eps_from_clipped in [(True, False), (True, True), (False, False)]:
+                out = make(clip).step(model_output, t, sample, eta=eta, variance_noise=variance_noise,
+                                      use_clipped_model_output=eps_from_clipped)
+                steps.append({"t": t, "eta": eta, "clip_sample": clip,
+                              "use_clipped_model_output": eps_from_clipped,
+                              "variance_noise": floats(variance_noise),
                               "prev_sample": floats(out.prev_sample),
                               "pred_original_sample": floats(out.pred_original_sample)})
     return {"num_inference_steps": DDIM_STEPS, "timesteps": timesteps, "steps": steps}, make(True)

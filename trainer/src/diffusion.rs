@@ -313,6 +313,12 @@ pub struct SamplerConfig {
     /// Clip x̂₀ to [−1, 1] at every step.
     #[serde(default = "yes")]
     pub clip_denoised: bool,
+    /// DDIM with `clip_denoised`: derive ε again from the clipped x̂₀ (GLIDE and
+    /// guided-diffusion do; diffusers' `use_clipped_model_output`). Off, a guided step keeps
+    /// the unclipped ε and a briefly trained model's samples stay noisy: on the demo model
+    /// at guidance 3 the judge's on-prompt share was 56% off and 94% on.
+    #[serde(default = "yes")]
+    pub eps_from_clipped: bool,
 }
 
 fn default_sampling_steps() -> usize {
@@ -329,6 +335,7 @@ impl Default for SamplerConfig {
             steps: default_sampling_steps(),
             eta: 0.0,
             clip_denoised: true,
+            eps_from_clipped: true,
         }
     }
 }
@@ -363,6 +370,7 @@ impl SamplerConfig {
                 timesteps,
                 eta: self.eta,
                 clip: self.clip_denoised,
+                eps_from_clipped: self.eps_from_clipped,
             }),
         })
     }
@@ -438,6 +446,7 @@ pub struct Ddim {
     step_ratio: usize,
     eta: f64,
     clip: bool,
+    eps_from_clipped: bool,
 }
 
 impl Sampler for Ddim {
@@ -450,9 +459,12 @@ impl Sampler for Ddim {
         let prev = t as i64 - self.step_ratio as i64;
         let (a_t, a_prev) = (d.abar_at(t as i64), d.abar_at(prev));
         let (b_t, b_prev) = (1.0 - a_t, 1.0 - a_prev);
-        let (mut x0, eps) = d.predictions(model_output, t, sample);
+        let (mut x0, mut eps) = d.predictions(model_output, t, sample);
         if self.clip {
             x0 = x0.clamp(-1.0, 1.0);
+            if self.eps_from_clipped {
+                eps = (sample - &x0 * (pow_half(a_t) as f64)) / (pow_half(b_t) as f64);
+            }
         }
         let variance = (b_prev / b_t) * (1.0 - a_t / a_prev);
         let std = self.eta as f32 * pow_half(variance);

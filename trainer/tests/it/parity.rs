@@ -166,12 +166,14 @@ fn schedules_and_steps_match_diffusers() {
         let steps = ddim_fx["num_inference_steps"].as_u64().unwrap() as usize;
         for e in ddim_fx["steps"].as_array().unwrap() {
             let clip = e["clip_sample"].as_bool().unwrap();
+            let eps_from_clipped = e["use_clipped_model_output"].as_bool().unwrap();
             let eta = e["eta"].as_f64().unwrap();
             let ddim = SamplerConfig {
                 kind: SamplerKind::Ddim,
                 steps,
                 eta,
                 clip_denoised: clip,
+                eps_from_clipped,
             }
             .build(&d, "test")
             .unwrap();
@@ -187,7 +189,9 @@ fn schedules_and_steps_match_diffusers() {
                 "{name} DDIM timesteps"
             );
             let t = e["t"].as_u64().unwrap() as usize;
-            let what = format!("{name} DDIM t={t} eta={eta} clip={clip}");
+            let what = format!(
+                "{name} DDIM t={t} eta={eta} clip={clip} eps_from_clipped={eps_from_clipped}"
+            );
             step_matches(&what, ddim.as_ref(), t, &model_output, &sample, e, &shape);
         }
     }
