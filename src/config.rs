@@ -52,9 +52,9 @@ impl ProjectConfig {
         table: Option<String>,
         section: &str,
         path: &Path,
-    ) -> Result<Option<String>> {
+    ) -> Result<String> {
         match table.or_else(|| self.embeddings_table()) {
-            Some(t) => Ok(Some(t)),
+            Some(t) => Ok(t),
             None => bail!(
                 "config `{}` names no embeddings table: set `{section}.table` or `embed.output.table`",
                 path.display()
@@ -65,14 +65,14 @@ impl ProjectConfig {
     /// `[index]`, with the table defaulting to embed's output.
     pub fn index(&self, path: &Path) -> Result<IndexConfig> {
         let mut cfg = self.index.clone().unwrap_or_default();
-        cfg.table = self.table_or_embeddings(cfg.table, "index", path)?;
+        cfg.table = Some(self.table_or_embeddings(cfg.table, "index", path)?);
         Ok(cfg)
     }
 
     /// `[score]`, with the table defaulting to embed's output.
     pub fn score(&self, path: &Path) -> Result<ScoreConfig> {
         let mut cfg = self.score.clone().unwrap_or_default();
-        cfg.table = self.table_or_embeddings(cfg.table, "score", path)?;
+        cfg.table = Some(self.table_or_embeddings(cfg.table, "score", path)?);
         Ok(cfg)
     }
 
@@ -82,7 +82,7 @@ impl ProjectConfig {
             Some(c) => c,
             None => toml::from_str("").context("default [knn] config")?,
         };
-        cfg.table = self.table_or_embeddings(cfg.table, "knn", path)?;
+        cfg.table = Some(self.table_or_embeddings(cfg.table, "knn", path)?);
         cfg.split = cfg.split.or_else(|| self.split.clone());
         Ok(cfg)
     }

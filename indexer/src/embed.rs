@@ -15,7 +15,7 @@
 
 use crate::clip::{l2_normalize, ClipSettings, LoadedClip};
 use crate::table::{
-    embeddings_schema_with, rejects_schema, Reject, ShardWriter, ShardedTable, EMBEDDINGS_COLUMNS,
+    embeddings_schema, embeddings_schema_with, rejects_schema, Reject, ShardWriter, ShardedTable,
 };
 use crate::{IndexerError, Result};
 use arrow_array::builder::{BinaryBuilder, StringBuilder};
@@ -335,7 +335,7 @@ struct DecodedChunk {
     sizes: Vec<(u32, u32)>,
     pixels: Vec<f32>,
     /// Per carried column, the kept records' values.
-    carried: Vec<Vec<Option<String>>>,
+    carried: Vec<Vec<Cell>>,
     rejects: Vec<Reject>,
 }
 
@@ -423,6 +423,8 @@ async fn carried_columns(
         return Ok(Vec::new());
     };
     let schema = shard_schema(source, first, KEY).await?;
+    let own = embeddings_schema(1, "");
+    let own: Vec<&str> = own.fields().iter().map(|f| f.name().as_str()).collect();
     let mut seen = std::collections::BTreeSet::new();
     cfg.columns
         .iter()
@@ -431,10 +433,10 @@ async fn carried_columns(
                 key: KEY.into(),
                 reason,
             };
-            if EMBEDDINGS_COLUMNS.contains(&name.as_str()) || !seen.insert(name) {
+            if own.contains(&name.as_str()) || !seen.insert(name) {
                 return Err(bad(format!(
                     "`{name}` is listed twice or is one of the table's own columns ({})",
-                    EMBEDDINGS_COLUMNS.join(", ")
+                    own.join(", ")
                 )));
             }
             let field = schema
@@ -460,19 +462,33 @@ async fn carried_columns(
         .collect()
 }
 
-/// The carried values of one record that do not fit their column's type, as a reject detail.
-fn carried_misfit(carried: &[Field], values: &[Option<String>]) -> Option<String> {
+/// One carried value, typed by its column.
+#[derive(Clone, Debug)]
+enum Cell {
+    Number(Option<f64>),
+    Text(Option<String>),
+}
+
+/// A record's carried values typed by their columns, or why one does not fit (a reject
+/// detail).
+fn carried_cells(carried: &[Field], values: Vec<Option<String>>) -> Result<Vec<Cell>, String> {
     carried
         .iter()
         .zip(values)
-        .find_map(|(f, v)| match (f.data_type(), v) {
-            (DataType::Float64, Some(v)) if v.parse::<f64>().is_err() => Some(format!(
-            "column `{}` is {v:?}, not a number (the table's column is Float64, typed from the \
-             first shard)",
-            f.name()
-        )),
-            _ => None,
+        .map(|(f, v)| match (f.data_type(), v) {
+            (DataType::Float64, Some(v)) => {
+                v.parse().map(|x| Cell::Number(Some(x))).map_err(|_| {
+                    format!(
+                        "column `{}` is {v:?}, not a number (the table's column is Float64, typed \
+                     from the first shard)",
+                        f.name()
+                    )
+                })
+            }
+            (DataType::Float64, None) => Ok(Cell::Number(None)),
+            (_, v) => Ok(Cell::Text(v)),
         })
+        .collect()
 }
 
 /// Runs the embed stage for worker `worker` of `workers`.
@@ -744,16 +760,19 @@ fn decode_records(stage: &Stage, records: Vec<RawRecord>) -> DecodedChunk {
         .pixels
         .reserve(records.len() * 3 * side_w as usize * side_h as usize);
     for rec in records {
-        if let Some(detail) = carried_misfit(&stage.carried, &rec.text) {
-            chunk.rejects.push(Reject {
-                id: rec.id,
-                key: rec.key,
-                shard: shard.clone(),
-                code: "bad_column".into(),
-                detail,
-            });
-            continue;
-        }
+        let cells = match carried_cells(&stage.carried, rec.text) {
+            Ok(cells) => cells,
+            Err(detail) => {
+                chunk.rejects.push(Reject {
+                    id: rec.id,
+                    key: rec.key,
+                    shard: shard.clone(),
+                    code: "bad_column".into(),
+                    detail,
+                });
+                continue;
+            }
+        };
         let decoded = rec
             .payload
             .and_then(|bytes| decode_image(&bytes, &stage.limits))
@@ -778,8 +797,8 @@ fn decode_records(stage: &Stage, records: Vec<RawRecord>) -> DecodedChunk {
                 chunk.keys.push(rec.key);
                 chunk.images.push(png);
                 chunk.sizes.push((img.width, img.height));
-                for (column, value) in chunk.carried.iter_mut().zip(rec.text) {
-                    column.push(value);
+                for (column, cell) in chunk.carried.iter_mut().zip(cells) {
+                    column.push(cell);
                 }
             }
             Err(reason) => {
@@ -855,14 +874,16 @@ fn rows_batch(
         )),
         Arc::new(emb),
     ];
-    for (field, values) in carried.iter().zip(&chunk.carried) {
+    for (field, cells) in carried.iter().zip(&chunk.carried) {
         let column: ArrayRef = match field.data_type() {
-            DataType::Float64 => Arc::new(Float64Array::from_iter(
-                values
-                    .iter()
-                    .map(|v| v.as_deref().and_then(|v| v.parse().ok())),
-            )),
-            _ => Arc::new(StringArray::from_iter(values.iter().map(|v| v.as_deref()))),
+            DataType::Float64 => Arc::new(Float64Array::from_iter(cells.iter().map(|c| match c {
+                Cell::Number(x) => *x,
+                Cell::Text(_) => None,
+            }))),
+            _ => Arc::new(StringArray::from_iter(cells.iter().map(|c| match c {
+                Cell::Text(t) => t.as_deref(),
+                Cell::Number(_) => None,
+            }))),
         };
         columns.push(column);
     }

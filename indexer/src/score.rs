@@ -18,7 +18,7 @@
 use crate::table::load_dataset;
 use crate::{IndexerError, Result};
 use arrow_array::{cast::AsArray, Float64Array, RecordBatch};
-use arrow_schema::{DataType, Field, Schema};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use knn_datasets::StorageConfig;
 use lance::dataset::{BatchUDF, NewColumnTransform};
 use serde::{Deserialize, Serialize};
@@ -151,9 +151,10 @@ struct Tally {
     unscored_total: u64,
 }
 
+/// Scores one batch of (`id`, `image`) rows into a batch of `out` (the one score column).
 fn score_batch(
     batch: &RecordBatch,
-    column: &str,
+    out: &SchemaRef,
     tally: &Mutex<Tally>,
 ) -> lance::Result<RecordBatch> {
     let ids = batch
@@ -187,12 +188,7 @@ fn score_batch(
             }
         })
         .collect();
-    let schema = Arc::new(Schema::new(vec![Field::new(
-        column,
-        DataType::Float64,
-        true,
-    )]));
-    RecordBatch::try_new(schema, vec![Arc::new(scores)])
+    RecordBatch::try_new(out.clone(), vec![Arc::new(scores)])
         .map_err(|e| lance::Error::invalid_input(format!("score batch: {e}")))
 }
 
@@ -233,14 +229,15 @@ pub async fn score(cfg: &ScoreConfig, storage: &StorageConfig) -> Result<ScoreSu
         });
     }
     let tally = Arc::new(Mutex::new(Tally::default()));
-    let (t, name) = (tally.clone(), column.to_string());
+    let out: SchemaRef = Arc::new(Schema::new(vec![Field::new(
+        column,
+        DataType::Float64,
+        true,
+    )]));
+    let (t, schema) = (tally.clone(), out.clone());
     let udf = BatchUDF {
-        mapper: Box::new(move |b: &RecordBatch| score_batch(b, &name, &t)),
-        output_schema: Arc::new(Schema::new(vec![Field::new(
-            column,
-            DataType::Float64,
-            true,
-        )])),
+        mapper: Box::new(move |b: &RecordBatch| score_batch(b, &schema, &t)),
+        output_schema: out,
         result_checkpoint: None,
     };
     ds.add_columns(

@@ -24,9 +24,6 @@ use tokio::sync::mpsc;
 /// Schema metadata key: identity of the CLIP that made `emb`.
 pub const CLIP_METADATA: &str = "knn.clip";
 
-/// The columns every embeddings table has, in order (carried source columns follow them).
-pub const EMBEDDINGS_COLUMNS: [&str; 7] = ["id", "key", "shard", "image", "width", "height", "emb"];
-
 /// Schema of the embeddings table for embedding dimension `dim`.
 pub fn embeddings_schema(dim: i32, clip_identity: &str) -> SchemaRef {
     embeddings_schema_with(dim, clip_identity, &[])

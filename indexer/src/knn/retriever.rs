@@ -13,6 +13,7 @@ use crate::{IndexerError, Result};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float32Type, UInt64Type};
 use arrow_array::{Float32Array, RecordBatch};
+use arrow_schema::DataType;
 use futures::TryStreamExt;
 use knn_datasets::StorageConfig;
 use lance::deps::datafusion::prelude::{col, lit};
@@ -388,45 +389,44 @@ impl Retriever {
     }
 
     fn check_score_column(&self, column: &str) -> Result<()> {
-        let schema: arrow_schema::Schema = self.table.ds.schema().into();
-        match schema
-            .field_with_name(column)
-            .map(|f| f.data_type().clone())
-        {
-            Ok(arrow_schema::DataType::Float64 | arrow_schema::DataType::Float32) => Ok(()),
-            Ok(other) => Err(IndexerError::MissingColumn {
-                table: self.table.uri.clone(),
-                column: column.into(),
-                detail: format!("score buckets need a float column; it is {other}"),
-            }),
-            Err(_) => Err(IndexerError::MissingColumn {
-                table: self.table.uri.clone(),
-                column: column.into(),
-                detail: "no such score column: add one with `knn-diffusion score` or carry it \
-                         with `embed.source.columns`"
-                    .into(),
-            }),
-        }
+        self.check_column(
+            column,
+            |t| matches!(t, DataType::Float64 | DataType::Float32),
+            "score buckets need a float column",
+            "no such score column: add one with `knn-diffusion score` or carry it with \
+             `embed.source.columns`",
+        )
     }
 
     fn check_filter_column(&self, f: &RangeFilter) -> Result<()> {
+        self.check_column(
+            &f.column,
+            DataType::is_numeric,
+            "a range filter needs a numeric column",
+            "no such column to filter on",
+        )
+    }
+
+    /// That `column` exists and its type passes `accept`; else an error with `need` (and the
+    /// type it has) or `missing`.
+    fn check_column(
+        &self,
+        column: &str,
+        accept: impl Fn(&DataType) -> bool,
+        need: &str,
+        missing: &str,
+    ) -> Result<()> {
         let schema: arrow_schema::Schema = self.table.ds.schema().into();
-        match schema.field_with_name(&f.column) {
-            Ok(field) if field.data_type().is_numeric() => Ok(()),
-            Ok(field) => Err(IndexerError::MissingColumn {
-                table: self.table.uri.clone(),
-                column: f.column.clone(),
-                detail: format!(
-                    "a range filter needs a numeric column; it is {}",
-                    field.data_type()
-                ),
-            }),
-            Err(_) => Err(IndexerError::MissingColumn {
-                table: self.table.uri.clone(),
-                column: f.column.clone(),
-                detail: "no such column to filter on".into(),
-            }),
-        }
+        let detail = match schema.field_with_name(column) {
+            Ok(field) if accept(field.data_type()) => return Ok(()),
+            Ok(field) => format!("{need}; it is {}", field.data_type()),
+            Err(_) => missing.to_string(),
+        };
+        Err(IndexerError::MissingColumn {
+            table: self.table.uri.clone(),
+            column: column.into(),
+            detail,
+        })
     }
 }
 

@@ -15,6 +15,7 @@
 
 use crate::rng::SampleRng;
 use crate::{Result, TrainerError};
+use knn_indexer::clip::l2_normalize;
 use tch::{Kind, Tensor};
 
 /// Rows of the pairwise-distance blocks in [`precision_recall`] (memory: rows × set × 8 B).
@@ -184,11 +185,7 @@ pub fn r_precision(images: &Tensor, texts: &Tensor, candidates: &[Vec<usize>]) -
             ),
         ));
     }
-    let unit = |x: &Tensor| {
-        let x = x.to_kind(Kind::Double);
-        let norm = x.norm_scalaropt_dim(2.0, [1], true).clamp_min(1e-12);
-        x / norm
-    };
+    let unit = |x: &Tensor| l2_normalize(&x.to_kind(Kind::Double));
     let sims = unit(images).matmul(&unit(texts).transpose(0, 1)); // [n, m]
     let sims = Vec::<f64>::try_from(sims.to_device(tch::Device::Cpu).view([-1]))?;
     let hits = candidates

@@ -509,9 +509,10 @@ async fn load_batch(
             .iter()
             .zip(a)
             .map(|(c, a)| {
-                let c = match a.first_part {
-                    true => c.split(',').next().unwrap_or(c).trim(),
-                    false => c.as_str(),
+                let c = if a.first_part {
+                    c.split(',').next().unwrap_or(c).trim()
+                } else {
+                    c.as_str()
                 };
                 a.template.replace("{}", c)
             })
