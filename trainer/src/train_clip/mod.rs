@@ -134,32 +134,9 @@ pub async fn train_clip(
     std::fs::create_dir_all(&out_dir).map_err(|e| TrainerError::io(&out_dir, e))?;
     let processor = ClipImageProcessor::for_image_size(clip_cfg.vision_config.image_size as u32);
 
-    let prepare = captions::prepare(cfg, storage, &processor, &mut dp).await?;
-    let uri = captions::table_uri(cfg);
-    let latest = knn_indexer::table::load_dataset(&uri, &storage.to_lance_options(), None)
-        .await
-        .map_err(|e| TrainerError::lance(&uri, e))?
-        .version()
-        .version;
-    let version = dp.broadcast_u64(latest)?;
+    let (prepare, rows, version) = open_captions(cfg, storage, &processor, &mut dp).await?;
     let split = cfg.split();
-    let rows = Arc::new(CaptionRows::open(&uri, storage, version, &split).await?);
-    tracing::info!(
-        table = %uri,
-        train = rows.train.len(),
-        holdout = rows.holdout.len(),
-        "captions table ready"
-    );
-    let layout = DataLayout::new(rows.train.len() as u64, cfg.batch_size, dp.rank(), dp.world())
-        .map_err(|_| TrainerError::config(
-            "train_clip.batch_size",
-            format!(
-                "one global batch ({} x {} ranks) is larger than the {} training pairs; lower it or add data",
-                cfg.batch_size,
-                dp.world(),
-                rows.train.len()
-            ),
-        ))?;
+    let layout = data_layout(cfg, &rows, &dp)?;
 
     let (tokenizer_json, tokenizer) = tokenizer(cfg, &clip_cfg, &rows, &mut dp).await?;
     let tokenizer = Arc::new(tokenizer);
@@ -221,52 +198,8 @@ pub async fn train_clip(
     let tensors: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
     dp.broadcast(&tensors)?;
 
-    let mut loader = {
-        let (rows, tokenizer, processor) = (rows.clone(), tokenizer.clone(), processor.clone());
-        let seed = cfg.seed;
-        let templates = Arc::new(cfg.data.caption_templates.clone());
-        let side = clip_cfg.vision_config.image_size as u32;
-        let min_side = ((side as f64 * cfg.data.random_crop_scale).ceil() as u32).clamp(1, side);
-        let first_part_prob = cfg.data.first_part_prob;
-        Loader::start(
-            move |m| {
-                let (rows, tokenizer, processor, templates) = (
-                    rows.clone(),
-                    tokenizer.clone(),
-                    processor.clone(),
-                    templates.clone(),
-                );
-                async move {
-                    let (epoch, positions) = layout.positions(m);
-                    let perm = EpochPermutation::new(layout.train_rows(), seed, epoch);
-                    let offsets: Vec<u64> = positions
-                        .iter()
-                        .map(|&p| rows.train[perm.apply(p) as usize])
-                        .collect();
-                    // Each sample's template from its own stream, like every other draw.
-                    let augs: Vec<SampleAug> = positions
-                        .iter()
-                        .map(|&p| {
-                            let mut rng = SampleRng::new(seed ^ AUGMENT_STREAM, epoch, p);
-                            let t = (rng.next_u64() % templates.len() as u64) as usize;
-                            let c =
-                                min_side + (rng.next_u64() % (side - min_side + 1) as u64) as u32;
-                            let x = (rng.next_u64() % (side - c + 1) as u64) as u32;
-                            let y = (rng.next_u64() % (side - c + 1) as u64) as u32;
-                            SampleAug {
-                                template: templates[t].as_str(),
-                                crop: (x, y, c),
-                                first_part: rng.uniform() < first_part_prob,
-                            }
-                        })
-                        .collect();
-                    load_batch(&rows, &offsets, &tokenizer, &processor, Some(&augs)).await
-                }
-            },
-            step,
-            cfg.data.prefetch_batches,
-        )?
-    };
+    let side = clip_cfg.vision_config.image_size as u32;
+    let mut loader = start_loader(cfg, side, &rows, &tokenizer, &processor, layout, step)?;
     let images_per_step = (cfg.batch_size * dp.world()) as u64;
     let mut metrics = MetricsLog::open(
         &out_dir.join("metrics.jsonl"),
@@ -407,6 +340,102 @@ pub async fn train_clip(
         rank: dp.rank(),
         world_size: dp.world(),
     })
+}
+
+/// The captions table, prepared (once, by every rank's share of the shards) and opened at
+/// the version rank 0 saw, so that every rank reads the same rows.
+async fn open_captions(
+    cfg: &TrainClipConfig,
+    storage: &StorageConfig,
+    processor: &ClipImageProcessor,
+    dp: &mut DataParallel,
+) -> Result<(PrepareSummary, Arc<CaptionRows>, u64)> {
+    let prepare = captions::prepare(cfg, storage, processor, dp).await?;
+    let uri = captions::table_uri(cfg);
+    let latest = knn_indexer::table::load_dataset(&uri, &storage.to_lance_options(), None)
+        .await
+        .map_err(|e| TrainerError::lance(&uri, e))?
+        .version()
+        .version;
+    let version = dp.broadcast_u64(latest)?;
+    let rows = Arc::new(CaptionRows::open(&uri, storage, version, &cfg.split()).await?);
+    tracing::info!(
+        table = %uri,
+        train = rows.train.len(),
+        holdout = rows.holdout.len(),
+        "captions table ready"
+    );
+    Ok((prepare, rows, version))
+}
+
+/// How the training pairs are split over ranks and steps.
+fn data_layout(cfg: &TrainClipConfig, rows: &CaptionRows, dp: &DataParallel) -> Result<DataLayout> {
+    DataLayout::new(rows.train.len() as u64, cfg.batch_size, dp.rank(), dp.world())
+        .map_err(|_| TrainerError::config(
+            "train_clip.batch_size",
+            format!(
+                "one global batch ({} x {} ranks) is larger than the {} training pairs; lower it or add data",
+                cfg.batch_size,
+                dp.world(),
+                rows.train.len()
+            ),
+        ))
+}
+
+/// The training batches, read `cfg.data.prefetch_batches` ahead from micro-batch `step`, each
+/// sample augmented from its own random stream (template, first part, crop of an image of
+/// `side` px).
+fn start_loader(
+    cfg: &TrainClipConfig,
+    side: u32,
+    rows: &Arc<CaptionRows>,
+    tokenizer: &Arc<ClipTokenizer>,
+    processor: &ClipImageProcessor,
+    layout: DataLayout,
+    step: u64,
+) -> Result<Loader<ClipBatch>> {
+    let (rows, tokenizer, processor) = (rows.clone(), tokenizer.clone(), processor.clone());
+    let seed = cfg.seed;
+    let templates = Arc::new(cfg.data.caption_templates.clone());
+    let min_side = ((side as f64 * cfg.data.random_crop_scale).ceil() as u32).clamp(1, side);
+    let first_part_prob = cfg.data.first_part_prob;
+    Loader::start(
+        move |m| {
+            let (rows, tokenizer, processor, templates) = (
+                rows.clone(),
+                tokenizer.clone(),
+                processor.clone(),
+                templates.clone(),
+            );
+            async move {
+                let (epoch, positions) = layout.positions(m);
+                let perm = EpochPermutation::new(layout.train_rows(), seed, epoch);
+                let offsets: Vec<u64> = positions
+                    .iter()
+                    .map(|&p| rows.train[perm.apply(p) as usize])
+                    .collect();
+                // Each sample's template from its own stream, like every other draw.
+                let augs: Vec<SampleAug> = positions
+                    .iter()
+                    .map(|&p| {
+                        let mut rng = SampleRng::new(seed ^ AUGMENT_STREAM, epoch, p);
+                        let t = (rng.next_u64() % templates.len() as u64) as usize;
+                        let c = min_side + (rng.next_u64() % (side - min_side + 1) as u64) as u32;
+                        let x = (rng.next_u64() % (side - c + 1) as u64) as u32;
+                        let y = (rng.next_u64() % (side - c + 1) as u64) as u32;
+                        SampleAug {
+                            template: templates[t].as_str(),
+                            crop: (x, y, c),
+                            first_part: rng.uniform() < first_part_prob,
+                        }
+                    })
+                    .collect();
+                load_batch(&rows, &offsets, &tokenizer, &processor, Some(&augs)).await
+            }
+        },
+        step,
+        cfg.data.prefetch_batches,
+    )
 }
 
 /// The run's tokenizer: trained by rank 0 on the training captions the first time and kept
