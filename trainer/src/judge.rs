@@ -51,6 +51,30 @@ pub fn assign(image: &Tensor, prompts: &Tensor, owner: &[usize]) -> (f64, Vec<f6
     )
 }
 
+/// The judge's L2-normalised image embeddings `[N, d]` of `images` (`[N, 3, H, W]` in
+/// [−1, 1]), read as 8-bit RGB like any stored image, 256 at a time.
+pub fn image_features(judge: &LoadedClip, images: &Tensor) -> Result<Tensor> {
+    let device = judge.vs.device();
+    let (_, _, h, w) = images.size4()?;
+    let (side_w, side_h) = judge.processor.output_size(w as u32, h as u32);
+    let mut parts = Vec::new();
+    let rgb = to_rgb_images(images)?;
+    for chunk in rgb.chunks(256) {
+        let mut pixels = Vec::new();
+        for img in chunk {
+            judge.processor.preprocess_into(img, &mut pixels);
+        }
+        let x = Tensor::from_slice(&pixels)
+            .view([chunk.len() as i64, 3, side_h as i64, side_w as i64])
+            .to_device(device)
+            .to_kind(judge.vs.kind());
+        parts.push(tch::no_grad(|| {
+            l2_normalize(&judge.model.image_features(&x).to_kind(Kind::Float))
+        }));
+    }
+    Ok(Tensor::cat(&parts, 0))
+}
+
 /// Reads `images` (`[N, 3, H, W]` in [−1, 1]) made for `prompts`, `owner[i]` being image i's
 /// prompt, with the judge CLIP `judge` (named `identity`).
 pub fn judge_samples(
@@ -60,18 +84,7 @@ pub fn judge_samples(
     prompts: &[String],
     owner: &[usize],
 ) -> Result<JudgeReport> {
-    let device = judge.vs.device();
-    let (n, _, h, w) = images.size4()?;
-    let mut pixels = Vec::new();
-    for img in to_rgb_images(images)? {
-        judge.processor.preprocess_into(&img, &mut pixels);
-    }
-    let (side_w, side_h) = judge.processor.output_size(w as u32, h as u32);
-    let x = Tensor::from_slice(&pixels)
-        .view([n, 3, side_h as i64, side_w as i64])
-        .to_device(device)
-        .to_kind(judge.vs.kind());
-    let img = tch::no_grad(|| l2_normalize(&judge.model.image_features(&x).to_kind(Kind::Float)));
+    let img = image_features(judge, images)?;
     let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
     let txt = judge.embed_texts(&refs)?;
     let (on_prompt, per, clip_score) = assign(&img, &txt, owner);

@@ -9,8 +9,7 @@
 use crate::diffusion::SamplerConfig;
 use crate::judge::{judge_samples, JudgeReport};
 use crate::model::TrainedModel;
-use crate::sampling::{generate, write_grid};
-use crate::unet::Condition;
+use crate::sampling::{generate_all, write_grid};
 use crate::{Result, TrainerError};
 use arrow_array::cast::AsArray;
 use arrow_array::types::UInt64Type;
@@ -22,7 +21,7 @@ use lance::deps::datafusion::prelude::{col, lit};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 /// What `sample` does.
 #[derive(Clone, Debug)]
@@ -147,63 +146,30 @@ pub async fn sample(
             ),
         });
     }
-    let (n, d, slots) = (req.prompts.len(), unet.cond_dim, unet.knn + 1);
-    let mut emb = vec![0f32; n * slots * d];
-    let mut present = vec![0f32; n * slots];
+    let (n, d) = (req.prompts.len(), unet.cond_dim);
     let qv = Vec::<f32>::try_from(&q.to_device(Device::Cpu).view([-1]))?;
-    let mut neighbour_ids = Vec::with_capacity(n);
-    for i in 0..n {
-        let query = &qv[i * d..(i + 1) * d];
-        emb[i * slots * d..i * slots * d + d].copy_from_slice(query);
-        present[i * slots] = 1.0;
-        let nb = if k > 0 {
-            match &req.bucket {
-                Some(b) => retriever.search_bucket(query, k, b).await?,
-                None => retriever.search(query, k).await?,
-            }
-        } else {
-            Default::default()
-        };
-        for (j, _) in nb.ids.iter().enumerate() {
-            let at = (i * slots + 1 + j) * d;
-            emb[at..at + d].copy_from_slice(&nb.emb[j * d..(j + 1) * d]);
-            present[i * slots + 1 + j] = 1.0;
-        }
-        tracing::info!(prompt = %req.prompts[i], neighbours = ?nb.ids, "retrieved");
-        neighbour_ids.push(nb.ids);
+    let found = retrieve(&retriever, &qv, d, k, req.bucket.as_ref()).await?;
+    for (p, ids) in req.prompts.iter().zip(&found.ids) {
+        tracing::info!(prompt = %p, neighbours = ?ids, "retrieved");
     }
+    let neighbour_ids = found.ids.clone();
     // Each prompt's condition repeated per image, prompt-major.
     let reps = req.per_prompt.max(1);
-    let cond_all = Tensor::from_slice(&emb)
-        .view([n as i64, slots as i64, d as i64])
-        .repeat_interleave_self_int(reps as i64, 0, None);
-    let present_all = Tensor::from_slice(&present)
-        .view([n as i64, slots as i64])
-        .repeat_interleave_self_int(reps as i64, 0, None);
+    let (emb, present) = found.conditions(&qv, k, unet.knn + 1);
+    let cond_all = emb.repeat_interleave_self_int(reps as i64, 0, None);
+    let present_all = present.repeat_interleave_self_int(reps as i64, 0, None);
     let sampler = req.sampler.build(&trained.model.diffusion, "--sampler")?;
     let total = n * reps;
-    let bs = req.batch_size.max(1);
     let started = std::time::Instant::now();
-    let mut outs = Vec::new();
-    for start in (0..total).step_by(bs) {
-        let len = bs.min(total - start) as i64;
-        let cond = Condition {
-            emb: cond_all.narrow(0, start as i64, len).to_device(device),
-            present: present_all.narrow(0, start as i64, len).to_device(device),
-            drop: Tensor::zeros([len], (Kind::Float, device)),
-        };
-        let imgs = generate(
-            &trained.model,
-            sampler.as_ref(),
-            &cond,
-            req.guidance,
-            req.seed,
-            start,
-        );
-        outs.push(imgs.to_device(Device::Cpu));
-    }
+    let images = generate_all(
+        &trained.model,
+        sampler.as_ref(),
+        (&cond_all, &present_all),
+        req.guidance,
+        req.seed,
+        req.batch_size,
+    );
     let secs = started.elapsed().as_secs_f64();
-    let images = Tensor::cat(&outs, 0);
     write_grid(&images, reps, &req.out)?;
 
     let nb_out = req.neighbours_out.clone().unwrap_or_else(|| {
@@ -215,8 +181,7 @@ pub async fn sample(
         req.out.with_file_name(format!("{stem}-neighbours.png"))
     });
     let side = unet.image_size_px;
-    let nb_imgs =
-        neighbour_images(&req.retrieval_db, storage, &neighbour_ids, k.max(1), side).await?;
+    let nb_imgs = table_images(&req.retrieval_db, storage, &neighbour_ids, k.max(1), side).await?;
     write_grid(&nb_imgs, k.max(1), &nb_out)?;
     let judge = match &req.judge {
         Some(settings) => {
@@ -252,9 +217,69 @@ pub async fn sample(
     })
 }
 
+/// The neighbours retrieved for each of a set of queries, best first.
+#[derive(Clone, Debug, Default)]
+pub struct Retrieved {
+    /// Row ids per query.
+    pub ids: Vec<Vec<u64>>,
+    /// Their embeddings per query, row-major.
+    pub emb: Vec<Vec<f32>>,
+    /// Embedding dimension.
+    pub dim: usize,
+}
+
+/// The `k` nearest rows of `retriever` (within `bucket` when given) to each query of
+/// `queries` (`n · dim`, row-major); none when `k` is 0.
+pub async fn retrieve(
+    retriever: &Retriever,
+    queries: &[f32],
+    dim: usize,
+    k: usize,
+    bucket: Option<&ScoreBucket>,
+) -> Result<Retrieved> {
+    let mut out = Retrieved {
+        dim,
+        ..Default::default()
+    };
+    for query in queries.chunks(dim) {
+        let nb = match (k, bucket) {
+            (0, _) => Default::default(),
+            (_, Some(b)) => retriever.search_bucket(query, k, b).await?,
+            (_, None) => retriever.search(query, k).await?,
+        };
+        out.ids.push(nb.ids);
+        out.emb.push(nb.emb);
+    }
+    Ok(out)
+}
+
+impl Retrieved {
+    /// The model's conditions for the queries: `[n, slots, d]` embeddings (the query, then
+    /// its first `k` neighbours) and `[n, slots]` presence (slots past them are null).
+    pub fn conditions(&self, queries: &[f32], k: usize, slots: usize) -> (Tensor, Tensor) {
+        let (d, n) = (self.dim, self.ids.len());
+        let mut emb = vec![0f32; n * slots * d];
+        let mut present = vec![0f32; n * slots];
+        for (i, query) in queries.chunks(d).take(n).enumerate() {
+            emb[i * slots * d..i * slots * d + d].copy_from_slice(query);
+            present[i * slots] = 1.0;
+            let found = self.ids[i].len().min(k).min(slots - 1);
+            for j in 0..found {
+                let at = (i * slots + 1 + j) * d;
+                emb[at..at + d].copy_from_slice(&self.emb[i][j * d..(j + 1) * d]);
+                present[i * slots + 1 + j] = 1.0;
+            }
+        }
+        (
+            Tensor::from_slice(&emb).view([n as i64, slots as i64, d as i64]),
+            Tensor::from_slice(&present).view([n as i64, slots as i64]),
+        )
+    }
+}
+
 /// The neighbours' images as `[rows · k, 3, side, side]` (grey where the table has no image
 /// or fewer neighbours were found).
-async fn neighbour_images(
+pub(crate) async fn table_images(
     table: &str,
     storage: &StorageConfig,
     ids: &[Vec<u64>],

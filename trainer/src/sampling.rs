@@ -74,6 +74,35 @@ pub fn generate(
     })
 }
 
+/// [`generate`] for every row of `cond` (`[N, slots, d]` embeddings and `[N, slots]`
+/// presence, on any device), `batch_size` rows at a time on the model's device; the images
+/// come back on the CPU. Row i is image i of the request.
+pub fn generate_all(
+    model: &DiffusionModel,
+    sampler: &dyn Sampler,
+    (emb, present): (&Tensor, &Tensor),
+    guidance: f64,
+    seed: u64,
+    batch_size: usize,
+) -> Tensor {
+    let device = model.vs.device();
+    let total = emb.size()[0] as usize;
+    let bs = batch_size.max(1);
+    let outs: Vec<Tensor> = (0..total)
+        .step_by(bs)
+        .map(|start| {
+            let len = bs.min(total - start) as i64;
+            let cond = Condition {
+                emb: emb.narrow(0, start as i64, len).to_device(device),
+                present: present.narrow(0, start as i64, len).to_device(device),
+                drop: Tensor::zeros([len], (Kind::Float, device)),
+            };
+            generate(model, sampler, &cond, guidance, seed, start).to_device(Device::Cpu)
+        })
+        .collect();
+    Tensor::cat(&outs, 0)
+}
+
 /// `[N, 3, H, W]` images in [−1, 1] as 8-bit RGB images.
 pub fn to_rgb_images(images: &Tensor) -> Result<Vec<image::RgbImage>> {
     let (n, _, h, w) = images.size4()?;

@@ -6,7 +6,8 @@
 //! `build-index`), else an exact scan (allowed unless `require_index`). Similarities are
 //! cosine; the query is L2-normalised first. An optional range filter on a numeric column
 //! (`low <= column < high`, e.g. the paper's aesthetic-score buckets) is applied before the
-//! search, so the k results all satisfy it.
+//! search, so the k results all satisfy it. So is an excluded set of ids
+//! ([`Retriever::excluding`]: `eval` keeps held-out rows out of every retrieval).
 
 use super::vectors::{VectorTable, EMB_COLUMN, ID_COLUMN};
 use crate::{IndexerError, Result};
@@ -152,6 +153,8 @@ pub struct Retriever {
     table: VectorTable,
     indexed: bool,
     options: RetrieverOptions,
+    /// Ids never returned, sorted.
+    excluded: Vec<u64>,
 }
 
 impl Retriever {
@@ -180,7 +183,21 @@ impl Retriever {
             table,
             indexed,
             options,
+            excluded: Vec::new(),
         })
+    }
+
+    /// The same retriever, never returning these ids (held-out rows, the query's own row).
+    pub fn excluding(mut self, ids: impl IntoIterator<Item = u64>) -> Self {
+        self.excluded.extend(ids);
+        self.excluded.sort_unstable();
+        self.excluded.dedup();
+        self
+    }
+
+    /// Rows a search can return at most: the table's less the excluded ids.
+    fn searchable_rows(&self) -> usize {
+        self.table.rows.saturating_sub(self.excluded.len())
     }
 
     /// Embedding dimension of the table.
@@ -262,7 +279,8 @@ impl Retriever {
         bucket: &ScoreBucket,
     ) -> Result<Neighbours> {
         self.check_score_column(&bucket.column)?;
-        let pool = bucket.pool.min(self.table.rows).max(k.min(self.table.rows));
+        let rows = self.searchable_rows();
+        let pool = bucket.pool.min(rows).max(k.min(rows));
         let mut rows: Vec<Row> = self
             .nearest_rows(query, pool, None, Some(&bucket.column))
             .await?
@@ -312,13 +330,17 @@ impl Retriever {
                 table_dim: self.table.dim,
             });
         }
-        if k == 0 || k > self.table.rows {
+        if k == 0 || k > self.searchable_rows() {
             return Err(IndexerError::KTooLarge {
                 table: uri.clone(),
                 k,
                 rows: self.table.rows,
-                excluding: "",
-                max: self.table.rows,
+                excluding: if self.excluded.is_empty() {
+                    ""
+                } else {
+                    " less the excluded ids"
+                },
+                max: self.searchable_rows(),
             });
         }
         let norm = query
@@ -341,13 +363,24 @@ impl Retriever {
         if let Some(f) = self.options.refine_factor {
             scanner.refine(f);
         }
+        let mut keep = None;
         if let Some(f) = filter {
             self.check_filter_column(f)?;
-            scanner.prefilter(true).filter_expr(
+            keep = Some(
                 col(f.column.as_str())
                     .gt_eq(lit(f.low))
                     .and(col(f.column.as_str()).lt(lit(f.high))),
             );
+        }
+        if !self.excluded.is_empty() {
+            let out = col(ID_COLUMN).in_list(self.excluded.iter().map(|&i| lit(i)).collect(), true);
+            keep = Some(match keep {
+                Some(k) => k.and(out),
+                None => out,
+            });
+        }
+        if let Some(expr) = keep {
+            scanner.prefilter(true).filter_expr(expr);
         }
         let batches: Vec<RecordBatch> = scanner
             .try_into_stream()

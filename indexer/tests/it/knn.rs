@@ -403,6 +403,41 @@ async fn retriever_searches_any_table_with_filters_and_clear_errors() {
         assert!((0.3..0.5).contains(&scores[row]), "score {}", scores[row]);
     }
 
+    // Excluded ids (eval's held-out rows) never come back; the rest is the exact order.
+    let without = ra.clone().excluding(na.ids[..2].iter().copied());
+    let got = without.search(&query, 5).await.unwrap();
+    assert_eq!(got.ids.len(), 5);
+    assert!(
+        got.ids.iter().all(|i| !na.ids[..2].contains(i)),
+        "{:?}",
+        got.ids
+    );
+    let deeper = exact(&a, 7, Exclusion::default());
+    assert_eq!(&got.ids[..], &deeper[&a.ids[0]][1..6]);
+    let first7 = rb.search_filtered(&query, 7, Some(&f)).await.unwrap().ids;
+    let next = rb.clone().excluding(first7.clone());
+    let after = next.search_filtered(&query, 7, Some(&f)).await.unwrap();
+    assert_eq!(after.ids.len(), 7);
+    assert!(
+        after.ids.iter().all(|i| !first7.contains(i)),
+        "{:?}",
+        after.ids
+    );
+    for id in &after.ids {
+        let row = b.ids.iter().position(|x| x == id).unwrap();
+        assert!(
+            (0.3..0.5).contains(&scores[row]),
+            "filter and exclusion together"
+        );
+    }
+    let err = ra
+        .clone()
+        .excluding(a.ids[..497].iter().copied())
+        .search(&query, 4)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("excluded"), "{err}");
+
     // Errors.
     let err = ra.search(&query[..4], 5).await.unwrap_err();
     assert!(
