@@ -81,6 +81,17 @@ pub enum Command {
     /// guidance. Writes a grid of samples (a row per prompt) and a grid of the retrieved
     /// neighbours' images.
     Sample(Box<SampleArgs>),
+    /// Measure whether kNN conditioning does what the paper claims, in one command: per
+    /// seed it trains a kNN model (k = 20, neighbour-count dropout) and a no-kNN model under
+    /// the same budget (or takes `[[eval.checkpoints]]`), samples the held-out captions with
+    /// the same noise, and reads every sample with the judge CLIP: FD_CLIP, precision and
+    /// recall against the held-out images, CLIP score and R-precision (99 distractors)
+    /// against their captions; the inference-k sweep, the nearest-neighbour retrieval
+    /// baseline, the retrieval-table swap (`[[eval.swap]]`, as shares of each style's
+    /// centroid) and the score buckets. Writes report.md, report.json and grids under
+    /// `eval.output_dir`, with mean ± std over seeds and a verdict per claim. Trained arms
+    /// are cached: a rerun only evaluates. `--quick` runs the small form (`[eval.quick]`).
+    Eval(EvalArgs),
     /// Submit a job file (configs/jobs/*.toml): a stage, its config, resources and a backend.
     /// `local` runs the processes here (training as data-parallel ranks, embed and
     /// precompute-knn as workers splitting the shards); `slurm` renders an sbatch script
@@ -235,6 +246,18 @@ pub struct ConfigArgs {
     /// Also write the summary as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub summary_json: Option<PathBuf>,
+}
+
+/// Flags of `eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+
+    /// The small form the tests run (`[eval.quick]`: fewer steps, prompts and sampler
+    /// steps, every comparison and seed kept), into `<eval.output_dir>/quick`.
+    #[arg(long)]
+    pub quick: bool,
 }
 
 /// Flags of `train`.

@@ -9,6 +9,7 @@ use knn_datasets::{SplitConfig, StorageConfig};
 use knn_indexer::knn::{IndexConfig, KnnConfig};
 use knn_indexer::score::ScoreConfig;
 use knn_indexer::EmbedConfig;
+use knn_trainer::eval::{EvalConfig, EvalPlan};
 use knn_trainer::{TrainClipConfig, TrainConfig};
 use serde::Deserialize;
 use std::path::Path;
@@ -37,6 +38,8 @@ pub struct ProjectConfig {
     /// them. Absent: `train-clip` holds out its default split, `precompute-knn` nothing
     /// (tables without a `key` column, for one, cannot be split).
     pub split: Option<SplitConfig>,
+    /// `eval`: the paper's claims measured at small scale.
+    pub eval: Option<EvalConfig>,
 }
 
 impl ProjectConfig {
@@ -127,6 +130,53 @@ impl ProjectConfig {
             );
         }
         Ok(cfg)
+    }
+}
+
+impl ProjectConfig {
+    /// What `eval` needs, every default resolved: `[eval]` (its defaults when absent), the
+    /// training config, the `[knn]`, `[embed]` and `[score]` settings, the CLIPs, the
+    /// captions table and the split.
+    pub fn eval_plan(&self, path: &Path, quick: bool) -> Result<EvalPlan> {
+        let eval = match self.eval.clone() {
+            Some(c) => c,
+            None => toml::from_str("").context("default [eval] config")?,
+        };
+        let train = self.train(path)?;
+        let knn = self.knn(path)?;
+        let clip_cfg = self.train_clip(path, false)?;
+        let captions = eval
+            .captions
+            .clone()
+            .unwrap_or_else(|| knn_trainer::train_clip::captions::table_uri(&clip_cfg));
+        let embed = self.embed.clone();
+        let clip = match &embed {
+            Some(e) => e.clip.clone(),
+            None => bail!(
+                "config `{}` has no [embed] table: eval embeds the prompts with its CLIP",
+                path.display()
+            ),
+        };
+        let judge = match eval.judge.clone() {
+            Some(j) => j,
+            None => {
+                let mut j = clip.clone();
+                j.checkpoint = Some(self.train_clip(path, true)?.export_dir());
+                j
+            }
+        };
+        Ok(EvalPlan {
+            quick,
+            train,
+            knn,
+            embed,
+            clip,
+            judge,
+            captions,
+            score: self.score(path)?,
+            split: self.split.clone().unwrap_or_default(),
+            eval,
+        })
     }
 }
 

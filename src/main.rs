@@ -81,6 +81,7 @@ fn try_main(cli: Cli) -> Result<()> {
         Command::PrecomputeKnn(args) => runtime.block_on(run_precompute_knn(args, cli.log_format)),
         Command::Train(args) => runtime.block_on(run_train(args, cli.log_format)),
         Command::Sample(args) => runtime.block_on(run_sample(*args)),
+        Command::Eval(args) => runtime.block_on(run_eval(args)),
         Command::TrainClip(args) => runtime.block_on(run_train_clip(args, cli.log_format)),
         Command::Data(cli::DataCommand::Fetch(args)) => runtime.block_on(run_data_fetch(args)),
         Command::Submit(args) => {
@@ -187,6 +188,24 @@ async fn run_score(args: ConfigArgs) -> Result<()> {
     let summary = knn_indexer::score::score(&cfg, &project.storage).await?;
     eprint!("{summary}");
     write_summary(args.summary_json.as_deref(), &summary)
+}
+
+async fn run_eval(args: cli::EvalArgs) -> Result<()> {
+    let c = &args.config;
+    let project = config::load(&c.config, &c.overrides)?;
+    let plan = project.eval_plan(&c.config, args.quick)?;
+    let summary = knn_trainer::eval::eval(&plan, &project.storage).await?;
+    eprintln!(
+        "eval: {} in {:.1} min ({} arms trained now); report: {}",
+        if args.quick { "quick form" } else { "full" },
+        summary.seconds / 60.0,
+        summary.arms_trained,
+        summary.report_md.display()
+    );
+    for claim in &summary.claims {
+        eprintln!("  {:?}: {} ({})", claim.verdict, claim.claim, claim.detail);
+    }
+    write_summary(c.summary_json.as_deref(), &summary)
 }
 
 async fn run_precompute_knn(args: EmbedArgs, log_format: LogFormat) -> Result<()> {

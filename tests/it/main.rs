@@ -3,9 +3,12 @@
 
 mod cli;
 mod distributed;
+mod eval;
 #[path = "../support/images.rs"]
 #[allow(dead_code)]
 mod images;
+#[path = "../support/parquet.rs"]
+mod parquet;
 #[path = "../support/s3_server.rs"]
 mod s3_server;
 mod slurm;
