@@ -258,6 +258,15 @@ pub struct EvalArgs {
     /// steps, every comparison and seed kept), into `<eval.output_dir>/quick`.
     #[arg(long)]
     pub quick: bool,
+
+    /// Internal: train only this arm (`SEED:knn` or `SEED:none`) in this process; eval
+    /// starts itself with it to train arms side by side.
+    #[arg(long, hide = true, value_parser = knn_trainer::eval::parse_arm)]
+    pub train_arm: Option<(u64, knn_trainer::eval::config::ArmKind)>,
+
+    /// Internal: the kNN table the `--train-arm` arm trains on.
+    #[arg(long, hide = true, requires = "train_arm")]
+    pub arm_knn_table: Option<String>,
 }
 
 /// Flags of `train`.

@@ -176,6 +176,7 @@ impl ProjectConfig {
             score: self.score(path)?,
             split: self.split.clone().unwrap_or_default(),
             eval,
+            launcher: None,
         })
     }
 }

@@ -193,7 +193,29 @@ async fn run_score(args: ConfigArgs) -> Result<()> {
 async fn run_eval(args: cli::EvalArgs) -> Result<()> {
     let c = &args.config;
     let project = config::load(&c.config, &c.overrides)?;
-    let plan = project.eval_plan(&c.config, args.quick)?;
+    let mut plan = project.eval_plan(&c.config, args.quick)?;
+    if let Some(job) = args.train_arm {
+        let table = args
+            .arm_knn_table
+            .context("--train-arm needs --arm-knn-table")?;
+        let arm = knn_trainer::eval::train_arm(&plan, job, &table, &project.storage).await?;
+        return write_summary(c.summary_json.as_deref(), &arm);
+    }
+    // Arms train side by side in copies of this process, loading the same config.
+    let mut args_again: Vec<std::ffi::OsString> =
+        vec!["eval".into(), "--config".into(), c.config.clone().into()];
+    for o in &c.overrides {
+        args_again.extend(["--set".into(), o.into()]);
+    }
+    if args.quick {
+        args_again.push("--quick".into());
+    }
+    plan.launcher = std::env::current_exe()
+        .ok()
+        .map(|program| knn_trainer::eval::ArmLauncher {
+            program,
+            args: args_again,
+        });
     let summary = knn_trainer::eval::eval(&plan, &project.storage).await?;
     eprintln!(
         "eval: {} in {:.1} min ({} arms trained now); report: {}",

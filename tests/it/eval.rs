@@ -77,6 +77,7 @@ sweep_k = [1, 2, 4]
 headline_k = 2
 distractors = 9
 style_images = 8
+arm_processes = 2
 [eval.judge]
 random_seed = 5
 device = "cpu"
@@ -131,6 +132,16 @@ async fn quick_eval_reports_every_comparison_and_reruns_from_its_cache() {
     let t = stage(&cfg, &["eval", "--quick"]);
     assert!(t.contains("6 arms trained now"), "{t}");
     let out = dir.path().join("eval/quick");
+    // Two child processes trained the arms, each writing what it trained.
+    assert!(t.contains("training the arms in child processes"), "{t}");
+    let child: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("arms/seed-1/none.summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (child["steps"].as_u64(), child["trained_now"].as_u64()),
+        (Some(3), Some(3))
+    );
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     let seeds = report["seeds"].as_array().unwrap();
@@ -201,6 +212,10 @@ async fn quick_eval_reports_every_comparison_and_reruns_from_its_cache() {
     // A rerun finds every arm trained and measures the same numbers (same noise).
     let t = stage(&cfg, &["eval", "--quick"]);
     assert!(t.contains("0 arms trained now"), "{t}");
+    assert!(
+        !t.contains("in child processes"),
+        "nothing left to train: {t}"
+    );
     let again: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(again["seeds"][0]["sweep"], report["seeds"][0]["sweep"]);
@@ -255,4 +270,21 @@ async fn quick_eval_reports_every_comparison_and_reruns_from_its_cache() {
     ]));
     let t = text(&o);
     assert!(!o.status.success() && t.contains("nowhere.lance"), "{t}");
+    // Arms trained with other settings are not silently reused nor overwritten: each child
+    // says which directory to delete, and eval which arms failed.
+    let o = run(bin().args(["eval", "--quick", "--config"]).arg(&cfg).args([
+        "--set",
+        "eval.lr=0.003",
+        "--set",
+        "eval.quick.steps=4",
+    ]));
+    let t = text(&o);
+    assert!(
+        !o.status.success()
+            && t.contains("seed-0/knn` was trained with other settings")
+            && t.contains("optim.lr")
+            && t.contains("training failed for")
+            && t.contains("seed 0 arm knn (exit status: 1)"),
+        "{t}"
+    );
 }

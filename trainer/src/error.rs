@@ -70,6 +70,9 @@ pub enum TrainerError {
     /// The data loader thread stopped.
     #[error("data loader: {0}")]
     Loader(String),
+    /// Arms of an evaluation that child processes were training failed.
+    #[error("eval: training failed for {arms}; their errors are in the log above (the lines with that seed and arm). Rerun eval to resume them: the arms trained so far are kept")]
+    ArmsFailed { arms: String },
     /// An evaluation measure cannot be computed from its inputs (too few samples, shapes).
     #[error("{measure}: {reason}")]
     Measure {

@@ -5,7 +5,8 @@
 //!   and text space), each checked against a Python reference;
 //! - [`config`]: `[eval]` and its `--quick` form;
 //! - [`arms`]: the trained arms per seed (kNN at k = 20 with neighbour-count dropout, and
-//!   k = 0), trained under one budget or taken from checkpoints, cached;
+//!   k = 0), trained under one budget (on the CPU in child processes, a share of the cores
+//!   each) or taken from checkpoints, cached;
 //! - [`sets`]: the held-out rows with captions and images, and each style's images;
 //! - [`measure`]: one set of samples read against the held-out set in the judge's space;
 //! - [`report`]: per seed, over seeds, the claims' verdicts, `report.md` / `report.json`;
@@ -19,5 +20,6 @@ pub mod report;
 pub mod run;
 pub mod sets;
 
+pub use arms::{parse_arm, ArmLauncher};
 pub use config::EvalConfig;
-pub use run::{eval, EvalPlan, EvalSummary};
+pub use run::{eval, train_arm, EvalPlan, EvalSummary};

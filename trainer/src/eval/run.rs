@@ -3,7 +3,7 @@
 //! the held-out set, then per seed sample every comparison with the same noise, measure it
 //! in the judge CLIP's space, and write the report.
 
-use super::arms::{ensure_arm, Arm};
+use super::arms::{ensure_arm, train_arms, Arm, ArmLauncher};
 use super::config::{ArmKind, EvalConfig};
 use super::measure::{centroid, mean_colourfulness, style_shares, Measures, Reference};
 use super::report::{claims, Claim, Report, RunFacts, SeedResult};
@@ -50,6 +50,19 @@ pub struct EvalPlan {
     pub score: ScoreConfig,
     /// The held-out split.
     pub split: SplitConfig,
+    /// How to train arms in child processes on the CPU (None: all in this process).
+    pub launcher: Option<ArmLauncher>,
+}
+
+impl EvalPlan {
+    /// `[eval]`, or its `--quick` form.
+    pub fn config(&self) -> EvalConfig {
+        if self.quick {
+            self.eval.quick()
+        } else {
+            self.eval.clone()
+        }
+    }
 }
 
 /// What `eval` wrote.
@@ -104,11 +117,7 @@ struct Setting {
 /// Runs the evaluation per `plan`.
 pub async fn eval(plan: &EvalPlan, storage: &StorageConfig) -> Result<EvalSummary> {
     let started = Instant::now();
-    let cfg = if plan.quick {
-        plan.eval.quick()
-    } else {
-        plan.eval.clone()
-    };
+    let cfg = plan.config();
     cfg.validate()?;
     let run_dir = cfg.output_dir.trim_end_matches('/').to_string();
     let tables_dir = format!("{}/tables", plan.eval.output_dir.trim_end_matches('/'));
@@ -128,20 +137,8 @@ pub async fn eval(plan: &EvalPlan, storage: &StorageConfig) -> Result<EvalSummar
         ensure_score(&plan.score, &table, storage).await?;
     }
     let swaps = swap_tables(plan, &cfg, &tables_dir, storage).await?;
-    let mut arms = Vec::new();
-    for &seed in &cfg.seeds {
-        for kind in [ArmKind::Knn, ArmKind::None] {
-            let arm = ensure_arm(
-                &plan.train,
-                &cfg,
-                &run_dir,
-                &knn_table,
-                (seed, kind),
-                storage,
-            );
-            arms.push(arm.await?);
-        }
-    }
+    let launcher = plan.launcher.as_ref().filter(|_| device == Device::Cpu);
+    let arms = train_arms(&plan.train, &cfg, (&run_dir, &knn_table), launcher, storage).await?;
     let train_seconds = started.elapsed().as_secs_f64();
 
     let measuring = Instant::now();
@@ -206,6 +203,20 @@ pub async fn eval(plan: &EvalPlan, storage: &StorageConfig) -> Result<EvalSummar
         arms_trained: arms.iter().filter(|a| a.trained_now > 0).count(),
         seconds,
     })
+}
+
+/// Trains arm `(seed, kind)` of `plan` on `knn_table` in this process: what a child
+/// process started by [`ArmLauncher`] does.
+pub async fn train_arm(
+    plan: &EvalPlan,
+    job: (u64, ArmKind),
+    knn_table: &str,
+    storage: &StorageConfig,
+) -> Result<Arm> {
+    let cfg = plan.config();
+    cfg.validate()?;
+    let run_dir = cfg.output_dir.trim_end_matches('/');
+    ensure_arm(&plan.train, &cfg, run_dir, knn_table, job, storage).await
 }
 
 /// Reads the held-out set and everything retrieved for it, the baselines and the style
