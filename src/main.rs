@@ -469,7 +469,7 @@ fn run_launch(args: cli::LaunchArgs) -> Result<()> {
     match launch.run(&stop) {
         Ok(_) => Ok(()),
         // Every process ended with the same code (a stop for requeueing): pass it on.
-        Err(knn_cluster::launch::LaunchError::Failed { codes, detail, .. })
+        Err(knn_cluster::ClusterError::Failed { codes, detail, .. })
             if codes
                 .first()
                 .is_some_and(|c| c.is_some() && codes.iter().all(|x| x == c)) =>

@@ -9,21 +9,10 @@
 //! and sample run once.
 
 use crate::rendezvous::DEFAULT_MASTER_PORT;
+use crate::ClusterError;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-
-/// What is wrong with a job file.
-#[derive(Debug, thiserror::Error)]
-pub enum JobError {
-    /// A value is out of range or inconsistent.
-    #[error("job `{file}`, `{key}`: {reason}")]
-    Invalid {
-        file: String,
-        key: &'static str,
-        reason: String,
-    },
-}
 
 /// The pipeline stage a job runs.
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -229,8 +218,13 @@ pub struct Job {
 impl Job {
     /// Validates `cfg` read from `file`; `cwd` is where `submit` runs, `binary` the program
     /// to run (usually this one).
-    pub fn new(file: &Path, cfg: JobConfig, cwd: &Path, binary: PathBuf) -> Result<Self, JobError> {
-        let bad = |key, reason: String| JobError::Invalid {
+    pub fn new(
+        file: &Path,
+        cfg: JobConfig,
+        cwd: &Path,
+        binary: PathBuf,
+    ) -> Result<Self, ClusterError> {
+        let bad = |key, reason: String| ClusterError::InvalidJob {
             file: file.display().to_string(),
             key,
             reason,
@@ -447,11 +441,11 @@ impl Job {
 
     /// The Kubernetes manifest: a ConfigMap with the stage config, a headless Service for
     /// rendezvous (training), and an Indexed Job.
-    pub fn kubernetes_manifest(&self, stage_config_text: &str) -> Result<String, JobError> {
+    pub fn kubernetes_manifest(&self, stage_config_text: &str) -> Result<String, ClusterError> {
         let c = &self.cfg;
         let k = &c.kubernetes;
         let r = &c.resources;
-        let image = k.image.as_deref().ok_or_else(|| JobError::Invalid {
+        let image = k.image.as_deref().ok_or_else(|| ClusterError::InvalidJob {
             file: self.file.display().to_string(),
             key: "kubernetes.image",
             reason: "set the container image that holds knn-diffusion".into(),

@@ -1,55 +1,14 @@
 //! Starting a job: processes on this machine (the `local` backend and `knn-diffusion launch`,
 //! torchrun's role), `sbatch` for Slurm, `kubectl apply` for Kubernetes.
 
-use crate::job::{BackendKind, Job, JobError};
+use crate::job::{BackendKind, Job};
+use crate::ClusterError;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-
-/// What went wrong starting or running a job.
-#[derive(Debug, thiserror::Error)]
-pub enum LaunchError {
-    /// The job file is invalid.
-    #[error(transparent)]
-    Job(#[from] JobError),
-    /// A program could not be started.
-    #[error("cannot run `{program}`: {source}{hint}")]
-    Spawn {
-        program: String,
-        hint: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    /// A submission tool refused the job.
-    #[error("`{program}` failed ({status}): {stderr}")]
-    Refused {
-        program: String,
-        status: String,
-        stderr: String,
-    },
-    /// Local processes failed.
-    #[error("{failed} of {total} processes failed: {detail}")]
-    Failed {
-        failed: usize,
-        total: usize,
-        detail: String,
-        /// Every process's exit code, in rank order (`None`: killed by a signal).
-        codes: Vec<Option<i32>>,
-    },
-    /// The layout cannot run here.
-    #[error("{0}")]
-    Layout(String),
-    /// A file could not be written.
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
 
 /// Processes started on this node, each told its place through the environment
 /// (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`),
@@ -80,20 +39,20 @@ impl LocalLaunch {
     /// Runs the processes to the end. When one fails the others are sent SIGTERM (they
     /// checkpoint and exit), then killed after the grace period; `stop` set by the caller
     /// (a signal to the launcher) is forwarded the same way.
-    pub fn run(&self, stop: &AtomicBool) -> Result<Vec<ExitStatus>, LaunchError> {
+    pub fn run(&self, stop: &AtomicBool) -> Result<Vec<ExitStatus>, ClusterError> {
         if self.nproc_per_node == 0 || self.nnodes == 0 || self.node_rank >= self.nnodes {
-            return Err(LaunchError::Layout(format!(
+            return Err(ClusterError::Unrunnable(format!(
                 "node {} of {} with {} processes per node is not a valid layout",
                 self.node_rank, self.nnodes, self.nproc_per_node
             )));
         }
         let port = match self.master_port {
             0 if self.nnodes > 1 => {
-                return Err(LaunchError::Layout(
+                return Err(ClusterError::Unrunnable(
                     "a job over several nodes needs --master-port".into(),
                 ))
             }
-            0 => free_port().map_err(|source| LaunchError::Io {
+            0 => free_port().map_err(|source| ClusterError::Io {
                 path: "127.0.0.1:0".into(),
                 source,
             })?,
@@ -132,7 +91,7 @@ impl LocalLaunch {
                 Ok(c) => c,
                 Err(source) => {
                     signal_all(&children, libc::SIGKILL);
-                    return Err(LaunchError::Spawn {
+                    return Err(ClusterError::Spawn {
                         program: self.program.display().to_string(),
                         hint: "",
                         source,
@@ -203,7 +162,7 @@ impl LocalLaunch {
         if bad.is_empty() {
             Ok(statuses)
         } else {
-            Err(LaunchError::Failed {
+            Err(ClusterError::Failed {
                 failed: bad.len(),
                 total: statuses.len(),
                 detail: bad.join(", "),
@@ -244,12 +203,12 @@ pub fn submit(
     backend: BackendKind,
     dry_run: bool,
     stop: &AtomicBool,
-) -> Result<Submitted, LaunchError> {
+) -> Result<Submitted, ClusterError> {
     match backend {
         BackendKind::Local => {
             let r = &job.cfg.resources;
             if r.nodes > 1 {
-                return Err(LaunchError::Layout(format!(
+                return Err(ClusterError::Unrunnable(format!(
                     "job `{}` asks for {} nodes; the local backend runs on this machine only (use slurm or kubernetes)",
                     job.file.display(),
                     r.nodes
@@ -289,7 +248,7 @@ pub fn submit(
                 return Ok(Submitted::DryRun(script));
             }
             let dir = job.workdir.join(".knn-jobs");
-            std::fs::create_dir_all(&dir).map_err(|source| LaunchError::Io {
+            std::fs::create_dir_all(&dir).map_err(|source| ClusterError::Io {
                 path: dir.clone(),
                 source,
             })?;
@@ -297,7 +256,7 @@ pub fn submit(
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis());
             let path = dir.join(format!("{}-{stamp}.sbatch", job.cfg.job.name));
-            std::fs::write(&path, &script).map_err(|source| LaunchError::Io {
+            std::fs::write(&path, &script).map_err(|source| ClusterError::Io {
                 path: path.clone(),
                 source,
             })?;
@@ -306,13 +265,13 @@ pub fn submit(
                 .arg(&path)
                 .current_dir(&job.workdir)
                 .output()
-                .map_err(|source| LaunchError::Spawn {
+                .map_err(|source| ClusterError::Spawn {
                     program: "sbatch".into(),
                     hint: "; is this a Slurm login node? `--dry-run` prints the script instead",
                     source,
                 })?;
             if !out.status.success() {
-                return Err(LaunchError::Refused {
+                return Err(ClusterError::Refused {
                     program: "sbatch".into(),
                     status: out.status.to_string(),
                     stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
@@ -327,7 +286,7 @@ pub fn submit(
         }
         BackendKind::Kubernetes => {
             let text =
-                std::fs::read_to_string(&job.stage_config).map_err(|source| LaunchError::Io {
+                std::fs::read_to_string(&job.stage_config).map_err(|source| ClusterError::Io {
                     path: job.stage_config.clone(),
                     source,
                 })?;
@@ -341,7 +300,7 @@ pub fn submit(
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
-                .map_err(|source| LaunchError::Spawn {
+                .map_err(|source| ClusterError::Spawn {
                     program: "kubectl".into(),
                     hint: "; install kubectl and select a context, or use `--dry-run` and apply the manifest yourself",
                     source,
@@ -351,13 +310,13 @@ pub fn submit(
             }
             let out = child
                 .wait_with_output()
-                .map_err(|source| LaunchError::Spawn {
+                .map_err(|source| ClusterError::Spawn {
                     program: "kubectl".into(),
                     hint: "",
                     source,
                 })?;
             if !out.status.success() {
-                return Err(LaunchError::Refused {
+                return Err(ClusterError::Refused {
                     program: "kubectl apply".into(),
                     status: out.status.to_string(),
                     stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),

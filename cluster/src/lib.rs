@@ -1,4 +1,12 @@
-//! Where this process sits in a job: its worker index and the worker count.
+//! Where a process sits in a job, how the ranks of a job meet, and how jobs are started.
+//!
+//! - [`WorkerSlot`] (here): a batch stage's worker index and count;
+//! - [`rendezvous`]: a rank's place read from the launcher's environment;
+//! - [`store`]: the key-value store rank 0 serves so the ranks can find each other;
+//! - [`ring`]: the CPU collectives (ring all-reduce, broadcast, barrier over TCP);
+//! - [`group`]: the ranks joined into a process group whose collectives work on tensors, over
+//!   TCP or NCCL (what data-parallel training synchronises through);
+//! - [`job`] and [`launch`]: jobs described and started (local processes, Slurm, Kubernetes).
 //!
 //! Batch stages (embed, precompute-knn) split their shards over workers. The slot comes from
 //! flags when given, otherwise from the launcher's environment: a Slurm array task
@@ -6,14 +14,8 @@
 //! Slurm step (`SLURM_PROCID` / `SLURM_NTASKS`), torch-style `RANK` / `WORLD_SIZE`, or a
 //! Kubernetes Indexed Job (`JOB_COMPLETION_INDEX`, with the count from flags). A process
 //! alone is worker 0 of 1.
-//!
-//! [`ring`] holds the CPU collectives (ring all-reduce, broadcast, barrier over TCP) that
-//! data-parallel training synchronises through; [`store`] the rendezvous key-value store
-//! rank 0 serves so the ranks can find each other; [`rendezvous`] reads a rank's place from
-//! the launcher's environment; [`job`] and [`launch`] describe and start jobs (local
-//! processes, Slurm, Kubernetes); [`group`] joins the ranks into a process group whose
-//! collectives work on tensors, over TCP or NCCL.
 
+pub mod error;
 pub mod group;
 pub mod job;
 pub mod launch;
@@ -21,30 +23,9 @@ pub mod rendezvous;
 pub mod ring;
 pub mod store;
 
+pub use error::{ClusterError, Result};
+
 use std::fmt;
-
-/// What is wrong with a worker slot.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ClusterError {
-    /// Index not below count, or count zero.
-    #[error("worker {index} of {count} is not valid: need 0 <= worker < workers and workers >= 1")]
-    InvalidSlot { index: usize, count: usize },
-    /// An environment variable holds no number.
-    #[error("environment variable {name}={value:?} is not a non-negative integer")]
-    BadEnv { name: &'static str, value: String },
-    /// A launcher's variables are only partly set.
-    #[error("{launcher} is set but {name} is not: set {name} (or launch with `knn-diffusion launch`, `srun` or a rendered job)")]
-    MissingEnv {
-        name: &'static str,
-        launcher: &'static str,
-    },
-    /// An index came from the environment but no count did.
-    #[error("{name} gives this worker's index but nothing gives the worker count; pass --workers")]
-    MissingCount { name: &'static str },
-}
-
-/// Result with [`ClusterError`].
-pub type Result<T> = std::result::Result<T, ClusterError>;
 
 /// The number in environment variable `name` read through `env` (`None` when unset).
 pub(crate) fn env_number<T: std::str::FromStr>(
@@ -178,12 +159,12 @@ mod tests {
         let s = WorkerSlot::resolve(None, None, env(&[("RANK", "1"), ("WORLD_SIZE", "2")]));
         assert_eq!(s.unwrap(), WorkerSlot::new(1, 2).unwrap());
         let k = WorkerSlot::resolve(None, None, env(&[("JOB_COMPLETION_INDEX", "5")]));
-        assert_eq!(
+        assert!(matches!(
             k.unwrap_err(),
             ClusterError::MissingCount {
                 name: "JOB_COMPLETION_INDEX"
             }
-        );
+        ));
         let k = WorkerSlot::resolve(None, Some(8), env(&[("JOB_COMPLETION_INDEX", "5")]));
         assert_eq!(k.unwrap(), WorkerSlot::new(5, 8).unwrap());
     }

@@ -8,76 +8,12 @@
 //! Every rank adds the same values in the same order, so all ranks end bit-identical.
 //!
 //! Every socket read and write has a timeout: a lost or frozen rank makes its neighbours fail
-//! with [`CollectiveError`] naming that rank, never hang.
+//! with [`ClusterError`] naming that rank, never hang.
 
+use crate::{ClusterError, Result};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
-
-/// What went wrong in a collective.
-#[derive(Debug, thiserror::Error)]
-pub enum CollectiveError {
-    /// A peer did not answer in time or its connection broke.
-    #[error(
-        "rank {rank} ({addr}) {what}: {source}; is that process alive? (timeout {timeout_s} s)"
-    )]
-    Peer {
-        rank: usize,
-        addr: SocketAddr,
-        what: &'static str,
-        timeout_s: f64,
-        #[source]
-        source: std::io::Error,
-    },
-    /// This rank could not listen on its address.
-    #[error("rank {rank} cannot listen on {addr}: {source}")]
-    Listen {
-        rank: usize,
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    /// Ranks disagree on a buffer's length.
-    #[error("rank {rank} sent {got} values where {want} were expected: the ranks disagree on the buffer")]
-    Mismatch {
-        rank: usize,
-        got: usize,
-        want: usize,
-    },
-    /// The rendezvous store failed.
-    #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
-    /// Rank 0's host name does not resolve.
-    #[error("MASTER_ADDR {host:?} does not resolve: {reason}")]
-    Resolve { host: String, reason: String },
-    /// Two ranks were started with different world sizes.
-    #[error("rank {rank} was started with world size {theirs:?} but this rank with {ours}: start every rank from the same job")]
-    WorldMismatch {
-        rank: usize,
-        theirs: String,
-        ours: usize,
-    },
-    /// NCCL or CUDA refused.
-    #[error("NCCL {what}: {reason}")]
-    Nccl { what: &'static str, reason: String },
-    /// A GPU collective did not finish in time.
-    #[error("NCCL {op} over {world} ranks did not finish within {timeout_s} s: a rank is lost or frozen (the communicator was aborted)")]
-    Timeout {
-        op: &'static str,
-        world: usize,
-        timeout_s: f64,
-    },
-    /// The layout is impossible.
-    #[error("rank {rank} of {world} with {addrs} addresses is not a valid ring")]
-    Layout {
-        rank: usize,
-        world: usize,
-        addrs: usize,
-    },
-}
-
-/// Result with [`CollectiveError`].
-pub type Result<T> = std::result::Result<T, CollectiveError>;
 
 /// Writes a frame: the value count (`u64`) then the values, all little-endian, straight
 /// from `values`' memory on little-endian hosts (no copy of the buffer).
@@ -179,12 +115,11 @@ impl TcpRing {
         if addrs.len() < 2 || rank >= addrs.len() {
             return Self::join(rank, None, addrs, timeout);
         }
-        let listener =
-            TcpListener::bind(addrs[rank]).map_err(|source| CollectiveError::Listen {
-                rank,
-                addr: addrs[rank],
-                source,
-            })?;
+        let listener = TcpListener::bind(addrs[rank]).map_err(|source| ClusterError::Listen {
+            rank,
+            addr: addrs[rank],
+            source,
+        })?;
         Self::join(rank, Some(listener), addrs, timeout)
     }
 
@@ -198,7 +133,7 @@ impl TcpRing {
     ) -> Result<Self> {
         let world = addrs.len();
         if world == 0 || rank >= world {
-            return Err(CollectiveError::Layout {
+            return Err(ClusterError::Layout {
                 rank,
                 world,
                 addrs: addrs.len(),
@@ -217,7 +152,7 @@ impl TcpRing {
             _ if world == 1 => return Ok(ring),
             Some(l) => l,
             None => {
-                return Err(CollectiveError::Layout {
+                return Err(ClusterError::Layout {
                     rank,
                     world,
                     addrs: addrs.len(),
@@ -274,8 +209,8 @@ impl TcpRing {
         self.world
     }
 
-    fn peer_err(&self, rank: usize, what: &'static str, source: std::io::Error) -> CollectiveError {
-        CollectiveError::Peer {
+    fn peer_err(&self, rank: usize, what: &'static str, source: std::io::Error) -> ClusterError {
+        ClusterError::Peer {
             rank,
             addr: self.addrs[rank],
             what,
@@ -316,7 +251,7 @@ impl TcpRing {
         });
         sent.map_err(|e| self.peer_err(next_rank, "did not take data", e))?;
         match received.map_err(|e| self.peer_err(prev_rank, "sent no data", e))? {
-            Some(got) => Err(CollectiveError::Mismatch {
+            Some(got) => Err(ClusterError::Mismatch {
                 rank: prev_rank,
                 got,
                 want: into.len(),
@@ -374,7 +309,7 @@ impl TcpRing {
                 .expect("a ring of 2+ has a previous rank");
             let got = receive_into(prev, buf, false, &mut self.scratch);
             if let Some(got) = got.map_err(|e| self.peer_err(prev_rank, "sent no data", e))? {
-                return Err(CollectiveError::Mismatch {
+                return Err(ClusterError::Mismatch {
                     rank: prev_rank,
                     got,
                     want: buf.len(),

@@ -7,37 +7,12 @@
 //! len | value`. `op`: 1 set, 2 get (waits until the key exists, up to the client's
 //! timeout), 3 add (an `i64` counter; returns the new value). `status`: 0 ok, 1 timed out.
 
+use crate::{ClusterError, Result};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-
-/// What went wrong talking to the store.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The server could not listen.
-    #[error("cannot serve the rendezvous store on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The server did not answer (not started, gone, or the network is down).
-    #[error("rendezvous store at {addr} (rank 0) {what}: {source}; is rank 0 running and MASTER_ADDR/MASTER_PORT right?")]
-    Unreachable {
-        addr: SocketAddr,
-        what: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    /// A key was not set by any rank in time.
-    #[error("rendezvous key `{key}` was not set within {timeout_s} s: a rank did not start or stopped early")]
-    KeyTimeout { key: String, timeout_s: f64 },
-}
-
-/// Result with [`StoreError`].
-pub type Result<T> = std::result::Result<T, StoreError>;
 
 #[derive(Default)]
 struct State {
@@ -54,10 +29,10 @@ impl StoreServer {
     /// Listens on `addr` (port 0: any free port) and serves every client on its own thread.
     pub fn start(addr: SocketAddr) -> Result<Self> {
         let listener =
-            TcpListener::bind(addr).map_err(|source| StoreError::Listen { addr, source })?;
+            TcpListener::bind(addr).map_err(|source| ClusterError::StoreListen { addr, source })?;
         let addr = listener
             .local_addr()
-            .map_err(|source| StoreError::Listen { addr, source })?;
+            .map_err(|source| ClusterError::StoreListen { addr, source })?;
         let state = Arc::new(State::default());
         std::thread::Builder::new()
             .name("knn-store".into())
@@ -69,7 +44,7 @@ impl StoreServer {
                         .spawn(move || serve(conn, &state));
                 }
             })
-            .map_err(|source| StoreError::Listen { addr, source })?;
+            .map_err(|source| ClusterError::StoreListen { addr, source })?;
         Ok(Self { addr })
     }
 
@@ -167,7 +142,7 @@ impl StoreClient {
             match TcpStream::connect_timeout(&addr, timeout) {
                 Ok(c) => break c,
                 Err(source) if Instant::now() >= deadline => {
-                    return Err(StoreError::Unreachable {
+                    return Err(ClusterError::StoreUnreachable {
                         addr,
                         what: "never accepted a connection",
                         source,
@@ -176,7 +151,7 @@ impl StoreClient {
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
         };
-        let unreachable = |source| StoreError::Unreachable {
+        let unreachable = |source| ClusterError::StoreUnreachable {
             addr,
             what: "could not be configured",
             source,
@@ -198,7 +173,7 @@ impl StoreClient {
         write_bytes(&mut msg, key.as_bytes());
         write_bytes(&mut msg, value);
         let addr = self.addr;
-        let lost = |what, source| StoreError::Unreachable { addr, what, source };
+        let lost = |what, source| ClusterError::StoreUnreachable { addr, what, source };
         self.conn
             .write_all(&msg)
             .map_err(|e| lost("did not take a request", e))?;
@@ -220,7 +195,7 @@ impl StoreClient {
         let ms = self.timeout.as_millis() as u64;
         match self.request(2, key, &ms.to_le_bytes())? {
             (0, v) => Ok(v),
-            _ => Err(StoreError::KeyTimeout {
+            _ => Err(ClusterError::KeyTimeout {
                 key: key.to_string(),
                 timeout_s: self.timeout.as_secs_f64(),
             }),
@@ -272,7 +247,7 @@ mod tests {
         let t0 = Instant::now();
         let e = c.get("nccl/unique-id").unwrap_err();
         assert!(
-            matches!(e, StoreError::KeyTimeout { ref key, .. } if key == "nccl/unique-id"),
+            matches!(e, ClusterError::KeyTimeout { ref key, .. } if key == "nccl/unique-id"),
             "{e}"
         );
         assert!(t0.elapsed() < Duration::from_secs(3));

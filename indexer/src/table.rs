@@ -1,8 +1,9 @@
 //! The embed stage's two Lance tables and how they are opened, created and appended to.
 //!
-//! `EmbeddingTable` rows: `id` (u64, stable), `key`, `shard`, `image` (the training image,
-//! center-cropped and re-encoded as PNG), `width` / `height` (original pixels), `emb`
-//! (FixedSizeList<f32, d>, L2-normalised CLIP image embedding). The rejects table: `id`,
+//! The embeddings table's rows: `id` (u64, stable), `key`, `shard`, `image` (the training
+//! image, center-cropped and re-encoded as PNG), `width` / `height` (original pixels), `emb`
+//! (FixedSizeList<f32, d>, L2-normalised CLIP image embedding), then any source columns
+//! `embed.source.columns` carries and score columns the `score` stage adds. The rejects table: `id`,
 //! `key`, `shard`, `reason` (a short code) and `detail`. The schema metadata records which
 //! CLIP made the embeddings, so embeddings of two different models never mix in one table.
 

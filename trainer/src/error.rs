@@ -63,7 +63,7 @@ pub enum TrainerError {
     Torch(#[from] tch::TchError),
     /// A collective or the rendezvous of a data-parallel job failed.
     #[error("data-parallel training: {0}")]
-    Collective(#[from] knn_cluster::ring::CollectiveError),
+    Collective(#[from] knn_cluster::ClusterError),
     /// A shard of `train-clip`'s captioned data could not be read; the next run retries it.
     #[error("captioned shard `{shard}` could not be read: {reason}; fix it or remove it from `train_clip.data.url`, then rerun (committed shards are kept)")]
     PrepareFailed { shard: String, reason: String },
