@@ -81,7 +81,7 @@ fn try_main(cli: Cli) -> Result<()> {
         Command::PrecomputeKnn(args) => runtime.block_on(run_precompute_knn(args, cli.log_format)),
         Command::Train(args) => runtime.block_on(run_train(args, cli.log_format)),
         Command::Sample(args) => runtime.block_on(run_sample(*args)),
-        Command::Eval(args) => runtime.block_on(run_eval(args)),
+        Command::Eval(args) => runtime.block_on(run_eval(args, cli.log_format)),
         Command::TrainClip(args) => runtime.block_on(run_train_clip(args, cli.log_format)),
         Command::Data(cli::DataCommand::Fetch(args)) => runtime.block_on(run_data_fetch(args)),
         Command::Submit(args) => {
@@ -190,7 +190,7 @@ async fn run_score(args: ConfigArgs) -> Result<()> {
     write_summary(args.summary_json.as_deref(), &summary)
 }
 
-async fn run_eval(args: cli::EvalArgs) -> Result<()> {
+async fn run_eval(args: cli::EvalArgs, log_format: LogFormat) -> Result<()> {
     let c = &args.config;
     let project = config::load(&c.config, &c.overrides)?;
     let mut plan = project.eval_plan(&c.config, args.quick)?;
@@ -201,9 +201,19 @@ async fn run_eval(args: cli::EvalArgs) -> Result<()> {
         let arm = knn_trainer::eval::train_arm(&plan, job, &table, &project.storage).await?;
         return write_summary(c.summary_json.as_deref(), &arm);
     }
-    // Arms train side by side in copies of this process, loading the same config.
-    let mut args_again: Vec<std::ffi::OsString> =
-        vec!["eval".into(), "--config".into(), c.config.clone().into()];
+    // Arms train side by side in copies of this process, loading the same config and
+    // logging in the same format.
+    let format = match log_format {
+        LogFormat::Human => "human",
+        LogFormat::Json => "json",
+    };
+    let mut args_again: Vec<std::ffi::OsString> = vec![
+        "--log-format".into(),
+        format.into(),
+        "eval".into(),
+        "--config".into(),
+        c.config.clone().into(),
+    ];
     for o in &c.overrides {
         args_again.extend(["--set".into(), o.into()]);
     }

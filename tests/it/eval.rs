@@ -264,6 +264,16 @@ async fn quick_eval_reports_every_comparison_and_reruns_from_its_cache() {
         !o.status.success() && t.contains("eval.sweep_k") && t.contains("k = 9"),
         "{t}"
     );
+    // The headline k is one of the sweep's (its samples are the ones compared with k = 0).
+    let o = run(bin()
+        .args(["eval", "--quick", "--config"])
+        .arg(&cfg)
+        .args(["--set", "eval.headline_k=3"]));
+    let t = text(&o);
+    assert!(
+        !o.status.success() && t.contains("eval.headline_k") && t.contains("not in eval.sweep_k"),
+        "{t}"
+    );
     let o = run(bin().args(["eval", "--quick", "--config"]).arg(&cfg).args([
         "--set",
         &format!("eval.captions={}/nowhere.lance", dir.path().display()),

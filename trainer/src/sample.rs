@@ -152,7 +152,6 @@ pub async fn sample(
     for (p, ids) in req.prompts.iter().zip(&found.ids) {
         tracing::info!(prompt = %p, neighbours = ?ids, "retrieved");
     }
-    let neighbour_ids = found.ids.clone();
     // Each prompt's condition repeated per image, prompt-major.
     let reps = req.per_prompt.max(1);
     let (emb, present) = found.conditions(&qv, k, unet.knn + 1);
@@ -181,7 +180,7 @@ pub async fn sample(
         req.out.with_file_name(format!("{stem}-neighbours.png"))
     });
     let side = unet.image_size_px;
-    let nb_imgs = table_images(&req.retrieval_db, storage, &neighbour_ids, k.max(1), side).await?;
+    let nb_imgs = table_images(&req.retrieval_db, storage, &found.ids, k.max(1), side).await?;
     write_grid(&nb_imgs, k.max(1), &nb_out)?;
     let judge = match &req.judge {
         Some(settings) => {
@@ -212,7 +211,7 @@ pub async fn sample(
         step: trained.state.step,
         images: total,
         images_per_s: total as f64 / secs.max(1e-9),
-        neighbour_ids,
+        neighbour_ids: found.ids,
         judge,
     })
 }

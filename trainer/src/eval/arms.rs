@@ -92,11 +92,7 @@ pub async fn ensure_arm(
     (seed, kind): (u64, ArmKind),
     storage: &StorageConfig,
 ) -> Result<Arm> {
-    if let Some(given) = eval
-        .checkpoints
-        .iter()
-        .find(|c| c.seed == seed && c.arm == kind)
-    {
+    if let Some(given) = eval.given(seed, kind) {
         tracing::info!(seed, arm = kind.name(), checkpoints = %given.url, "arm from [[eval.checkpoints]]");
         return Ok(Arm {
             seed,
@@ -201,12 +197,8 @@ pub async fn train_arms(
         .collect();
     let mut left = Vec::new();
     for &(seed, kind) in &jobs {
-        let given = eval
-            .checkpoints
-            .iter()
-            .any(|c| c.seed == seed && c.arm == kind);
         let cfg = arm_config(train, eval, run_dir, knn_table, seed, kind);
-        if !given && !trained(&cfg, storage).await? {
+        if eval.given(seed, kind).is_none() && !trained(&cfg, storage).await? {
             left.push((seed, kind));
         }
     }
@@ -295,16 +287,17 @@ async fn train_in_children(
         };
         let arm = format!("seed {seed} arm {}", kind.name());
         match status {
-            Ok(s) if s.success() => {
-                let text =
-                    std::fs::read_to_string(&summary).map_err(|e| TrainerError::io(&summary, e))?;
-                match serde_json::from_str::<Arm>(&text) {
-                    Ok(trained) => {
-                        done.insert((seed, kind), trained);
-                    }
-                    Err(e) => failed.push(format!("{arm} ({}: {e})", summary.display())),
+            // What it trained, or why that cannot be read: counted with the failures, so
+            // the others are waited for.
+            Ok(s) if s.success() => match std::fs::read_to_string(&summary)
+                .map_err(|e| e.to_string())
+                .and_then(|text| serde_json::from_str::<Arm>(&text).map_err(|e| e.to_string()))
+            {
+                Ok(trained) => {
+                    done.insert((seed, kind), trained);
                 }
-            }
+                Err(e) => failed.push(format!("{arm} ({}: {e})", summary.display())),
+            },
             Ok(s) => failed.push(format!("{arm} ({s})")),
             Err(e) => failed.push(format!("{arm} ({e})")),
         }

@@ -46,7 +46,8 @@ pub struct EvalConfig {
     /// Inference k of the sweep (each ≤ `knn_k`).
     #[serde(default = "default_sweep")]
     pub sweep_k: Vec<usize>,
-    /// The k compared with the no-kNN arm, and used for the table swap and the buckets.
+    /// The k compared with the no-kNN arm, and used for the table swap and the buckets (one
+    /// of `sweep_k`).
     #[serde(default = "default_headline_k")]
     pub headline_k: usize,
     /// Held-out captions sampled (0: every held-out row with a caption).
@@ -302,6 +303,13 @@ impl EvalConfig {
         q
     }
 
+    /// The `[[eval.checkpoints]]` entry of arm `kind` of `seed`, if any.
+    pub fn given(&self, seed: u64, kind: ArmKind) -> Option<&ArmCheckpoint> {
+        self.checkpoints
+            .iter()
+            .find(|c| c.seed == seed && c.arm == kind)
+    }
+
     /// Checks what can be checked before any work; errors name the key.
     pub fn validate(&self) -> crate::Result<()> {
         let bad = |key: &str, reason: String| Err(TrainerError::config(key, reason));
@@ -341,10 +349,14 @@ impl EvalConfig {
                 ),
             );
         }
-        if self.headline_k == 0 || self.headline_k > self.knn_k {
+        if !self.sweep_k.contains(&self.headline_k) {
             return bad(
                 "eval.headline_k",
-                format!("{} is outside 1..={}", self.headline_k, self.knn_k),
+                format!(
+                    "{} is not in eval.sweep_k {:?}: the comparison with k = 0 reads the \
+                     sweep's samples at that k",
+                    self.headline_k, self.sweep_k
+                ),
             );
         }
         if !(0.0..=1.0).contains(&self.knn_dropout) {

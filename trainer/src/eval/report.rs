@@ -131,6 +131,8 @@ pub struct RunFacts {
     pub sampler: String,
     /// R-precision distractors per image.
     pub distractors: usize,
+    /// k of the k-NN balls of precision and recall.
+    pub pr_k: usize,
     /// The pipeline's CLIP and the judge's.
     pub clip: String,
     /// The judge CLIP.
@@ -169,7 +171,7 @@ pub struct Report {
     pub grids: Vec<String>,
 }
 
-/// Per-seed values of one measure of the no-kNN arm.
+/// One value per seed, over seeds.
 fn over_seeds(seeds: &[SeedResult], f: impl Fn(&SeedResult) -> f64) -> Stat {
     Stat::of(seeds.iter().map(f).collect())
 }
@@ -289,6 +291,14 @@ pub fn claims(seeds: &[SeedResult], styles: &[String], headline_k: usize) -> Vec
     out
 }
 
+/// A Markdown table row: `name`, then each measure of `get` as mean ± std over seeds.
+fn stat_row(seeds: &[SeedResult], name: &str, get: impl Fn(&SeedResult) -> Measures) -> String {
+    let cells: Vec<String> = (0..5)
+        .map(|i| over_seeds(seeds, |r| get(r).named()[i].1).to_string())
+        .collect();
+    format!("| {name} | {} |\n", cells.join(" | "))
+}
+
 /// Spearman's rank correlation of `values` with their positions 0, 1, 2, …
 fn spearman_with_rank(values: &[f64]) -> f64 {
     let n = values.len();
@@ -358,10 +368,11 @@ impl Report {
         }
         let _ = writeln!(
             md,
-            "\n## kNN against no kNN, and baselines\n\nFD_CLIP and precision/recall (k = 3) \
+            "\n## kNN against no kNN, and baselines\n\nFD_CLIP and precision/recall (k = {}) \
              against the held-out images, CLIP score and R-precision ({} distractors, chance \
              {:.3}) against their captions, all in the judge CLIP's space; mean ± std over \
              seeds.\n",
+            f.pr_k,
             f.distractors,
             1.0 / (f.distractors + 1) as f64
         );
@@ -369,16 +380,10 @@ impl Report {
             md,
             "| | FD_CLIP ↓ | precision ↑ | recall ↑ | CLIP score ↑ | R-precision ↑ |\n|---|---|---|---|---|---|"
         );
-        let mut row = |name: String, get: &dyn Fn(&SeedResult) -> Measures| {
-            let cells: Vec<String> = (0..5)
-                .map(|i| over_seeds(s, |r| get(r).named()[i].1).to_string())
-                .collect();
-            let _ = writeln!(md, "| {name} | {} |", cells.join(" | "));
-        };
-        row(format!("kNN, k = {}", f.headline_k), &|r| {
+        md.push_str(&stat_row(s, &format!("kNN, k = {}", f.headline_k), |r| {
             at_k(r, f.headline_k)
-        });
-        row("no kNN (k = 0)".into(), &|r| r.no_knn);
+        }));
+        md.push_str(&stat_row(s, "no kNN (k = 0)", |r| r.no_knn));
         let fixed = |name: &str, m: &Measures| {
             let cells: Vec<String> = m
                 .named()
@@ -407,11 +412,16 @@ impl Report {
             "\n## Inference k (the kNN arm)\n\n| k | FD_CLIP ↓ | precision ↑ | recall ↑ | CLIP score ↑ | R-precision ↑ |\n|---|---|---|---|---|---|"
         );
         for (k, _) in &s[0].sweep {
-            let cells: Vec<String> = (0..5)
-                .map(|i| over_seeds(s, |r| at_k(r, *k).named()[i].1).to_string())
-                .collect();
-            let _ = writeln!(md, "| {k} | {} |", cells.join(" | "));
+            md.push_str(&stat_row(s, &k.to_string(), |r| at_k(r, *k)));
         }
+        self.swap_and_buckets_md(&mut md);
+        self.arms_and_grids_md(&mut md);
+        md
+    }
+
+    /// The table-swap and score-bucket sections.
+    fn swap_and_buckets_md(&self, md: &mut String) {
+        let (f, s) = (&self.facts, &self.seeds);
         if !s[0].swap.is_empty() {
             let _ = writeln!(
                 md,
@@ -453,6 +463,10 @@ impl Report {
                 let _ = writeln!(md, "| {} | {} |", b + 1, over_seeds(s, |r| r.buckets[b]));
             }
         }
+    }
+
+    /// The arms used and the grids written.
+    fn arms_and_grids_md(&self, md: &mut String) {
         let _ = writeln!(md, "\n## Arms\n\n| seed | arm | steps | trained now (s) | checkpoints |\n|---|---|---|---|---|");
         for a in &self.arms {
             let _ = writeln!(
@@ -471,7 +485,6 @@ impl Report {
                 let _ = writeln!(md, "- `{g}`");
             }
         }
-        md
     }
 }
 

@@ -7,7 +7,7 @@ use super::arms::{ensure_arm, train_arms, Arm, ArmLauncher};
 use super::config::{ArmKind, EvalConfig};
 use super::measure::{centroid, mean_colourfulness, style_shares, Measures, Reference};
 use super::report::{claims, Claim, Report, RunFacts, SeedResult};
-use super::sets::{held_out, style_images, table_keys, HeldOut};
+use super::sets::{held_out, split_rows, style_images, HeldOut};
 use crate::config::TrainConfig;
 use crate::judge::image_features;
 use crate::model::TrainedModel;
@@ -142,20 +142,15 @@ pub async fn eval(plan: &EvalPlan, storage: &StorageConfig) -> Result<EvalSummar
     let train_seconds = started.elapsed().as_secs_f64();
 
     let measuring = Instant::now();
-    let first = TrainedModel::load(&arms[0].checkpoints, storage, device, true).await?;
-    let set = setting(plan, &cfg, (&table, &swaps), &first, storage, device).await?;
-    drop(first);
+    // The first seed's kNN arm also gives the image side and the CLIP the set is read with.
+    let mut models = load_arms(&arms, cfg.seeds[0], storage, device).await?;
+    let set = setting(plan, &cfg, (&table, &swaps), &models.0, storage, device).await?;
     let (mut seeds, mut grids) = (Vec::new(), Vec::new());
-    for &seed in &cfg.seeds {
-        let arm = |kind| {
-            arms.iter()
-                .find(|a: &&Arm| a.seed == seed && a.kind == kind)
-                .expect("every seed has both arms")
-        };
-        let knn = TrainedModel::load(&arm(ArmKind::Knn).checkpoints, storage, device, true);
-        let knn = knn.await?;
-        let none = TrainedModel::load(&arm(ArmKind::None).checkpoints, storage, device, true);
-        let (result, grid) = measure_seed(&cfg, &set, (&knn, &none.await?), seed, &run_dir)?;
+    for (i, &seed) in cfg.seeds.iter().enumerate() {
+        if i > 0 {
+            models = load_arms(&arms, seed, storage, device).await?;
+        }
+        let (result, grid) = measure_seed(&cfg, &set, (&models.0, &models.1), seed, &run_dir)?;
         seeds.push(result);
         grids.push(grid);
     }
@@ -179,6 +174,7 @@ pub async fn eval(plan: &EvalPlan, storage: &StorageConfig) -> Result<EvalSummar
             )
             .to_lowercase(),
             distractors: set.j.reference.distractors,
+            pr_k: cfg.pr_k,
             clip: plan.clip.checkpoint.clone().unwrap_or_default(),
             judge: plan.judge.checkpoint.clone().unwrap_or_default(),
             device: format!("{device:?}"),
@@ -203,6 +199,23 @@ pub async fn eval(plan: &EvalPlan, storage: &StorageConfig) -> Result<EvalSummar
         arms_trained: arms.iter().filter(|a| a.trained_now > 0).count(),
         seconds,
     })
+}
+
+/// The `(kNN, no-kNN)` arms of `seed`, loaded with their EMA weights.
+async fn load_arms(
+    arms: &[Arm],
+    seed: u64,
+    storage: &StorageConfig,
+    device: Device,
+) -> Result<(TrainedModel, TrainedModel)> {
+    let arm = |kind| {
+        arms.iter()
+            .find(|a: &&Arm| a.seed == seed && a.kind == kind)
+            .expect("every seed has both arms")
+    };
+    let knn = TrainedModel::load(&arm(ArmKind::Knn).checkpoints, storage, device, true).await?;
+    let none = TrainedModel::load(&arm(ArmKind::None).checkpoints, storage, device, true).await?;
+    Ok((knn, none))
 }
 
 /// Trains arm `(seed, kind)` of `plan` on `knn_table` in this process: what a child
@@ -231,19 +244,14 @@ async fn setting(
     device: Device,
 ) -> Result<Setting> {
     let side = model.model.unet.config().image_size_px;
-    let j = judged(plan, cfg, table, model, storage, device).await?;
+    let rows = split_rows(table, &plan.split, storage).await?;
+    let j = judged(plan, cfg, (table, &rows.held), model, storage, device).await?;
     let n = j.held.ids.len();
     let dim = j.queries.len() / n;
-    let kmax = cfg
-        .sweep_k
-        .iter()
-        .copied()
-        .chain([cfg.headline_k])
-        .max()
-        .unwrap_or(1);
+    let kmax = cfg.sweep_k.iter().copied().max().unwrap_or(1);
     let own = Retriever::open(table, storage)
         .await?
-        .excluding(j.held.all_ids.iter().copied());
+        .excluding(rows.held_ids());
     let found = retrieve(&own, &j.queries, dim, kmax, None).await?;
     let top1: Vec<u64> = found
         .ids
@@ -254,27 +262,24 @@ async fn setting(
     let nn_retrieval = j
         .reference
         .measure(&image_features(&j.judge, &nn_images)?)?;
-    let train_imgs = style_images(table, &plan.split, n, side, storage).await?;
+    let train_imgs = style_images(table, &rows.kept, n, side, storage).await?;
     let train_images =
         j.reference
             .measure_parts(&image_features(&j.judge, &train_imgs)?, true, false)?;
     let held_out_images = j.reference.measure_parts(&j.reference.real, false, true)?;
 
     let mut styles = vec!["own".to_string()];
-    let own_style = style_images(table, &plan.split, cfg.style_images, side, storage).await?;
+    let own_style = style_images(table, &rows.kept, cfg.style_images, side, storage).await?;
     let mut centroids = vec![centroid(&image_features(&j.judge, &own_style)?)];
     let mut swap_found = Vec::new();
     for (name, uri) in swaps {
         styles.push(name.clone());
-        let imgs = style_images(uri, &plan.split, cfg.style_images, side, storage).await?;
+        let rows = split_rows(uri, &plan.split, storage).await?;
+        let imgs = style_images(uri, &rows.kept, cfg.style_images, side, storage).await?;
         centroids.push(centroid(&image_features(&j.judge, &imgs)?));
-        let held: Vec<u64> = table_keys(uri, storage)
+        let r = Retriever::open(uri, storage)
             .await?
-            .into_iter()
-            .filter(|(_, k)| plan.split.is_holdout(k))
-            .map(|(id, _)| id)
-            .collect();
-        let r = Retriever::open(uri, storage).await?.excluding(held);
+            .excluding(rows.held_ids());
         let got = retrieve(&r, &j.queries, dim, cfg.headline_k, None).await?;
         swap_found.push((name.clone(), got));
     }
@@ -352,10 +357,7 @@ fn measure_seed(
     }
     let mut swap = Vec::new();
     if !set.swap_found.is_empty() {
-        let feats = match headline {
-            Some(f) => f,
-            None => features(&sample(knn, &set.found, q, cfg.headline_k)?)?,
-        };
+        let feats = headline.expect("validate: headline_k is one of sweep_k");
         swap.push(("own".to_string(), style_shares(&feats, &set.centroids)?));
         for (name, found) in &set.swap_found {
             let imgs = sample(knn, found, q, cfg.headline_k)?;
@@ -414,11 +416,12 @@ fn check_arm(model: &TrainedModel, k: usize, arm: &str) -> Result<()> {
     Ok(())
 }
 
-/// Loads both CLIPs, reads the held-out set and embeds it for the model and the judge.
+/// Loads both CLIPs, reads the held-out rows `held` of `table` and embeds them for the model
+/// and the judge.
 async fn judged(
     plan: &EvalPlan,
     cfg: &EvalConfig,
-    table: &str,
+    (table, held): (&str, &[(u64, String)]),
     model: &TrainedModel,
     storage: &StorageConfig,
     device: Device,
@@ -426,8 +429,8 @@ async fn judged(
     let side = model.model.unet.config().image_size_px;
     let held = held_out(
         table,
+        held,
         (&plan.captions, &cfg.caption_column),
-        &plan.split,
         cfg.prompts,
         side,
         storage,

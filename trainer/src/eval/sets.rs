@@ -30,6 +30,40 @@ pub async fn table_keys(uri: &str, storage: &StorageConfig) -> Result<Vec<(u64, 
     Ok(out)
 }
 
+/// A table's rows on either side of the held-out split, from one scan of its keys.
+#[derive(Debug, Default)]
+pub struct SplitRows {
+    /// Held-out rows `(id, key)`, in id order.
+    pub held: Vec<(u64, String)>,
+    /// The other rows' ids, in table order.
+    pub kept: Vec<u64>,
+}
+
+impl SplitRows {
+    /// The held-out ids.
+    pub fn held_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.held.iter().map(|(id, _)| *id)
+    }
+}
+
+/// The rows of `uri` split by `split`.
+pub async fn split_rows(
+    uri: &str,
+    split: &SplitConfig,
+    storage: &StorageConfig,
+) -> Result<SplitRows> {
+    let mut rows = SplitRows::default();
+    for (id, key) in table_keys(uri, storage).await? {
+        if split.is_holdout(&key) {
+            rows.held.push((id, key));
+        } else {
+            rows.kept.push(id);
+        }
+    }
+    rows.held.sort_unstable();
+    Ok(rows)
+}
+
 /// Column `at` of `b` as strings, or an error naming the table.
 fn strings<'a>(uri: &str, b: &'a RecordBatch, at: usize) -> Result<&'a arrow_array::StringArray> {
     b.column(at)
@@ -97,24 +131,18 @@ pub struct HeldOut {
     pub uncaptioned: (usize, Vec<String>),
 }
 
-/// Reads the held-out rows of `table` under `split`, their captions from `captions`
-/// (`key` + `caption_column`; the first caption of each key stem), and their images at
-/// `side` px; at most `limit` rows (0: all), in id order.
+/// Reads the held-out rows `held` of `table` (see [`split_rows`]), their captions from
+/// `captions` (`key` + `caption_column`; the first caption of each key stem), and their
+/// images at `side` px; at most `limit` rows (0: all), in id order.
 pub async fn held_out(
     table: &str,
+    held: &[(u64, String)],
     captions: (&str, &str),
-    split: &SplitConfig,
     limit: usize,
     side: usize,
     storage: &StorageConfig,
 ) -> Result<HeldOut> {
-    let mut rows: Vec<(u64, String)> = table_keys(table, storage)
-        .await?
-        .into_iter()
-        .filter(|(_, k)| split.is_holdout(k))
-        .collect();
-    rows.sort_unstable();
-    let all_ids: Vec<u64> = rows.iter().map(|r| r.0).collect();
+    let all_ids: Vec<u64> = held.iter().map(|r| r.0).collect();
     let mut by_stem: HashMap<String, String> = HashMap::new();
     for b in scan_columns(captions.0, storage, &["key", captions.1]).await? {
         let (keys, texts) = (strings(captions.0, &b, 0)?, strings(captions.0, &b, 1)?);
@@ -127,15 +155,15 @@ pub async fn held_out(
         }
     }
     let (mut ids, mut keys, mut texts, mut missing) = (vec![], vec![], vec![], vec![]);
-    for (id, key) in rows {
-        match by_stem.get(&key_stem(&key)) {
+    for (id, key) in held {
+        match by_stem.get(&key_stem(key)) {
             Some(c) if limit == 0 || ids.len() < limit => {
-                ids.push(id);
-                keys.push(key);
+                ids.push(*id);
+                keys.push(key.clone());
                 texts.push(c.clone());
             }
             Some(_) => {}
-            None => missing.push(key),
+            None => missing.push(key.clone()),
         }
     }
     if ids.is_empty() {
@@ -163,21 +191,15 @@ pub async fn held_out(
     })
 }
 
-/// Up to `n` images of a table's rows that `split` does not hold out, evenly spread over the
-/// table, `[≤n, 3, side, side]`.
+/// Up to `n` images of `rows` of `table` (the ones the split keeps, see [`split_rows`]),
+/// evenly spread over them, `[≤n, 3, side, side]`.
 pub async fn style_images(
     table: &str,
-    split: &SplitConfig,
+    rows: &[u64],
     n: usize,
     side: usize,
     storage: &StorageConfig,
 ) -> Result<Tensor> {
-    let rows: Vec<u64> = table_keys(table, storage)
-        .await?
-        .into_iter()
-        .filter(|(_, k)| !split.is_holdout(k))
-        .map(|(id, _)| id)
-        .collect();
     let step = rows.len().div_ceil(n.max(1)).max(1);
     let ids: Vec<u64> = rows.iter().step_by(step).copied().collect();
     table_images(table, storage, std::slice::from_ref(&ids), ids.len(), side).await
