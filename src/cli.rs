@@ -54,6 +54,15 @@ pub enum Command {
     /// a crash leaves the table as it was. Run it after embed has finished (embed then skips the
     /// table's shards but refuses to add new rows to it).
     Score(ConfigArgs),
+    /// Keep the sharded tables cheap to commit to and to open as they grow: checkpoint the
+    /// shard ledger, compact small fragments, then remove versions older than both the
+    /// checkpoint and `storage.tables.keep_versions_hours` (or --keep-versions-hours). Workers
+    /// do this themselves every `storage.tables.every_commits` versions; run it after a run,
+    /// or to reclaim space now. Safe while embed or precompute-knn workers commit, and the only
+    /// safe way to remove old versions of these tables: another tool's clean-up loses the
+    /// record of which shards are in. Tables: embed's table and rejects table and
+    /// precompute-knn's output, where they exist, or those given with --table.
+    Gc(GcArgs),
     /// Train the kNN-conditioned diffusion model on the embeddings and kNN tables: each image
     /// is denoised given its own CLIP embedding and its k neighbours' (condition dropped with
     /// `train.cond_drop_prob` for classifier-free guidance). Writes metrics.jsonl, sample
@@ -248,6 +257,26 @@ pub struct ConfigArgs {
     pub summary_json: Option<PathBuf>,
 }
 
+/// Flags of `gc`.
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+
+    /// A table to upkeep instead of the config's (repeatable).
+    #[arg(long, value_name = "URI")]
+    pub table: Vec<String>,
+
+    /// Keep versions younger than this many hours (default: `storage.tables.keep_versions_hours`).
+    /// 0 is safe for the ledger; use it when no reader is pinned to an old version.
+    #[arg(long, value_name = "HOURS")]
+    pub keep_versions_hours: Option<f64>,
+
+    /// Checkpoint and remove old versions, but do not compact.
+    #[arg(long)]
+    pub no_compact: bool,
+}
+
 /// Flags of `eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -414,6 +443,47 @@ pub enum BenchCommand {
     /// against torch.distributed (gloo / NCCL) on the same buffer and world size; time per
     /// all-reduce, algorithm and bus bandwidth.
     Allreduce(BenchAllReduceArgs),
+    /// What each stage costs as the table grows, at several sizes, with growth exponents.
+    #[command(subcommand)]
+    Scale(BenchScaleCommand),
+}
+
+/// Stages of `bench scale`.
+#[derive(Debug, Subcommand)]
+pub enum BenchScaleCommand {
+    /// One more shard commit (time, bytes written) and a new worker's start-up (open the
+    /// table, read the shard ledger; local and through the loopback S3 server) against a
+    /// table of 1k, 10k and 50k committed one-row shards, with `[storage.tables]` upkeep
+    /// at its defaults and with `keep_versions_hours = 0`; beside the same table without
+    /// upkeep, grown to --peer-sizes.
+    Commits(BenchScaleCommitsArgs),
+}
+
+/// Flags of `bench scale commits`.
+#[derive(Debug, Args)]
+pub struct BenchScaleCommitsArgs {
+    /// Committed shards at which to measure, increasing.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000")]
+    pub sizes: Vec<usize>,
+    /// Sizes for the peer without upkeep (its total cost grows with the square of the
+    /// shards; keep them small). Empty to skip it.
+    #[arg(long, value_delimiter = ',', default_value = "1000,3000")]
+    pub peer_sizes: Vec<usize>,
+    /// Workers committing at once while the table grows.
+    #[arg(long, default_value_t = 4)]
+    pub committers: usize,
+    /// Timed commits by one warm worker at each size.
+    #[arg(long, default_value_t = 20)]
+    pub samples: usize,
+    /// Skip the loopback S3 server (start-up through S3 is then not measured).
+    #[arg(long)]
+    pub no_s3: bool,
+    /// Skip the arm with upkeep that keeps no old versions (`keep_versions_hours = 0`).
+    #[arg(long)]
+    pub no_keep_0: bool,
+    /// Markdown file whose section for this benchmark is replaced.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub out: PathBuf,
 }
 
 /// Flags of `bench allreduce`.

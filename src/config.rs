@@ -65,6 +65,20 @@ impl ProjectConfig {
         }
     }
 
+    /// The tables sharded stages commit to, as this config names them: embed's table and
+    /// rejects table, precompute-knn's output.
+    pub fn sharded_tables(&self, path: &Path) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        if let Some(e) = &self.embed {
+            out.push(e.output.table.clone());
+            out.push(e.output.rejects_url());
+        }
+        if self.knn.is_some() || self.embed.is_some() {
+            out.push(self.knn(path)?.output_uri()?);
+        }
+        Ok(out)
+    }
+
     /// `[index]`, with the table defaulting to embed's output.
     pub fn index(&self, path: &Path) -> Result<IndexConfig> {
         let mut cfg = self.index.clone().unwrap_or_default();

@@ -78,6 +78,7 @@ fn try_main(cli: Cli) -> Result<()> {
         Command::Embed(args) => runtime.block_on(run_embed(args, cli.log_format)),
         Command::BuildIndex(args) => runtime.block_on(run_build_index(args)),
         Command::Score(args) => runtime.block_on(run_score(args)),
+        Command::Gc(args) => runtime.block_on(run_gc(args)),
         Command::PrecomputeKnn(args) => runtime.block_on(run_precompute_knn(args, cli.log_format)),
         Command::Train(args) => runtime.block_on(run_train(args, cli.log_format)),
         Command::Sample(args) => runtime.block_on(run_sample(*args)),
@@ -105,6 +106,11 @@ fn try_main(cli: Cli) -> Result<()> {
         }
         Command::Bench(BenchCommand::Allreduce(args)) => {
             let md = bench::allreduce::run(&args)?;
+            println!("{md}");
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Scale(cli::BenchScaleCommand::Commits(args))) => {
+            let md = runtime.block_on(bench::scale::commits(&args))?;
             println!("{md}");
             Ok(())
         }
@@ -188,6 +194,47 @@ async fn run_score(args: ConfigArgs) -> Result<()> {
     let summary = knn_indexer::score::score(&cfg, &project.storage).await?;
     eprint!("{summary}");
     write_summary(args.summary_json.as_deref(), &summary)
+}
+
+async fn run_gc(args: cli::GcArgs) -> Result<()> {
+    let c = &args.config;
+    let project = config::load(&c.config, &c.overrides)?;
+    let mut upkeep = project.storage.tables.clone();
+    if let Some(h) = args.keep_versions_hours {
+        upkeep.keep_versions_hours = h;
+    }
+    upkeep.compact = !args.no_compact;
+    let tables = if args.table.is_empty() {
+        project.sharded_tables(&c.config)?
+    } else {
+        args.table.clone()
+    };
+    let storage = project.storage.to_lance_options();
+    let mut done = Vec::new();
+    for uri in &tables {
+        match knn_indexer::table::load_dataset(uri, &storage, None).await {
+            Err(lance::Error::DatasetNotFound { .. }) if args.table.is_empty() => {
+                eprintln!("{uri}: no table yet, skipped");
+                continue;
+            }
+            _ => {}
+        }
+        let s = knn_indexer::table::maintain::gc(uri, &storage, &upkeep).await?;
+        eprintln!(
+            "{}: {} shards in the ledger (checkpoint at version {}); fragments {} -> {}; \
+             {} versions and {:.1} MB removed in {:.1} s",
+            s.table,
+            s.shards,
+            s.checkpoint_version,
+            s.fragments_before,
+            s.fragments_after,
+            s.versions_removed,
+            s.bytes_removed as f64 / 1e6,
+            s.seconds
+        );
+        done.push(s);
+    }
+    write_summary(c.summary_json.as_deref(), &done)
 }
 
 async fn run_eval(args: cli::EvalArgs, log_format: LogFormat) -> Result<()> {

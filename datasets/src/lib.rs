@@ -33,4 +33,4 @@ pub use record::{record_id, RawRecord};
 pub use secret::Secret;
 pub use shard::{assign_shards, list_shards, Shard, ShardFormat, ShardId};
 pub use split::SplitConfig;
-pub use store::{SourceLocation, StorageConfig};
+pub use store::{SourceLocation, StorageConfig, TableMaintenance};

@@ -40,6 +40,42 @@ pub struct StorageConfig {
     pub azure_account: Option<String>,
     /// Azure storage account key.
     pub azure_access_key: Option<Secret>,
+    /// Upkeep of the Lance tables that sharded stages commit to (`[storage.tables]`).
+    #[serde(default)]
+    pub tables: TableMaintenance,
+}
+
+/// How a Lance table that sharded stages (embed, precompute-knn, train-clip's captions)
+/// commit to is kept cheap to commit to and to open as it grows (`[storage.tables]`). Every
+/// commit writes a manifest listing every fragment, and a new worker reads the shard ledger,
+/// so both would grow with the number of shards committed; upkeep bounds them. Versions kept
+/// (`keep_versions_hours`) still cost every commit a listing on a file system.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TableMaintenance {
+    /// Every this many table versions, the worker whose commit crosses the mark (one worker
+    /// per mark) checkpoints the shard ledger, compacts small fragments and removes old
+    /// versions. 0: never (then run `knn-diffusion gc`).
+    pub every_commits: u64,
+    /// Merge fragments smaller than `target_rows_per_fragment` rows during upkeep.
+    pub compact: bool,
+    /// Rows of a compacted fragment.
+    pub target_rows_per_fragment: usize,
+    /// Versions younger than this many hours are never removed: a reader pinned to a version
+    /// (a training run, a precompute-knn job) keeps its files that long after newer versions
+    /// replace them. 0 removes every version older than the ledger checkpoint.
+    pub keep_versions_hours: f64,
+}
+
+impl Default for TableMaintenance {
+    fn default() -> Self {
+        Self {
+            every_commits: 500,
+            compact: true,
+            target_rows_per_fragment: 1_000_000,
+            keep_versions_hours: 168.0,
+        }
+    }
 }
 
 impl StorageConfig {

@@ -533,10 +533,13 @@ pub async fn embed(
     let lance_opts = storage.to_lance_options();
     let schema = embeddings_schema_with(dim as i32, &identity, &carried);
     let images =
-        ShardedTable::open_or_create(&cfg.output.table, schema.clone(), lance_opts.clone()).await?;
+        ShardedTable::open_or_create(&cfg.output.table, schema.clone(), lance_opts.clone())
+            .await?
+            .with_maintenance(&storage.tables)?;
     let rejects =
         ShardedTable::open_or_create(&cfg.output.rejects_url(), rejects_schema(), lance_opts)
-            .await?;
+            .await?
+            .with_maintenance(&storage.tables)?;
     images.refresh_ledger().await?;
     rejects.refresh_ledger().await?;
 

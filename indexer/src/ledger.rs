@@ -12,9 +12,14 @@
 //! transaction, and is refused. The table's transaction history *is* the ledger, so it cannot
 //! disagree with the data.
 //!
-//! The history must therefore outlive the jobs writing the table: shard commits skip Lance's
-//! auto-cleanup, and `cleanup_old_versions` must not run on a table that embed jobs still
-//! write to (it deletes old transaction files, and with them the record of those shards).
+//! **Checkpoints.** Reading one transaction per version makes a new worker's start-up grow
+//! with the table's history, and Lance's `cleanup_old_versions` deletes old transactions. So
+//! the ledger is also written, every `storage.tables.every_commits` versions, as one object
+//! `_knn_ledger/ledger-<V>.json` in the table's directory (which Lance's clean-up never
+//! lists): the shards committed through version V. A worker starts from the checkpoint of
+//! the highest V and reads only the transactions after it. A version whose transaction is gone
+//! must be covered by a checkpoint; if none covers it, the refresh fails rather than guess
+//! (see [`crate::table::maintain`] for the clean-up that keeps this true).
 
 use lance::dataset::transaction::Transaction as DatasetTransaction;
 use lance::Dataset;
@@ -24,66 +29,314 @@ use lance_table::io::commit::{
     CommitError, CommitHandler, ManifestLocation, ManifestNamingScheme, ManifestWriter,
 };
 use object_store::path::Path;
-use std::collections::HashMap;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 /// The transaction property naming the shard a commit belongs to.
 pub const SHARD_PROPERTY: &str = "knn.shard";
+
+/// The directory, inside the table's, that holds ledger checkpoints.
+pub const LEDGER_DIR: &str = "_knn_ledger";
+
+/// Format tag of a checkpoint object.
+const CHECKPOINT_FORMAT: &str = "knn-ledger/1";
+
+/// Checkpoints kept after a new one is written (older ones are deleted).
+const CHECKPOINTS_KEPT: usize = 3;
+
+/// One checkpoint object: the shards committed through `table_version`. Two checkpoints of
+/// one version hold the same shards (the table's history decides them), so whoever writes
+/// last writes the same bytes.
+#[derive(Debug, Serialize, Deserialize)]
+struct Checkpoint {
+    format: String,
+    table_version: u64,
+    shards: BTreeMap<String, u64>,
+}
 
 /// What the ledger knows about one table: which shards were committed, at which version.
 #[derive(Debug, Default)]
 struct LedgerState {
     scanned_through: u64,
     committed: HashMap<String, u64>,
+    /// The newest upkeep mark known to be claimed.
+    mark: u64,
 }
 
-/// The shard ledger of one table, read from its transaction history.
-#[derive(Clone, Debug, Default)]
+/// Where a table's checkpoints and upkeep marks live.
+#[derive(Clone, Debug)]
+pub struct LedgerStore {
+    store: Arc<ObjectStore>,
+    dir: Path,
+    table: String,
+}
+
+impl LedgerStore {
+    /// The checkpoints of the table at `base` (its root path in `store`), named `table` in
+    /// errors.
+    pub fn new(store: Arc<ObjectStore>, base: &Path, table: &str) -> Self {
+        Self {
+            store,
+            dir: base.clone().join(LEDGER_DIR),
+            table: table.to_string(),
+        }
+    }
+
+    /// `<dir>/<prefix>-<u64::MAX - n>`: inverted, so that a lexically ordered listing gives
+    /// the newest first.
+    fn path(&self, prefix: &str, n: u64, suffix: &str) -> Path {
+        self.dir
+            .clone()
+            .join(format!("{prefix}-{:020}{suffix}", u64::MAX - n))
+    }
+
+    fn checkpoint_path(&self, version: u64) -> Path {
+        self.path("ledger", version, ".json")
+    }
+
+    fn mark_path(&self, mark: u64) -> Path {
+        self.path("mark", mark, "")
+    }
+
+    /// The numbers of the `prefix` objects present, newest first.
+    async fn listed(&self, prefix: &str, suffix: &str) -> lance::Result<Vec<u64>> {
+        use futures::TryStreamExt;
+        let listed: Vec<_> = self
+            .store
+            .list(Some(self.dir.clone()))
+            .try_collect()
+            .await?;
+        let mut found: Vec<u64> = listed
+            .iter()
+            .filter_map(|m| {
+                let inv: u64 = m
+                    .location
+                    .filename()?
+                    .strip_prefix(prefix)?
+                    .strip_prefix('-')?
+                    .strip_suffix(suffix)?
+                    .parse()
+                    .ok()?;
+                Some(u64::MAX - inv)
+            })
+            .collect();
+        found.sort_unstable_by(|a, b| b.cmp(a));
+        Ok(found)
+    }
+
+    /// Deletes all but the newest [`CHECKPOINTS_KEPT`] `prefix` objects.
+    async fn prune(&self, prefix: &str, suffix: &str) -> lance::Result<()> {
+        for old in self
+            .listed(prefix, suffix)
+            .await?
+            .into_iter()
+            .skip(CHECKPOINTS_KEPT)
+        {
+            match self.store.delete(&self.path(prefix, old, suffix)).await {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// The checkpoint of the highest version, if any (one that vanishes while read, pruned
+    /// by a newer one's writer, is looked for again).
+    async fn newest(&self) -> lance::Result<Option<Checkpoint>> {
+        for _ in 0..3 {
+            let Some(&version) = self.listed("ledger", ".json").await?.first() else {
+                return Ok(None);
+            };
+            let path = self.checkpoint_path(version);
+            let bytes = match self.store.read_one_all(&path).await {
+                Ok(bytes) => bytes,
+                Err(e) if is_not_found(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            let cp: Checkpoint = serde_json::from_slice(&bytes).map_err(|e| {
+                lance::Error::invalid_input(format!(
+                    "ledger checkpoint `{path}` of table `{}` is unreadable ({e}); delete it and \
+                     rerun (the ledger is then read from the table's transactions)",
+                    self.table
+                ))
+            })?;
+            if cp.format != CHECKPOINT_FORMAT {
+                return Err(lance::Error::invalid_input(format!(
+                    "ledger checkpoint `{path}` of table `{}` has format `{}`, this build reads \
+                     `{CHECKPOINT_FORMAT}`",
+                    self.table, cp.format
+                )));
+            }
+            return Ok(Some(cp));
+        }
+        Ok(None)
+    }
+
+    /// Writes `cp` and prunes older checkpoints.
+    async fn put(&self, cp: &Checkpoint) -> lance::Result<()> {
+        let body = serde_json::to_vec(cp)
+            .map_err(|e| lance::Error::invalid_input(format!("ledger checkpoint: {e}")))?;
+        self.store
+            .put(&self.checkpoint_path(cp.table_version), &body)
+            .await?;
+        self.prune("ledger", ".json").await
+    }
+
+    /// Claims upkeep mark `mark` with a put-if-absent: `Ok(false)` when another worker holds
+    /// it. Stores without conditional puts grant every claim (upkeep stays correct, only
+    /// repeated).
+    async fn claim(&self, mark: u64) -> lance::Result<bool> {
+        let path = self.mark_path(mark);
+        match self
+            .store
+            .put_if_absent(&path, object_store::PutPayload::from_static(b""))
+            .await
+        {
+            Ok(()) => {}
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => return Ok(false),
+            Err(object_store::Error::NotImplemented { .. })
+            | Err(object_store::Error::NotSupported { .. }) => {
+                self.store.put(&path, &[]).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.prune("mark", "").await?;
+        Ok(true)
+    }
+}
+
+/// The shard ledger of one table, read from its checkpoints and transaction history.
+#[derive(Clone, Debug)]
 pub struct ShardLedger {
     state: Arc<Mutex<LedgerState>>,
+    store: LedgerStore,
 }
 
 impl ShardLedger {
-    /// An empty ledger; call [`ShardLedger::refresh`] to read a table's history.
-    pub fn new() -> Self {
-        Self::default()
+    /// An empty ledger over the checkpoints in `store`; call [`ShardLedger::refresh`] to read
+    /// a table's history.
+    pub fn new(store: LedgerStore) -> Self {
+        Self {
+            state: Arc::default(),
+            store,
+        }
     }
 
-    /// Reads the transactions of versions not read yet, up to `through`.
+    /// Brings the ledger up to version `through`: from the newest checkpoint on the first
+    /// call (or when transactions it has not read yet were cleaned up), then from the
+    /// transactions of the versions after it.
     pub async fn refresh(&self, table: &Dataset, through: u64) -> lance::Result<()> {
-        let from = self.lock().scanned_through + 1;
-        if from > through {
-            return Ok(());
-        }
-        use futures::StreamExt;
-        let found: Vec<(u64, Option<DatasetTransaction>)> = futures::stream::iter(from..=through)
-            .map(|v| async move {
-                match table.read_transaction_by_version(v).await {
-                    Ok(t) => Ok((v, t)),
-                    // Versions removed by cleanup hold no shard commits we can see.
-                    Err(lance::Error::NotFound { .. })
-                    | Err(lance::Error::DatasetNotFound { .. }) => Ok((v, None)),
-                    Err(e) => Err(e),
+        let mut from_checkpoint = self.lock().scanned_through == 0;
+        loop {
+            if from_checkpoint {
+                if let Some(cp) = self.store.newest().await? {
+                    self.merge(cp);
                 }
-            })
-            .buffer_unordered(16)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<lance::Result<_>>()?;
-        let mut state = self.lock();
-        for (version, txn) in found {
-            let shard = txn
-                .as_ref()
-                .and_then(|t| t.transaction_properties.as_ref())
-                .and_then(|p| p.get(SHARD_PROPERTY).cloned());
-            if let Some(shard) = shard {
-                let at = state.committed.entry(shard).or_insert(version);
-                *at = (*at).min(version);
             }
+            let from = self.lock().scanned_through + 1;
+            if from > through {
+                return Ok(());
+            }
+            let found = read_shard_commits(table, from, through).await?;
+            let gone: Vec<u64> = found
+                .iter()
+                .filter_map(|(v, shard)| shard.is_none().then_some(*v))
+                .collect();
+            if gone.is_empty() {
+                let mut state = self.lock();
+                for (version, shard) in found {
+                    if let Some(Some(shard)) = shard {
+                        let at = state.committed.entry(shard).or_insert(version);
+                        *at = (*at).min(version);
+                    }
+                }
+                state.scanned_through = state.scanned_through.max(through);
+                return Ok(());
+            }
+            if from_checkpoint && self.lock().scanned_through < gone[gone.len() - 1] {
+                // A newer checkpoint did not cover what is gone: nobody can say any more
+                // which shards those versions committed.
+                return Err(lance::Error::invalid_input(format!(
+                    "table `{}`: the transactions of {} version(s) between {} and {} are gone \
+                     and no ledger checkpoint in `{LEDGER_DIR}/` covers them, so which shards \
+                     they committed is unknown; old versions were cleaned up by something \
+                     other than `knn-diffusion gc` (which checkpoints the ledger first). \
+                     Embed into a new table, or restore the deleted versions",
+                    self.store.table,
+                    gone.len(),
+                    gone[0],
+                    gone[gone.len() - 1]
+                )));
+            }
+            from_checkpoint = true;
         }
-        state.scanned_through = state.scanned_through.max(through);
-        Ok(())
+    }
+
+    fn merge(&self, cp: Checkpoint) {
+        let mut state = self.lock();
+        if cp.table_version <= state.scanned_through {
+            return;
+        }
+        for (shard, version) in cp.shards {
+            let at = state.committed.entry(shard).or_insert(version);
+            *at = (*at).min(version);
+        }
+        state.scanned_through = cp.table_version;
+    }
+
+    /// Records that `shard` was committed in `version`, which this process just created;
+    /// the ledger had read every version before it.
+    pub fn record_own_commit(&self, shard: &str, version: u64) {
+        let mut state = self.lock();
+        state.committed.insert(shard.to_string(), version);
+        if state.scanned_through + 1 == version {
+            state.scanned_through = version;
+        }
+    }
+
+    /// Writes a checkpoint of everything read so far; returns the version it covers.
+    pub async fn checkpoint(&self) -> lance::Result<u64> {
+        let cp = {
+            let state = self.lock();
+            Checkpoint {
+                format: CHECKPOINT_FORMAT.to_string(),
+                table_version: state.scanned_through,
+                shards: state
+                    .committed
+                    .iter()
+                    .map(|(s, v)| (s.clone(), *v))
+                    .collect(),
+            }
+        };
+        self.store.put(&cp).await?;
+        Ok(cp.table_version)
+    }
+
+    /// Claims upkeep mark `mark` (the table's version divided by
+    /// `storage.tables.every_commits`) for this worker: `Ok(false)` when it is not above the
+    /// newest mark known or another worker holds it. Of all the workers crossing a mark, one
+    /// does the upkeep.
+    pub async fn claim(&self, mark: u64) -> lance::Result<bool> {
+        if mark <= self.mark() {
+            return Ok(false);
+        }
+        let won = self.store.claim(mark).await?;
+        let mut state = self.lock();
+        state.mark = state.mark.max(mark);
+        Ok(won)
+    }
+
+    /// The newest upkeep mark this ledger knows to be claimed.
+    pub fn mark(&self) -> u64 {
+        self.lock().mark
+    }
+
+    /// The version the ledger has read through.
+    pub fn scanned_through(&self) -> u64 {
+        self.lock().scanned_through
     }
 
     /// The version at which `shard` was committed, if it was.
@@ -119,6 +372,67 @@ impl ShardLedger {
             shard: shard.to_string(),
         })
     }
+}
+
+/// The shard each version in `from..=through` committed: `None` when the version's
+/// transaction is gone (cleaned up), `Some(None)` when it committed no shard.
+async fn read_shard_commits(
+    table: &Dataset,
+    from: u64,
+    through: u64,
+) -> lance::Result<Vec<(u64, Option<Option<String>>)>> {
+    use futures::StreamExt;
+    futures::stream::iter(from..=through)
+        .map(|v| async move {
+            let shard = |t: Option<DatasetTransaction>| {
+                t.as_ref()
+                    .and_then(|t| t.transaction_properties.as_ref())
+                    .and_then(|p| p.get(SHARD_PROPERTY).cloned())
+            };
+            match table.read_transaction_by_version(v).await {
+                Ok(t) => Ok((v, Some(shard(t)))),
+                Err(e) if is_not_found(&e) => Ok((v, None)),
+                Err(e) => Err(e),
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// Whether `e` says an object is missing (a version's manifest or transaction cleaned up, a
+/// checkpoint pruned), however deep Lance wrapped the store's error.
+pub(crate) fn is_not_found(e: &lance::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(l) = c.downcast_ref::<lance::Error>() {
+            // A shared error's `source()` skips the error it shares: look through it.
+            let root = l.find_root();
+            if matches!(
+                root,
+                lance::Error::NotFound { .. } | lance::Error::DatasetNotFound { .. }
+            ) {
+                return true;
+            }
+            if !std::ptr::eq(root, l) {
+                cause = Some(root);
+                continue;
+            }
+        }
+        if let Some(object_store::Error::NotFound { .. }) = c.downcast_ref::<object_store::Error>()
+        {
+            return true;
+        }
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// Wraps a table's commit handler with the once-per-shard check (see the module docs).

@@ -287,6 +287,70 @@ async fn embeds_from_and_into_s3_on_loopback() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_checkpoints_compacts_and_cleans_a_table_on_s3_and_a_rerun_still_adds_nothing() {
+    let server = S3Server::start(&["data"]);
+    write_images(&server.root.path().join("data/imgs"), 20);
+    let dir = tempfile::tempdir().unwrap();
+    // Upkeep every 2 versions during embed (4 shards of 5), nothing kept back by age.
+    let storage = format!(
+        "[storage]\nendpoint = \"{}\"\nregion = \"us-east-1\"\nallow_http = true\n\
+         access_key_id = \"{}\"\n[storage.tables]\nevery_commits = 2\nkeep_versions_hours = 0.0\n",
+        server.endpoint, server.access_key
+    );
+    let cfg = write_config(
+        dir.path(),
+        "s3://data/imgs/",
+        "s3://data/out/emb.lance",
+        &storage,
+    );
+    let embed = || {
+        run(bin()
+            .args(["embed", "--config"])
+            .arg(&cfg)
+            .env("AWS_SECRET_ACCESS_KEY", &server.secret_key))
+    };
+    let o = embed();
+    assert!(o.status.success(), "{}", text(&o));
+    let table = server.root.path().join("data/out/emb.lance");
+    let local = table.to_str().unwrap();
+    assert!(
+        table.join("_knn_ledger").is_dir(),
+        "the upkeep during embed wrote a ledger checkpoint"
+    );
+
+    let summary = dir.path().join("gc.json");
+    let o = run(bin()
+        .args(["gc", "--config"])
+        .arg(&cfg)
+        .arg("--summary-json")
+        .arg(&summary)
+        .env("AWS_SECRET_ACCESS_KEY", &server.secret_key));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(!t.contains(&server.secret_key), "secret leaked: {t}");
+    let done: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    let emb = done
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["table"] == "s3://data/out/emb.lance")
+        .unwrap_or_else(|| panic!("no summary for the embed table: {done}"));
+    assert_eq!(emb["shards"], 4, "{emb}");
+    assert_eq!(emb["fragments_after"], 1, "{emb}");
+    let versions = std::fs::read_dir(table.join("_versions")).unwrap().count();
+    assert!(versions <= 3, "{versions} manifests left after gc: {emb}");
+    assert_eq!(ids(local).await.len(), 20);
+
+    // The history is gone; the ledger checkpoint still knows every shard.
+    let o = embed();
+    assert!(o.status.success(), "{}", text(&o));
+    let all = ids(local).await;
+    assert_eq!(all.len(), 20, "the rerun added nothing");
+    assert_eq!(all.iter().collect::<HashSet<_>>().len(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_default_config_runs() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     assert!(

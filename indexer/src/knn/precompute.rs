@@ -592,6 +592,7 @@ pub async fn precompute_knn(
             key: "knn.compute.device".into(),
             reason,
         })?;
+    let upkeep = &storage.tables;
     let storage = storage.to_lance_options();
     let mut partitions = RowPartitions::default();
     let prepared = prepare(cfg, &storage, device, &mut partitions).await?;
@@ -602,6 +603,7 @@ pub async fn precompute_knn(
         source,
         plan_s,
     } = prepared;
+    let table = table.with_maintenance(upkeep)?;
 
     table.refresh_ledger().await?;
     let mine: Vec<usize> = (0..meta.shards)

@@ -10,3 +10,4 @@ mod knn;
 mod parquet;
 #[path = "../../../tests/support/tables.rs"]
 mod tables;
+mod upkeep;

@@ -7,10 +7,13 @@
 //! `key`, `shard`, `reason` (a short code) and `detail`. The schema metadata records which
 //! CLIP made the embeddings, so embeddings of two different models never mix in one table.
 
-use crate::ledger::{ShardLedger, SHARD_PROPERTY};
+pub mod maintain;
+
+use crate::ledger::{LedgerStore, ShardLedger, SHARD_PROPERTY};
 use crate::{IndexerError, Result};
 use arrow_array::{RecordBatch, RecordBatchIterator};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use knn_datasets::TableMaintenance;
 use lance::dataset::transaction::{Operation, Transaction};
 use lance::dataset::{CommitBuilder, InsertBuilder, WriteMode, WriteParams};
 use lance::deps::datafusion::error::DataFusionError;
@@ -18,6 +21,7 @@ use lance::deps::datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use lance::io::{ObjectStoreParams, StorageOptionsAccessor};
 use lance::Dataset;
 use lance_io::object_store::{ObjectStore, ObjectStoreRegistry};
+use object_store::path::Path;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -102,6 +106,11 @@ pub struct ShardedTable {
     storage: HashMap<String, String>,
     schema: SchemaRef,
     ledger: ShardLedger,
+    /// The table's root in its object store (where `create`'s marker and the ledger's
+    /// checkpoints go).
+    store: Arc<ObjectStore>,
+    base: Path,
+    upkeep: TableMaintenance,
     /// Columns the table has after this run's (added later, e.g. by `score`).
     added_columns: Vec<String>,
 }
@@ -122,12 +131,28 @@ pub async fn load_dataset(
     storage: &HashMap<String, String>,
     version: Option<u64>,
 ) -> lance::Result<Dataset> {
-    let mut builder = lance::dataset::builder::DatasetBuilder::from_uri(uri)
-        .with_storage_options(storage.clone());
-    if let Some(v) = version {
-        builder = builder.with_version(v);
+    // The latest version is found by listing, then its manifest read: `gc` may remove that
+    // version in between (a newer one exists by then), so a missing manifest is looked
+    // for again.
+    let mut tries = 0;
+    loop {
+        let mut builder = lance::dataset::builder::DatasetBuilder::from_uri(uri)
+            .with_storage_options(storage.clone());
+        if let Some(v) = version {
+            builder = builder.with_version(v);
+        }
+        match builder.load().await {
+            Err(e)
+                if version.is_none()
+                    && tries < 3
+                    && !matches!(e, lance::Error::DatasetNotFound { .. })
+                    && crate::ledger::is_not_found(&e) =>
+            {
+                tries += 1;
+            }
+            other => return other,
+        }
     }
-    builder.load().await
 }
 
 /// Lance store parameters carrying `storage` options.
@@ -138,6 +163,20 @@ pub(crate) fn store_params(storage: &HashMap<String, String>) -> ObjectStorePara
         ))),
         ..Default::default()
     }
+}
+
+/// The object store holding the table at `uri`, and the table's root in it.
+pub(crate) async fn table_store(
+    uri: &str,
+    storage: &HashMap<String, String>,
+) -> Result<(Arc<ObjectStore>, Path)> {
+    ObjectStore::from_uri_and_params(
+        Arc::new(ObjectStoreRegistry::default()),
+        uri,
+        &store_params(storage),
+    )
+    .await
+    .map_err(|e| IndexerError::lance(uri, e))
 }
 
 impl ShardedTable {
@@ -165,11 +204,15 @@ impl ShardedTable {
         schema: SchemaRef,
         storage: HashMap<String, String>,
     ) -> Result<Self> {
+        let (store, base) = table_store(uri, &storage).await?;
         let mut table = Self {
             uri: uri.to_string(),
             storage,
             schema,
-            ledger: ShardLedger::new(),
+            ledger: ShardLedger::new(LedgerStore::new(store.clone(), &base, uri)),
+            store,
+            base,
+            upkeep: TableMaintenance::default(),
             added_columns: Vec::new(),
         };
         let ds = match table.open().await {
@@ -186,6 +229,13 @@ impl ShardedTable {
         };
         table.added_columns = table.check_schema(&ds)?;
         Ok(table)
+    }
+
+    /// Sets the upkeep done after commits (`[storage.tables]`; the default otherwise).
+    pub fn with_maintenance(mut self, upkeep: &TableMaintenance) -> Result<Self> {
+        maintain::check(upkeep)?;
+        self.upkeep = upkeep.clone();
+        Ok(self)
     }
 
     /// The table URI.
@@ -208,16 +258,9 @@ impl ShardedTable {
     /// (`CREATE_WAIT`), then the table is created anyway.
     async fn create(&self) -> Result<Dataset> {
         const CREATE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
-        let lance_err = |e: lance::Error| IndexerError::lance(&self.uri, e);
-        let (store, base) = ObjectStore::from_uri_and_params(
-            Arc::new(ObjectStoreRegistry::default()),
-            &self.uri,
-            &store_params(&self.storage),
-        )
-        .await
-        .map_err(lance_err)?;
-        let marker = base.clone().join("_knn_create.marker");
-        match store
+        let marker = self.base.clone().join("_knn_create.marker");
+        match self
+            .store
             .put_if_absent(
                 &marker,
                 object_store::PutPayload::from_static(b"created by knn-diffusion\n"),
@@ -342,14 +385,20 @@ impl ShardedTable {
 
     /// Commits `transaction` as shard `shard`. Returns `Ok(false)` when the shard was already
     /// committed (by an earlier run or a concurrent duplicate), in which case nothing changes.
+    ///
+    /// The append is rebased onto the latest version first (appends never conflict), so the
+    /// commit reads only the versions made since, however long the shard took to write. A
+    /// commit that crosses a `[storage.tables]` mark then does the table's upkeep
+    /// ([`maintain`]); upkeep that fails is logged and leaves the commit standing.
     pub async fn commit_shard(
         &self,
         ds: Arc<Dataset>,
         shard: &str,
-        mut transaction: Transaction,
+        transaction: Transaction,
     ) -> Result<bool> {
         // Set on the transaction itself: lance 14.0.2's `CommitBuilder` keeps
         // `with_transaction_properties` but does not apply it in `execute`.
+        let mut transaction = transaction;
         let mut props = transaction
             .transaction_properties
             .as_deref()
@@ -363,20 +412,47 @@ impl ShardedTable {
         )
         .await
         .map_err(|e| IndexerError::lance(&self.uri, e))?;
-        let handler = self.ledger.handler((*ds).clone(), inner, shard);
-        let result = CommitBuilder::new(ds)
-            .with_store_params(store_params(&self.storage))
-            .with_commit_handler(handler)
-            // Old versions' transactions are the ledger: never let a commit clean them up.
-            .with_skip_auto_cleanup(true)
-            .with_max_retries(100)
-            .execute(transaction)
-            .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(_) if self.ledger.committed_at(shard).is_some() => Ok(false),
-            Err(e) => Err(IndexerError::lance(&self.uri, e)),
+        // A version the commit reads while rebasing can be removed by `gc` under it (with
+        // `keep_versions_hours` near 0): then the commit starts again from the new latest.
+        let mut tries = 0;
+        let committed = loop {
+            let latest = Arc::new(self.open().await?);
+            let mut transaction = transaction.clone();
+            let base = if latest.version().version > ds.version().version {
+                transaction.read_version = latest.version().version;
+                latest
+            } else {
+                ds.clone()
+            };
+            let handler = self.ledger.handler((*base).clone(), inner.clone(), shard);
+            let result = CommitBuilder::new(base)
+                .with_store_params(store_params(&self.storage))
+                .with_commit_handler(handler)
+                // Old versions' transactions are the ledger until a checkpoint covers them:
+                // only `maintain` removes versions, never Lance's auto-cleanup.
+                .with_skip_auto_cleanup(true)
+                .with_max_retries(100)
+                // Appends only wait for each other; many workers committing at once is not
+                // an error, however long the queue.
+                .with_retry_timeout(std::time::Duration::from_secs(600))
+                .execute(transaction)
+                .await;
+            match result {
+                Ok(committed) => break committed,
+                Err(_) if self.ledger.committed_at(shard).is_some() => return Ok(false),
+                Err(e) if tries < 3 && crate::ledger::is_not_found(&e) => tries += 1,
+                Err(e) => return Err(IndexerError::lance(&self.uri, e)),
+            }
+        };
+        let version = committed.version().version;
+        self.ledger.record_own_commit(shard, version);
+        let every = self.upkeep.every_commits;
+        if every > 0 && version / every > self.ledger.mark() {
+            if let Err(e) = maintain::maintain(self, committed, version / every).await {
+                tracing::warn!(table = %self.uri, error = %e, "table upkeep failed; the commit stands, the next mark retries");
+            }
         }
+        Ok(true)
     }
 }
 

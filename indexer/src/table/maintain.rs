@@ -1,0 +1,253 @@
+//! Upkeep of a sharded table, so that what one more shard commit writes and what one more
+//! worker reads at start-up stop growing with the shards committed.
+//!
+//! Without upkeep three things grow with the table: every commit writes a manifest listing
+//! every fragment (one or more per shard), a new worker reads one transaction per version to
+//! learn which shards are in, and `_versions/` keeps every manifest ever written. Upkeep, in
+//! this order:
+//! 1. **Checkpoint the ledger** ([`crate::ledger`]): the shards committed through the latest
+//!    version, one object. A worker whose commit crosses a mark (every `every_commits`
+//!    versions) claims the mark with a put-if-absent first, so of all the workers crossing it
+//!    one does the upkeep; the others go on committing.
+//! 2. **Compact** fragments smaller than `target_rows_per_fragment` (Lance's
+//!    `compact_files`; it commits a rewrite, which concurrent appends do not conflict with).
+//! 3. **Remove old versions**: those older than the checkpoint *and* than
+//!    `keep_versions_hours` (Lance's `cleanup_old_versions`; data files of appends still in
+//!    flight are younger than its seven-day threshold for unreferenced files and stay).
+//!
+//! The checkpoint is written before any version is removed, and a worker that finds a
+//! version's transaction gone reloads the newest checkpoint (which then covers it), so
+//! exactly-once holds through the clean-up. That is also the safe manual procedure,
+//! `knn-diffusion gc` ([`gc`]): run it any time, with workers committing or not; never
+//! remove versions of a sharded table with another tool.
+
+use super::{load_dataset, table_store, ShardedTable};
+use crate::ledger::{LedgerStore, ShardLedger};
+use crate::{IndexerError, Result};
+use knn_datasets::TableMaintenance;
+use lance::dataset::cleanup::CleanupPolicy;
+use lance::dataset::optimize::{compact_files, CompactionOptions};
+use lance::Dataset;
+use lance_io::object_store::ObjectStore;
+use object_store::path::Path;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What one round of upkeep did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct UpkeepSummary {
+    /// The table.
+    pub table: String,
+    /// Shards in the ledger.
+    pub shards: usize,
+    /// The version the ledger checkpoint covers.
+    pub checkpoint_version: u64,
+    /// Fragments before and after compaction.
+    pub fragments_before: usize,
+    pub fragments_after: usize,
+    /// Versions and bytes removed.
+    pub versions_removed: u64,
+    pub bytes_removed: u64,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+/// Checks `[storage.tables]`.
+pub fn check(cfg: &TableMaintenance) -> Result<()> {
+    let bad = |key: &str, reason: String| {
+        Err(IndexerError::Config {
+            key: format!("storage.tables.{key}"),
+            reason,
+        })
+    };
+    if !(cfg.keep_versions_hours >= 0.0 && cfg.keep_versions_hours.is_finite()) {
+        return bad(
+            "keep_versions_hours",
+            format!("must be 0 or more hours, got {}", cfg.keep_versions_hours),
+        );
+    }
+    if cfg.target_rows_per_fragment == 0 {
+        return bad("target_rows_per_fragment", "must be at least 1".into());
+    }
+    Ok(())
+}
+
+/// The upkeep a commit that created `committed` (crossing upkeep mark `mark`) owes the
+/// table: nothing when another worker already claimed the mark.
+pub(super) async fn maintain(
+    table: &ShardedTable,
+    committed: Dataset,
+    mark: u64,
+) -> Result<Option<UpkeepSummary>> {
+    if !table
+        .ledger
+        .claim(mark)
+        .await
+        .map_err(|e| IndexerError::lance(&table.uri, e))?
+    {
+        return Ok(None);
+    }
+    let s = upkeep(
+        (&table.uri, &table.storage),
+        (&table.store, &table.base),
+        &table.ledger,
+        committed,
+        &table.upkeep,
+    )
+    .await?;
+    tracing::info!(
+        table = %s.table,
+        shards = s.shards,
+        mark,
+        checkpoint_version = s.checkpoint_version,
+        fragments = %format!("{} -> {}", s.fragments_before, s.fragments_after),
+        versions_removed = s.versions_removed,
+        mb_removed = s.bytes_removed / 1_000_000,
+        seconds = %format!("{:.1}", s.seconds),
+        "table upkeep done"
+    );
+    Ok(Some(s))
+}
+
+/// Checkpoints the ledger, compacts and removes old versions of the table at `uri` now (the
+/// `gc` command). Safe while workers commit, and beside their own upkeep.
+pub async fn gc(
+    uri: &str,
+    storage: &HashMap<String, String>,
+    upkeep_cfg: &TableMaintenance,
+) -> Result<UpkeepSummary> {
+    check(upkeep_cfg)?;
+    let (store, base) = table_store(uri, storage).await?;
+    let ledger = ShardLedger::new(LedgerStore::new(store.clone(), &base, uri));
+    let latest = load_dataset(uri, storage, None)
+        .await
+        .map_err(|e| IndexerError::lance(uri, e))?;
+    upkeep((uri, storage), (&store, &base), &ledger, latest, upkeep_cfg).await
+}
+
+/// Brings `ledger` up to `latest`, checkpoints it, then compacts and removes the versions
+/// the checkpoint covers.
+async fn upkeep(
+    (uri, storage): (&str, &HashMap<String, String>),
+    (store, base): (&Arc<ObjectStore>, &Path),
+    ledger: &ShardLedger,
+    latest: Dataset,
+    cfg: &TableMaintenance,
+) -> Result<UpkeepSummary> {
+    let start = Instant::now();
+    let lance_err = |e: lance::Error| IndexerError::lance(uri, e);
+    ledger
+        .refresh(&latest, latest.version().version)
+        .await
+        .map_err(lance_err)?;
+    let checkpoint_version = ledger.checkpoint().await.map_err(lance_err)?;
+    let mut ds = load_dataset(uri, storage, None).await.map_err(lance_err)?;
+    let fragments_before = ds.count_fragments();
+    if cfg.compact {
+        compact(uri, storage, &mut ds, cfg.target_rows_per_fragment).await?;
+    }
+    let fragments_after = ds.count_fragments();
+    let keep = chrono::Duration::milliseconds((cfg.keep_versions_hours * 3.6e6) as i64);
+    let cutoff = chrono::Utc::now() - keep;
+    // Lance's clean-up reads every manifest to find what is still referenced, even when
+    // none is old enough to go: that would make each round cost O(versions). One listing
+    // tells whether any version is older than the cut-off at all.
+    let (mut versions_removed, mut bytes_removed) = (0, 0);
+    if has_manifest_older_than(store, base, cutoff)
+        .await
+        .map_err(lance_err)?
+    {
+        let policy = CleanupPolicy {
+            before_version: Some(checkpoint_version),
+            before_timestamp: Some(cutoff),
+            delete_unverified: false,
+            error_if_tagged_old_versions: false,
+            ..Default::default()
+        };
+        let removed = match ds.cleanup_with_policy(policy.clone()).await {
+            // Another clean-up (a `gc` beside a worker's upkeep) removed a version this one
+            // was reading: once more, from the new latest.
+            Err(e) if crate::ledger::is_not_found(&e) => {
+                ds = load_dataset(uri, storage, None).await.map_err(lance_err)?;
+                ds.cleanup_with_policy(policy).await.map_err(lance_err)?
+            }
+            other => other.map_err(lance_err)?,
+        };
+        versions_removed = removed.old_versions;
+        bytes_removed = removed.bytes_removed;
+    }
+    Ok(UpkeepSummary {
+        table: uri.to_string(),
+        shards: ledger.len(),
+        checkpoint_version,
+        fragments_before,
+        fragments_after,
+        versions_removed,
+        bytes_removed,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Compacts `ds` in place. A rewrite that loses to another rewrite, or whose versions another
+/// clean-up removed (a `gc` run and a worker's upkeep, or two `gc` runs), is tried again on
+/// the new version, three times in all; after that the other rewrite has done the work and
+/// this round leaves compaction to it.
+async fn compact(
+    uri: &str,
+    storage: &HashMap<String, String>,
+    ds: &mut Dataset,
+    target_rows_per_fragment: usize,
+) -> Result<()> {
+    const TRIES: usize = 3;
+    for attempt in 1..=TRIES {
+        let options = CompactionOptions {
+            target_rows_per_fragment,
+            ..Default::default()
+        };
+        match compact_files(ds, options, None).await {
+            Ok(_) => return Ok(()),
+            Err(e)
+                if matches!(
+                    e,
+                    lance::Error::RetryableCommitConflict { .. }
+                        | lance::Error::CommitConflict { .. }
+                        | lance::Error::IncompatibleTransaction { .. }
+                ) || crate::ledger::is_not_found(&e) =>
+            {
+                tracing::info!(
+                    table = uri,
+                    attempt,
+                    error = %e,
+                    "compaction lost to a concurrent rewrite; reloading the table"
+                );
+                *ds = load_dataset(uri, storage, None)
+                    .await
+                    .map_err(|e| IndexerError::lance(uri, e))?;
+            }
+            Err(e) => return Err(IndexerError::lance(uri, e)),
+        }
+    }
+    tracing::warn!(
+        table = uri,
+        "compaction skipped this round: {TRIES} tries each lost to a concurrent rewrite"
+    );
+    Ok(())
+}
+
+/// Whether the table at `base` has a version manifest written before `cutoff`.
+async fn has_manifest_older_than(
+    store: &ObjectStore,
+    base: &Path,
+    cutoff: chrono::DateTime<chrono::Utc>,
+) -> lance::Result<bool> {
+    use futures::TryStreamExt;
+    let mut listed = store.list(Some(base.clone().join("_versions")));
+    while let Some(meta) = listed.try_next().await? {
+        if meta.location.extension() == Some("manifest") && meta.last_modified < cutoff {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}

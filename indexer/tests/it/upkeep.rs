@@ -1,0 +1,171 @@
+//! Table upkeep (ledger checkpoints, compaction, removal of old versions) on a real Lance
+//! table while workers commit: exactly once must survive it.
+
+use knn_datasets::TableMaintenance;
+use knn_indexer::table::{maintain, rejects_schema, ShardedTable};
+use lance::deps::datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use std::sync::Arc;
+
+const SHARDS: u64 = 24;
+
+fn upkeep(every: u64) -> TableMaintenance {
+    TableMaintenance {
+        every_commits: every,
+        compact: true,
+        target_rows_per_fragment: 1000,
+        keep_versions_hours: 0.0,
+    }
+}
+
+/// Commits shard `s` (two rejects rows, ids 10s and 10s+1) through `table`.
+async fn commit(table: &ShardedTable, s: u64) -> bool {
+    let schema = rejects_schema();
+    let ids = vec![10 * s, 10 * s + 1];
+    let col = |v: &str| Arc::new(arrow_array::StringArray::from(vec![v, v])) as _;
+    let batch = arrow_array::RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(arrow_array::UInt64Array::from(ids)),
+            col("k"),
+            col(&format!("s{s}")),
+            col("r"),
+            col("d"),
+        ],
+    )
+    .unwrap();
+    let ds = Arc::new(table.open().await.unwrap());
+    let stream = Box::pin(RecordBatchStreamAdapter::new(
+        schema,
+        futures::stream::iter([Ok(batch)]),
+    ));
+    let txn = table.write_uncommitted(&ds, stream).await.unwrap();
+    table.commit_shard(ds, &format!("s{s}"), txn).await.unwrap()
+}
+
+async fn worker(uri: String, order: Vec<u64>, every: u64) -> usize {
+    let table = ShardedTable::open_or_create(&uri, rejects_schema(), Default::default())
+        .await
+        .unwrap()
+        .with_maintenance(&upkeep(every))
+        .unwrap();
+    let mut won = 0;
+    for s in order {
+        table.refresh_ledger().await.unwrap();
+        if !table.is_committed(&format!("s{s}")) && commit(&table, s).await {
+            won += 1;
+        }
+    }
+    won
+}
+
+async fn ids(uri: &str) -> Vec<u64> {
+    let ds = lance::Dataset::open(uri).await.unwrap();
+    let batch = ds
+        .scan()
+        .project(&["id"])
+        .unwrap()
+        .try_into_batch()
+        .await
+        .unwrap();
+    let col = batch
+        .column(0)
+        .as_any()
+        .downcast_ref::<arrow_array::UInt64Array>()
+        .unwrap();
+    let mut v = col.values().to_vec();
+    v.sort_unstable();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upkeep_while_two_workers_commit_keeps_every_shard_exactly_once() {
+    let out = tempfile::tempdir().unwrap();
+    let uri = out.path().join("t.lance").to_string_lossy().to_string();
+    // Create it first so both workers and gc find it.
+    ShardedTable::open_or_create(&uri, rejects_schema(), Default::default())
+        .await
+        .unwrap();
+    // Both workers try every shard, in opposite orders; each does upkeep every 4 versions,
+    // and gc runs on a loop beside them, removing every version older than its checkpoint.
+    let a = tokio::spawn(worker(uri.clone(), (0..SHARDS).collect(), 4));
+    let b = tokio::spawn(worker(uri.clone(), (0..SHARDS).rev().collect(), 4));
+    let gc_uri = uri.clone();
+    let gc = tokio::spawn(async move {
+        let mut removed = 0;
+        let mut rounds = 0;
+        while rounds < 200 {
+            let s = maintain::gc(&gc_uri, &Default::default(), &upkeep(4))
+                .await
+                .unwrap();
+            removed += s.versions_removed;
+            rounds += 1;
+            if s.shards as u64 == SHARDS {
+                break;
+            }
+        }
+        (removed, rounds)
+    });
+    let (wa, wb) = (a.await.unwrap(), b.await.unwrap());
+    let (removed, rounds) = gc.await.unwrap();
+    assert_eq!(
+        wa + wb,
+        SHARDS as usize,
+        "each shard committed by exactly one worker"
+    );
+    let want: Vec<u64> = (0..SHARDS).flat_map(|s| [10 * s, 10 * s + 1]).collect();
+    assert_eq!(ids(&uri).await, want, "every row exactly once");
+    assert!(
+        rounds > 1 && removed > 0,
+        "gc ran {rounds} rounds and removed {removed} versions"
+    );
+
+    // The early history is gone: a new worker knows the shards from the checkpoint.
+    let ds = lance::Dataset::open(&uri).await.unwrap();
+    assert!(
+        ds.read_transaction_by_version(2).await.is_err(),
+        "version 2 was removed"
+    );
+    assert!(
+        ds.count_fragments() < SHARDS as usize,
+        "fragments were compacted"
+    );
+    let fresh = ShardedTable::open_or_create(&uri, rejects_schema(), Default::default())
+        .await
+        .unwrap();
+    assert_eq!(fresh.refresh_ledger().await.unwrap(), SHARDS as usize);
+    assert!(
+        !commit(&fresh, 3).await,
+        "a shard in the checkpoint is refused"
+    );
+    assert_eq!(ids(&uri).await, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_removed_without_a_checkpoint_is_an_error_not_a_guess() {
+    let out = tempfile::tempdir().unwrap();
+    let uri = out.path().join("t.lance").to_string_lossy().to_string();
+    assert_eq!(worker(uri.clone(), vec![0, 1, 2], 0).await, 3);
+    // Another tool removes the old versions: no checkpoint records their shards.
+    let ds = lance::Dataset::open(&uri).await.unwrap();
+    let policy = lance::dataset::cleanup::CleanupPolicy {
+        before_version: Some(ds.version().version),
+        before_timestamp: Some(chrono::Utc::now()),
+        error_if_tagged_old_versions: false,
+        ..Default::default()
+    };
+    assert!(ds.cleanup_with_policy(policy).await.unwrap().old_versions > 0);
+    let fresh = ShardedTable::open_or_create(&uri, rejects_schema(), Default::default())
+        .await
+        .unwrap();
+    let err = fresh.refresh_ledger().await.unwrap_err().to_string();
+    assert!(
+        err.contains("no ledger checkpoint") && err.contains("t.lance"),
+        "{err}"
+    );
+    // gc cannot repair it either, and says the same.
+    let err = maintain::gc(&uri, &Default::default(), &upkeep(4))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no ledger checkpoint"), "{err}");
+}
