@@ -78,6 +78,17 @@ pub(crate) fn local_job(images: u32, table: &str) -> (tempfile::TempDir, PathBuf
     (dir, cfg, table)
 }
 
+/// A config embedding `s3://data/imgs/` into `s3://data/out/emb.lance` on `server` (the
+/// secret left to the environment), with `extra` TOML after its `[storage]` keys.
+fn s3_config(dir: &Path, server: &S3Server, extra: &str) -> PathBuf {
+    let storage = format!(
+        "[storage]\nendpoint = \"{}\"\nregion = \"us-east-1\"\nallow_http = true\n\
+         access_key_id = \"{}\"\n{extra}",
+        server.endpoint, server.access_key
+    );
+    write_config(dir, "s3://data/imgs/", "s3://data/out/emb.lance", &storage)
+}
+
 /// Kills `child` with SIGKILL once the Lance table at `table` has `versions` versions,
 /// polling every `poll`; fails if the child finishes first or nothing appears in 2 minutes.
 fn kill_at_version(child: &mut std::process::Child, table: &Path, versions: usize, poll: Duration) {
@@ -248,16 +259,7 @@ async fn embeds_from_and_into_s3_on_loopback() {
     let server = S3Server::start(&["data"]);
     write_images(&server.root.path().join("data/imgs"), 12);
     let dir = tempfile::tempdir().unwrap();
-    let storage = format!(
-        "[storage]\nendpoint = \"{}\"\nregion = \"us-east-1\"\nallow_http = true\naccess_key_id = \"{}\"\n",
-        server.endpoint, server.access_key
-    );
-    let cfg = write_config(
-        dir.path(),
-        "s3://data/imgs/",
-        "s3://data/out/emb.lance",
-        &storage,
-    );
+    let cfg = s3_config(dir.path(), &server, "");
     // The secret comes from the environment, as it should in production.
     let o = run(bin()
         .args(["embed", "--config"])
@@ -292,16 +294,10 @@ async fn gc_checkpoints_compacts_and_cleans_a_table_on_s3_and_a_rerun_still_adds
     write_images(&server.root.path().join("data/imgs"), 20);
     let dir = tempfile::tempdir().unwrap();
     // Upkeep every 2 versions during embed (4 shards of 5), nothing kept back by age.
-    let storage = format!(
-        "[storage]\nendpoint = \"{}\"\nregion = \"us-east-1\"\nallow_http = true\n\
-         access_key_id = \"{}\"\n[storage.tables]\nevery_commits = 2\nkeep_versions_hours = 0.0\n",
-        server.endpoint, server.access_key
-    );
-    let cfg = write_config(
+    let cfg = s3_config(
         dir.path(),
-        "s3://data/imgs/",
-        "s3://data/out/emb.lance",
-        &storage,
+        &server,
+        "[storage.tables]\nevery_commits = 2\nkeep_versions_hours = 0.0\n",
     );
     let embed = || {
         run(bin()
