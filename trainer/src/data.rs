@@ -1,10 +1,12 @@
 //! Training data: rows of the precompute-knn table joined to the embeddings table it was
 //! made from, in a deterministic order, prefetched on a thread of their own.
 //!
-//! - Tables: the kNN table (`id`, `knn_ids`) lists the training rows; the embeddings table,
-//!   opened at the version the kNN table records (`source_version`), gives each row's image
-//!   and embedding and its neighbours' embeddings, all read by Lance `take` through an
-//!   in-memory id → row map (16 bytes a row).
+//! - Tables: the kNN table (`id`, `knn_ids`, and their row addresses `row_addr`,
+//!   `knn_row_addrs`) lists the training rows; the embeddings table, opened at the version the
+//!   kNN table records (`source_version`), gives each row's image and embedding and its
+//!   neighbours' embeddings, read by Lance `take` at those addresses, each checked against
+//!   the id it should hold. Nothing is kept per row but the held-out rows' offsets (8 bytes
+//!   per held-out row), so memory is the prefetched batches whatever the table's size.
 //! - Order: epoch e visits the training rows in a pseudo-random permutation keyed by
 //!   (seed, e): a Feistel network over the row range with cycle walking, so it costs no
 //!   memory however many rows there are. Micro-batch m of an epoch holds positions
@@ -31,11 +33,13 @@ use arrow_array::types::{Float32Type, UInt64Type};
 use arrow_array::{Array, RecordBatch};
 use futures::StreamExt;
 use knn_datasets::StorageConfig;
-use knn_indexer::knn::precompute::existing_meta;
+use knn_indexer::knn::precompute::{existing_meta, KNN_ROW_ADDRS_COLUMN, ROW_ADDR_COLUMN};
+use lance::dataset::{ProjectionRequest, TakeBuilder};
 use lance::Dataset;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tch::{Device, Tensor};
 
@@ -171,16 +175,56 @@ impl DataLayout {
     }
 }
 
-/// Sorted (id, row offset) pairs of the embeddings table.
-#[derive(Debug)]
-struct IdIndex(Vec<(u64, u64)>);
+/// Which kNN-table rows train: all but the held-out ones, kept as the sorted offsets of the
+/// held-out rows only.
+#[derive(Debug, Default)]
+pub struct RowSplit {
+    rows: u64,
+    holdout: Vec<u64>,
+}
 
-impl IdIndex {
-    fn offset(&self, id: u64) -> Option<u64> {
-        self.0
-            .binary_search_by_key(&id, |p| p.0)
-            .ok()
-            .map(|i| self.0[i].1)
+impl RowSplit {
+    /// A table of `rows` rows whose held-out rows are at the sorted offsets `holdout`.
+    pub fn new(rows: u64, holdout: Vec<u64>) -> Self {
+        debug_assert!(holdout.windows(2).all(|w| w[0] < w[1]));
+        debug_assert!(holdout.last().is_none_or(|&h| h < rows));
+        Self { rows, holdout }
+    }
+
+    /// Rows of the table.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Training rows.
+    pub fn train_rows(&self) -> u64 {
+        self.rows - self.holdout.len() as u64
+    }
+
+    /// Held-out rows.
+    pub fn holdout_rows(&self) -> usize {
+        self.holdout.len()
+    }
+
+    /// Table offset of the `p`-th training row (table order, `p < train_rows()`).
+    pub fn train_offset(&self, p: u64) -> u64 {
+        // Before held-out offset h_i lie h_i − i training rows, a non-decreasing sequence:
+        // the training row p comes after exactly the held-out rows with h_i − i <= p.
+        let (mut lo, mut hi) = (0usize, self.holdout.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if self.holdout[mid] - mid as u64 <= p {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        p + lo as u64
+    }
+
+    /// Table offsets of the first `n` held-out rows.
+    pub fn holdout_offsets(&self, n: usize) -> Vec<u64> {
+        self.holdout.iter().take(n).copied().collect()
     }
 }
 
@@ -206,15 +250,12 @@ pub struct TrainingData {
     pub embeddings_uri: String,
     /// kNN table URI.
     pub knn_uri: String,
-    emb: Dataset,
+    emb: Arc<Dataset>,
     knn: Dataset,
-    ids: IdIndex,
     /// Rows of the kNN table (training rows + held out).
     pub rows: u64,
-    /// kNN-table offsets of the training rows, in table order.
-    pub train: Vec<u64>,
-    /// kNN-table offsets of the held-out rows, in table order.
-    pub holdout: Vec<u64>,
+    /// Which of them train and which are held out.
+    pub split_rows: RowSplit,
     /// The held-out split the kNN table was made with (`None`: no row is held out).
     pub split: Option<knn_datasets::SplitConfig>,
     /// The CLIP that embedded the table (its schema metadata), when recorded.
@@ -310,9 +351,21 @@ impl TrainingData {
             tracing::warn!(knn = knn_uri, made_from = %meta.source, embeddings = embeddings_uri,
                 "the kNN table was made from another URI; using it with these embeddings");
         }
-        let ids = scan_ids(&emb, embeddings_uri).await?;
-        let (train, holdout) = scan_holdout(&knn, knn_uri).await?;
-        let rows = (train.len() + holdout.len()) as u64;
+        let knn_types = column_types(&knn);
+        for col in [ROW_ADDR_COLUMN, KNN_ROW_ADDRS_COLUMN] {
+            if !knn_types.contains_key(col) {
+                return Err(TrainerError::BadTable {
+                    table: knn_uri.to_string(),
+                    detail: format!(
+                        "no `{col}` column: it was made by an older precompute-knn, before \
+                         training read rows by address; run precompute-knn again into a new \
+                         `knn.output`"
+                    ),
+                });
+            }
+        }
+        let split_rows = scan_holdout(&knn, knn_uri).await?;
+        let rows = split_rows.rows();
         if meta.split.is_none() {
             tracing::warn!(
                 knn = knn_uri,
@@ -329,12 +382,10 @@ impl TrainingData {
         let mut data = Self {
             embeddings_uri: embeddings_uri.to_string(),
             knn_uri: knn_uri.to_string(),
-            emb,
+            emb: Arc::new(emb),
             knn,
-            ids,
             rows,
-            train,
-            holdout,
+            split_rows,
             split: meta.split.clone(),
             clip,
             dim: meta.dim,
@@ -355,18 +406,12 @@ impl TrainingData {
     /// The side of the first training row's image (all rows of an embed table share it).
     async fn probe_image_size(&self) -> Result<usize> {
         let row = self
-            .take_rows(&self.knn, &self.knn_uri, &[0], &["id"])
+            .take_rows(&self.knn, &self.knn_uri, &[0], &["id", ROW_ADDR_COLUMN])
             .await?;
         let id = row.column(0).as_primitive::<UInt64Type>().value(0);
-        let first = self
-            .take_rows(
-                &self.emb,
-                &self.embeddings_uri,
-                &[self.offset_of(id)?],
-                &["image"],
-            )
-            .await?;
-        let bytes = first.column(0).as_binary::<i32>().value(0).to_vec();
+        let addr = row.column(1).as_primitive::<UInt64Type>().value(0);
+        let first = self.take_addrs(&[(addr, id)], &["id", "image"]).await?;
+        let bytes = first.column(1).as_binary::<i32>().value(0).to_vec();
         let img = image::load_from_memory(&bytes).map_err(|e| TrainerError::BadRecord {
             table: self.embeddings_uri.clone(),
             id,
@@ -386,15 +431,48 @@ impl TrainingData {
         Ok(img.width() as usize)
     }
 
-    fn offset_of(&self, id: u64) -> Result<u64> {
-        self.ids.offset(id).ok_or_else(|| TrainerError::BadRecord {
-            table: self.embeddings_uri.clone(),
-            id,
-            reason: format!(
-                "listed in the kNN table `{}` but absent from the embeddings version it was made from",
-                self.knn_uri
+    /// The embeddings rows at these (row address, id) pairs, in that order, each checked to
+    /// hold the id the kNN table says it does.
+    async fn take_addrs(&self, rows: &[(u64, u64)], columns: &[&str]) -> Result<RecordBatch> {
+        let uri = &self.embeddings_uri;
+        let projection = self
+            .emb
+            .schema()
+            .project(columns)
+            .map_err(|e| TrainerError::lance(uri, e))?;
+        let plan = ProjectionRequest::from(projection)
+            .into_projection_plan(self.emb.clone())
+            .map_err(|e| TrainerError::lance(uri, e))?;
+        let addrs: Vec<u64> = rows.iter().map(|r| r.0).collect();
+        let batch = TakeBuilder::try_new_from_addresses(self.emb.clone(), addrs, Arc::new(plan))
+            .map_err(|e| TrainerError::lance(uri, e))?
+            .execute()
+            .await
+            .map_err(|e| TrainerError::BadTable {
+                table: uri.clone(),
+                detail: format!(
+                "cannot read rows at the addresses the kNN table `{}` lists ({e}); it does not \
+                 belong to version {} of this table: run precompute-knn again",
+                self.knn_uri,
+                self.emb.version().version
             ),
-        })
+            })?;
+        let got = batch.column(0).as_primitive::<UInt64Type>().values();
+        for (&(addr, want), &have) in rows.iter().zip(got.iter()) {
+            if have != want {
+                return Err(TrainerError::BadTable {
+                    table: uri.clone(),
+                    detail: format!(
+                        "row address {addr:#x} holds id {have} where the kNN table `{}` says \
+                         {want}: the kNN table does not belong to version {} of this table; \
+                         run precompute-knn again",
+                        self.knn_uri,
+                        self.emb.version().version
+                    ),
+                });
+            }
+        }
+        Ok(batch)
     }
 
     async fn take_rows(
@@ -418,12 +496,23 @@ impl TrainingData {
         let (k, d) = (self.k, self.dim);
         let n = knn_offsets.len();
         let kb = self
-            .take_rows(&self.knn, &self.knn_uri, knn_offsets, &["id", "knn_ids"])
+            .take_rows(
+                &self.knn,
+                &self.knn_uri,
+                knn_offsets,
+                &["id", ROW_ADDR_COLUMN, "knn_ids", KNN_ROW_ADDRS_COLUMN],
+            )
             .await?;
         let ids = kb.column(0).as_primitive::<UInt64Type>().values().to_vec();
-        let lists = kb.column(1).as_fixed_size_list();
+        let own = kb.column(1).as_primitive::<UInt64Type>().values();
+        let lists = kb.column(2).as_fixed_size_list();
         let stored_k = lists.value_length() as usize;
         let nbr = lists.values().as_primitive::<UInt64Type>();
+        let nbr_addr = kb
+            .column(3)
+            .as_fixed_size_list()
+            .values()
+            .as_primitive::<UInt64Type>();
         let mut out = Fetched {
             ids: ids.clone(),
             cond: vec![0.0; n * (k + 1) * d],
@@ -431,32 +520,22 @@ impl TrainingData {
             ..Default::default()
         };
 
-        // Every embedding needed, each row read once.
-        let mut wanted: Vec<u64> = Vec::with_capacity(n * (k + 1));
-        let mut slots: Vec<(usize, u64)> = Vec::with_capacity(n * (k + 1));
+        // Every embedding needed, each row read once: (address, id) by condition slot.
+        let mut slots: Vec<(usize, (u64, u64))> = Vec::with_capacity(n * (k + 1));
         for (i, &id) in ids.iter().enumerate() {
-            slots.push((i * (k + 1), self.offset_of(id)?));
+            slots.push((i * (k + 1), (own[i], id)));
             for j in 0..k {
                 let at = i * stored_k + j;
-                if lists.is_null(i) || nbr.is_null(at) {
+                if lists.is_null(i) || nbr.is_null(at) || nbr_addr.is_null(at) {
                     continue;
                 }
-                let nid = nbr.value(at);
-                match self.ids.offset(nid) {
-                    Some(o) => slots.push((i * (k + 1) + 1 + j, o)),
-                    None => out.problems.push((
-                        id,
-                        format!("neighbour {nid} is not in the embeddings table"),
-                    )),
-                }
+                slots.push((i * (k + 1) + 1 + j, (nbr_addr.value(at), nbr.value(at))));
             }
         }
-        wanted.extend(slots.iter().map(|s| s.1));
+        let mut wanted: Vec<(u64, u64)> = slots.iter().map(|s| s.1).collect();
         wanted.sort_unstable();
         wanted.dedup();
-        let eb = self
-            .take_rows(&self.emb, &self.embeddings_uri, &wanted, &["id", "emb"])
-            .await?;
+        let eb = self.take_addrs(&wanted, &["id", "emb"]).await?;
         let emb_values = eb
             .column(1)
             .as_fixed_size_list()
@@ -464,31 +543,19 @@ impl TrainingData {
             .as_primitive::<Float32Type>()
             .values()
             .to_vec();
-        for (slot, off) in slots {
-            let row = wanted
-                .binary_search(&off)
-                .expect("every slot's offset was taken");
-            out.cond[slot * d..(slot + 1) * d].copy_from_slice(&emb_values[row * d..(row + 1) * d]);
+        for (slot, row) in slots {
+            let at = wanted
+                .binary_search(&row)
+                .expect("every slot's address was taken");
+            out.cond[slot * d..(slot + 1) * d].copy_from_slice(&emb_values[at * d..(at + 1) * d]);
             out.present[slot] = 1.0;
         }
 
         // Images of the rows themselves, in row order.
-        let own: Vec<u64> = ids
-            .iter()
-            .map(|&id| self.offset_of(id))
-            .collect::<Result<_>>()?;
-        let ib = self
-            .take_rows(&self.emb, &self.embeddings_uri, &own, &["id", "image"])
-            .await?;
-        let got = ib.column(0).as_primitive::<UInt64Type>().values();
+        let rows: Vec<(u64, u64)> = own.iter().copied().zip(ids.iter().copied()).collect();
+        let ib = self.take_addrs(&rows, &["id", "image"]).await?;
         let images = ib.column(1).as_binary::<i32>();
         for (i, &id) in ids.iter().enumerate() {
-            if got[i] != id {
-                return Err(TrainerError::BadTable {
-                    table: self.embeddings_uri.clone(),
-                    detail: format!("take returned id {} where {id} was asked for", got[i]),
-                });
-            }
             match decode_chw(images.value(i), self.image_size_px) {
                 Ok(px) => out.images.push(Some(px)),
                 Err(reason) => {
@@ -502,55 +569,35 @@ impl TrainingData {
 
     /// kNN-table offsets of the first `n` held-out rows.
     pub fn holdout_offsets(&self, n: usize) -> Vec<u64> {
-        self.holdout.iter().take(n).copied().collect()
+        self.split_rows.holdout_offsets(n)
     }
 }
 
-/// The kNN table's training and held-out row offsets, from its `holdout` column (all rows
-/// train when it has none).
-async fn scan_holdout(knn: &Dataset, uri: &str) -> Result<(Vec<u64>, Vec<u64>)> {
+/// The kNN table's training and held-out rows, from its `holdout` column (all rows train
+/// when it has none).
+async fn scan_holdout(knn: &Dataset, uri: &str) -> Result<RowSplit> {
     let lance_err = |e| TrainerError::lance(uri, e);
     if knn.schema().field("holdout").is_none() {
         let n = knn.count_rows(None).await.map_err(lance_err)? as u64;
-        return Ok(((0..n).collect(), Vec::new()));
+        return Ok(RowSplit::new(n, Vec::new()));
     }
     let mut scanner = knn.scan();
     scanner.project(&["holdout"]).map_err(lance_err)?;
     let mut stream = scanner.try_into_stream().await.map_err(lance_err)?;
-    let (mut train, mut holdout, mut at) = (Vec::new(), Vec::new(), 0u64);
+    let (mut holdout, mut at) = (Vec::new(), 0u64);
     while let Some(b) = stream.next().await {
         let b = b.map_err(|e| TrainerError::lance(uri, e))?;
         let flags = b.column(0).as_boolean();
-        for i in 0..b.num_rows() {
-            if flags.value(i) {
-                holdout.push(at);
-            } else {
-                train.push(at);
-            }
-            at += 1;
-        }
+        holdout.extend(
+            flags
+                .iter()
+                .enumerate()
+                .filter(|f| f.1 == Some(true))
+                .map(|f| at + f.0 as u64),
+        );
+        at += b.num_rows() as u64;
     }
-    Ok((train, holdout))
-}
-
-async fn scan_ids(ds: &Dataset, uri: &str) -> Result<IdIndex> {
-    let mut scanner = ds.scan();
-    scanner
-        .project(&["id"])
-        .map_err(|e| TrainerError::lance(uri, e))?;
-    let mut stream = scanner
-        .try_into_stream()
-        .await
-        .map_err(|e| TrainerError::lance(uri, e))?;
-    let mut pairs = Vec::new();
-    while let Some(b) = stream.next().await {
-        let b = b.map_err(|e| TrainerError::lance(uri, e))?;
-        for &id in b.column(0).as_primitive::<UInt64Type>().values() {
-            pairs.push((id, pairs.len() as u64));
-        }
-    }
-    pairs.sort_unstable();
-    Ok(IdIndex(pairs))
+    Ok(RowSplit::new(at, holdout))
 }
 
 /// PNG/JPEG bytes → CHW floats in [−1, 1]; the image must be `side` px square.
@@ -649,7 +696,7 @@ pub async fn build_batch(
     let perm = EpochPermutation::new(layout.train_rows, spec.seed, epoch);
     let offsets: Vec<u64> = positions
         .iter()
-        .map(|&p| data.train[perm.apply(p) as usize])
+        .map(|&p| data.split_rows.train_offset(perm.apply(p)))
         .collect();
     let mut f = data.fetch(&offsets).await?;
     let slots = data.k + 1;
@@ -792,6 +839,32 @@ pub fn image_tensor(f: &Fetched, side: usize) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn train_offsets_skip_exactly_the_held_out_rows() {
+        // Against the list it replaces, over splits with held-out rows at the ends, in runs
+        // and none at all.
+        let mut state = 7u64;
+        for rows in [1u64, 2, 5, 17, 200] {
+            for trial in 0..20 {
+                let holdout: Vec<u64> = (0..rows)
+                    .filter(|_| {
+                        state = state
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        (state >> 33) % 4 < trial % 4
+                    })
+                    .collect();
+                let want: Vec<u64> = (0..rows).filter(|r| !holdout.contains(r)).collect();
+                let split = RowSplit::new(rows, holdout.clone());
+                assert_eq!(split.train_rows(), want.len() as u64);
+                let got: Vec<u64> = (0..split.train_rows())
+                    .map(|p| split.train_offset(p))
+                    .collect();
+                assert_eq!(got, want, "rows {rows}, held out {holdout:?}");
+            }
+        }
+    }
 
     #[test]
     fn ranks_split_the_global_batch_disjointly() {

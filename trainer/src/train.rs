@@ -237,8 +237,8 @@ impl<'a> Run<'a> {
             DataParallel::for_run(cfg.device, cfg.precision, &cfg.distributed, rdv, "train")?;
         let device = dp.device();
         let data = Arc::new(TrainingData::open(&emb_uri, &knn_uri, storage, cfg.k).await?);
-        let holdout = data.holdout.len().min(cfg.samples.rows);
-        let train_rows = data.train.len() as u64;
+        let holdout = data.split_rows.holdout_rows().min(cfg.samples.rows);
+        let train_rows = data.split_rows.train_rows();
         let layout = DataLayout::new(train_rows, cfg.batch_size, dp.rank(), dp.world())?;
         let unet = cfg.model.resolve(data.image_size_px, data.dim, cfg.k)?;
         let trajectory = Trajectory::of(&TrajectoryConfig {

@@ -212,6 +212,13 @@ pub struct KnnOutputMeta {
     pub split: Option<SplitConfig>,
 }
 
+/// Column of a kNN-table row's own Lance row address in the embeddings version the table was
+/// made from (`source_version`).
+pub const ROW_ADDR_COLUMN: &str = "row_addr";
+/// Column of the neighbours' row addresses in that version, slot for slot with `knn_ids`:
+/// training reads a row and its neighbours by address, with no id → row map.
+pub const KNN_ROW_ADDRS_COLUMN: &str = "knn_row_addrs";
+
 /// Schema of a precompute-knn output for `k` neighbours.
 pub fn knn_schema(k: usize, meta: &KnnOutputMeta) -> SchemaRef {
     let u64_item = Arc::new(Field::new("item", DataType::UInt64, true));
@@ -221,7 +228,7 @@ pub fn knn_schema(k: usize, meta: &KnnOutputMeta) -> SchemaRef {
             Field::new("id", DataType::UInt64, false),
             Field::new(
                 "knn_ids",
-                DataType::FixedSizeList(u64_item, k as i32),
+                DataType::FixedSizeList(u64_item.clone(), k as i32),
                 false,
             ),
             Field::new(
@@ -230,6 +237,12 @@ pub fn knn_schema(k: usize, meta: &KnnOutputMeta) -> SchemaRef {
                 false,
             ),
             Field::new("holdout", DataType::Boolean, false),
+            Field::new(ROW_ADDR_COLUMN, DataType::UInt64, false),
+            Field::new(
+                KNN_ROW_ADDRS_COLUMN,
+                DataType::FixedSizeList(u64_item, k as i32),
+                false,
+            ),
         ])
         .with_metadata(HashMap::from([(
             KNN_METADATA.to_string(),
@@ -389,6 +402,65 @@ pub async fn existing_meta(
         })
 }
 
+/// Name of the tag that keeps the embeddings version a kNN output was made from: the output
+/// reads rows by their address in that version, so a clean-up of the embeddings table
+/// (`[storage.tables]` upkeep, `knn-diffusion gc`) must not remove it. Lance's clean-up
+/// keeps tagged versions. One tag per output, named after its last path part and a hash of
+/// its URI.
+pub fn source_tag(output: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let name: String = output
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let sha = Sha256::digest(output.trim_end_matches('/').as_bytes());
+    format!(
+        "knn-{name}-{:x}",
+        u32::from_be_bytes([sha[0], sha[1], sha[2], sha[3]])
+    )
+}
+
+/// Tags the version of `source` that the output `output` is made from (see [`source_tag`]),
+/// or moves the tag there when it names another version (the output was made again). A
+/// table this run cannot tag (read-only storage) gets a warning: the run goes on, and the
+/// warning says what a clean-up could then break.
+async fn pin_source_version(source: &VectorTable, output: &str) {
+    let tag = source_tag(output);
+    let version = source.version();
+    let tags = source.ds.tags();
+    let pinned = match tags.create(&tag, version).await {
+        Ok(()) => Ok(()),
+        Err(lance::Error::RefConflict { .. }) => match tags.get_version(&tag).await {
+            Ok(v) if v == version => Ok(()),
+            Ok(_) => tags.update(&tag, version).await,
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
+    match pinned {
+        Ok(()) => tracing::debug!(table = %source.uri, version, tag, "source version tagged"),
+        Err(e) => tracing::warn!(
+            table = %source.uri,
+            version,
+            tag,
+            error = %e,
+            "cannot tag the embeddings version this kNN table is made from; a clean-up of \
+             that table (upkeep or `knn-diffusion gc`) may remove it, and training would then \
+             have to run precompute-knn again"
+        ),
+    }
+}
+
 /// Checks that this run's config agrees with what an existing output was made with.
 fn check_meta(cfg: &KnnConfig, meta: &KnnOutputMeta, output: &str) -> Result<()> {
     let mut diffs = Vec::new();
@@ -511,6 +583,7 @@ async fn prepare(
     let sha = plan.sha();
     let uri = sibling_uri(&output, &format!("plan-{sha}"));
     plan.save(&uri, storage).await?;
+    pin_source_version(&source, &output).await;
     let m = KnnOutputMeta {
         source: source_uri.to_string(),
         source_version: source.version(),
@@ -565,6 +638,7 @@ async fn adopt(
         .await?
         .with_split(m.split.clone())?;
     let plan = KnnPlan::load(&m.plan, storage).await?;
+    pin_source_version(&source, output).await;
     let table = ShardedTable::open_or_create(output, knn_schema(m.k, &m), storage.clone()).await?;
     Ok(Prepared {
         table,
@@ -657,10 +731,11 @@ pub async fn precompute_knn(
             .await?;
         let mut rows = 0u64;
         while let Some(block) = queries.next().await {
-            let block = block?;
+            let mut block = block?;
             let n = block.len() as u64;
             let pass_started = Instant::now();
             let (q, q_ids) = block.tensors(source.dim, device);
+            let q_addrs = std::mem::take(&mut block.addrs);
             let held: std::collections::HashSet<u64> = block
                 .ids
                 .iter()
@@ -670,7 +745,7 @@ pub async fn precompute_knn(
                 .collect();
             drop(block);
             let pass = SearchPass {
-                top: TopK::new(q.size()[0], meta.k as i64, device, false),
+                top: TopK::new(q.size()[0], meta.k as i64, device, true),
                 queries: {
                     let c = centroids.shallow_clone();
                     let nprobe = plan.nprobe as i64;
@@ -689,9 +764,11 @@ pub async fn precompute_knn(
                 .scan_blocks(None, cfg.compute.db_block_rows, pass, |p, block| {
                     let started = Instant::now();
                     let (emb, ids) = block.tensors(p.dim, p.centroids.device());
+                    let addrs = block.addr_tensor(p.centroids.device());
                     let parts = p.partitions.get_or_assign(p.at, &emb, &p.centroids);
                     p.at += block.len();
-                    p.queries.scan(&mut p.top, &emb, &ids, &parts, p.exclusion);
+                    p.queries
+                        .scan(&mut p.top, &emb, &ids, Some(&addrs), &parts, p.exclusion);
                     p.busy_s += started.elapsed().as_secs_f64();
                     Ok(())
                 })
@@ -709,6 +786,7 @@ pub async fn precompute_knn(
                 .write(output_batch(
                     &schema,
                     &pass.queries.ids,
+                    &q_addrs,
                     &pass.top,
                     meta.k,
                     &held,
@@ -759,11 +837,12 @@ struct SearchPass {
     busy_s: f64,
 }
 
-/// The output rows of one query block; missing neighbours are nulls; rows in `held` are
-/// marked held out.
+/// The output rows of one query block (`addrs`: their row addresses); missing neighbours are
+/// nulls; rows in `held` are marked held out.
 fn output_batch(
     schema: &SchemaRef,
     ids: &Tensor,
+    addrs: &[u64],
     top: &TopK,
     k: usize,
     held: &std::collections::HashSet<u64>,
@@ -772,6 +851,21 @@ fn output_batch(
     let ids: Vec<i64> = Vec::try_from(&cpu(ids))?;
     let knn_ids: Vec<i64> = Vec::try_from(&cpu(&top.ids))?;
     let knn_sims: Vec<f32> = Vec::try_from(&cpu(&top.sims))?;
+    let knn_addrs: Vec<i64> = match &top.aux {
+        Some(aux) => Vec::try_from(&cpu(aux))?,
+        None => {
+            return Err(IndexerError::Internal(
+                "the search tracked no row addresses".into(),
+            ))
+        }
+    };
+    if addrs.len() != ids.len() {
+        return Err(IndexerError::Internal(format!(
+            "{} row addresses for {} query rows",
+            addrs.len(),
+            ids.len()
+        )));
+    }
     let valid = NullBuffer::from(
         knn_ids
             .iter()
@@ -783,7 +877,7 @@ fn output_batch(
     let columns: Vec<ArrayRef> = vec![
         Arc::new(UInt64Array::from_iter_values(ids.iter().map(|&i| i as u64))),
         Arc::new(FixedSizeListArray::new(
-            u64_item,
+            u64_item.clone(),
             k as i32,
             Arc::new(UInt64Array::new(
                 knn_ids.iter().map(|&i| i as u64).collect(),
@@ -794,11 +888,21 @@ fn output_batch(
         Arc::new(FixedSizeListArray::new(
             f32_item,
             k as i32,
-            Arc::new(Float32Array::new(knn_sims.into(), Some(valid))),
+            Arc::new(Float32Array::new(knn_sims.into(), Some(valid.clone()))),
             None,
         )),
         Arc::new(arrow_array::BooleanArray::from_iter(
             ids.iter().map(|&i| Some(held.contains(&(i as u64)))),
+        )),
+        Arc::new(UInt64Array::from_iter_values(addrs.iter().copied())),
+        Arc::new(FixedSizeListArray::new(
+            u64_item,
+            k as i32,
+            Arc::new(UInt64Array::new(
+                knn_addrs.iter().map(|&a| a as u64).collect(),
+                Some(valid),
+            )),
+            None,
         )),
     ];
     RecordBatch::try_new(schema.clone(), columns)

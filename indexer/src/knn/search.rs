@@ -136,6 +136,9 @@ impl TopK {
     pub fn finish(&mut self) -> i64 {
         let empty = self.sims.isinf();
         let _ = self.ids.masked_fill_(&empty, NO_NEIGHBOUR);
+        if let Some(aux) = &mut self.aux {
+            let _ = aux.masked_fill_(&empty, NO_NEIGHBOUR);
+        }
         empty.any_dim(1, false).sum(Kind::Int64).int64_value(&[])
     }
 }
@@ -263,17 +266,20 @@ impl IvfQueries {
         self.len() == 0
     }
 
-    /// Scans one database block: `rows` [n, d] with ids `row_ids` [n] and partitions
-    /// `row_partition` [n] (from [`assign`]), merging into `top`.
+    /// Scans one database block: `rows` [n, d] with ids `row_ids` [n], payload `row_aux` [n]
+    /// (merged into `top`'s `aux` when both track one) and partitions `row_partition` [n]
+    /// (from [`assign`]), merging into `top`.
     ///
     /// Each (query, probed partition) pair has its own slot of k candidates, so partitions
     /// fill their slots independently and the block is merged into `top` once, at the end:
-    /// a handful of tensor ops per partition rather than a merge each.
+    /// a handful of tensor ops per partition rather than a merge each. Slots hold positions
+    /// in the block; ids and payload are gathered once, after the last partition.
     pub fn scan(
         &self,
         top: &mut TopK,
         rows: &Tensor,
         row_ids: &Tensor,
+        row_aux: Option<&Tensor>,
         row_partition: &Tensor,
         exclusion: Exclusion,
     ) {
@@ -285,7 +291,9 @@ impl IvfQueries {
         let row_starts = offsets(&sorted, p);
         let slots = m * self.nprobe;
         let mut cand_sims = Tensor::full([slots, k], f64::NEG_INFINITY, (Kind::Float, device));
-        let mut cand_ids = Tensor::full([slots, k], NO_NEIGHBOUR, (Kind::Int64, device));
+        // Empty slots point at position 0; their similarity stays −∞, so they never win a
+        // place that a real candidate could take, and `finish` marks them.
+        let mut cand_pos = Tensor::zeros([slots, k], (Kind::Int64, device));
         for part in 0..p as usize {
             let (qa, qb) = (self.starts[part], self.starts[part + 1]);
             let (ra, rb) = (row_starts[part], row_starts[part + 1]);
@@ -303,20 +311,25 @@ impl IvfQueries {
             let slot = self.slot_by_partition.narrow(0, qa, qn);
             if n >= k {
                 let (s, pos) = scores.topk(k, 1, true, false);
-                let ids = block_ids.index_select(0, &pos.view([-1])).view([qn, k]);
                 let _ = cand_sims.index_copy_(0, &slot, &s);
-                let _ = cand_ids.index_copy_(0, &slot, &ids);
+                let _ = cand_pos.index_copy_(0, &slot, &(pos + ra));
             } else {
-                let ids = block_ids.unsqueeze(0).expand([qn, n], false);
+                let pos = Tensor::arange_start(ra, rb, (Kind::Int64, device))
+                    .unsqueeze(0)
+                    .expand([qn, n], false);
                 let _ = cand_sims.narrow(1, 0, n).index_copy_(0, &slot, &scores);
-                let _ = cand_ids.narrow(1, 0, n).index_copy_(0, &slot, &ids);
+                let _ = cand_pos.narrow(1, 0, n).index_copy_(0, &slot, &pos);
             }
         }
+        let flat = cand_pos.view([-1]);
+        let gather = |per_row: &Tensor| per_row.index_select(0, &flat).view([m, self.nprobe * k]);
+        let cand_ids = gather(&row_ids);
+        let cand_aux = row_aux.map(|a| gather(&a.index_select(0, &perm)));
         top.offer(
             None,
             &cand_sims.view([m, self.nprobe * k]),
-            &cand_ids.view([m, self.nprobe * k]),
-            None,
+            &cand_ids,
+            cand_aux.as_ref(),
         );
     }
 }
@@ -381,8 +394,15 @@ mod tests {
         let centroids = x.narrow(0, 0, 12).copy();
         let part = assign(&x, &centroids);
         let queries = IvfQueries::new(x.narrow(0, 0, 100), id.narrow(0, 0, 100), &centroids, 12);
-        let mut ivf = TopK::new(100, 10, Device::Cpu, false);
-        queries.scan(&mut ivf, &x, &id, &part, Exclusion::default());
+        // The payload is each row's position: it must travel with the id it belongs to.
+        let row = Tensor::arange(400, (Kind::Int64, Device::Cpu));
+        let mut ivf = TopK::new(100, 10, Device::Cpu, true);
+        queries.scan(&mut ivf, &x, &id, Some(&row), &part, Exclusion::default());
+        let aux = ivf.aux.as_ref().unwrap();
+        assert!(id
+            .index_select(0, &aux.view([-1]))
+            .view([100, 10])
+            .equal(&ivf.ids));
         let mut exact = TopK::new(100, 10, Device::Cpu, false);
         exact_scan(
             &mut exact,
@@ -413,6 +433,40 @@ mod tests {
         assert_eq!(&got[0..2], &[id.int64_value(&[2]), NO_NEIGHBOUR]);
         assert_eq!(&got[2..4], &[id.int64_value(&[2]), NO_NEIGHBOUR]);
         assert_eq!(short, 2);
+    }
+
+    #[test]
+    fn ivf_short_lists_mark_ids_and_payload_empty() {
+        // Three rows in partitions of one or two rows (fewer than k = 4): every query gets
+        // the two others, and the two slots left are marked in both ids and payload.
+        let x = Tensor::from_slice(&[1.0f32, 0.0, 0.8, 0.6, 0.0, 1.0]).view([3, 2]);
+        let id = ids(3);
+        let row = Tensor::from_slice(&[10i64, 11, 12]);
+        let part = assign(&x, &x.narrow(0, 0, 2));
+        let queries = IvfQueries::new(x.shallow_clone(), id.shallow_clone(), &x.narrow(0, 0, 2), 2);
+        let mut top = TopK::new(3, 4, Device::Cpu, true);
+        queries.scan(&mut top, &x, &id, Some(&row), &part, Exclusion::default());
+        assert_eq!(top.finish(), 3);
+        let got: Vec<i64> = Vec::try_from(top.ids.view([-1])).unwrap();
+        let aux: Vec<i64> = Vec::try_from(top.aux.unwrap().view([-1])).unwrap();
+        for q in 0..3 {
+            let want_rows: Vec<i64> = (0..3).filter(|&r| r != q).collect();
+            let mut rows = aux[q as usize * 4..q as usize * 4 + 2].to_vec();
+            rows.sort_unstable();
+            assert_eq!(rows, want_rows.iter().map(|r| r + 10).collect::<Vec<_>>());
+            for j in 0..2 {
+                let r = aux[q as usize * 4 + j] - 10;
+                assert_eq!(got[q as usize * 4 + j], id.int64_value(&[r]));
+            }
+            assert_eq!(
+                &got[q as usize * 4 + 2..q as usize * 4 + 4],
+                &[NO_NEIGHBOUR; 2]
+            );
+            assert_eq!(
+                &aux[q as usize * 4 + 2..q as usize * 4 + 4],
+                &[NO_NEIGHBOUR; 2]
+            );
+        }
     }
 
     #[test]

@@ -27,6 +27,9 @@ use tch::{Device, Kind, Tensor};
 pub const ID_COLUMN: &str = "id";
 /// The embedding column every vector table has.
 pub const EMB_COLUMN: &str = "emb";
+/// Lance's row-address column, added to a scan by `with_row_address` (`lance_core::ROW_ADDR`).
+const ROW_ADDR: &str = "_rowaddr";
+
 /// The key column the held-out split hashes.
 pub const KEY_COLUMN: &str = "key";
 
@@ -54,6 +57,9 @@ pub struct VectorBlock {
     pub emb: Vec<f32>,
     /// Whether each row is held out (all false without a split).
     pub holdout: Vec<bool>,
+    /// Each row's Lance row address in the opened version (scans fill it; `take` leaves it
+    /// empty). The kNN table stores them so training reads rows without an id → row map.
+    pub addrs: Vec<u64>,
 }
 
 impl VectorBlock {
@@ -87,8 +93,14 @@ impl VectorBlock {
         )
     }
 
+    /// The row addresses as a tensor [n] on `device` (u64 bits in i64).
+    pub fn addr_tensor(&self, device: Device) -> Tensor {
+        let addrs: Vec<i64> = self.addrs.iter().map(|&a| a as i64).collect();
+        Tensor::from_slice(&addrs).to_device(device)
+    }
+
     /// Appends a scanned batch; with `split`, marks held-out rows, and with `database` too,
-    /// leaves them out.
+    /// leaves them out. A batch with Lance's `_rowaddr` column also fills `addrs`.
     fn append(
         &mut self,
         batch: &RecordBatch,
@@ -121,8 +133,14 @@ impl VectorBlock {
             });
         }
         let values = emb.values().as_primitive::<Float32Type>();
+        let addrs = batch
+            .column_by_name(ROW_ADDR)
+            .map(|a| a.as_primitive::<UInt64Type>().values());
         let Some(split) = split else {
             self.ids.extend_from_slice(ids.values());
+            if let Some(a) = addrs {
+                self.addrs.extend_from_slice(a);
+            }
             self.emb.extend_from_slice(values.values());
             self.holdout.resize(self.ids.len(), false);
             return Ok(());
@@ -138,6 +156,9 @@ impl VectorBlock {
                 continue;
             }
             self.ids.push(ids.value(row));
+            if let Some(a) = addrs {
+                self.addrs.push(a[row]);
+            }
             self.emb
                 .extend_from_slice(&values.values()[row * d..(row + 1) * d]);
             self.holdout.push(held);
@@ -292,6 +313,7 @@ impl VectorTable {
         scanner
             .project(&self.columns())
             .map_err(|e| IndexerError::lance(&self.uri, e))?;
+        scanner.with_row_address();
         if let Some((low, high)) = id_range {
             let mut filter = col(ID_COLUMN).gt_eq(lit(low));
             if let Some(high) = high {
@@ -398,5 +420,6 @@ fn split_off(block: &mut VectorBlock, rows: usize, dim: usize) -> VectorBlock {
         ids: block.ids.split_off(rows),
         emb: block.emb.split_off(rows * dim),
         holdout: block.holdout.split_off(rows),
+        addrs: block.addrs.split_off(rows.min(block.addrs.len())),
     }
 }

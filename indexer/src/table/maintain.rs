@@ -29,9 +29,10 @@ use lance::dataset::cleanup::CleanupPolicy;
 use lance::dataset::optimize::{compact_files, CompactionOptions};
 use lance::Dataset;
 use lance_io::object_store::ObjectStore;
+use lance_table::io::commit::ManifestNamingScheme;
 use object_store::path::Path;
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -155,7 +156,15 @@ async fn upkeep(
     // none is old enough to go: that would make each round cost O(versions). One listing
     // tells whether any version is older than the cut-off at all.
     let (mut versions_removed, mut bytes_removed) = (0, 0);
-    if has_manifest_older_than(store, base, cutoff)
+    let tagged: HashSet<u64> = ds
+        .tags()
+        .list()
+        .await
+        .map_err(lance_err)?
+        .into_values()
+        .map(|t| t.version)
+        .collect();
+    if has_manifest_older_than(store, base, cutoff, &tagged)
         .await
         .map_err(lance_err)?
     {
@@ -236,16 +245,25 @@ async fn compact(
     Ok(())
 }
 
-/// Whether the table at `base` has a version manifest written before `cutoff`.
+/// Whether the table at `base` has a version manifest written before `cutoff`, other than
+/// the `tagged` versions (clean-up keeps those, so they alone give it nothing to do).
 async fn has_manifest_older_than(
     store: &ObjectStore,
     base: &Path,
     cutoff: chrono::DateTime<chrono::Utc>,
+    tagged: &HashSet<u64>,
 ) -> lance::Result<bool> {
     use futures::TryStreamExt;
     let mut listed = store.list(Some(base.clone().join("_versions")));
     while let Some(meta) = listed.try_next().await? {
-        if meta.location.extension() == Some("manifest") && meta.last_modified < cutoff {
+        let Some(name) = meta.location.filename() else {
+            continue;
+        };
+        if meta.location.extension() != Some("manifest") || meta.last_modified >= cutoff {
+            continue;
+        }
+        let version = ManifestNamingScheme::detect_scheme(name).and_then(|s| s.parse_version(name));
+        if !version.is_some_and(|v| tagged.contains(&v)) {
             return Ok(true);
         }
     }

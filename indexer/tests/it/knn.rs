@@ -4,6 +4,7 @@
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float32Type, UInt64Type};
+use arrow_array::Array;
 use futures::TryStreamExt;
 use knn_datasets::StorageConfig;
 use knn_indexer::knn::search::{exact_knn, Exclusion};
@@ -46,16 +47,20 @@ async fn run(c: &KnnConfig, worker: (usize, usize)) -> Result<KnnSummary, Indexe
     .await
 }
 
-async fn read_rows(uri: &str) -> KnnRows {
+/// Every row of the table at `uri`, all columns.
+async fn scan_all(uri: &str) -> Vec<arrow_array::RecordBatch> {
     let ds = lance::Dataset::open(uri).await.unwrap();
-    let batches: Vec<arrow_array::RecordBatch> = ds
-        .scan()
+    ds.scan()
         .try_into_stream()
         .await
         .unwrap()
         .try_collect()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn read_rows(uri: &str) -> KnnRows {
+    let batches = scan_all(uri).await;
     let mut out = BTreeMap::new();
     for b in batches {
         let ids = b
@@ -87,6 +92,46 @@ async fn read_rows(uri: &str) -> KnnRows {
         }
     }
     out
+}
+
+/// Every row and neighbour of the kNN output `uri` is at the row address it records in
+/// `source` (the embeddings version it was made from).
+async fn assert_rows_at_their_addresses(uri: &str, source: &Arc<lance::Dataset>) {
+    let batches = scan_all(uri).await;
+    let (mut addrs, mut want) = (Vec::new(), Vec::new());
+    for b in &batches {
+        let u64s = |c: &str| {
+            let col = b.column_by_name(c).unwrap();
+            match col.as_fixed_size_list_opt() {
+                Some(l) => l.values().as_primitive::<UInt64Type>().clone(),
+                None => col.as_primitive::<UInt64Type>().clone(),
+            }
+        };
+        let (nbr, nbr_addr) = (u64s("knn_ids"), u64s("knn_row_addrs"));
+        addrs.extend(u64s("row_addr").values());
+        want.extend(u64s("id").values());
+        for j in 0..nbr.len() {
+            assert_eq!(nbr.is_null(j), nbr_addr.is_null(j));
+            if !nbr.is_null(j) {
+                addrs.push(nbr_addr.value(j));
+                want.push(nbr.value(j));
+            }
+        }
+    }
+    let projection = source.schema().project(&["id"]).unwrap();
+    let plan = lance::dataset::ProjectionRequest::from(projection)
+        .into_projection_plan(source.clone())
+        .unwrap();
+    let got =
+        lance::dataset::TakeBuilder::try_new_from_addresses(source.clone(), addrs, Arc::new(plan))
+            .unwrap()
+            .execute()
+            .await
+            .unwrap();
+    assert_eq!(
+        got.column(0).as_primitive::<UInt64Type>().values(),
+        &want[..]
+    );
 }
 
 fn path(dir: &Path, name: &str) -> String {
@@ -311,6 +356,29 @@ async fn the_pinned_version_keeps_results_reproducible_while_the_table_grows() {
     let latest = path(dir.path(), "latest.lance");
     run(&cfg(&table, &latest, ""), (0, 1)).await.unwrap();
     assert_eq!(read_rows(&latest).await.len(), 4000);
+
+    // The output reads rows by address in the pinned version, and a tag keeps that version
+    // (and the one `latest` was made from) through a clean-up that removes the untagged
+    // old one between them.
+    for batch in 0..2u64 {
+        let more_ids: Vec<u64> = (0..10).map(|i| (1u64 << 61) + 10 * batch + i).collect();
+        write_vectors(&table, &more_ids, &moved.narrow(0, 0, 10), true)
+            .await
+            .unwrap();
+    }
+    let upkeep = knn_datasets::TableMaintenance {
+        keep_versions_hours: 0.0,
+        ..Default::default()
+    };
+    let gc = knn_indexer::table::maintain::gc(&table, &Default::default(), &upkeep)
+        .await
+        .unwrap();
+    assert!(gc.versions_removed >= 1, "{gc:?}");
+    let tagged = lance::Dataset::open(&table).await.unwrap();
+    let tag = knn_indexer::knn::precompute::source_tag(&first);
+    assert_eq!(tagged.tags().get_version(&tag).await.unwrap(), pinned);
+    let source = Arc::new(tagged.checkout_version(pinned).await.unwrap());
+    assert_rows_at_their_addresses(&first, &source).await;
 
     // Asking an existing output for other settings is refused, naming them.
     let err = run(&cfg(&table, &first, "k = 5"), (0, 1))

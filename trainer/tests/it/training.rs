@@ -422,9 +422,13 @@ async fn held_out_rows_are_never_trained_on_nor_neighbours() {
     let data = TrainingData::open(&emb, &knn, &StorageConfig::default(), 3)
         .await
         .unwrap();
-    assert_eq!(data.holdout.len(), held.len());
-    assert_eq!(data.train.len() + data.holdout.len(), 40);
-    let train_ids = data.fetch(&data.train).await.unwrap().ids;
+    assert_eq!(data.split_rows.holdout_rows(), held.len());
+    assert_eq!(data.split_rows.rows(), 40);
+    let train: Vec<u64> = (0..data.split_rows.train_rows())
+        .map(|p| data.split_rows.train_offset(p))
+        .collect();
+    let train_ids = data.fetch(&train).await.unwrap().ids;
+    assert_eq!(train_ids.len() + held.len(), 40);
     assert!(train_ids.iter().all(|id| !held.contains(id)));
 }
 
