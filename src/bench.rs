@@ -8,6 +8,7 @@
 
 pub mod allreduce;
 pub mod knn;
+pub mod loader;
 pub mod scale;
 pub mod train;
 pub mod train_clip;

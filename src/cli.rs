@@ -457,6 +457,73 @@ pub enum BenchScaleCommand {
     /// at its defaults and with `keep_versions_hours = 0`; beside the same table without
     /// upkeep, grown to --peer-sizes.
     Commits(BenchScaleCommitsArgs),
+    /// The trainer's data loader against tables of --sizes rows (synthetic 32 px rows,
+    /// random neighbours): peak RSS of a fresh process that opens the tables and loads
+    /// micro-batches, its time per batch, and the data wait at --step-ms a step; beside the
+    /// id → row map the loader kept before it read rows by address.
+    Loader(BenchScaleLoaderArgs),
+    /// One measurement of `bench scale loader`, in a process of its own (run by it).
+    #[command(hide = true)]
+    LoaderProbe(BenchScaleLoaderProbeArgs),
+}
+
+/// Flags of `bench scale loader`.
+#[derive(Debug, Args)]
+pub struct BenchScaleLoaderArgs {
+    /// Rows of the tables at which to measure, increasing.
+    #[arg(long, value_delimiter = ',', default_value = "250000,1000000,4000000")]
+    pub sizes: Vec<usize>,
+    /// Micro-batch size.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Batches the loader reads ahead (`train.data.prefetch_batches`).
+    #[arg(long, default_value_t = 2)]
+    pub prefetch: usize,
+    /// Micro-batches timed in each of the two passes.
+    #[arg(long, default_value_t = 100)]
+    pub batches: usize,
+    /// The consumer's time per step in the second pass, ms (a tiny U-Net step at 32 px,
+    /// batch 16, on 2 cores, is about this).
+    #[arg(long, default_value_t = 250)]
+    pub step_ms: u64,
+    /// Neighbours per row.
+    #[arg(long, default_value_t = 10)]
+    pub k: usize,
+    /// Embedding dimension.
+    #[arg(long, default_value_t = 128)]
+    pub dim: usize,
+    /// Where the synthetic tables are written (kept, and reused by a later run).
+    #[arg(long, default_value = "target/bench-scale-loader")]
+    pub dir: PathBuf,
+    /// Markdown file whose section for this benchmark is replaced.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub out: PathBuf,
+}
+
+/// Flags of the hidden `bench scale loader-probe`.
+#[derive(Debug, Args)]
+pub struct BenchScaleLoaderProbeArgs {
+    /// Embeddings table URI.
+    #[arg(long)]
+    pub embeddings: String,
+    /// kNN table URI.
+    #[arg(long)]
+    pub knn: String,
+    /// Neighbours used.
+    #[arg(long)]
+    pub k: usize,
+    /// Micro-batch size.
+    #[arg(long)]
+    pub batch_size: usize,
+    /// Batches read ahead.
+    #[arg(long)]
+    pub prefetch: usize,
+    /// Micro-batches timed in each pass.
+    #[arg(long)]
+    pub batches: usize,
+    /// The consumer's time per step, ms.
+    #[arg(long)]
+    pub step_ms: u64,
 }
 
 /// Flags of `bench scale commits`.

@@ -114,6 +114,14 @@ fn try_main(cli: Cli) -> Result<()> {
             println!("{md}");
             Ok(())
         }
+        Command::Bench(BenchCommand::Scale(cli::BenchScaleCommand::Loader(args))) => {
+            let md = runtime.block_on(bench::loader::run(&args))?;
+            println!("{md}");
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Scale(cli::BenchScaleCommand::LoaderProbe(args))) => {
+            runtime.block_on(bench::loader::probe(&args))
+        }
         Command::Bench(BenchCommand::Knn(args)) => {
             let md = runtime.block_on(bench::knn::run(&args))?;
             println!("{md}");
