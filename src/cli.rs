@@ -533,8 +533,8 @@ pub struct BenchScaleCommitsArgs {
     #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000")]
     pub sizes: Vec<usize>,
     /// Sizes for the peer without upkeep (its total cost grows with the square of the
-    /// shards; keep them small). Empty to skip it.
-    #[arg(long, value_delimiter = ',', default_value = "1000,3000")]
+    /// shards; keep them small). `--peer-sizes` with no value skips it.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1000,3000")]
     pub peer_sizes: Vec<usize>,
     /// Workers committing at once while the table grows.
     #[arg(long, default_value_t = 4)]

@@ -801,6 +801,23 @@ mod tests {
     }
 
     #[test]
+    fn bench_scale_commits_skips_the_peer_when_its_sizes_are_empty() {
+        let peer = |extra: &[&str]| {
+            let mut argv = vec!["knn-diffusion", "bench", "scale", "commits"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(argv).expect("parses").command {
+                Command::Bench(BenchCommand::Scale(cli::BenchScaleCommand::Commits(a))) => {
+                    a.peer_sizes
+                }
+                other => panic!("parsed as {other:?}"),
+            }
+        };
+        assert_eq!(peer(&[]), vec![1000, 3000]);
+        assert_eq!(peer(&["--peer-sizes", "--no-s3"]), Vec::<usize>::new());
+        assert_eq!(peer(&["--peer-sizes", "500,700"]), vec![500, 700]);
+    }
+
+    #[test]
     fn sample_takes_the_config_sampler_unless_a_flag_overrides_it() {
         let mut grid = SampleGridConfig {
             guidance: 2.0,
