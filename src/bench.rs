@@ -131,6 +131,15 @@ fn run_python(bench: &EmbedBench, images: &Path, config: &Path) -> Result<Value>
     serde_json::from_slice(&out.stdout).context("python reference output")
 }
 
+/// How this binary was built, for a benchmark's "Build:" line.
+pub(crate) fn build_profile() -> &'static str {
+    if cfg!(debug_assertions) {
+        "dev profile (our crates and the image codecs optimised, other deps, Lance among them, not)"
+    } else {
+        "optimised"
+    }
+}
+
 pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -212,11 +221,7 @@ pub fn run(bench: &EmbedBench) -> Result<String> {
     let (_, base) = &runs[0];
     let e2e = base.images_per_s();
     let mut md = String::new();
-    let profile = if cfg!(debug_assertions) {
-        "dev profile (our crates and the image codecs optimised, other deps not)"
-    } else {
-        "optimised"
-    };
+    let profile = build_profile();
     writeln!(
         md,
         "### embed, random-weight CLIP `{}`, batch {}",

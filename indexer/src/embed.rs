@@ -896,8 +896,13 @@ fn rows_batch(
 
 /// Peak resident set size of this process in MiB (`VmHWM`), where /proc exists.
 pub fn peak_rss_mib() -> Option<f64> {
+    proc_status_mib("VmHWM:")
+}
+
+/// A size field of `/proc/self/status` (`VmHWM:`, `VmRSS:`, …) in MiB (Linux only).
+pub fn proc_status_mib(field: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
 }

@@ -11,7 +11,7 @@
 //! kept before it read rows by address: the `id` column scanned into sorted
 //! (id, row) pairs.
 
-use super::{machine, write_section};
+use super::{build_profile, machine, write_section};
 use crate::cli::{BenchScaleLoaderArgs, BenchScaleLoaderProbeArgs};
 use anyhow::{bail, Context, Result};
 use arrow_array::cast::AsArray;
@@ -22,7 +22,9 @@ use arrow_array::{
 };
 use futures::StreamExt;
 use knn_datasets::{SplitConfig, StorageConfig};
+use knn_indexer::embed::proc_status_mib;
 use knn_indexer::knn::precompute::{knn_schema, KnnOutputMeta};
+use knn_indexer::knn::synthetic::synthetic_id;
 use knn_trainer::data::{build_batch, DataLayout, Loader, SampleSpec, TrainingData};
 use lance::dataset::{WriteMode, WriteParams};
 use lance::deps::arrow_schema::{DataType, Field, Schema};
@@ -57,28 +59,21 @@ struct ProbeResult {
     id_map_peak_rss_mib: f64,
 }
 
-fn rss_mib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with(field))?.to_string();
-            line.split_whitespace().nth(1)?.parse::<f64>().ok()
-        })
-        .map_or(f64::NAN, |kib| kib / 1024.0)
+/// A `/proc/self/status` size field (`VmRSS:`, `VmHWM:`) in MiB; NaN where there is none.
+fn status_mib(field: &str) -> f64 {
+    proc_status_mib(field).unwrap_or(f64::NAN)
 }
 
-/// A 64-bit mix (splitmix64's finaliser): ids and pseudo-random draws from a counter.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
+/// A pseudo-random u64 (63 bits) for counter `i` of stream `stream`: the generator's ids
+/// (stream 0, as `synthetic_id` makes them elsewhere), pixels, embeddings and neighbours.
+fn draw(i: usize, stream: u64) -> u64 {
+    synthetic_id(i as u64, stream)
 }
 
 fn png_pool() -> Result<Vec<Vec<u8>>> {
     (0..POOL)
         .map(|i| {
-            let (a, b) = (mix(i as u64), mix(i as u64 + POOL as u64));
+            let (a, b) = (draw(i, 3), draw(i, 4));
             let img = image::RgbImage::from_fn(SIDE_PX, SIDE_PX, |x, y| {
                 let c = |s: u32| ((a >> s) as u32 % 256) as u8;
                 let t = ((x + y) * 255 / (2 * SIDE_PX)) as u8;
@@ -94,6 +89,13 @@ fn png_pool() -> Result<Vec<Vec<u8>>> {
             Ok(out)
         })
         .collect()
+}
+
+fn create() -> WriteParams {
+    WriteParams {
+        mode: WriteMode::Create,
+        ..Default::default()
+    }
 }
 
 /// Writes the embeddings and kNN tables for `rows` rows under `dir` (kept: a later run with
@@ -112,10 +114,21 @@ async fn make_tables(dir: &Path, rows: usize, k: usize, dim: usize) -> Result<(S
     let _ = std::fs::remove_dir_all(&knn_uri);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let started = Instant::now();
+    let emb = write_embeddings(&emb_uri, rows, dim).await?;
+    let addrs = row_addresses(&emb, &emb_uri, rows).await?;
+    write_knn(&knn_uri, (&emb_uri, emb.version().version), addrs, k, dim).await?;
+    std::fs::write(&done, "")?;
+    tracing::info!(
+        rows,
+        seconds = started.elapsed().as_secs_f64(),
+        "bench tables written"
+    );
+    Ok((emb_uri, knn_uri))
+}
+
+/// The embeddings table: id, key, a 32 px PNG from the pool, a `dim`-float embedding.
+async fn write_embeddings(uri: &str, rows: usize, dim: usize) -> Result<lance::Dataset> {
     let pool = Arc::new(png_pool()?);
-    fn id_of(i: usize) -> u64 {
-        mix(i as u64) >> 1
-    }
     let item = Arc::new(Field::new("item", DataType::Float32, true));
     let emb_schema = Arc::new(Schema::new(vec![
         Field::new("id", DataType::UInt64, false),
@@ -127,18 +140,17 @@ async fn make_tables(dir: &Path, rows: usize, k: usize, dim: usize) -> Result<(S
             false,
         ),
     ]));
-    let emb_batches = {
-        let (schema, item) = (emb_schema.clone(), item.clone());
+    let batch = {
+        let schema = emb_schema.clone();
         move |start: usize| {
             let n = WRITE_ROWS.min(rows - start);
             let emb: Vec<f32> = (0..n * dim)
-                .map(|j| {
-                    (mix((start * dim + j) as u64 ^ 0x5eed) >> 40) as f32 / (1u64 << 23) as f32
-                        - 1.0
-                })
+                .map(|j| (draw(start * dim + j, 1) >> 39) as f32 / (1u64 << 23) as f32 - 1.0)
                 .collect();
             let columns: Vec<ArrayRef> = vec![
-                Arc::new(UInt64Array::from_iter_values((start..start + n).map(id_of))),
+                Arc::new(UInt64Array::from_iter_values(
+                    (start..start + n).map(|i| draw(i, 0)),
+                )),
                 Arc::new(StringArray::from_iter_values(
                     (start..start + n).map(|i| format!("img-{i}.png")),
                 )),
@@ -155,18 +167,14 @@ async fn make_tables(dir: &Path, rows: usize, k: usize, dim: usize) -> Result<(S
             RecordBatch::try_new(schema.clone(), columns)
         }
     };
-    let create = || WriteParams {
-        mode: WriteMode::Create,
-        ..Default::default()
-    };
-    let reader = RecordBatchIterator::new(
-        (0..rows).step_by(WRITE_ROWS).map(emb_batches),
-        emb_schema.clone(),
-    );
-    let emb = lance::Dataset::write(reader, &emb_uri, Some(create()))
+    let reader = RecordBatchIterator::new((0..rows).step_by(WRITE_ROWS).map(batch), emb_schema);
+    lance::Dataset::write(reader, uri, Some(create()))
         .await
-        .with_context(|| format!("writing {emb_uri}"))?;
-    // Row addresses in scan order (row i of the generator is row i of the scan).
+        .with_context(|| format!("writing {uri}"))
+}
+
+/// Row addresses in scan order (row i of the generator is row i of the scan).
+async fn row_addresses(emb: &lance::Dataset, uri: &str, rows: usize) -> Result<Vec<u64>> {
     let mut addrs = Vec::with_capacity(rows);
     let mut scanner = emb.scan();
     scanner.project(&["id"])?;
@@ -182,12 +190,25 @@ async fn make_tables(dir: &Path, rows: usize, k: usize, dim: usize) -> Result<(S
         );
     }
     if addrs.len() != rows {
-        bail!("{emb_uri}: scanned {} rows, wrote {rows}", addrs.len());
+        bail!("{uri}: scanned {} rows, wrote {rows}", addrs.len());
     }
+    Ok(addrs)
+}
+
+/// A kNN table in precompute-knn's schema over the embeddings table `(uri, version)` whose
+/// rows are at `addrs`: k random other rows a row, 5% held out by the default split.
+async fn write_knn(
+    uri: &str,
+    (emb_uri, version): (&str, u64),
+    addrs: Vec<u64>,
+    k: usize,
+    dim: usize,
+) -> Result<()> {
+    let rows = addrs.len();
     let split = SplitConfig::default();
     let meta = KnnOutputMeta {
-        source: emb_uri.clone(),
-        source_version: emb.version().version,
+        source: emb_uri.to_string(),
+        source_version: version,
         source_rows: rows,
         dim,
         k,
@@ -204,15 +225,14 @@ async fn make_tables(dir: &Path, rows: usize, k: usize, dim: usize) -> Result<(S
     };
     let schema = knn_schema(k, &meta);
     let u64_item = Arc::new(Field::new("item", DataType::UInt64, true));
-    let addrs = Arc::new(addrs);
-    let knn_batches = {
-        let (schema, split) = (schema.clone(), split.clone());
+    let batch = {
+        let schema = schema.clone();
         move |start: usize| {
             let n = WRITE_ROWS.min(rows - start);
             let nbrs: Vec<usize> = (start..start + n)
                 .flat_map(|i| {
                     (0..k).map(move |j| {
-                        let r = (mix((i * k + j) as u64 ^ 0xbeef) % (rows as u64 - 1)) as usize;
+                        let r = (draw(i * k + j, 2) % (rows as u64 - 1)) as usize;
                         if r >= i {
                             r + 1
                         } else {
@@ -231,8 +251,10 @@ async fn make_tables(dir: &Path, rows: usize, k: usize, dim: usize) -> Result<(S
             };
             let sims: Vec<f32> = (0..n * k).map(|j| 0.9 - (j % k) as f32 * 0.01).collect();
             let columns: Vec<ArrayRef> = vec![
-                Arc::new(UInt64Array::from_iter_values((start..start + n).map(id_of))),
-                Arc::new(list(nbrs.iter().map(|&r| id_of(r)).collect())),
+                Arc::new(UInt64Array::from_iter_values(
+                    (start..start + n).map(|i| draw(i, 0)),
+                )),
+                Arc::new(list(nbrs.iter().map(|&r| draw(r, 0)).collect())),
                 Arc::new(FixedSizeListArray::new(
                     Arc::new(Field::new("item", DataType::Float32, true)),
                     k as i32,
@@ -250,30 +272,21 @@ async fn make_tables(dir: &Path, rows: usize, k: usize, dim: usize) -> Result<(S
             RecordBatch::try_new(schema.clone(), columns)
         }
     };
-    let reader = RecordBatchIterator::new(
-        (0..rows).step_by(WRITE_ROWS).map(knn_batches),
-        schema.clone(),
-    );
-    lance::Dataset::write(reader, &knn_uri, Some(create()))
+    let reader = RecordBatchIterator::new((0..rows).step_by(WRITE_ROWS).map(batch), schema);
+    lance::Dataset::write(reader, uri, Some(create()))
         .await
-        .with_context(|| format!("writing {knn_uri}"))?;
-    std::fs::write(&done, "")?;
-    tracing::info!(
-        rows,
-        seconds = started.elapsed().as_secs_f64(),
-        "bench tables written"
-    );
-    Ok((emb_uri, knn_uri))
+        .with_context(|| format!("writing {uri}"))?;
+    Ok(())
 }
 
 /// One measurement in this process: see the module doc. Prints a JSON line.
 pub async fn probe(args: &BenchScaleLoaderProbeArgs) -> Result<()> {
     let storage = StorageConfig::default();
-    let rss_before_open_mib = rss_mib("VmRSS:");
+    let rss_before_open_mib = status_mib("VmRSS:");
     let started = Instant::now();
     let data = Arc::new(TrainingData::open(&args.embeddings, &args.knn, &storage, args.k).await?);
     let open_s = started.elapsed().as_secs_f64();
-    let rss_after_open_mib = rss_mib("VmRSS:");
+    let rss_after_open_mib = status_mib("VmRSS:");
     let layout = DataLayout::new(data.split_rows.train_rows(), args.batch_size, 0, 1)?;
     let spec = SampleSpec {
         seed: 0,
@@ -313,7 +326,7 @@ pub async fn probe(args: &BenchScaleLoaderProbeArgs) -> Result<()> {
     }
     let data_wait = paced.take_waited().as_secs_f64() / t0.elapsed().as_secs_f64();
     drop(paced);
-    let peak_rss_mib = rss_mib("VmHWM:");
+    let peak_rss_mib = status_mib("VmHWM:");
     // The peer: the map the loader kept before (sorted (id, row) pairs of the whole table).
     let started = Instant::now();
     let emb = lance::Dataset::open(&args.embeddings).await?;
@@ -328,10 +341,10 @@ pub async fn probe(args: &BenchScaleLoaderProbeArgs) -> Result<()> {
     }
     pairs.sort_unstable();
     let id_map_s = started.elapsed().as_secs_f64();
-    let id_map_peak_rss_mib = rss_mib("VmHWM:");
+    let id_map_peak_rss_mib = status_mib("VmHWM:");
     std::hint::black_box(&pairs);
     let result = ProbeResult {
-        rows: data.rows,
+        rows: data.rows(),
         open_s,
         rss_before_open_mib,
         rss_after_open_mib,
@@ -403,11 +416,7 @@ pub async fn run(args: &BenchScaleLoaderArgs) -> Result<String> {
          process after the loader, is the id → row map the loader kept before reading rows \
          by address: the `id` column scanned into sorted (id, row) pairs.\n",
         machine(),
-        if cfg!(debug_assertions) {
-            "dev profile (our crates optimised, Lance not)"
-        } else {
-            "optimised"
-        },
+        build_profile(),
         args.sizes
             .iter()
             .map(|s| s.to_string())

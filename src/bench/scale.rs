@@ -10,7 +10,7 @@
 //! early). Start-up is measured on the local path and through the loopback S3 server
 //! (`s3s-fs`) serving the same directory.
 
-use super::{machine, median, write_section};
+use super::{build_profile, machine, median, write_section};
 use crate::cli::BenchScaleCommitsArgs;
 use anyhow::{bail, Context, Result};
 use knn_datasets::TableMaintenance;
@@ -383,11 +383,7 @@ pub async fn commits(args: &BenchScaleCommitsArgs) -> Result<String> {
          checkpoint covers, however young. S3: `s3s-fs` on 127.0.0.1 serving the same \
          directory.\n",
         machine(),
-        if cfg!(debug_assertions) {
-            "dev profile (our crates optimised, Lance not)"
-        } else {
-            "optimised"
-        },
+        build_profile(),
         join(&args.sizes),
         join(&args.peer_sizes),
         args.committers,

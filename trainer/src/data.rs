@@ -252,9 +252,7 @@ pub struct TrainingData {
     pub knn_uri: String,
     emb: Arc<Dataset>,
     knn: Dataset,
-    /// Rows of the kNN table (training rows + held out).
-    pub rows: u64,
-    /// Which of them train and which are held out.
+    /// Which rows of the kNN table train and which are held out.
     pub split_rows: RowSplit,
     /// The held-out split the kNN table was made with (`None`: no row is held out).
     pub split: Option<knn_datasets::SplitConfig>,
@@ -365,7 +363,6 @@ impl TrainingData {
             }
         }
         let split_rows = scan_holdout(&knn, knn_uri).await?;
-        let rows = split_rows.rows();
         if meta.split.is_none() {
             tracing::warn!(
                 knn = knn_uri,
@@ -384,7 +381,6 @@ impl TrainingData {
             knn_uri: knn_uri.to_string(),
             emb: Arc::new(emb),
             knn,
-            rows,
             split_rows,
             split: meta.split.clone(),
             clip,
@@ -393,7 +389,7 @@ impl TrainingData {
             k,
             image_size_px: 0,
         };
-        if rows == 0 {
+        if data.rows() == 0 {
             return Err(TrainerError::BadTable {
                 table: knn_uri.to_string(),
                 detail: "has no rows; run precompute-knn to completion".into(),
@@ -570,6 +566,11 @@ impl TrainingData {
     /// kNN-table offsets of the first `n` held-out rows.
     pub fn holdout_offsets(&self, n: usize) -> Vec<u64> {
         self.split_rows.holdout_offsets(n)
+    }
+
+    /// Rows of the kNN table (training rows + held out).
+    pub fn rows(&self) -> u64 {
+        self.split_rows.rows()
     }
 }
 

@@ -253,7 +253,7 @@ impl<'a> Run<'a> {
             knn_dropout: cfg.data.knn_dropout,
             split: data.split.clone(),
             knn_table: knn_uri.clone(),
-            rows: data.rows,
+            rows: data.rows(),
             clip: data.clip.clone(),
         });
         let model = DiffusionModel::new(&unet, &cfg.diffusion, device, cfg.seed)?;
@@ -264,7 +264,7 @@ impl<'a> Run<'a> {
             parameters = n_params,
             image_size_px = data.image_size_px,
             k = cfg.k,
-            rows = data.rows,
+            rows = data.rows(),
             train_rows,
             device = ?device,
             rank = dp.rank(),

@@ -21,7 +21,7 @@ use knn_datasets::SplitConfig;
 use lance::deps::datafusion::prelude::{col, lit};
 use lance::Dataset;
 use std::collections::HashMap;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 /// The id column every vector table has.
 pub const ID_COLUMN: &str = "id";
@@ -84,19 +84,12 @@ impl VectorBlock {
             .norm_scalaropt_dim(2.0, [1], true)
             .clamp_min(f64::from(f32::MIN_POSITIVE));
         let _ = emb.g_div_(&norm);
-        let ids: Vec<i64> = self.ids.iter().map(|&i| i as i64).collect();
-        (
-            emb,
-            Tensor::from_slice(&ids)
-                .to_kind(Kind::Int64)
-                .to_device(device),
-        )
+        (emb, u64_tensor(&self.ids, device))
     }
 
     /// The row addresses as a tensor [n] on `device` (u64 bits in i64).
     pub fn addr_tensor(&self, device: Device) -> Tensor {
-        let addrs: Vec<i64> = self.addrs.iter().map(|&a| a as i64).collect();
-        Tensor::from_slice(&addrs).to_device(device)
+        u64_tensor(&self.addrs, device)
     }
 
     /// Appends a scanned batch; with `split`, marks held-out rows, and with `database` too,
@@ -412,6 +405,12 @@ impl VectorTable {
             .map_err(|e| IndexerError::Internal(format!("kNN compute thread died: {e}")))??;
         reading.map(|()| state)
     }
+}
+
+/// u64 values as an i64 tensor on `device`, bit for bit.
+fn u64_tensor(values: &[u64], device: Device) -> Tensor {
+    let bits: Vec<i64> = values.iter().map(|&v| v as i64).collect();
+    Tensor::from_slice(&bits).to_device(device)
 }
 
 /// Splits `block` after `rows` rows, returning the tail.
