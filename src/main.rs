@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 fn main() {
     ensure_passive_openmp();
+    patient_lance_commits();
     let cli = Cli::parse();
     init_logging(cli.log_format, cli.verbose);
     if let Err(err) = try_main(cli) {
@@ -47,6 +48,19 @@ fn ensure_passive_openmp() {
         .args(std::env::args_os().skip(1))
         .env("OMP_WAIT_POLICY", "PASSIVE")
         .exec();
+}
+
+/// Lance gives a commit that loses races to other writers 30 s of retries, unless
+/// `LANCE_COMMIT_RETRY_TIMEOUT_SECS` says otherwise, and its compaction has no other way to
+/// set it. Upkeep's compaction competes with every worker's shard commits, and at that limit
+/// it lost rounds to them (BENCHMARKS.md, "scale: commit and ledger cost"). Shard commits
+/// already wait up to 600 s; this gives compaction the same, unless the user set the
+/// variable. Set here, before any thread starts (Lance reads it once, at its first commit).
+fn patient_lance_commits() {
+    const VAR: &str = "LANCE_COMMIT_RETRY_TIMEOUT_SECS";
+    if std::env::var_os(VAR).is_none() {
+        std::env::set_var(VAR, "600");
+    }
 }
 
 fn init_logging(format: LogFormat, verbose: u8) {

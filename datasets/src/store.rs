@@ -61,10 +61,16 @@ pub struct TableMaintenance {
     pub compact: bool,
     /// Rows of a compacted fragment.
     pub target_rows_per_fragment: usize,
-    /// Versions younger than this many hours are never removed: a reader pinned to a version
-    /// (a training run, a precompute-knn job) keeps its files that long after newer versions
-    /// replace them. 0 removes every version older than the ledger checkpoint.
+    /// A version is removed once the ledger checkpoint covers it and it is older than this
+    /// many hours, or more than `keep_versions` versions behind the newest, whichever comes
+    /// first. Readers that hold a version longer (precompute-knn, `train`, `train-clip`) tag
+    /// it, and tagged versions are never removed; an untagged reader (`sample`, `eval`, a
+    /// notebook) is safe for this window. 0 removes every version the checkpoint covers.
     pub keep_versions_hours: f64,
+    /// Most versions kept behind the newest (0: no limit, only `keep_versions_hours`). On a
+    /// file system every commit lists all of `_versions/`, so a table committed to many
+    /// times an hour needs this bound: it keeps the listing, and so each commit, flat.
+    pub keep_versions: u64,
 }
 
 impl Default for TableMaintenance {
@@ -74,6 +80,7 @@ impl Default for TableMaintenance {
             compact: true,
             target_rows_per_fragment: 1_000_000,
             keep_versions_hours: 168.0,
+            keep_versions: 1000,
         }
     }
 }

@@ -377,7 +377,8 @@ pub async fn commits(args: &BenchScaleCommitsArgs) -> Result<String> {
          table handle); at each size one warm worker commits {} more shards (timed one by \
          one), and a new worker starts three times (open the table, read the ledger). \
          `upkeep`: `[storage.tables]` at its defaults (every {} commits: ledger checkpoint, \
-         compaction to {} rows per fragment, versions older than {} h removed). \
+         compaction to {} rows per fragment, versions older than {} h or more than {} \
+         behind the newest removed). \
          `no-upkeep`: the same with `every_commits = 0`, which is what every table was \
          before. `keep_versions_hours = 0`: upkeep that also removes every version its \
          checkpoint covers, however young. S3: `s3s-fs` on 127.0.0.1 serving the same \
@@ -393,6 +394,7 @@ pub async fn commits(args: &BenchScaleCommitsArgs) -> Result<String> {
         on.every_commits,
         on.target_rows_per_fragment,
         on.keep_versions_hours,
+        on.keep_versions,
     );
     for (arm, points) in &results {
         table(&mut md, arm.name, points);

@@ -278,6 +278,20 @@ fn column_types(ds: &Dataset) -> HashMap<String, arrow_schema::DataType> {
 }
 
 impl TrainingData {
+    /// Tags the kNN table version this run reads, named after the run (`run`: its output
+    /// directory), so that a clean-up of that table (upkeep of a precompute-knn still
+    /// committing, `knn-diffusion gc`) keeps it while the run reads it. The embeddings version
+    /// is tagged by precompute-knn.
+    pub async fn pin_for(&self, run: &str) {
+        knn_indexer::table::pin_version(
+            &self.knn,
+            &self.knn_uri,
+            &knn_indexer::table::reader_tag("train", run),
+            "this run's data loader would then fail to read its rows",
+        )
+        .await;
+    }
+
     /// Opens the kNN table and the embeddings version it was made from; `k` is how many
     /// neighbours training uses (`train.k`).
     pub async fn open(

@@ -237,6 +237,9 @@ impl<'a> Run<'a> {
             DataParallel::for_run(cfg.device, cfg.precision, &cfg.distributed, rdv, "train")?;
         let device = dp.device();
         let data = Arc::new(TrainingData::open(&emb_uri, &knn_uri, storage, cfg.k).await?);
+        if dp.rank() == 0 {
+            data.pin_for(&cfg.output_dir).await;
+        }
         let holdout = data.split_rows.holdout_rows().min(cfg.samples.rows);
         let train_rows = data.split_rows.train_rows();
         let layout = DataLayout::new(train_rows, cfg.batch_size, dp.rank(), dp.world())?;

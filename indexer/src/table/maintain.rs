@@ -152,9 +152,10 @@ async fn upkeep(
     let fragments_after = ds.count_fragments();
     let keep = chrono::Duration::milliseconds((cfg.keep_versions_hours * 3.6e6) as i64);
     let cutoff = chrono::Utc::now() - keep;
-    // Lance's clean-up reads every manifest to find what is still referenced, even when
-    // none is old enough to go: that would make each round cost O(versions). One listing
-    // tells whether any version is older than the cut-off at all.
+    let behind = match cfg.keep_versions {
+        0 => 0,
+        n => ds.version().version.saturating_sub(n),
+    };
     let (mut versions_removed, mut bytes_removed) = (0, 0);
     let tagged: HashSet<u64> = ds
         .tags()
@@ -164,13 +165,24 @@ async fn upkeep(
         .into_values()
         .map(|t| t.version)
         .collect();
-    if has_manifest_older_than(store, base, cutoff, &tagged)
-        .await
-        .map_err(lance_err)?
-    {
+    // Lance's clean-up reads every manifest to find what is still referenced, even when
+    // none is to go: that would make each round cost O(versions). One listing picks the
+    // versions to remove, and the clean-up is told exactly those.
+    let doomed = removable_versions(
+        store,
+        base,
+        &Retention {
+            checkpoint_version,
+            cutoff,
+            behind,
+            tagged: &tagged,
+        },
+    )
+    .await
+    .map_err(lance_err)?;
+    if !doomed.is_empty() {
         let policy = CleanupPolicy {
-            before_version: Some(checkpoint_version),
-            before_timestamp: Some(cutoff),
+            versions: Some(doomed),
             delete_unverified: false,
             error_if_tagged_old_versions: false,
             ..Default::default()
@@ -245,27 +257,46 @@ async fn compact(
     Ok(())
 }
 
-/// Whether the table at `base` has a version manifest written before `cutoff`, other than
-/// the `tagged` versions (clean-up keeps those, so they alone give it nothing to do).
-async fn has_manifest_older_than(
+/// Which versions a round of upkeep may remove.
+struct Retention<'a> {
+    /// Versions the ledger checkpoint covers are below this.
+    checkpoint_version: u64,
+    /// Versions written before this are old enough (`keep_versions_hours`).
+    cutoff: chrono::DateTime<chrono::Utc>,
+    /// Versions below this are too far behind the newest (`keep_versions`; 0: none).
+    behind: u64,
+    /// Versions a reader tagged: never removed.
+    tagged: &'a HashSet<u64>,
+}
+
+impl Retention<'_> {
+    fn removes(&self, version: u64, written: chrono::DateTime<chrono::Utc>) -> bool {
+        version < self.checkpoint_version
+            && !self.tagged.contains(&version)
+            && (written < self.cutoff || version < self.behind)
+    }
+}
+
+/// The versions in `_versions/` of the table at `base` that `keep` removes (one listing).
+async fn removable_versions(
     store: &ObjectStore,
     base: &Path,
-    cutoff: chrono::DateTime<chrono::Utc>,
-    tagged: &HashSet<u64>,
-) -> lance::Result<bool> {
+    keep: &Retention<'_>,
+) -> lance::Result<HashSet<u64>> {
     use futures::TryStreamExt;
+    let mut out = HashSet::new();
     let mut listed = store.list(Some(base.clone().join("_versions")));
     while let Some(meta) = listed.try_next().await? {
         let Some(name) = meta.location.filename() else {
             continue;
         };
-        if meta.location.extension() != Some("manifest") || meta.last_modified >= cutoff {
+        if meta.location.extension() != Some("manifest") {
             continue;
         }
         let version = ManifestNamingScheme::detect_scheme(name).and_then(|s| s.parse_version(name));
-        if !version.is_some_and(|v| tagged.contains(&v)) {
-            return Ok(true);
+        if let Some(v) = version.filter(|&v| keep.removes(v, meta.last_modified)) {
+            out.insert(v);
         }
     }
-    Ok(false)
+    Ok(out)
 }

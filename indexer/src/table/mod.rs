@@ -125,6 +125,62 @@ pub fn sibling_uri(uri: &str, suffix: &str) -> String {
     }
 }
 
+/// Name of the tag a long reader puts on the table version it reads: `<kind>-<last path part
+/// of reader>-<hash of reader>`, so one reader (a kNN output, a run directory) has one tag,
+/// moved when it reads a newer version. Lance's clean-up keeps tagged versions, which is what
+/// lets `[storage.tables]` remove the untagged ones early.
+pub fn reader_tag(kind: &str, reader: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let reader = reader.trim_end_matches('/');
+    let name: String = reader
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let sha = Sha256::digest(reader.as_bytes());
+    format!(
+        "{kind}-{name}-{:x}",
+        u32::from_be_bytes([sha[0], sha[1], sha[2], sha[3]])
+    )
+}
+
+/// Tags the version `ds` is at as `tag` (made by [`reader_tag`]) on the table at `uri`, or
+/// moves the tag there when it names another version. A table that cannot be tagged
+/// (read-only storage) gets a warning saying what a clean-up could then break (`breaks`),
+/// and the run goes on.
+pub async fn pin_version(ds: &Dataset, uri: &str, tag: &str, breaks: &str) {
+    let version = ds.version().version;
+    let tags = ds.tags();
+    let pinned = match tags.create(tag, version).await {
+        Ok(()) => Ok(()),
+        Err(lance::Error::RefConflict { .. }) => match tags.get_version(tag).await {
+            Ok(v) if v == version => Ok(()),
+            Ok(_) => tags.update(tag, version).await,
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
+    match pinned {
+        Ok(()) => tracing::debug!(table = uri, version, tag, "table version tagged"),
+        Err(e) => tracing::warn!(
+            table = uri,
+            version,
+            tag,
+            error = %e,
+            "cannot tag the table version this run reads; a clean-up of that table (upkeep \
+             or `knn-diffusion gc`) may remove it: {breaks}"
+        ),
+    }
+}
+
 /// Opens the table at `uri` (at `version`, or the latest) with `storage` options.
 pub async fn load_dataset(
     uri: &str,
@@ -414,7 +470,15 @@ impl ShardedTable {
         .map_err(|e| IndexerError::lance(&self.uri, e))?;
         // A version the commit reads while rebasing can be removed by `gc` under it (with
         // `keep_versions_hours` near 0): then the commit starts again from the new latest.
-        let mut tries = 0;
+        //
+        // Lance retries a lost race with a backoff whose time slot is the first attempt's
+        // duration: one slow first attempt (a catch-up, a busy machine) gives that writer
+        // slots of seconds while the others retry every few milliseconds, and it loses
+        // every race until its timeout (BENCHMARKS.md, "scale: commit and ledger cost").
+        // So the commit runs in rounds of a few retries, each with a fresh backoff, until
+        // `COMMIT_PATIENCE` has passed.
+        let started = std::time::Instant::now();
+        let (mut tries, mut rounds) = (0, 0u32);
         let committed = loop {
             let latest = Arc::new(self.open().await?);
             let mut transaction = transaction.clone();
@@ -431,17 +495,42 @@ impl ShardedTable {
                 // Old versions' transactions are the ledger until a checkpoint covers them:
                 // only `maintain` removes versions, never Lance's auto-cleanup.
                 .with_skip_auto_cleanup(true)
-                .with_max_retries(100)
-                // Appends only wait for each other; many workers committing at once is not
-                // an error, however long the queue.
-                .with_retry_timeout(std::time::Duration::from_secs(600))
+                .with_max_retries(COMMIT_ROUND_RETRIES)
+                .with_retry_timeout(COMMIT_ROUND)
                 .execute(transaction)
                 .await;
             match result {
                 Ok(committed) => break committed,
                 Err(_) if self.ledger.committed_at(shard).is_some() => return Ok(false),
                 Err(e) if tries < 3 && crate::ledger::is_not_found(&e) => tries += 1,
-                Err(e) => return Err(IndexerError::lance(&self.uri, e)),
+                // Appends only wait for each other; many workers committing at once is not
+                // an error, however long the queue.
+                Err(
+                    lance::Error::TooMuchWriteContention { .. }
+                    | lance::Error::CommitConflict { .. },
+                ) if started.elapsed() < COMMIT_PATIENCE => {
+                    rounds += 1;
+                    tracing::debug!(table = %self.uri, shard, rounds, "commit round lost to other writers; starting another");
+                    // A short pause, spread by shard and round, so that losers do not
+                    // start their rounds in step.
+                    let spread = shard.bytes().fold(u64::from(rounds), |h, b| {
+                        h.wrapping_mul(31).wrapping_add(u64::from(b))
+                    });
+                    tokio::time::sleep(std::time::Duration::from_millis(spread % 50)).await;
+                }
+                Err(e) => {
+                    if rounds > 0 {
+                        tracing::warn!(
+                            table = %self.uri,
+                            shard,
+                            rounds,
+                            waited_s = started.elapsed().as_secs_f64(),
+                            "a shard commit gave up against other writers; fewer workers a \
+                             table, or larger shards, make fewer commits"
+                        );
+                    }
+                    return Err(IndexerError::lance(&self.uri, e));
+                }
             }
         };
         let version = committed.version().version;
@@ -455,6 +544,13 @@ impl ShardedTable {
         Ok(true)
     }
 }
+
+/// Retries of one commit round (see [`ShardedTable::commit_shard`]).
+const COMMIT_ROUND_RETRIES: u32 = 10;
+/// Longest commit round.
+const COMMIT_ROUND: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long a shard commit keeps trying against other writers before it fails.
+const COMMIT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Streams one shard's batches into uncommitted fragments of a [`ShardedTable`] while the
 /// shard is still being computed; [`ShardWriter::finish`] gives the transaction for

@@ -14,6 +14,7 @@ fn upkeep(every: u64) -> TableMaintenance {
         compact: true,
         target_rows_per_fragment: 1000,
         keep_versions_hours: 0.0,
+        keep_versions: 0,
     }
 }
 
@@ -43,10 +44,14 @@ async fn commit(table: &ShardedTable, s: u64) -> bool {
 }
 
 async fn worker(uri: String, order: Vec<u64>, every: u64) -> usize {
+    worker_with(uri, order, &upkeep(every)).await
+}
+
+async fn worker_with(uri: String, order: Vec<u64>, cfg: &TableMaintenance) -> usize {
     let table = ShardedTable::open_or_create(&uri, rejects_schema(), Default::default())
         .await
         .unwrap()
-        .with_maintenance(&upkeep(every))
+        .with_maintenance(cfg)
         .unwrap();
     let mut won = 0;
     for s in order {
@@ -168,4 +173,59 @@ async fn history_removed_without_a_checkpoint_is_an_error_not_a_guess() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("no ledger checkpoint"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn young_versions_past_keep_versions_go_and_tagged_ones_stay() {
+    let out = tempfile::tempdir().unwrap();
+    let uri = out.path().join("t.lance").to_string_lossy().to_string();
+    assert_eq!(worker(uri.clone(), vec![0, 1], 0).await, 2);
+    // A long reader tags the version it reads (as precompute-knn and train do).
+    let ds = lance::Dataset::open(&uri).await.unwrap();
+    let pinned = ds.version().version;
+    let tag = knn_indexer::table::reader_tag("train", "runs/a");
+    knn_indexer::table::pin_version(&ds, &uri, &tag, "test").await;
+    // Every version is young (168 h), but at most 3 may stay behind the newest.
+    let cfg = TableMaintenance {
+        keep_versions_hours: 168.0,
+        keep_versions: 3,
+        ..upkeep(4)
+    };
+    assert_eq!(
+        worker_with(uri.clone(), (2..SHARDS).collect(), &cfg).await,
+        22
+    );
+    let manifests = std::fs::read_dir(out.path().join("t.lance/_versions"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".manifest")
+        })
+        .count();
+    // The newest, up to 3 behind it, up to 4 since the last upkeep, the tagged one.
+    assert!(manifests <= 9, "{manifests} manifests kept");
+    let want: Vec<u64> = (0..SHARDS).flat_map(|s| [10 * s, 10 * s + 1]).collect();
+    assert_eq!(ids(&uri).await, want, "every row exactly once");
+    let old = lance::Dataset::open(&uri)
+        .await
+        .unwrap()
+        .checkout_version(pinned)
+        .await
+        .expect("the tagged version is kept");
+    assert_eq!(old.count_rows(None).await.unwrap(), 4);
+    // With no count limit nothing young is removed.
+    let kept = maintain::gc(
+        &uri,
+        &Default::default(),
+        &TableMaintenance {
+            keep_versions: 0,
+            ..cfg
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(kept.versions_removed, 0);
 }

@@ -325,6 +325,19 @@ impl CaptionRows {
         })
     }
 
+    /// Tags the version this run reads, named after the run (`run`: its output directory),
+    /// so that upkeep of a captions table still being prepared, or `knn-diffusion gc`, keeps
+    /// it while the run reads it.
+    pub async fn pin_for(&self, run: &str) {
+        knn_indexer::table::pin_version(
+            &self.ds,
+            &self.uri,
+            &knn_indexer::table::reader_tag("train-clip", run),
+            "this run's captions loader would then fail to read its rows",
+        )
+        .await;
+    }
+
     /// The table version.
     pub fn version(&self) -> u64 {
         self.ds.version().version

@@ -359,6 +359,9 @@ async fn open_captions(
         .version;
     let version = dp.broadcast_u64(latest)?;
     let rows = Arc::new(CaptionRows::open(&uri, storage, version, &cfg.split()).await?);
+    if dp.rank() == 0 {
+        rows.pin_for(&cfg.output_dir).await;
+    }
     tracing::info!(
         table = %uri,
         train = rows.train.len(),
