@@ -14,7 +14,7 @@ use super::{machine, write_section};
 use crate::cli::BenchKnnArgs;
 use anyhow::{bail, Context, Result};
 use knn_datasets::StorageConfig;
-use knn_indexer::knn::plan::sample_offsets;
+use knn_indexer::knn::quantizer::sample_offsets;
 use knn_indexer::knn::search::{exact_knn, Exclusion};
 use knn_indexer::knn::synthetic::{clustered, write_vectors};
 use knn_indexer::knn::{build_index, IndexConfig, KnnSummary, Retriever, RetrieverOptions};

@@ -5,6 +5,8 @@
 //!
 //! - [`vectors`]: reading `(id, emb)` from a pinned table version, in bounded blocks;
 //! - [`search`]: the tch arithmetic (exact and IVF batch search, running top-k);
+//! - [`quantizer`]: which partitions a vector belongs to and looks in (flat or two-level);
+//! - [`resident`]: the table's rows held in memory, grouped by partition, when they fit;
 //! - [`plan`]: IVF centroids and the recall-calibrated `nprobe`, stored with the output;
 //! - [`precompute`]: the stage, sharded by id range and committed exactly once per shard;
 //! - [`index`]: the `build-index` stage;
@@ -14,6 +16,8 @@
 pub mod index;
 pub mod plan;
 pub mod precompute;
+pub mod quantizer;
+pub mod resident;
 pub mod retriever;
 pub mod search;
 pub mod synthetic;

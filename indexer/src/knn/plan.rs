@@ -2,22 +2,27 @@
 //! query probes, fixed once and stored so that every worker, and every rerun, searches the
 //! same way.
 //!
-//! - Centroids: spherical k-means (cosine; Lloyd iterations with re-normalised means) on a
-//!   seeded random sample of the pinned table, `samples_per_partition` rows per centroid.
-//! - `nprobe`: calibrated. For a seeded sample of query rows the exact top-k is found by brute
-//!   force over the whole table, with the same exclusions as the real run. IVF-Flat scores are
-//!   exact, so an exact neighbour is found iff its partition is among the query's `nprobe`
-//!   most similar centroids: recall@k at any `nprobe` follows from the rank of each exact
-//!   neighbour's partition, and the plan takes the smallest `nprobe` whose recall on the
-//!   sample reaches `target_recall`.
+//! - Centroids: spherical k-means (cosine) on a seeded random sample of the pinned table,
+//!   `samples_per_partition` rows per centroid (at most [`MAX_TRAINING_ROWS`]); with
+//!   `cells` set, two-level ([`Quantizer`]): partitions grouped into cells, and a vector
+//!   scores only the partitions of its best cells.
+//! - `nprobe` (and the cells a query looks in): calibrated. For a seeded sample of query rows
+//!   the exact top-k is found by brute force over the whole table, with the same exclusions
+//!   as the real run; the same pass assigns every row its partition. IVF-Flat scores are
+//!   exact, so an exact neighbour is found iff its partition is among the query's probes:
+//!   recall@k at any (cells, `nprobe`) follows from where each exact neighbour's partition
+//!   ranks, and the plan takes the cheapest pair whose recall on the sample reaches
+//!   `target_recall`.
 //! - Small tables (fewer than [`IVF_MIN_ROWS`] rows by default) get one partition: the search
 //!   is then exact brute force.
 //!
-//! A plan is stored content-addressed as a small Lance table (`partition`, `centroid`) next to
-//! the output, named by the hash of its contents, so two workers that compute it concurrently
-//! either write the same table or two different ones of which the output's metadata names one.
+//! A plan is stored content-addressed as a small Lance table (`partition`, `centroid`, and
+//! `cell` when two-level, with the cell centroids in a table beside it) next to the output,
+//! named by the hash of its contents, so two workers that compute it concurrently either
+//! write the same table or two different ones of which the output's metadata names one.
 
-use super::search::{assign, centroid_ranks, exact_scan, Exclusion, TopK};
+use super::quantizer::{sample_offsets, Cells, Quantizer};
+use super::search::{centroid_ranks, exact_scan, Exclusion, TopK};
 use super::vectors::VectorTable;
 use crate::{IndexerError, Result};
 use arrow_array::cast::AsArray;
@@ -30,7 +35,7 @@ use futures::TryStreamExt;
 use lance::dataset::{WriteMode, WriteParams};
 use lance::Dataset;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
@@ -41,9 +46,15 @@ pub const IVF_MIN_ROWS: usize = 16_384;
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IvfConfig {
-    /// IVF partitions; 0: round(4 sqrt(rows)), or 1 (exact) below 16 384 rows.
+    /// IVF partitions; 0: the larger of 4·√rows and rows / 256, or 1 (exact) below 16 384
+    /// rows.
     #[serde(default)]
     pub partitions: usize,
+    /// Cells the partitions are grouped in (0: none, every query scores every centroid).
+    /// About √partitions cells make choosing the probes cheap on data with coarse
+    /// structure; the calibration picks how many cells a query looks in.
+    #[serde(default)]
+    pub cells: usize,
     /// Partitions each query probes; 0: the smallest that reaches `target_recall` on the
     /// calibration sample.
     #[serde(default)]
@@ -85,6 +96,7 @@ impl Default for IvfConfig {
     fn default() -> Self {
         Self {
             partitions: 0,
+            cells: 0,
             nprobe: 0,
             target_recall: default_target_recall(),
             calibration_queries: default_calibration_queries(),
@@ -104,122 +116,68 @@ pub struct Calibration {
     pub recall: f64,
     /// recall@k on the sample at a few `nprobe` values.
     pub recall_by_nprobe: Vec<(usize, f64)>,
+    /// Cells a query looks in, for a two-level plan.
+    #[serde(default)]
+    pub cell_probe: Option<usize>,
 }
 
 /// Centroids and probes.
 #[derive(Debug)]
 pub struct KnnPlan {
-    /// Unit-norm centroids [partitions, d], on the CPU.
-    pub centroids: Tensor,
+    /// The partitions (and their cells), on the CPU.
+    pub quantizer: Quantizer,
     /// Partitions each query probes.
     pub nprobe: usize,
     /// The calibration, when one ran.
     pub calibration: Option<Calibration>,
 }
 
-/// Partition of every row of a pinned table, in scan order (2 bytes a row); computed in the
+/// Partition of every row of a pinned table, in scan order (4 bytes a row); computed in the
 /// first full pass and reused by later passes of the same process.
 #[derive(Debug, Default)]
-pub struct RowPartitions(pub Vec<u16>);
-
-/// Most partitions a plan may have (row partitions are kept as u16).
-pub const MAX_PARTITIONS: usize = 65_536;
+pub struct RowPartitions(pub Vec<u32>);
 
 impl RowPartitions {
     /// Partitions of the `n` rows starting at scan position `at` (computing them from `emb`
     /// if not known yet).
-    pub fn get_or_assign(&mut self, at: usize, emb: &Tensor, centroids: &Tensor) -> Tensor {
+    pub fn get_or_assign(&mut self, at: usize, emb: &Tensor, quantizer: &Quantizer) -> Tensor {
         let n = emb.size()[0] as usize;
         if self.0.len() >= at + n {
             let known: Vec<i64> = self.0[at..at + n].iter().map(|&p| i64::from(p)).collect();
             return Tensor::from_slice(&known).to_device(emb.device());
         }
-        let parts = assign(emb, centroids);
+        let parts = quantizer.assign(emb);
         if self.0.len() == at {
             let v: Vec<i64> = Vec::try_from(&parts.to_device(Device::Cpu))
                 .expect("a 1-D int64 tensor converts to Vec<i64>");
-            self.0.extend(v.into_iter().map(|p| p as u16));
+            self.0.extend(v.into_iter().map(|p| p as u32));
         }
         parts
     }
 }
 
-/// A deterministic stream of pseudo-random numbers (SplitMix64).
-struct SplitMix(u64);
+/// Most rows the centroids are trained on (2M rows of d = 512 is 4 GiB).
+pub const MAX_TRAINING_ROWS: usize = 1 << 21;
 
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
-/// `count` distinct offsets in `0..n`, sorted, chosen by `seed` (Floyd's algorithm).
-pub fn sample_offsets(n: u64, count: u64, seed: u64) -> Vec<u64> {
-    let count = count.min(n);
-    let mut rng = SplitMix(seed ^ 0x6b6e_6e2d_6469_6666);
-    let mut chosen = HashSet::with_capacity(count as usize);
-    for j in (n - count)..n {
-        let t = rng.next() % (j + 1);
-        if !chosen.insert(t) {
-            chosen.insert(j);
-        }
-    }
-    let mut v: Vec<u64> = chosen.into_iter().collect();
-    v.sort_unstable();
-    v
-}
-
-/// Spherical k-means of the unit rows of `x` into `p` unit centroids.
-pub fn spherical_kmeans(x: &Tensor, p: i64, iterations: usize, seed: u64) -> Tensor {
-    let (n, d) = (x.size()[0], x.size()[1]);
-    let init: Vec<i64> = sample_offsets(n as u64, p as u64, seed)
-        .into_iter()
-        .map(|o| o as i64)
-        .collect();
-    let mut c = x.index_select(0, &Tensor::from_slice(&init).to_device(x.device()));
-    for _ in 0..iterations {
-        let a = assign(x, &c);
-        let mut sums = Tensor::zeros([p, d], (Kind::Float, x.device())).index_add(0, &a, x);
-        let counts = a.bincount::<Tensor>(None, p);
-        let empty = counts.eq(0).nonzero().view([-1]);
-        let n_empty = empty.size()[0];
-        if n_empty > 0 {
-            // Re-seed empty partitions with the rows least similar to their centroid.
-            let fit =
-                (x * c.index_select(0, &a)).sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
-            let worst = fit.topk(n_empty.min(n), 0, false, true).1;
-            let _ = sums.index_copy_(
-                0,
-                &empty.narrow(0, 0, worst.size()[0]),
-                &x.index_select(0, &worst),
-            );
-        }
-        let norm = sums
-            .norm_scalaropt_dim(2.0, [1], true)
-            .clamp_min(f64::from(f32::MIN_POSITIVE));
-        c = sums / norm;
-    }
-    c
-}
+/// Rows per partition the default plan aims at for large tables.
+pub const DEFAULT_PARTITION_ROWS: usize = 256;
 
 /// The default number of partitions for `rows` rows.
 pub fn default_partitions(rows: usize) -> usize {
     if rows < IVF_MIN_ROWS {
         1
     } else {
-        // faiss's guideline for IVF (4 to 16 sqrt(n) lists). Finer partitions follow the
-        // data's clusters more closely: on the 1M-row benchmark set, sqrt(n) partitions
-        // needed nprobe 12 for recall 0.995 and 4 sqrt(n) needed 1 (BENCHMARKS.md).
-        ((4.0 * (rows as f64).sqrt()).round() as usize).clamp(1, MAX_PARTITIONS.min(rows))
+        // faiss's guideline for IVF is 4 to 16 sqrt(n) lists, but a self-join over data whose
+        // clusters get finer as it grows needs partitions that keep their size: with 4 sqrt(n)
+        // partitions the 4M-row benchmark set needed nprobe 101, and 1M rows in 20,000
+        // clusters nprobe 59, against 2 at 2.5 clusters a partition (BENCHMARKS.md). The
+        // two-level quantizer keeps the probe choice cheap at that many partitions.
+        let sqrt = (4.0 * (rows as f64).sqrt()).round() as usize;
+        sqrt.max(rows / DEFAULT_PARTITION_ROWS).clamp(1, rows)
     }
 }
 
-/// Computes the plan for `table` (see the module docs); fills `partitions` with every row's
-/// partition as a side effect of the calibration pass.
+/// Computes the plan for `table` (see the module docs).
 pub async fn compute_plan(
     table: &VectorTable,
     cfg: &IvfConfig,
@@ -227,20 +185,19 @@ pub async fn compute_plan(
     exclusion: Exclusion,
     device: Device,
     db_block_rows: usize,
-    partitions_of_rows: &mut RowPartitions,
 ) -> Result<KnnPlan> {
     let n = table.rows;
     let p = match cfg.partitions {
         0 => default_partitions(n),
         p => p.min(n),
-    }
-    .min(MAX_PARTITIONS);
+    };
     let started = std::time::Instant::now();
     // Training sample, read in bounded chunks.
     let train_n = if p == 1 {
         n.min(4096)
     } else {
         n.min(p * cfg.samples_per_partition.max(1))
+            .min(MAX_TRAINING_ROWS.max(p))
     };
     let train = take_tensor(
         table,
@@ -248,18 +205,20 @@ pub async fn compute_plan(
         device,
     )
     .await?;
-    let centroids = if p == 1 {
+    let mut quantizer = if p == 1 {
         let mean = train.mean_dim([0i64].as_slice(), true, Kind::Float);
         let norm = mean.norm().clamp_min(f64::from(f32::MIN_POSITIVE));
-        mean / norm
+        Quantizer::flat(mean / norm)
     } else {
-        let (train, iters, seed) = (train, cfg.kmeans_iterations, cfg.seed);
-        tokio::task::spawn_blocking(move || spherical_kmeans(&train, p as i64, iters, seed))
+        let (train, iters, seed, cells) = (train, cfg.kmeans_iterations, cfg.seed, cfg.cells);
+        tokio::task::spawn_blocking(move || Quantizer::train(&train, p, cells, iters, seed))
             .await
             .map_err(|e| IndexerError::Internal(format!("k-means thread died: {e}")))?
     };
+    let p = quantizer.partitions();
     tracing::info!(
         partitions = p,
+        cells = quantizer.cells.as_ref().map_or(0, Cells::len),
         train_rows = train_n,
         elapsed_s = started.elapsed().as_secs_f64(),
         "IVF centroids trained"
@@ -273,14 +232,20 @@ pub async fn compute_plan(
                 reason: "with `calibration_queries = 0` nothing can choose nprobe; set it".into(),
             });
         }
+        if let Some(cells) = &mut quantizer.cells {
+            // Uncalibrated: look in as many cells as a flat probe of `nprobe` would need at
+            // most, which for small nprobe is a few.
+            cells.probe = (2 * cfg.nprobe).clamp(1, cells.len());
+        }
         return Ok(KnnPlan {
-            centroids: centroids.to_device(Device::Cpu),
+            quantizer: quantizer.to_device(Device::Cpu),
             nprobe: if p == 1 { 1 } else { cfg.nprobe.min(p) },
             calibration: None,
         });
     }
 
-    // Exact neighbours of the calibration sample, with their partitions.
+    // Exact neighbours of the calibration sample, with their row addresses; then the
+    // partitions of those neighbours (a few thousand rows, not the table).
     let started = std::time::Instant::now();
     let offsets = sample_offsets(n as u64, calibration_n as u64, cfg.seed.wrapping_add(1));
     let sample = table.take(&offsets).await?;
@@ -289,53 +254,85 @@ pub async fn compute_plan(
         top: TopK::new(q.size()[0], k as i64, device, true),
         q,
         q_ids,
-        centroids: centroids.shallow_clone(),
-        partitions: std::mem::take(partitions_of_rows),
-        at: 0,
         dim: table.dim,
         exclusion,
     };
     let state = table
         .scan_blocks(None, db_block_rows, state, |s, block| {
             let (rows, ids) = block.tensors(s.dim, s.q.device());
-            let parts = s.partitions.get_or_assign(s.at, &rows, &s.centroids);
-            s.at += block.len();
+            let addrs = block.addr_tensor(s.q.device());
             exact_scan(
                 &mut s.top,
                 &s.q,
                 &s.q_ids,
                 &rows,
                 &ids,
-                Some(&parts),
+                Some(&addrs),
                 s.exclusion,
             );
             Ok(())
         })
         .await?;
-    *partitions_of_rows = state.partitions;
-    let ranks = centroid_ranks(&state.q, &centroids);
     let found = state.top.sims.isfinite();
-    let aux = state.top.aux.expect("the calibration tracks partitions");
-    let needed = ranks
-        .gather(1, &aux.clamp_min(0), false)
-        .masked_select(&found)
-        .to_device(Device::Cpu);
-    let mut needed: Vec<i64> = Vec::try_from(&needed).expect("1-D int64");
-    needed.sort_unstable();
+    let addrs = state.top.aux.expect("the calibration tracks row addresses");
+    let aux = neighbour_partitions(table, &quantizer, &addrs, &found).await?;
+    // Per cell count tried (flat: one "count", all partitions), the probe rank each exact
+    // neighbour's partition needs, and the cost of a query at the nprobe that reaches the
+    // target: (cells, needed ranks sorted, nprobe, cost).
+    let per_row = table.rows as f64 / p as f64;
+    let cell_counts: Vec<usize> = match &quantizer.cells {
+        None => vec![0],
+        Some(c) => (0..)
+            .map(|e| 1usize << e)
+            .take_while(|&x| x < c.len())
+            .chain([c.len()])
+            .collect(),
+    };
+    let mut best: Option<(usize, Vec<i64>, usize, f64)> = None;
+    for cells in cell_counts {
+        let needed = neighbour_ranks(&quantizer, &state.q, &aux, cells)
+            .masked_select(&found)
+            .to_device(Device::Cpu);
+        let mut v: Vec<i64> = Vec::try_from(&needed).expect("1-D int64");
+        v.sort_unstable();
+        let recall = |np: usize| match v.is_empty() {
+            true => 1.0,
+            false => v.partition_point(|&r| (r as usize) < np) as f64 / v.len() as f64,
+        };
+        let nprobe = match cfg.nprobe {
+            0 => match v.is_empty() {
+                true => 1,
+                false => {
+                    let at = ((cfg.target_recall.clamp(0.0, 1.0) * v.len() as f64).ceil() as usize)
+                        .clamp(1, v.len());
+                    v[at - 1] as usize + 1
+                }
+            },
+            np => np,
+        };
+        let last = quantizer.cells.as_ref().map_or(0, Cells::len);
+        if nprobe > p || (cells < last && recall(nprobe) < cfg.target_recall) {
+            continue; // the target is out of reach looking in this few cells
+        }
+        let cost = match &quantizer.cells {
+            None => p as f64 + nprobe as f64 * per_row,
+            Some(c) => {
+                c.len() as f64 + cells as f64 * p as f64 / c.len() as f64 + nprobe as f64 * per_row
+            }
+        };
+        if best.as_ref().is_none_or(|b| cost < b.3) {
+            best = Some((cells, v, nprobe, cost));
+        }
+    }
+    let (cells, needed, nprobe, _) = best.expect("looking in every cell reaches any target");
+    if let Some(c) = &mut quantizer.cells {
+        c.probe = cells;
+    }
     let recall_at = |nprobe: usize| -> f64 {
         if needed.is_empty() {
             return 1.0;
         }
         needed.partition_point(|&r| (r as usize) < nprobe) as f64 / needed.len() as f64
-    };
-    let nprobe = match cfg.nprobe {
-        0 if needed.is_empty() => 1,
-        0 => {
-            let at = ((cfg.target_recall.clamp(0.0, 1.0) * needed.len() as f64).ceil() as usize)
-                .clamp(1, needed.len());
-            (needed[at - 1] as usize + 1).min(p)
-        }
-        np => np.min(p),
     };
     let mut table_points: Vec<usize> = [1usize, 2, 4, 8, 16, 32, 64, 128, 256]
         .into_iter()
@@ -351,30 +348,108 @@ pub async fn compute_plan(
             .into_iter()
             .map(|np| (np, recall_at(np)))
             .collect(),
+        cell_probe: quantizer.cells.as_ref().map(|c| c.probe),
     };
     tracing::info!(
         nprobe,
         partitions = p,
+        cell_probe = calibration.cell_probe,
         sample_recall = calibration.recall,
         elapsed_s = started.elapsed().as_secs_f64(),
         "nprobe calibrated"
     );
     Ok(KnnPlan {
-        centroids: centroids.to_device(Device::Cpu),
+        quantizer: quantizer.to_device(Device::Cpu),
         nprobe,
         calibration: Some(calibration),
     })
+}
+
+/// For queries `q` [m, d] and the partition of each of their neighbours `parts` [m, k] (−1:
+/// no neighbour), the rank among the query's probes of each neighbour's partition when the
+/// query looks in its `cells` most similar cells (all partitions for a flat quantizer): the
+/// smallest `nprobe` that finds the neighbour is the rank + 1. A partition outside those
+/// cells gets `i64::MAX / 2`.
+fn neighbour_ranks(quantizer: &Quantizer, q: &Tensor, parts: &Tensor, cells: usize) -> Tensor {
+    const CHUNK: i64 = 32;
+    let device = q.device();
+    let centroids = quantizer.centroids.to_device(device);
+    let cell_of = quantizer
+        .cells
+        .as_ref()
+        .map(|c| (c.centroids.to_device(device), c.of_partition(device)));
+    let m = q.size()[0];
+    let mut out = Vec::new();
+    for start in (0..m).step_by(CHUNK as usize) {
+        let len = CHUNK.min(m - start);
+        let q = q.narrow(0, start, len);
+        let parts = parts.narrow(0, start, len).clamp_min(0);
+        let scores = q.matmul(&centroids.tr());
+        let mine = scores.gather(1, &parts, false);
+        let better = scores.unsqueeze(1).gt_tensor(&mine.unsqueeze(2));
+        let ranks = match &cell_of {
+            None => better.sum_dim_intlist([2i64].as_slice(), false, Kind::Int64),
+            Some((cell_centroids, of_partition)) => {
+                let open = centroid_ranks(&q, cell_centroids)
+                    .index_select(1, of_partition)
+                    .lt(cells as i64);
+                let ranks = better.logical_and(&open.unsqueeze(1)).sum_dim_intlist(
+                    [2i64].as_slice(),
+                    false,
+                    Kind::Int64,
+                );
+                let reachable = open.gather(1, &parts, false);
+                ranks.masked_fill(&reachable.logical_not(), i64::MAX / 2)
+            }
+        };
+        out.push(ranks);
+    }
+    Tensor::cat(&out, 0)
 }
 
 struct CalibrationPass {
     top: TopK,
     q: Tensor,
     q_ids: Tensor,
-    centroids: Tensor,
-    partitions: RowPartitions,
-    at: usize,
     dim: usize,
     exclusion: Exclusion,
+}
+
+/// The partition of each neighbour at row address `addrs` [m, k] (where `found`), −1 where
+/// none: the rows are read by address and assigned.
+async fn neighbour_partitions(
+    table: &VectorTable,
+    quantizer: &Quantizer,
+    addrs: &Tensor,
+    found: &Tensor,
+) -> Result<Tensor> {
+    let device = addrs.device();
+    let flat: Vec<i64> =
+        Vec::try_from(&addrs.masked_select(found).to_device(Device::Cpu)).expect("1-D int64");
+    let mut unique: Vec<u64> = flat.iter().map(|&a| a as u64).collect();
+    unique.sort_unstable();
+    unique.dedup();
+    let mut parts = Vec::with_capacity(unique.len());
+    for chunk in unique.chunks(65_536) {
+        let block = table.take_addresses(chunk).await?;
+        let (emb, _) = block.tensors(table.dim, device);
+        let p: Vec<i64> =
+            Vec::try_from(&quantizer.assign(&emb).to_device(Device::Cpu)).expect("1-D int64");
+        parts.extend(p);
+    }
+    let all: Vec<i64> =
+        Vec::try_from(&addrs.reshape([-1]).to_device(Device::Cpu)).expect("1-D int64");
+    let mapped: Vec<i64> = all
+        .iter()
+        .map(|&a| match unique.binary_search(&(a as u64)) {
+            Ok(i) => parts[i],
+            Err(_) => -1,
+        })
+        .collect();
+    Ok(Tensor::from_slice(&mapped)
+        .view([addrs.size()[0], addrs.size()[1]])
+        .to_device(device)
+        .masked_fill(&found.logical_not(), -1))
 }
 
 /// Reads the rows at `offsets` as one normalised tensor [n, d] on `device`.
@@ -389,23 +464,43 @@ async fn take_tensor(table: &VectorTable, offsets: &[u64], device: Device) -> Re
 
 const PLAN_NPROBE: &str = "knn.nprobe";
 const PLAN_CALIBRATION: &str = "knn.calibration";
+const PLAN_CELLS: &str = "knn.cells";
+
+/// How a two-level plan's queries and rows look in its cells (schema metadata `knn.cells`).
+#[derive(Serialize, Deserialize)]
+struct CellProbes {
+    probe: usize,
+    assign_probe: usize,
+}
+
+fn f32s(t: &Tensor) -> Vec<f32> {
+    Vec::try_from(&t.contiguous().view([-1])).expect("f32 centroids convert to Vec<f32>")
+}
 
 impl KnnPlan {
     /// Number of partitions.
     pub fn partitions(&self) -> usize {
-        self.centroids.size()[0] as usize
+        self.quantizer.partitions()
     }
 
-    /// Content hash (hex, 16 digits) of the centroids and nprobe.
+    /// Content hash (hex, 16 digits) of the centroids, cells and nprobe.
     pub fn sha(&self) -> String {
         use sha2::Digest;
-        let flat: Vec<f32> = Vec::try_from(&self.centroids.contiguous().view([-1]))
-            .expect("f32 centroids convert to Vec<f32>");
         let mut h = sha2::Sha256::new();
-        for v in flat {
+        for v in f32s(&self.quantizer.centroids) {
             h.update(v.to_le_bytes());
         }
         h.update((self.nprobe as u64).to_le_bytes());
+        if let Some(c) = &self.quantizer.cells {
+            for v in f32s(&c.centroids) {
+                h.update(v.to_le_bytes());
+            }
+            for &s in &c.starts {
+                h.update(s.to_le_bytes());
+            }
+            h.update((c.probe as u64).to_le_bytes());
+            h.update((c.assign_probe as u64).to_le_bytes());
+        }
         h.finalize()
             .iter()
             .take(8)
@@ -413,13 +508,10 @@ impl KnnPlan {
             .collect()
     }
 
-    /// Writes the plan as a Lance table at `uri` (an existing one there is the same plan,
-    /// since the name carries the content hash).
+    /// Writes the plan as a Lance table at `uri`, with a two-level plan's cell centroids in
+    /// the table [`cells_uri`] beside it, written first (an existing one there is the same
+    /// plan, since the name carries the content hash).
     pub async fn save(&self, uri: &str, storage: &HashMap<String, String>) -> Result<()> {
-        let (p, d) = (self.centroids.size()[0], self.centroids.size()[1]);
-        let flat: Vec<f32> = Vec::try_from(&self.centroids.contiguous().view([-1]))
-            .expect("f32 centroids convert to Vec<f32>");
-        let item = Arc::new(Field::new("item", DataType::Float32, true));
         let mut meta = HashMap::from([(PLAN_NPROBE.to_string(), self.nprobe.to_string())]);
         if let Some(c) = &self.calibration {
             meta.insert(
@@ -427,54 +519,33 @@ impl KnnPlan {
                 serde_json::to_string(c).expect("calibration serialises"),
             );
         }
-        let schema = Arc::new(
-            Schema::new(vec![
-                Field::new("partition", DataType::UInt32, false),
-                Field::new(
-                    "centroid",
-                    DataType::FixedSizeList(item.clone(), d as i32),
-                    false,
-                ),
-            ])
-            .with_metadata(meta),
-        );
-        let batch = RecordBatch::try_new(
-            schema.clone(),
-            vec![
-                Arc::new(UInt32Array::from_iter_values(0..p as u32)),
-                Arc::new(FixedSizeListArray::new(
-                    item,
-                    d as i32,
-                    Arc::new(Float32Array::from(flat)),
-                    None,
-                )),
-            ],
-        )
-        .map_err(|e| IndexerError::Internal(format!("plan batch: {e}")))?;
-        let params = WriteParams {
-            mode: WriteMode::Create,
-            store_params: Some(crate::table::store_params(storage)),
-            ..Default::default()
-        };
-        let reader = RecordBatchIterator::new(vec![Ok(batch)], schema);
-        match Dataset::write(reader, uri, Some(params)).await {
-            Ok(_) => Ok(()),
-            Err(lance::Error::DatasetAlreadyExists { .. }) => Ok(()),
-            Err(e) => Err(IndexerError::lance(uri, e)),
+        let mut cell_of = None;
+        if let Some(c) = &self.quantizer.cells {
+            write_centroids(&cells_uri(uri), &c.centroids, None, HashMap::new(), storage).await?;
+            let probes = CellProbes {
+                probe: c.probe,
+                assign_probe: c.assign_probe,
+            };
+            meta.insert(
+                PLAN_CELLS.into(),
+                serde_json::to_string(&probes).expect("cell probes serialise"),
+            );
+            let of: Vec<i64> = Vec::try_from(&c.of_partition(Device::Cpu)).expect("1-D int64");
+            cell_of = Some(UInt32Array::from_iter_values(
+                of.into_iter().map(|j| j as u32),
+            ));
         }
+        write_centroids(uri, &self.quantizer.centroids, cell_of, meta, storage).await
     }
 
     /// Reads a plan written by [`KnnPlan::save`].
     pub async fn load(uri: &str, storage: &HashMap<String, String>) -> Result<Self> {
-        let ds = crate::table::load_dataset(uri, storage, None)
-            .await
-            .map_err(|e| IndexerError::lance(uri, e))?;
-        let meta = ds.schema().metadata.clone();
         let bad = |reason: String| IndexerError::BadRow {
             table: uri.to_string(),
             id: 0,
             reason,
         };
+        let (centroids, cell_of, meta) = read_centroids(uri, storage).await?;
         let nprobe: usize = meta
             .get(PLAN_NPROBE)
             .and_then(|v| v.parse().ok())
@@ -484,67 +555,148 @@ impl KnnPlan {
             .map(|c| serde_json::from_str(c))
             .transpose()
             .map_err(|e| bad(format!("plan metadata `{PLAN_CALIBRATION}`: {e}")))?;
-        let batches: Vec<RecordBatch> = ds
-            .scan()
-            .try_into_stream()
-            .await
-            .map_err(|e| IndexerError::lance(uri, e))?
-            .try_collect()
-            .await
-            .map_err(|e| IndexerError::lance(uri, e))?;
-        let mut rows: Vec<(u32, Vec<f32>)> = Vec::new();
-        for b in &batches {
-            let part = b.column(0).as_primitive::<UInt32Type>();
-            let cent = b.column(1).as_fixed_size_list();
-            for i in 0..b.num_rows() {
-                let v = cent.value(i);
-                rows.push((
-                    part.value(i),
-                    v.as_primitive::<Float32Type>().values().to_vec(),
-                ));
+        let cells = match meta.get(PLAN_CELLS) {
+            None => None,
+            Some(json) => {
+                let probes: CellProbes = serde_json::from_str(json)
+                    .map_err(|e| bad(format!("plan metadata `{PLAN_CELLS}`: {e}")))?;
+                let (cell_centroids, _, _) = read_centroids(&cells_uri(uri), storage).await?;
+                let cell_of = cell_of
+                    .ok_or_else(|| bad("a two-level plan without its `cell` column".into()))?;
+                let c = cell_centroids.size()[0] as usize;
+                let mut starts = vec![0i64; c + 1];
+                for (i, w) in cell_of.windows(2).enumerate() {
+                    if w[1] < w[0] {
+                        return Err(bad(format!(
+                            "partition {} is out of its cell's order",
+                            i + 1
+                        )));
+                    }
+                }
+                for &j in &cell_of {
+                    let j = j as usize;
+                    if j >= c {
+                        return Err(bad(format!("cell {j} of {c} is not in the cells table")));
+                    }
+                    starts[j + 1] += 1;
+                }
+                for j in 0..c {
+                    starts[j + 1] += starts[j];
+                }
+                Some(Cells {
+                    centroids: cell_centroids,
+                    starts,
+                    probe: probes.probe,
+                    assign_probe: probes.assign_probe,
+                })
             }
-        }
-        rows.sort_by_key(|r| r.0);
-        let d = rows.first().map(|r| r.1.len()).unwrap_or(0) as i64;
-        let flat: Vec<f32> = rows.into_iter().flat_map(|r| r.1).collect();
-        let p = if d == 0 { 0 } else { flat.len() as i64 / d };
-        if p == 0 {
-            return Err(bad("the plan has no centroids".into()));
-        }
+        };
         Ok(Self {
-            centroids: Tensor::from_slice(&flat).view([p, d]),
+            quantizer: Quantizer { centroids, cells },
             nprobe,
             calibration,
         })
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Where a two-level plan at `plan_uri` keeps its cell centroids.
+pub fn cells_uri(plan_uri: &str) -> String {
+    crate::table::sibling_uri(plan_uri, "cells")
+}
 
-    #[test]
-    fn sample_offsets_are_distinct_sorted_and_seeded() {
-        let a = sample_offsets(1000, 100, 7);
-        assert_eq!(a.len(), 100);
-        assert!(a.windows(2).all(|w| w[0] < w[1]));
-        assert!(a.iter().all(|&x| x < 1000));
-        assert_eq!(a, sample_offsets(1000, 100, 7));
-        assert_ne!(a, sample_offsets(1000, 100, 8));
-        assert_eq!(sample_offsets(5, 10, 0), vec![0, 1, 2, 3, 4]);
+/// Writes `centroids` [p, d] as a Lance table (`partition`, `centroid`, and `cell` when
+/// given) with schema metadata `meta`; a table already there is the same content.
+async fn write_centroids(
+    uri: &str,
+    centroids: &Tensor,
+    cell_of: Option<UInt32Array>,
+    meta: HashMap<String, String>,
+    storage: &HashMap<String, String>,
+) -> Result<()> {
+    let (p, d) = (centroids.size()[0], centroids.size()[1]);
+    let item = Arc::new(Field::new("item", DataType::Float32, true));
+    let mut fields = vec![
+        Field::new("partition", DataType::UInt32, false),
+        Field::new(
+            "centroid",
+            DataType::FixedSizeList(item.clone(), d as i32),
+            false,
+        ),
+    ];
+    let mut columns: Vec<arrow_array::ArrayRef> = vec![
+        Arc::new(UInt32Array::from_iter_values(0..p as u32)),
+        Arc::new(FixedSizeListArray::new(
+            item,
+            d as i32,
+            Arc::new(Float32Array::from(f32s(centroids))),
+            None,
+        )),
+    ];
+    if let Some(c) = cell_of {
+        fields.push(Field::new("cell", DataType::UInt32, false));
+        columns.push(Arc::new(c));
     }
+    let schema = Arc::new(Schema::new(fields).with_metadata(meta));
+    let batch = RecordBatch::try_new(schema.clone(), columns)
+        .map_err(|e| IndexerError::Internal(format!("plan batch: {e}")))?;
+    let params = WriteParams {
+        mode: WriteMode::Create,
+        store_params: Some(crate::table::store_params(storage)),
+        ..Default::default()
+    };
+    let reader = RecordBatchIterator::new(vec![Ok(batch)], schema);
+    match Dataset::write(reader, uri, Some(params)).await {
+        Ok(_) => Ok(()),
+        Err(lance::Error::DatasetAlreadyExists { .. }) => Ok(()),
+        Err(e) => Err(IndexerError::lance(uri, e)),
+    }
+}
 
-    #[test]
-    fn kmeans_finds_separated_clusters() {
-        // Four tight clusters around the axes of R^4.
-        tch::manual_seed(0);
-        let centres = Tensor::eye(4, (Kind::Float, Device::Cpu));
-        let x =
-            centres.repeat([50, 1]) + Tensor::randn([200, 4], (Kind::Float, Device::Cpu)) * 0.01;
-        let x = &x / x.norm_scalaropt_dim(2.0, [1], true);
-        let c = spherical_kmeans(&x, 4, 10, 3);
-        // Every true centre has a centroid within cosine 0.99.
-        let best = centres.matmul(&c.tr()).amax([1i64].as_slice(), false);
-        assert!(best.min().double_value(&[]) > 0.99, "{best}");
+/// Reads a table written by [`write_centroids`]: the centroids [p, d] in partition order,
+/// each partition's cell when the table has them, and the schema metadata.
+async fn read_centroids(
+    uri: &str,
+    storage: &HashMap<String, String>,
+) -> Result<(Tensor, Option<Vec<u32>>, HashMap<String, String>)> {
+    let ds = crate::table::load_dataset(uri, storage, None)
+        .await
+        .map_err(|e| IndexerError::lance(uri, e))?;
+    let meta = ds.schema().metadata.clone();
+    let batches: Vec<RecordBatch> = ds
+        .scan()
+        .try_into_stream()
+        .await
+        .map_err(|e| IndexerError::lance(uri, e))?
+        .try_collect()
+        .await
+        .map_err(|e| IndexerError::lance(uri, e))?;
+    let mut rows: Vec<(u32, Vec<f32>, Option<u32>)> = Vec::new();
+    for b in &batches {
+        let part = b.column(0).as_primitive::<UInt32Type>();
+        let cent = b.column(1).as_fixed_size_list();
+        let cell = b
+            .column_by_name("cell")
+            .map(|c| c.as_primitive::<UInt32Type>().clone());
+        for i in 0..b.num_rows() {
+            let v = cent.value(i);
+            rows.push((
+                part.value(i),
+                v.as_primitive::<Float32Type>().values().to_vec(),
+                cell.as_ref().map(|c| c.value(i)),
+            ));
+        }
     }
+    rows.sort_by_key(|r| r.0);
+    let d = rows.first().map(|r| r.1.len()).unwrap_or(0) as i64;
+    let cells: Option<Vec<u32>> = rows.iter().map(|r| r.2).collect();
+    let flat: Vec<f32> = rows.into_iter().flat_map(|r| r.1).collect();
+    let p = if d == 0 { 0 } else { flat.len() as i64 / d };
+    if p == 0 {
+        return Err(IndexerError::BadRow {
+            table: uri.to_string(),
+            id: 0,
+            reason: "the plan has no centroids".into(),
+        });
+    }
+    Ok((Tensor::from_slice(&flat).view([p, d]), cells, meta))
 }

@@ -6,17 +6,23 @@
 //! pinned version of the embeddings table
 //!   └─ plan (once per output; stored): IVF centroids + calibrated nprobe   [plan.rs]
 //!   └─ shards = id ranges of the u64 id space, round-robin over workers
-//!        └─ per shard: query rows in blocks of `query_block_rows`
-//!             └─ one pass over the whole table in blocks of `db_block_rows`:
-//!                  GEMM of each partition's queries x rows, running top-k   [search.rs]
+//!   └─ the table's rows held in memory, grouped by partition, when they fit
+//!      `memory_mib`   [resident.rs]
+//!   └─ shards = id ranges of the u64 id space, round-robin over workers
+//!        └─ per shard: query rows in blocks of `query_block_rows`, each query's probes
+//!           picked once   [quantizer.rs]
+//!             └─ resident: GEMM of each probed partition's queries x its rows;
+//!                otherwise one pass over the whole table in blocks of `db_block_rows`,
+//!                the same per database block; running top-k   [search.rs]
 //!             └─ rows → uncommitted fragments → one commit carrying the shard id
 //! ```
-//! Memory is set by `query_block_rows` and `db_block_rows` (about
-//! `(2 * query_block_rows + 3 * db_block_rows) * d * 4` bytes: the query vectors, their
-//! candidate slots (capped at the vectors' size by shrinking the block), and a database block
-//! being read while the previous one, and its partition-sorted copy, are searched), not by
-//! the table size; every row's partition is kept (2 bytes a row) so later passes do not
-//! recompute it.
+//! Memory: resident, `(4 d + 16)` bytes a database row, twice that while it is loaded, and
+//! the search holds it only when that fits in half of `memory_mib`. Otherwise memory is set
+//! by `query_block_rows` and `db_block_rows` (about `(2 * query_block_rows + 3 *
+//! db_block_rows) * d * 4` bytes: the query vectors, their candidate slots (capped at the
+//! vectors' size by shrinking the block), and a database block being read while the
+//! previous one, and its partition-sorted copy, are searched), not by the table size. Either
+//! way every row's partition is kept (4 bytes a row) so later passes do not recompute it.
 //!
 //! Exactly once and resumable like embed: a shard is visible in one commit, and the table's
 //! [`crate::ledger`] refuses a second commit of it. The output records the embeddings table's
@@ -24,11 +30,13 @@
 //! stay reproducible while the embeddings table grows.
 
 use super::plan::{compute_plan, Calibration, IvfConfig, KnnPlan, RowPartitions};
+use super::quantizer::Quantizer;
+use super::resident::{bytes_per_row, ResidentRows};
 use super::search::{Exclusion, IvfQueries, TopK, NO_NEIGHBOUR};
 use super::vectors::VectorTable;
 use crate::clip::DeviceChoice;
 use crate::embed::peak_rss_mib;
-use crate::table::{load_dataset, sibling_uri, ShardWriter, ShardedTable};
+use crate::table::{load_dataset, pin_version, reader_tag, sibling_uri, ShardWriter, ShardedTable};
 use crate::{IndexerError, Result};
 use arrow_array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, UInt64Array};
 use arrow_buffer::NullBuffer;
@@ -66,6 +74,16 @@ pub struct KnnComputeConfig {
     /// Stop after this many shards (0: no limit); for trials.
     #[serde(default)]
     pub max_shards: usize,
+    /// Memory (MiB) the search may use. It holds the table's rows in memory, grouped by
+    /// partition, when they take at most half of this (4·d + 16 bytes a row: d = 512 is
+    /// 2 KiB a row, so 8 GiB holds 2M rows); a larger table is searched in one pass over it
+    /// per query block, in bounded memory, which is slower.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: usize,
+}
+
+fn default_memory_mib() -> usize {
+    8192
 }
 
 fn default_query_block_rows() -> usize {
@@ -83,6 +101,7 @@ impl Default for KnnComputeConfig {
             db_block_rows: default_db_block_rows(),
             shards: 0,
             max_shards: 0,
+            memory_mib: default_memory_mib(),
         }
     }
 }
@@ -308,6 +327,11 @@ pub struct KnnSummary {
     pub device: String,
     /// Peak resident memory, MiB.
     pub peak_rss_mib: Option<f64>,
+    /// Memory budget (`knn.compute.memory_mib`).
+    pub memory_mib: usize,
+    /// MiB of database rows the search held in memory (`None`: it passed over the table
+    /// once per query block instead).
+    pub resident_mib: Option<f64>,
 }
 
 impl KnnSummary {
@@ -340,8 +364,12 @@ impl fmt::Display for KnnSummary {
             )?;
             writeln!(
                 f,
-                "  plan: {} partitions, nprobe {}{}",
+                "  plan: {} partitions{}, nprobe {}{}",
                 m.partitions,
+                match m.calibration.as_ref().and_then(|c| c.cell_probe) {
+                    Some(c) => format!(" in cells (queries look in {c})"),
+                    None => String::new(),
+                },
                 m.nprobe,
                 match &m.calibration {
                     Some(c) => format!(
@@ -363,6 +391,20 @@ impl fmt::Display for KnnSummary {
             "  rows: {} written, {} with fewer than k neighbours",
             self.queries, self.short_rows
         )?;
+        match self.resident_mib {
+            Some(r) => writeln!(
+                f,
+                "  search: table held in memory ({r:.0} MiB; budget {} MiB)",
+                self.memory_mib
+            )?,
+            None if self.queries > 0 => writeln!(
+                f,
+                "  search: one pass over the table per query block (it does not fit in half \
+                 of the {} MiB budget, knn.compute.memory_mib)",
+                self.memory_mib
+            )?,
+            None => {}
+        }
         write!(
             f,
             "  time: {:.1} s ({:.1} s plan), {:.0} rows/s{}",
@@ -404,61 +446,20 @@ pub async fn existing_meta(
 
 /// Name of the tag that keeps the embeddings version a kNN output was made from: the output
 /// reads rows by their address in that version, so a clean-up of the embeddings table
-/// (`[storage.tables]` upkeep, `knn-diffusion gc`) must not remove it. Lance's clean-up
-/// keeps tagged versions. One tag per output, named after its last path part and a hash of
-/// its URI.
+/// (`[storage.tables]` upkeep, `knn-diffusion gc`) must not remove it.
 pub fn source_tag(output: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let name: String = output
-        .trim_end_matches('/')
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let sha = Sha256::digest(output.trim_end_matches('/').as_bytes());
-    format!(
-        "knn-{name}-{:x}",
-        u32::from_be_bytes([sha[0], sha[1], sha[2], sha[3]])
-    )
+    reader_tag("knn", output)
 }
 
-/// Tags the version of `source` that the output `output` is made from (see [`source_tag`]),
-/// or moves the tag there when it names another version (the output was made again). A
-/// table this run cannot tag (read-only storage) gets a warning: the run goes on, and the
-/// warning says what a clean-up could then break.
+/// Tags the version of `source` that the output `output` is made from (see [`source_tag`]).
 async fn pin_source_version(source: &VectorTable, output: &str) {
-    let tag = source_tag(output);
-    let version = source.version();
-    let tags = source.ds.tags();
-    let pinned = match tags.create(&tag, version).await {
-        Ok(()) => Ok(()),
-        Err(lance::Error::RefConflict { .. }) => match tags.get_version(&tag).await {
-            Ok(v) if v == version => Ok(()),
-            Ok(_) => tags.update(&tag, version).await,
-            Err(e) => Err(e),
-        },
-        Err(e) => Err(e),
-    };
-    match pinned {
-        Ok(()) => tracing::debug!(table = %source.uri, version, tag, "source version tagged"),
-        Err(e) => tracing::warn!(
-            table = %source.uri,
-            version,
-            tag,
-            error = %e,
-            "cannot tag the embeddings version this kNN table is made from; a clean-up of \
-             that table (upkeep or `knn-diffusion gc`) may remove it, and training would then \
-             have to run precompute-knn again"
-        ),
-    }
+    pin_version(
+        &source.ds,
+        &source.uri,
+        &source_tag(output),
+        "training would then have to run precompute-knn again",
+    )
+    .await;
 }
 
 /// Checks that this run's config agrees with what an existing output was made with.
@@ -536,7 +537,6 @@ async fn prepare(
     cfg: &KnnConfig,
     storage: &HashMap<String, String>,
     device: Device,
-    partitions: &mut RowPartitions,
 ) -> Result<Prepared> {
     let output = cfg.output_uri()?;
     if let Some(m) = existing_meta(&output, storage).await? {
@@ -577,7 +577,6 @@ async fn prepare(
         cfg.exclusion(),
         device,
         cfg.compute.db_block_rows,
-        partitions,
     )
     .await?;
     let sha = plan.sha();
@@ -609,11 +608,9 @@ async fn prepare(
             source,
             plan_s: started.elapsed().as_secs_f64(),
         }),
-        // Another worker created the output first, with its own plan: adopt that one (the
-        // row partitions computed here belong to this run's plan).
+        // Another worker created the output first, with its own plan: adopt that one.
         Err(IndexerError::SchemaMismatch { .. }) => {
             tracing::info!("another worker created the kNN output first; using its plan");
-            *partitions = RowPartitions::default();
             let m = existing_meta(&output, storage).await?.ok_or_else(|| {
                 IndexerError::Internal(format!(
                     "kNN output `{output}` vanished while it was being created"
@@ -668,8 +665,7 @@ pub async fn precompute_knn(
         })?;
     let upkeep = &storage.tables;
     let storage = storage.to_lance_options();
-    let mut partitions = RowPartitions::default();
-    let prepared = prepare(cfg, &storage, device, &mut partitions).await?;
+    let prepared = prepare(cfg, &storage, device).await?;
     let Prepared {
         table,
         meta,
@@ -714,87 +710,58 @@ pub async fn precompute_knn(
         (meta.source_rows as u64 * todo.len() as u64).div_ceil(meta.shards as u64),
         Ordering::Relaxed,
     );
-    let centroids = plan.centroids.to_device(device);
     let schema = knn_schema(meta.k, &meta);
     let query_rows =
         effective_query_rows(cfg.compute.query_block_rows, meta.dim, plan.nprobe, meta.k);
+    let quantizer = plan.quantizer.to_device(device);
+    // Hold the rows when they fit: read once, instead of once per query block.
+    let resident_bytes = meta.source_rows as u64 * bytes_per_row(meta.dim, plan.nprobe);
+    summary.memory_mib = cfg.compute.memory_mib;
+    let mut search = Search {
+        quantizer: Some(quantizer),
+        partitions: RowPartitions::default(),
+        resident: None,
+    };
+    if !todo.is_empty() && resident_bytes <= (cfg.compute.memory_mib as u64) << 19 {
+        let loading = Instant::now();
+        let q = search.quantizer.as_ref().expect("set above");
+        let rows = ResidentRows::load(
+            &source,
+            q,
+            plan.nprobe as i64,
+            cfg.compute.db_block_rows,
+            device,
+        )
+        .await?;
+        let mib = resident_bytes as f64 / 1048576.0;
+        tracing::info!(
+            rows = rows.len(),
+            mib,
+            elapsed_s = loading.elapsed().as_secs_f64(),
+            "table held in memory, grouped by partition"
+        );
+        summary.resident_mib = Some(mib);
+        search.resident = Some(rows);
+    }
+    let ctx = ShardContext {
+        cfg,
+        meta: &meta,
+        schema: &schema,
+        source: &source,
+        nprobe: plan.nprobe as i64,
+        query_rows,
+        progress: &progress,
+    };
     for s in todo {
         let name = shard_name(s, meta.shards);
         let ds = Arc::new(table.open().await?);
         let mut writer = ShardWriter::new(&table, ds.clone());
-        let mut queries = source
-            .blocks(
-                Some(shard_range(s, meta.shards, meta.id_min, meta.id_max)),
-                query_rows,
-                false,
-            )
-            .await?;
-        let mut rows = 0u64;
-        while let Some(block) = queries.next().await {
-            let mut block = block?;
-            let n = block.len() as u64;
-            let pass_started = Instant::now();
-            let (q, q_ids) = block.tensors(source.dim, device);
-            let q_addrs = std::mem::take(&mut block.addrs);
-            let held: std::collections::HashSet<u64> = block
-                .ids
-                .iter()
-                .zip(&block.holdout)
-                .filter(|(_, h)| **h)
-                .map(|(id, _)| *id)
-                .collect();
-            drop(block);
-            let pass = SearchPass {
-                top: TopK::new(q.size()[0], meta.k as i64, device, true),
-                queries: {
-                    let c = centroids.shallow_clone();
-                    let nprobe = plan.nprobe as i64;
-                    tokio::task::spawn_blocking(move || IvfQueries::new(q, q_ids, &c, nprobe))
-                        .await
-                        .map_err(|e| IndexerError::Internal(format!("probe thread died: {e}")))?
-                },
-                centroids: centroids.shallow_clone(),
-                partitions: std::mem::take(&mut partitions),
-                at: 0,
-                dim: source.dim,
-                exclusion: cfg.exclusion(),
-                busy_s: 0.0,
-            };
-            let mut pass = source
-                .scan_blocks(None, cfg.compute.db_block_rows, pass, |p, block| {
-                    let started = Instant::now();
-                    let (emb, ids) = block.tensors(p.dim, p.centroids.device());
-                    let addrs = block.addr_tensor(p.centroids.device());
-                    let parts = p.partitions.get_or_assign(p.at, &emb, &p.centroids);
-                    p.at += block.len();
-                    p.queries
-                        .scan(&mut p.top, &emb, &ids, Some(&addrs), &parts, p.exclusion);
-                    p.busy_s += started.elapsed().as_secs_f64();
-                    Ok(())
-                })
-                .await?;
-            tracing::info!(
-                shard = %name,
-                queries = n,
-                pass_s = pass_started.elapsed().as_secs_f64(),
-                compute_s = pass.busy_s,
-                "query block searched"
-            );
-            partitions = std::mem::take(&mut pass.partitions);
-            summary.short_rows += pass.top.finish() as u64;
-            writer
-                .write(output_batch(
-                    &schema,
-                    &pass.queries.ids,
-                    &q_addrs,
-                    &pass.top,
-                    meta.k,
-                    &held,
-                )?)
-                .await?;
-            rows += n;
-            progress.queries_done.fetch_add(n, Ordering::Relaxed);
-        }
+        let range = shard_range(s, meta.shards, meta.id_min, meta.id_max);
+        let (rows, short) = match &search.resident {
+            Some(r) => search_resident(&ctx, r, range, &name, &mut writer).await?,
+            None => search_streamed(&ctx, &mut search, range, &name, &mut writer).await?,
+        };
+        summary.short_rows += short;
         let txn = writer.finish().await?;
         if table.commit_shard(ds, &name, txn).await? {
             summary.shards_committed += 1;
@@ -809,6 +776,164 @@ pub async fn precompute_knn(
     summary.elapsed_s = started.elapsed().as_secs_f64();
     summary.peak_rss_mib = peak_rss_mib();
     Ok(summary)
+}
+
+/// What every shard's search reads.
+struct ShardContext<'a> {
+    cfg: &'a KnnConfig,
+    meta: &'a KnnOutputMeta,
+    schema: &'a SchemaRef,
+    source: &'a VectorTable,
+    nprobe: i64,
+    query_rows: usize,
+    progress: &'a KnnProgress,
+}
+
+/// What the search keeps between shards: the quantizer, every row's partition once a pass
+/// has computed it, and the rows themselves when they fit in memory.
+struct Search {
+    /// Moved to the compute thread during a streamed pass, and back.
+    quantizer: Option<Quantizer>,
+    partitions: RowPartitions,
+    resident: Option<ResidentRows>,
+}
+
+/// Searches the rows of one shard (ids in `range`) against the rows held in memory, writing
+/// them to `writer`: (rows written, rows with fewer than k neighbours).
+async fn search_resident(
+    ctx: &ShardContext<'_>,
+    resident: &ResidentRows,
+    range: (u64, Option<u64>),
+    name: &str,
+    writer: &mut ShardWriter,
+) -> Result<(u64, u64)> {
+    let (mut rows, mut short) = (0u64, 0u64);
+    for block in resident.queries(range, ctx.query_rows) {
+        let started = Instant::now();
+        let (ids, top) = resident.search(&block, ctx.meta.k as i64, ctx.cfg.exclusion());
+        tracing::info!(
+            shard = name,
+            queries = block.addrs.len(),
+            pass_s = started.elapsed().as_secs_f64(),
+            "query block searched"
+        );
+        let (n, s) = write_block(ctx, writer, &ids, &block.addrs, &block.holdout, top).await?;
+        rows += n;
+        short += s;
+    }
+    Ok((rows, short))
+}
+
+/// Searches the rows of one shard (ids in `range`) in query blocks, each with one pass over
+/// the whole table, writing them to `writer`: (rows written, rows with fewer than k
+/// neighbours).
+async fn search_streamed(
+    ctx: &ShardContext<'_>,
+    search: &mut Search,
+    range: (u64, Option<u64>),
+    name: &str,
+    writer: &mut ShardWriter,
+) -> Result<(u64, u64)> {
+    let (source, device) = (ctx.source, search_device(search));
+    let mut queries = source.blocks(Some(range), ctx.query_rows, false).await?;
+    let (mut rows, mut short) = (0u64, 0u64);
+    while let Some(block) = queries.next().await {
+        let mut block = block?;
+        let n = block.len() as u64;
+        let pass_started = Instant::now();
+        let (q, q_ids) = block.tensors(source.dim, device);
+        let q_addrs = std::mem::take(&mut block.addrs);
+        let holdout = std::mem::take(&mut block.holdout);
+        drop(block);
+        let (k, nprobe) = (ctx.meta.k as i64, ctx.nprobe);
+        let quantizer = search.quantizer.take().expect("returned after each pass");
+        let (quantizer, queries_block) = tokio::task::spawn_blocking(move || {
+            let probes = quantizer.probes(&q, nprobe);
+            let queries = IvfQueries::new(q, q_ids, &probes, quantizer.partitions() as i64);
+            (quantizer, queries)
+        })
+        .await
+        .map_err(|e| IndexerError::Internal(format!("probe thread died: {e}")))?;
+        let pass = SearchPass {
+            top: TopK::new(queries_block.len(), k, device, true),
+            queries: queries_block,
+            quantizer,
+            partitions: std::mem::take(&mut search.partitions),
+            at: 0,
+            dim: source.dim,
+            exclusion: ctx.cfg.exclusion(),
+            busy_s: 0.0,
+        };
+        let pass = source
+            .scan_blocks(None, ctx.cfg.compute.db_block_rows, pass, |p, block| {
+                let started = Instant::now();
+                let (emb, ids) = block.tensors(p.dim, p.queries.emb.device());
+                let addrs = block.addr_tensor(p.queries.emb.device());
+                let parts = p.partitions.get_or_assign(p.at, &emb, &p.quantizer);
+                p.at += block.len();
+                p.queries
+                    .scan(&mut p.top, &emb, &ids, Some(&addrs), &parts, p.exclusion);
+                p.busy_s += started.elapsed().as_secs_f64();
+                Ok(())
+            })
+            .await?;
+        let SearchPass {
+            top,
+            queries: searched,
+            quantizer,
+            partitions,
+            busy_s,
+            ..
+        } = pass;
+        (search.quantizer, search.partitions) = (Some(quantizer), partitions);
+        tracing::info!(
+            shard = name,
+            queries = n,
+            pass_s = pass_started.elapsed().as_secs_f64(),
+            compute_s = busy_s,
+            "query block searched"
+        );
+        let (n, s) = write_block(ctx, writer, &searched.ids, &q_addrs, &holdout, top).await?;
+        rows += n;
+        short += s;
+    }
+    Ok((rows, short))
+}
+
+/// Finishes `top` for the queries `ids` (row addresses `addrs`, held out where `holdout`),
+/// writes their output rows to `writer` and counts them: (rows, rows with fewer than k
+/// neighbours).
+async fn write_block(
+    ctx: &ShardContext<'_>,
+    writer: &mut ShardWriter,
+    ids: &Tensor,
+    addrs: &[u64],
+    holdout: &[bool],
+    mut top: TopK,
+) -> Result<(u64, u64)> {
+    let short = top.finish() as u64;
+    let id_list: Vec<i64> = Vec::try_from(&ids.to_device(Device::Cpu)).expect("1-D int64");
+    let held: std::collections::HashSet<u64> = id_list
+        .iter()
+        .zip(holdout)
+        .filter(|(_, h)| **h)
+        .map(|(id, _)| *id as u64)
+        .collect();
+    writer
+        .write(output_batch(
+            ctx.schema, ids, addrs, &top, ctx.meta.k, &held,
+        )?)
+        .await?;
+    let n = addrs.len() as u64;
+    ctx.progress.queries_done.fetch_add(n, Ordering::Relaxed);
+    Ok((n, short))
+}
+
+fn search_device(search: &Search) -> Device {
+    search
+        .quantizer
+        .as_ref()
+        .map_or(Device::Cpu, |q| q.centroids.device())
 }
 
 /// Query rows per block: `query_block_rows`, fewer when the candidate slots (nprobe x k per
@@ -829,7 +954,7 @@ pub fn effective_query_rows(query_block_rows: usize, dim: usize, nprobe: usize, 
 struct SearchPass {
     top: TopK,
     queries: IvfQueries,
-    centroids: Tensor,
+    quantizer: Quantizer,
     partitions: RowPartitions,
     at: usize,
     dim: usize,

@@ -185,7 +185,7 @@ pub fn exact_knn(
 
 /// Applies `f` to chunks of 16 384 rows of `x` and concatenates the results, so score
 /// matrices against many centroids stay small; `empty` is the result for no rows.
-fn map_row_chunks(x: &Tensor, empty: Tensor, f: impl Fn(&Tensor) -> Tensor) -> Tensor {
+pub(crate) fn map_row_chunks(x: &Tensor, empty: Tensor, f: impl Fn(&Tensor) -> Tensor) -> Tensor {
     const CHUNK: i64 = 16_384;
     let n = x.size()[0];
     let parts: Vec<Tensor> = (0..n)
@@ -199,6 +199,16 @@ fn map_row_chunks(x: &Tensor, empty: Tensor, f: impl Fn(&Tensor) -> Tensor) -> T
     }
 }
 
+/// The `nprobe` centroids of `centroids` [p, d] most similar to each row of `q` [m, d],
+/// best first: [m, nprobe].
+pub fn flat_probes(q: &Tensor, centroids: &Tensor, nprobe: i64) -> Tensor {
+    let nprobe = nprobe.clamp(1, centroids.size()[0]);
+    let empty = Tensor::zeros([0, nprobe], (Kind::Int64, q.device()));
+    map_row_chunks(q, empty, |c| {
+        c.matmul(&centroids.tr()).topk(nprobe, 1, true, true).1
+    })
+}
+
 /// Assigns each row of `x` [n, d] to its most similar centroid of `centroids` [p, d].
 pub fn assign(x: &Tensor, centroids: &Tensor) -> Tensor {
     let empty = Tensor::zeros([0], (Kind::Int64, x.device()));
@@ -206,7 +216,7 @@ pub fn assign(x: &Tensor, centroids: &Tensor) -> Tensor {
 }
 
 /// Start offsets of each partition in rows sorted by partition: `p + 1` values.
-fn offsets(sorted_partition_of: &Tensor, partitions: i64) -> Vec<i64> {
+pub(crate) fn offsets(sorted_partition_of: &Tensor, partitions: i64) -> Vec<i64> {
     let counts = sorted_partition_of.bincount::<Tensor>(None, partitions);
     let ends: Vec<i64> = Vec::try_from(&counts.cumsum(0, Kind::Int64).to_device(Device::Cpu))
         .expect("a 1-D int64 tensor converts to Vec<i64>");
@@ -232,25 +242,20 @@ pub struct IvfQueries {
 }
 
 impl IvfQueries {
-    /// Probes the `nprobe` centroids most similar to each query.
-    pub fn new(emb: Tensor, ids: Tensor, centroids: &Tensor, nprobe: i64) -> Self {
-        let (m, p) = (emb.size()[0], centroids.size()[0]);
-        let nprobe = nprobe.clamp(1, p);
-        let empty = Tensor::zeros([0, nprobe], (Kind::Int64, emb.device()));
-        let probes = map_row_chunks(&emb, empty, |c| {
-            c.matmul(&centroids.tr()).topk(nprobe, 1, true, false).1
-        });
-        let flat = probes.view([-1]);
-        let (sorted, perm) = flat.sort_stable(true, 0, false);
-        let query_of = Tensor::arange(m, (Kind::Int64, emb.device()))
-            .unsqueeze(1)
-            .expand([m, nprobe], false)
-            .reshape([-1]);
+    /// Queries `emb` [m, d] with ids `ids` [m] that look in the partitions `probes`
+    /// [m, nprobe] (from [`flat_probes`] or a two-level quantizer; [`NO_NEIGHBOUR`] where a
+    /// query has fewer) of `partitions` partitions.
+    pub fn new(emb: Tensor, ids: Tensor, probes: &Tensor, partitions: i64) -> Self {
+        let nprobe = probes.size()[1].max(1);
+        let flat = probes.reshape([-1]);
+        let probed = flat.ge(0).nonzero().view([-1]);
+        let (sorted, perm) = flat.index_select(0, &probed).sort_stable(true, 0, false);
+        let slots = probed.index_select(0, &perm);
         Self {
-            by_partition: query_of.index_select(0, &perm),
-            slot_by_partition: perm,
+            by_partition: slots.divide_scalar_mode(nprobe, "floor"),
+            slot_by_partition: slots,
             nprobe,
-            starts: offsets(&sorted, p),
+            starts: offsets(&sorted, partitions),
             emb,
             ids,
         }
@@ -284,11 +289,31 @@ impl IvfQueries {
         exclusion: Exclusion,
     ) {
         let p = self.starts.len() as i64 - 1;
-        let (m, k, device) = (self.len(), top.k, rows.device());
         let (sorted, perm) = row_partition.sort_stable(true, 0, false);
-        let rows = rows.index_select(0, &perm);
-        let row_ids = row_ids.index_select(0, &perm);
-        let row_starts = offsets(&sorted, p);
+        let aux = row_aux.map(|a| a.index_select(0, &perm));
+        self.scan_sorted(
+            top,
+            &rows.index_select(0, &perm),
+            &row_ids.index_select(0, &perm),
+            aux.as_ref(),
+            &offsets(&sorted, p),
+            exclusion,
+        );
+    }
+
+    /// [`IvfQueries::scan`] of rows already grouped by partition: partition `j` is rows
+    /// `row_starts[j]..row_starts[j + 1]` of `rows`, `row_ids` and `row_aux`.
+    pub fn scan_sorted(
+        &self,
+        top: &mut TopK,
+        rows: &Tensor,
+        row_ids: &Tensor,
+        row_aux: Option<&Tensor>,
+        row_starts: &[i64],
+        exclusion: Exclusion,
+    ) {
+        let p = self.starts.len() as i64 - 1;
+        let (m, k, device) = (self.len(), top.k, rows.device());
         let slots = m * self.nprobe;
         let mut cand_sims = Tensor::full([slots, k], f64::NEG_INFINITY, (Kind::Float, device));
         // Empty slots point at position 0; their similarity stays −∞, so they never win a
@@ -323,8 +348,8 @@ impl IvfQueries {
         }
         let flat = cand_pos.view([-1]);
         let gather = |per_row: &Tensor| per_row.index_select(0, &flat).view([m, self.nprobe * k]);
-        let cand_ids = gather(&row_ids);
-        let cand_aux = row_aux.map(|a| gather(&a.index_select(0, &perm)));
+        let cand_ids = gather(row_ids);
+        let cand_aux = row_aux.map(gather);
         top.offer(
             None,
             &cand_sims.view([m, self.nprobe * k]),
@@ -393,7 +418,8 @@ mod tests {
         let id = ids(400);
         let centroids = x.narrow(0, 0, 12).copy();
         let part = assign(&x, &centroids);
-        let queries = IvfQueries::new(x.narrow(0, 0, 100), id.narrow(0, 0, 100), &centroids, 12);
+        let probes = flat_probes(&x.narrow(0, 0, 100), &centroids, 12);
+        let queries = IvfQueries::new(x.narrow(0, 0, 100), id.narrow(0, 0, 100), &probes, 12);
         // The payload is each row's position: it must travel with the id it belongs to.
         let row = Tensor::arange(400, (Kind::Int64, Device::Cpu));
         let mut ivf = TopK::new(100, 10, Device::Cpu, true);
@@ -443,7 +469,8 @@ mod tests {
         let id = ids(3);
         let row = Tensor::from_slice(&[10i64, 11, 12]);
         let part = assign(&x, &x.narrow(0, 0, 2));
-        let queries = IvfQueries::new(x.shallow_clone(), id.shallow_clone(), &x.narrow(0, 0, 2), 2);
+        let probes = flat_probes(&x, &x.narrow(0, 0, 2), 2);
+        let queries = IvfQueries::new(x.shallow_clone(), id.shallow_clone(), &probes, 2);
         let mut top = TopK::new(3, 4, Device::Cpu, true);
         queries.scan(&mut top, &x, &id, Some(&row), &part, Exclusion::default());
         assert_eq!(top.finish(), 3);

@@ -18,9 +18,11 @@ use arrow_schema::DataType;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use knn_datasets::SplitConfig;
+use lance::dataset::{ProjectionRequest, TakeBuilder};
 use lance::deps::datafusion::prelude::{col, lit};
 use lance::Dataset;
 use std::collections::HashMap;
+use std::sync::Arc;
 use tch::{Device, Tensor};
 
 /// The id column every vector table has.
@@ -289,6 +291,28 @@ impl VectorTable {
             )
             .await
             .map_err(|e| IndexerError::lance(&self.uri, e))?;
+        let mut block = VectorBlock::default();
+        block.append(&batch, &self.uri, self.split.as_ref(), false)?;
+        Ok(block)
+    }
+
+    /// Rows at the given row addresses (in this version), in that order.
+    pub async fn take_addresses(&self, addrs: &[u64]) -> Result<VectorBlock> {
+        let lance_err = |e| IndexerError::lance(&self.uri, e);
+        let projection = self
+            .ds
+            .schema()
+            .project(&self.columns())
+            .map_err(lance_err)?;
+        let ds = Arc::new(self.ds.clone());
+        let plan = ProjectionRequest::from(projection)
+            .into_projection_plan(ds.clone())
+            .map_err(lance_err)?;
+        let batch = TakeBuilder::try_new_from_addresses(ds, addrs.to_vec(), Arc::new(plan))
+            .map_err(lance_err)?
+            .execute()
+            .await
+            .map_err(lance_err)?;
         let mut block = VectorBlock::default();
         block.append(&batch, &self.uri, self.split.as_ref(), false)?;
         Ok(block)

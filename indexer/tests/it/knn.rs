@@ -200,6 +200,59 @@ async fn default_settings_reach_recall_99_and_never_return_the_row_itself() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory_streamed_and_two_level_searches_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = clustered(20_000, 32, 200, 1.0, 5);
+    let table = table_of(dir.path(), "v.lance", &data).await;
+    // In memory (the default budget holds 20 000 rows) against one pass over the table per
+    // query block (a budget of 0 holds nothing), in blocks of 5 000 queries.
+    let held = path(dir.path(), "held.lance");
+    let mut c = with_compute(cfg(&table, &held, ""), 4, 0);
+    c.compute.query_block_rows = 5000;
+    let s = run(&c, (0, 1)).await.unwrap();
+    assert!(s.resident_mib.is_some(), "{s}");
+    assert!(s.to_string().contains("table held in memory"), "{s}");
+    let streamed = path(dir.path(), "streamed.lance");
+    let mut c = with_compute(cfg(&table, &streamed, ""), 4, 0);
+    c.compute.query_block_rows = 5000;
+    c.compute.memory_mib = 0;
+    let s = run(&c, (0, 1)).await.unwrap();
+    assert!(s.resident_mib.is_none(), "{s}");
+    assert!(s.to_string().contains("one pass over the table"), "{s}");
+    let (a, b) = (read_rows(&held).await, read_rows(&streamed).await);
+    assert_eq!(a.len(), 20_000);
+    let same = a.iter().filter(|(id, r)| b[id].0 == r.0).count();
+    assert!(
+        same >= 19_980,
+        "{same} of 20000 rows have the same neighbours"
+    );
+
+    // Two-level: 10 cells. A first run stops after one shard; the rerun reads the stored
+    // plan (cells included) and finishes; recall holds.
+    let cells = path(dir.path(), "cells.lance");
+    let c = with_compute(cfg(&table, &cells, "[ivf]\ncells = 10"), 4, 1);
+    let first = run(&c, (0, 1)).await.unwrap();
+    let meta = first.meta.clone().unwrap();
+    let cell_probe = meta.calibration.as_ref().unwrap().cell_probe;
+    assert!(matches!(cell_probe, Some(1..=10)), "{meta:?}");
+    assert_eq!(first.shards_committed, 1);
+    let rest = run(&with_compute(c.clone(), 4, 0), (0, 1)).await.unwrap();
+    assert_eq!(rest.shards_committed, 3);
+    assert_eq!(rest.meta.unwrap().plan_sha, meta.plan_sha);
+    let truth = exact(&data, 10, Exclusion::default());
+    let rows = read_rows(&cells).await;
+    let hit: usize = rows
+        .iter()
+        .map(|(id, (knn, _))| {
+            let want: HashSet<_> = truth[id].iter().collect();
+            knn.iter().flatten().filter(|x| want.contains(x)).count()
+        })
+        .sum();
+    let recall = hit as f64 / (10 * rows.len()) as f64;
+    assert!(recall >= 0.99, "two-level recall@10 {recall}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_tables_are_searched_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let data = clustered(1500, 16, 30, 1.0, 6);
