@@ -8,11 +8,11 @@
 //!   scores only the partitions of its best cells.
 //! - `nprobe` (and the cells a query looks in): calibrated. For a seeded sample of query rows
 //!   the exact top-k is found by brute force over the whole table, with the same exclusions
-//!   as the real run; the same pass assigns every row its partition. IVF-Flat scores are
-//!   exact, so an exact neighbour is found iff its partition is among the query's probes:
-//!   recall@k at any (cells, `nprobe`) follows from where each exact neighbour's partition
-//!   ranks, and the plan takes the cheapest pair whose recall on the sample reaches
-//!   `target_recall`.
+//!   as the real run, and the partitions of those few neighbours are read by address.
+//!   IVF-Flat scores are exact, so an exact neighbour is found iff its partition is among
+//!   the query's probes: recall@k at any (cells, `nprobe`) follows from where each exact
+//!   neighbour's partition ranks, and the plan takes the cheapest pair whose recall on the
+//!   sample reaches `target_recall`.
 //! - Small tables (fewer than [`IVF_MIN_ROWS`] rows by default) get one partition: the search
 //!   is then exact brute force.
 //!
@@ -22,7 +22,7 @@
 //! write the same table or two different ones of which the output's metadata names one.
 
 use super::quantizer::{sample_offsets, Cells, Quantizer};
-use super::search::{centroid_ranks, exact_scan, Exclusion, TopK};
+use super::search::{centroid_ranks, exact_scan, offsets, Exclusion, TopK};
 use super::vectors::VectorTable;
 use crate::{IndexerError, Result};
 use arrow_array::cast::AsArray;
@@ -170,8 +170,7 @@ pub fn default_partitions(rows: usize) -> usize {
         // faiss's guideline for IVF is 4 to 16 sqrt(n) lists, but a self-join over data whose
         // clusters get finer as it grows needs partitions that keep their size: with 4 sqrt(n)
         // partitions the 4M-row benchmark set needed nprobe 101, and 1M rows in 20,000
-        // clusters nprobe 59, against 2 at 2.5 clusters a partition (BENCHMARKS.md). The
-        // two-level quantizer keeps the probe choice cheap at that many partitions.
+        // clusters nprobe 59, against 2 at 2.5 clusters a partition (BENCHMARKS.md).
         let sqrt = (4.0 * (rows as f64).sqrt()).round() as usize;
         sqrt.max(rows / DEFAULT_PARTITION_ROWS).clamp(1, rows)
     }
@@ -191,38 +190,8 @@ pub async fn compute_plan(
         0 => default_partitions(n),
         p => p.min(n),
     };
-    let started = std::time::Instant::now();
-    // Training sample, read in bounded chunks.
-    let train_n = if p == 1 {
-        n.min(4096)
-    } else {
-        n.min(p * cfg.samples_per_partition.max(1))
-            .min(MAX_TRAINING_ROWS.max(p))
-    };
-    let train = take_tensor(
-        table,
-        &sample_offsets(n as u64, train_n as u64, cfg.seed),
-        device,
-    )
-    .await?;
-    let mut quantizer = if p == 1 {
-        let mean = train.mean_dim([0i64].as_slice(), true, Kind::Float);
-        let norm = mean.norm().clamp_min(f64::from(f32::MIN_POSITIVE));
-        Quantizer::flat(mean / norm)
-    } else {
-        let (train, iters, seed, cells) = (train, cfg.kmeans_iterations, cfg.seed, cfg.cells);
-        tokio::task::spawn_blocking(move || Quantizer::train(&train, p, cells, iters, seed))
-            .await
-            .map_err(|e| IndexerError::Internal(format!("k-means thread died: {e}")))?
-    };
+    let mut quantizer = train_quantizer(table, cfg, p, device).await?;
     let p = quantizer.partitions();
-    tracing::info!(
-        partitions = p,
-        cells = quantizer.cells.as_ref().map_or(0, Cells::len),
-        train_rows = train_n,
-        elapsed_s = started.elapsed().as_secs_f64(),
-        "IVF centroids trained"
-    );
 
     let calibration_n = cfg.calibration_queries.min(n);
     if p == 1 || calibration_n == 0 {
@@ -244,96 +213,22 @@ pub async fn compute_plan(
         });
     }
 
-    // Exact neighbours of the calibration sample, with their row addresses; then the
-    // partitions of those neighbours (a few thousand rows, not the table).
     let started = std::time::Instant::now();
-    let offsets = sample_offsets(n as u64, calibration_n as u64, cfg.seed.wrapping_add(1));
-    let sample = table.take(&offsets).await?;
-    let (q, q_ids) = sample.tensors(table.dim, device);
-    let state = CalibrationPass {
-        top: TopK::new(q.size()[0], k as i64, device, true),
-        q,
-        q_ids,
-        dim: table.dim,
+    let exact = ExactSample::find(
+        table,
+        cfg,
+        calibration_n,
+        k,
         exclusion,
-    };
-    let state = table
-        .scan_blocks(None, db_block_rows, state, |s, block| {
-            let (rows, ids) = block.tensors(s.dim, s.q.device());
-            let addrs = block.addr_tensor(s.q.device());
-            exact_scan(
-                &mut s.top,
-                &s.q,
-                &s.q_ids,
-                &rows,
-                &ids,
-                Some(&addrs),
-                s.exclusion,
-            );
-            Ok(())
-        })
-        .await?;
-    let found = state.top.sims.isfinite();
-    let addrs = state.top.aux.expect("the calibration tracks row addresses");
-    let aux = neighbour_partitions(table, &quantizer, &addrs, &found).await?;
-    // Per cell count tried (flat: one "count", all partitions), the probe rank each exact
-    // neighbour's partition needs, and the cost of a query at the nprobe that reaches the
-    // target: (cells, needed ranks sorted, nprobe, cost).
-    let per_row = table.rows as f64 / p as f64;
-    let cell_counts: Vec<usize> = match &quantizer.cells {
-        None => vec![0],
-        Some(c) => (0..)
-            .map(|e| 1usize << e)
-            .take_while(|&x| x < c.len())
-            .chain([c.len()])
-            .collect(),
-    };
-    let mut best: Option<(usize, Vec<i64>, usize, f64)> = None;
-    for cells in cell_counts {
-        let needed = neighbour_ranks(&quantizer, &state.q, &aux, cells)
-            .masked_select(&found)
-            .to_device(Device::Cpu);
-        let mut v: Vec<i64> = Vec::try_from(&needed).expect("1-D int64");
-        v.sort_unstable();
-        let recall = |np: usize| match v.is_empty() {
-            true => 1.0,
-            false => v.partition_point(|&r| (r as usize) < np) as f64 / v.len() as f64,
-        };
-        let nprobe = match cfg.nprobe {
-            0 => match v.is_empty() {
-                true => 1,
-                false => {
-                    let at = ((cfg.target_recall.clamp(0.0, 1.0) * v.len() as f64).ceil() as usize)
-                        .clamp(1, v.len());
-                    v[at - 1] as usize + 1
-                }
-            },
-            np => np,
-        };
-        let last = quantizer.cells.as_ref().map_or(0, Cells::len);
-        if nprobe > p || (cells < last && recall(nprobe) < cfg.target_recall) {
-            continue; // the target is out of reach looking in this few cells
-        }
-        let cost = match &quantizer.cells {
-            None => p as f64 + nprobe as f64 * per_row,
-            Some(c) => {
-                c.len() as f64 + cells as f64 * p as f64 / c.len() as f64 + nprobe as f64 * per_row
-            }
-        };
-        if best.as_ref().is_none_or(|b| cost < b.3) {
-            best = Some((cells, v, nprobe, cost));
-        }
-    }
-    let (cells, needed, nprobe, _) = best.expect("looking in every cell reaches any target");
+        device,
+        db_block_rows,
+    )
+    .await?;
+    let aux = neighbour_partitions(table, &quantizer, &exact.addrs, &exact.found).await?;
+    let (cells, needed, nprobe) = choose_probes(&quantizer, cfg, &exact, &aux, table.rows);
     if let Some(c) = &mut quantizer.cells {
         c.probe = cells;
     }
-    let recall_at = |nprobe: usize| -> f64 {
-        if needed.is_empty() {
-            return 1.0;
-        }
-        needed.partition_point(|&r| (r as usize) < nprobe) as f64 / needed.len() as f64
-    };
     let mut table_points: Vec<usize> = [1usize, 2, 4, 8, 16, 32, 64, 128, 256]
         .into_iter()
         .filter(|&x| x < p)
@@ -343,10 +238,10 @@ pub async fn compute_plan(
     table_points.dedup();
     let calibration = Calibration {
         queries: calibration_n,
-        recall: recall_at(nprobe),
+        recall: needed.recall_at(nprobe),
         recall_by_nprobe: table_points
             .into_iter()
-            .map(|np| (np, recall_at(np)))
+            .map(|np| (np, needed.recall_at(np)))
             .collect(),
         cell_probe: quantizer.cells.as_ref().map(|c| c.probe),
     };
@@ -363,6 +258,179 @@ pub async fn compute_plan(
         nprobe,
         calibration: Some(calibration),
     })
+}
+
+/// Trains `p` partitions (and `cfg.cells` cells) on a seeded sample of `table`; one
+/// partition is the normalised mean.
+async fn train_quantizer(
+    table: &VectorTable,
+    cfg: &IvfConfig,
+    p: usize,
+    device: Device,
+) -> Result<Quantizer> {
+    let n = table.rows;
+    let started = std::time::Instant::now();
+    // Training sample, read in bounded chunks.
+    let train_n = if p == 1 {
+        n.min(4096)
+    } else {
+        n.min(p * cfg.samples_per_partition.max(1))
+            .min(MAX_TRAINING_ROWS.max(p))
+    };
+    let train = take_tensor(
+        table,
+        &sample_offsets(n as u64, train_n as u64, cfg.seed),
+        device,
+    )
+    .await?;
+    let quantizer = if p == 1 {
+        let mean = train.mean_dim([0i64].as_slice(), true, Kind::Float);
+        let norm = mean.norm().clamp_min(f64::from(f32::MIN_POSITIVE));
+        Quantizer::flat(mean / norm)
+    } else {
+        let (iters, seed, cells) = (cfg.kmeans_iterations, cfg.seed, cfg.cells);
+        tokio::task::spawn_blocking(move || Quantizer::train(&train, p, cells, iters, seed))
+            .await
+            .map_err(|e| IndexerError::Internal(format!("k-means thread died: {e}")))?
+    };
+    tracing::info!(
+        partitions = quantizer.partitions(),
+        cells = quantizer.cells.as_ref().map_or(0, Cells::len),
+        train_rows = train_n,
+        elapsed_s = started.elapsed().as_secs_f64(),
+        "IVF centroids trained"
+    );
+    Ok(quantizer)
+}
+
+/// The calibration sample's exact neighbours, by brute force over the whole table.
+struct ExactSample {
+    /// The sample's embeddings [m, d].
+    q: Tensor,
+    /// Row addresses of the neighbours [m, k].
+    addrs: Tensor,
+    /// Where a neighbour was found [m, k].
+    found: Tensor,
+}
+
+impl ExactSample {
+    async fn find(
+        table: &VectorTable,
+        cfg: &IvfConfig,
+        queries: usize,
+        k: usize,
+        exclusion: Exclusion,
+        device: Device,
+        db_block_rows: usize,
+    ) -> Result<ExactSample> {
+        let offsets = sample_offsets(table.rows as u64, queries as u64, cfg.seed.wrapping_add(1));
+        let sample = table.take(&offsets).await?;
+        let (q, q_ids) = sample.tensors(table.dim, device);
+        let state = CalibrationPass {
+            top: TopK::new(q.size()[0], k as i64, device, true),
+            q,
+            q_ids,
+            dim: table.dim,
+            exclusion,
+        };
+        let state = table
+            .scan_blocks(None, db_block_rows, state, |s, block| {
+                let (rows, ids) = block.tensors(s.dim, s.q.device());
+                let addrs = block.addr_tensor(s.q.device());
+                exact_scan(
+                    &mut s.top,
+                    &s.q,
+                    &s.q_ids,
+                    &rows,
+                    &ids,
+                    Some(&addrs),
+                    s.exclusion,
+                );
+                Ok(())
+            })
+            .await?;
+        Ok(ExactSample {
+            found: state.top.sims.isfinite(),
+            addrs: state.top.aux.expect("the calibration tracks row addresses"),
+            q: state.q,
+        })
+    }
+}
+
+/// For each exact neighbour of the calibration sample, the probe rank its partition needs
+/// (sorted): recall at any `nprobe` is the share below it.
+struct NeededRanks(Vec<i64>);
+
+impl NeededRanks {
+    fn recall_at(&self, nprobe: usize) -> f64 {
+        match self.0.is_empty() {
+            true => 1.0,
+            false => {
+                self.0.partition_point(|&r| (r as usize) < nprobe) as f64 / self.0.len() as f64
+            }
+        }
+    }
+
+    /// The smallest `nprobe` whose recall reaches `target`.
+    fn nprobe_for(&self, target: f64) -> usize {
+        match self.0.is_empty() {
+            true => 1,
+            false => {
+                let at = ((target.clamp(0.0, 1.0) * self.0.len() as f64).ceil() as usize)
+                    .clamp(1, self.0.len());
+                self.0[at - 1] as usize + 1
+            }
+        }
+    }
+}
+
+/// The cheapest (cells looked in, needed ranks, nprobe) whose recall on the sample reaches
+/// the target (or, with `nprobe` configured, the cheapest cell count that keeps its recall).
+/// A flat quantizer has one choice: every partition scored. The cost of a query counts
+/// centroids scored and rows scanned.
+fn choose_probes(
+    quantizer: &Quantizer,
+    cfg: &IvfConfig,
+    exact: &ExactSample,
+    neighbour_parts: &Tensor,
+    rows: usize,
+) -> (usize, NeededRanks, usize) {
+    let p = quantizer.partitions();
+    let per_row = rows as f64 / p as f64;
+    let last = quantizer.cells.as_ref().map_or(0, Cells::len);
+    let cell_counts: Vec<usize> = match last {
+        0 => vec![0],
+        last => (0..)
+            .map(|e| 1usize << e)
+            .take_while(|&x| x < last)
+            .chain([last])
+            .collect(),
+    };
+    let mut best: Option<(usize, NeededRanks, usize, f64)> = None;
+    for cells in cell_counts {
+        let needed = neighbour_ranks(quantizer, &exact.q, neighbour_parts, cells)
+            .masked_select(&exact.found)
+            .to_device(Device::Cpu);
+        let mut v: Vec<i64> = Vec::try_from(&needed).expect("1-D int64");
+        v.sort_unstable();
+        let needed = NeededRanks(v);
+        let nprobe = match cfg.nprobe {
+            0 => needed.nprobe_for(cfg.target_recall),
+            np => np.min(p),
+        };
+        if nprobe > p || (cells < last && needed.recall_at(nprobe) < cfg.target_recall) {
+            continue; // the target is out of reach looking in this few cells
+        }
+        let cost = match last {
+            0 => p as f64 + nprobe as f64 * per_row,
+            last => last as f64 + cells as f64 * p as f64 / last as f64 + nprobe as f64 * per_row,
+        };
+        if best.as_ref().is_none_or(|b| cost < b.3) {
+            best = Some((cells, needed, nprobe, cost));
+        }
+    }
+    let (cells, needed, nprobe, _) = best.expect("looking in every cell reaches any nprobe ≤ p");
+    (cells, needed, nprobe)
 }
 
 /// For queries `q` [m, d] and the partition of each of their neighbours `parts` [m, k] (−1:
@@ -564,25 +632,17 @@ impl KnnPlan {
                 let cell_of = cell_of
                     .ok_or_else(|| bad("a two-level plan without its `cell` column".into()))?;
                 let c = cell_centroids.size()[0] as usize;
-                let mut starts = vec![0i64; c + 1];
-                for (i, w) in cell_of.windows(2).enumerate() {
-                    if w[1] < w[0] {
-                        return Err(bad(format!(
-                            "partition {} is out of its cell's order",
-                            i + 1
-                        )));
-                    }
+                if let Some(i) = cell_of.windows(2).position(|w| w[1] < w[0]) {
+                    return Err(bad(format!(
+                        "partition {} is out of its cell's order",
+                        i + 1
+                    )));
                 }
-                for &j in &cell_of {
-                    let j = j as usize;
-                    if j >= c {
-                        return Err(bad(format!("cell {j} of {c} is not in the cells table")));
-                    }
-                    starts[j + 1] += 1;
+                if let Some(&j) = cell_of.iter().find(|&&j| j as usize >= c) {
+                    return Err(bad(format!("cell {j} of {c} is not in the cells table")));
                 }
-                for j in 0..c {
-                    starts[j + 1] += starts[j];
-                }
+                let of: Vec<i64> = cell_of.iter().map(|&j| i64::from(j)).collect();
+                let starts = offsets(&Tensor::from_slice(&of), c as i64);
                 Some(Cells {
                     centroids: cell_centroids,
                     starts,

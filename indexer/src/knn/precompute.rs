@@ -5,7 +5,6 @@
 //! ```text
 //! pinned version of the embeddings table
 //!   └─ plan (once per output; stored): IVF centroids + calibrated nprobe   [plan.rs]
-//!   └─ shards = id ranges of the u64 id space, round-robin over workers
 //!   └─ the table's rows held in memory, grouped by partition, when they fit
 //!      `memory_mib`   [resident.rs]
 //!   └─ shards = id ranges of the u64 id space, round-robin over workers
@@ -16,13 +15,14 @@
 //!                the same per database block; running top-k   [search.rs]
 //!             └─ rows → uncommitted fragments → one commit carrying the shard id
 //! ```
-//! Memory: resident, `(4 d + 16)` bytes a database row, twice that while it is loaded, and
-//! the search holds it only when that fits in half of `memory_mib`. Otherwise memory is set
-//! by `query_block_rows` and `db_block_rows` (about `(2 * query_block_rows + 3 *
-//! db_block_rows) * d * 4` bytes: the query vectors, their candidate slots (capped at the
-//! vectors' size by shrinking the block), and a database block being read while the
-//! previous one, and its partition-sorted copy, are searched), not by the table size. Either
-//! way every row's partition is kept (4 bytes a row) so later passes do not recompute it.
+//! Memory: resident, `(4 d + 16 + 4 nprobe)` bytes a row of the table (held-out rows
+//! included: they are queries), twice that while it is loaded, and the search holds it only
+//! when that fits in half of `memory_mib`. Otherwise memory is set by `query_block_rows` and
+//! `db_block_rows` (about `(2 * query_block_rows + 3 * db_block_rows) * d * 4` bytes: the
+//! query vectors, their candidate slots (capped at the vectors' size by shrinking the
+//! block), and a database block being read while the previous one, and its partition-sorted
+//! copy, are searched), not by the table size, plus every row's partition (4 bytes a row),
+//! kept so later passes do not recompute it.
 //!
 //! Exactly once and resumable like embed: a shard is visible in one commit, and the table's
 //! [`crate::ledger`] refuses a second commit of it. The output records the embeddings table's
@@ -75,8 +75,8 @@ pub struct KnnComputeConfig {
     #[serde(default)]
     pub max_shards: usize,
     /// Memory (MiB) the search may use. It holds the table's rows in memory, grouped by
-    /// partition, when they take at most half of this (4·d + 16 bytes a row: d = 512 is
-    /// 2 KiB a row, so 8 GiB holds 2M rows); a larger table is searched in one pass over it
+    /// partition, when they take at most half of this (4·d + 16 + 4·nprobe bytes a row: at
+    /// d = 512 about 2 KiB, so 8 GiB holds 2M rows); a larger table is searched in one pass over it
     /// per query block, in bounded memory, which is slower.
     #[serde(default = "default_memory_mib")]
     pub memory_mib: usize,
@@ -713,35 +713,17 @@ pub async fn precompute_knn(
     let schema = knn_schema(meta.k, &meta);
     let query_rows =
         effective_query_rows(cfg.compute.query_block_rows, meta.dim, plan.nprobe, meta.k);
-    let quantizer = plan.quantizer.to_device(device);
-    // Hold the rows when they fit: read once, instead of once per query block.
-    let resident_bytes = meta.source_rows as u64 * bytes_per_row(meta.dim, plan.nprobe);
     summary.memory_mib = cfg.compute.memory_mib;
     let mut search = Search {
-        quantizer: Some(quantizer),
+        quantizer: Some(plan.quantizer.to_device(device)),
         partitions: RowPartitions::default(),
         resident: None,
     };
-    if !todo.is_empty() && resident_bytes <= (cfg.compute.memory_mib as u64) << 19 {
-        let loading = Instant::now();
-        let q = search.quantizer.as_ref().expect("set above");
-        let rows = ResidentRows::load(
-            &source,
-            q,
-            plan.nprobe as i64,
-            cfg.compute.db_block_rows,
-            device,
-        )
-        .await?;
-        let mib = resident_bytes as f64 / 1048576.0;
-        tracing::info!(
-            rows = rows.len(),
-            mib,
-            elapsed_s = loading.elapsed().as_secs_f64(),
-            "table held in memory, grouped by partition"
-        );
-        summary.resident_mib = Some(mib);
-        search.resident = Some(rows);
+    if !todo.is_empty() {
+        search.resident = hold_rows(cfg, &meta, &source, &search, plan.nprobe, device).await?;
+        summary.resident_mib = search.resident.as_ref().map(|_| {
+            (meta.source_rows as u64 * bytes_per_row(meta.dim, plan.nprobe)) as f64 / 1048576.0
+        });
     }
     let ctx = ShardContext {
         cfg,
@@ -776,6 +758,39 @@ pub async fn precompute_knn(
     summary.elapsed_s = started.elapsed().as_secs_f64();
     summary.peak_rss_mib = peak_rss_mib();
     Ok(summary)
+}
+
+/// Reads the whole table into memory, grouped by partition, when it takes at most half of
+/// `memory_mib` (read once, instead of once per query block); `None` when it does not fit.
+async fn hold_rows(
+    cfg: &KnnConfig,
+    meta: &KnnOutputMeta,
+    source: &VectorTable,
+    search: &Search,
+    nprobe: usize,
+    device: Device,
+) -> Result<Option<ResidentRows>> {
+    let bytes = meta.source_rows as u64 * bytes_per_row(meta.dim, nprobe);
+    if bytes > (cfg.compute.memory_mib as u64) << 19 {
+        return Ok(None);
+    }
+    let loading = Instant::now();
+    let quantizer = search.quantizer.as_ref().expect("present between passes");
+    let rows = ResidentRows::load(
+        source,
+        quantizer,
+        nprobe as i64,
+        cfg.compute.db_block_rows,
+        device,
+    )
+    .await?;
+    tracing::info!(
+        rows = rows.len(),
+        mib = bytes as f64 / 1048576.0,
+        elapsed_s = loading.elapsed().as_secs_f64(),
+        "table held in memory, grouped by partition"
+    );
+    Ok(Some(rows))
 }
 
 /// What every shard's search reads.

@@ -265,6 +265,16 @@ async fn small_tables_are_searched_exactly() {
         let got: Vec<u64> = knn.into_iter().flatten().collect();
         assert_eq!(got, truth[&id], "row {id}");
     }
+    // A configured nprobe above the partitions probes them all: exact as well.
+    let all = path(dir.path(), "all.lance");
+    let c = cfg(&table, &all, "k = 5\n[ivf]\npartitions = 4\nnprobe = 50");
+    let s = run(&c, (0, 1)).await.unwrap();
+    let meta = s.meta.unwrap();
+    assert_eq!((meta.partitions, meta.nprobe), (4, 4));
+    for (id, (knn, _)) in read_rows(&all).await {
+        let got: Vec<u64> = knn.into_iter().flatten().collect();
+        assert_eq!(got, truth[&id], "row {id}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
