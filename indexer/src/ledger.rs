@@ -42,8 +42,13 @@ pub const LEDGER_DIR: &str = "_knn_ledger";
 /// Format tag of a checkpoint object.
 const CHECKPOINT_FORMAT: &str = "knn-ledger/1";
 
-/// Checkpoints kept after a new one is written (older ones are deleted).
+/// Checkpoints (and upkeep round objects) kept after a new one is written (older ones are
+/// deleted).
 const CHECKPOINTS_KEPT: usize = 3;
+
+/// How long an unfinished upkeep round keeps the next one from starting: after this its
+/// worker is taken to have died.
+pub const UPKEEP_LEASE: std::time::Duration = std::time::Duration::from_secs(30 * 60);
 
 /// One checkpoint object: the shards committed through `table_version`. Two checkpoints of
 /// one version hold the same shards (the table's history decides them), so whoever writes
@@ -60,11 +65,11 @@ struct Checkpoint {
 struct LedgerState {
     scanned_through: u64,
     committed: HashMap<String, u64>,
-    /// The newest upkeep mark known to be claimed.
+    /// The newest upkeep mark this worker tried to start a round at.
     mark: u64,
 }
 
-/// Where a table's checkpoints and upkeep marks live.
+/// Where a table's checkpoints and upkeep rounds live.
 #[derive(Clone, Debug)]
 pub struct LedgerStore {
     store: Arc<ObjectStore>,
@@ -95,8 +100,8 @@ impl LedgerStore {
         self.path("ledger", version, ".json")
     }
 
-    fn mark_path(&self, mark: u64) -> Path {
-        self.path("mark", mark, "")
+    fn round_path(&self, round: u64) -> Path {
+        self.path("upkeep", round, "")
     }
 
     /// The numbers of the `prefix` objects present, newest first.
@@ -184,11 +189,40 @@ impl LedgerStore {
         self.prune("ledger", ".json").await
     }
 
-    /// Claims upkeep mark `mark` with a put-if-absent: `Ok(false)` when another worker holds
-    /// it. Stores without conditional puts grant every claim (upkeep stays correct, only
-    /// repeated).
-    async fn claim(&self, mark: u64) -> lance::Result<bool> {
-        let path = self.mark_path(mark);
+    /// Starts the next upkeep round unless one is running: rounds are numbered, round `r` is
+    /// claimed by creating `upkeep-<r>` with a put-if-absent once round `r - 1` is finished
+    /// (its object rewritten non-empty) or has held the table longer than [`UPKEEP_LEASE`]
+    /// (its worker died). So one round runs at a time on a table, whichever workers cross
+    /// marks meanwhile. `Ok(None)`: a round is running, or another worker won this one.
+    /// Stores without conditional puts grant every claim (upkeep stays correct, only
+    /// repeated or overlapping).
+    async fn begin_round(&self) -> lance::Result<Option<u64>> {
+        use futures::TryStreamExt;
+        let listed: Vec<_> = self
+            .store
+            .list(Some(self.dir.clone()))
+            .try_collect()
+            .await?;
+        let newest = listed
+            .iter()
+            .filter_map(|m| {
+                let inv: u64 = m
+                    .location
+                    .filename()?
+                    .strip_prefix("upkeep-")?
+                    .parse()
+                    .ok()?;
+                Some((u64::MAX - inv, m))
+            })
+            .max_by_key(|(r, _)| *r);
+        if let Some((_, meta)) = newest {
+            let held = chrono::Utc::now() - meta.last_modified;
+            if meta.size == 0 && held.to_std().unwrap_or_default() < UPKEEP_LEASE {
+                return Ok(None);
+            }
+        }
+        let round = newest.map_or(1, |(r, _)| r + 1);
+        let path = self.round_path(round);
         match self
             .store
             .put_if_absent(&path, object_store::PutPayload::from_static(b""))
@@ -196,15 +230,21 @@ impl LedgerStore {
         {
             Ok(()) => {}
             Err(object_store::Error::AlreadyExists { .. })
-            | Err(object_store::Error::Precondition { .. }) => return Ok(false),
+            | Err(object_store::Error::Precondition { .. }) => return Ok(None),
             Err(object_store::Error::NotImplemented { .. })
             | Err(object_store::Error::NotSupported { .. }) => {
                 self.store.put(&path, &[]).await?;
             }
             Err(e) => return Err(e.into()),
         }
-        self.prune("mark", "").await?;
-        Ok(true)
+        self.prune("upkeep", "").await?;
+        Ok(Some(round))
+    }
+
+    /// Marks upkeep round `round` finished, so the next one may start.
+    async fn end_round(&self, round: u64) -> lance::Result<()> {
+        self.store.put(&self.round_path(round), b"done").await?;
+        Ok(())
     }
 }
 
@@ -230,9 +270,17 @@ impl ShardLedger {
     /// transactions of the versions after it.
     pub async fn refresh(&self, table: &Dataset, through: u64) -> lance::Result<()> {
         let mut from_checkpoint = self.lock().scanned_through == 0;
+        let started = std::time::Instant::now();
         loop {
             if from_checkpoint {
                 if let Some(cp) = self.store.newest().await? {
+                    tracing::debug!(
+                        table = %self.store.table,
+                        checkpoint_version = cp.table_version,
+                        shards = cp.shards.len(),
+                        elapsed_s = started.elapsed().as_secs_f64(),
+                        "ledger checkpoint read"
+                    );
                     self.merge(cp);
                 }
             }
@@ -241,6 +289,12 @@ impl ShardLedger {
                 return Ok(());
             }
             let found = read_shard_commits(table, from, through).await?;
+            tracing::debug!(
+                table = %self.store.table,
+                versions = found.len(),
+                elapsed_s = started.elapsed().as_secs_f64(),
+                "ledger transactions read"
+            );
             let gone: Vec<u64> = found
                 .iter()
                 .filter_map(|(v, shard)| shard.is_none().then_some(*v))
@@ -315,21 +369,28 @@ impl ShardLedger {
         Ok(cp.table_version)
     }
 
-    /// Claims upkeep mark `mark` (the table's version divided by
-    /// `storage.tables.every_commits`) for this worker: `Ok(false)` when it is not above the
-    /// newest mark known or another worker holds it. Of all the workers crossing a mark, one
-    /// does the upkeep.
-    pub async fn claim(&self, mark: u64) -> lance::Result<bool> {
-        if mark <= self.mark() {
-            return Ok(false);
+    /// Starts an upkeep round for upkeep mark `mark` (the table's version divided by
+    /// `storage.tables.every_commits`), which this worker's commit just crossed: `Ok(None)`
+    /// when the mark is not above the newest this ledger tried, when a round is running on
+    /// the table (the next mark tries again), or when another worker crossing it won.
+    /// Finish the round with [`ShardLedger::end_round`].
+    pub async fn begin_round(&self, mark: u64) -> lance::Result<Option<u64>> {
+        {
+            let mut state = self.lock();
+            if mark <= state.mark {
+                return Ok(None);
+            }
+            state.mark = mark;
         }
-        let won = self.store.claim(mark).await?;
-        let mut state = self.lock();
-        state.mark = state.mark.max(mark);
-        Ok(won)
+        self.store.begin_round().await
     }
 
-    /// The newest upkeep mark this ledger knows to be claimed.
+    /// Marks upkeep round `round` finished (whether it succeeded or not).
+    pub async fn end_round(&self, round: u64) -> lance::Result<()> {
+        self.store.end_round(round).await
+    }
+
+    /// The newest upkeep mark this ledger has tried.
     pub fn mark(&self) -> u64 {
         self.lock().mark
     }

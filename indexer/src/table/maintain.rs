@@ -7,8 +7,10 @@
 //! this order:
 //! 1. **Checkpoint the ledger** ([`crate::ledger`]): the shards committed through the latest
 //!    version, one object. A worker whose commit crosses a mark (every `every_commits`
-//!    versions) claims the mark with a put-if-absent first, so of all the workers crossing it
-//!    one does the upkeep; the others go on committing.
+//!    versions) starts an upkeep round, claimed with a put-if-absent, unless one is running
+//!    on the table: one round at a time (overlapping rounds' compactions preempt each other
+//!    and leave the fragments unmerged), whichever workers cross marks meanwhile; the others
+//!    go on committing.
 //! 2. **Compact** fragments smaller than `target_rows_per_fragment` (Lance's
 //!    `compact_files`; it commits a rewrite, which concurrent appends do not conflict with).
 //! 3. **Remove old versions**: those older than the checkpoint *and* than
@@ -76,32 +78,31 @@ pub fn check(cfg: &TableMaintenance) -> Result<()> {
 }
 
 /// The upkeep a commit that created `committed` (crossing upkeep mark `mark`) owes the
-/// table: nothing when another worker already claimed the mark.
+/// table: nothing when another worker's round is running or won the mark.
 pub(super) async fn maintain(
     table: &ShardedTable,
     committed: Dataset,
     mark: u64,
 ) -> Result<Option<UpkeepSummary>> {
-    if !table
-        .ledger
-        .claim(mark)
-        .await
-        .map_err(|e| IndexerError::lance(&table.uri, e))?
-    {
+    let lance_err = |e| IndexerError::lance(&table.uri, e);
+    let Some(round) = table.ledger.begin_round(mark).await.map_err(lance_err)? else {
         return Ok(None);
-    }
-    let s = upkeep(
+    };
+    let done = upkeep(
         (&table.uri, &table.storage),
         (&table.store, &table.base),
         &table.ledger,
         committed,
         &table.upkeep,
     )
-    .await?;
+    .await;
+    table.ledger.end_round(round).await.map_err(lance_err)?;
+    let s = done?;
     tracing::info!(
         table = %s.table,
         shards = s.shards,
         mark,
+        round,
         checkpoint_version = s.checkpoint_version,
         fragments = %format!("{} -> {}", s.fragments_before, s.fragments_after),
         versions_removed = s.versions_removed,

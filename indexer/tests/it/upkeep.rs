@@ -229,3 +229,41 @@ async fn young_versions_past_keep_versions_go_and_tagged_ones_stay() {
     .unwrap();
     assert_eq!(kept.versions_removed, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_upkeep_round_runs_at_a_time_and_a_dead_one_is_outwaited() {
+    use knn_indexer::ledger::{LedgerStore, ShardLedger, UPKEEP_LEASE};
+    let out = tempfile::tempdir().unwrap();
+    let uri = out.path().join("t.lance").to_string_lossy().to_string();
+    let (store, base) = lance_io::object_store::ObjectStore::from_uri(&uri)
+        .await
+        .unwrap();
+    let worker = || ShardLedger::new(LedgerStore::new(store.clone(), &base, &uri));
+    let (a, b) = (worker(), worker());
+    assert_eq!(a.begin_round(1).await.unwrap(), Some(1));
+    // While a's round runs, b crossing marks starts none.
+    assert_eq!(b.begin_round(1).await.unwrap(), None);
+    assert_eq!(b.begin_round(2).await.unwrap(), None);
+    a.end_round(1).await.unwrap();
+    // A mark is tried once; the next one starts the next round.
+    assert_eq!(b.begin_round(2).await.unwrap(), None);
+    assert_eq!(b.begin_round(3).await.unwrap(), Some(2));
+    b.end_round(2).await.unwrap();
+    // Two workers crossing a mark together: exactly one round starts.
+    let (x, y) = tokio::join!(a.begin_round(10), b.begin_round(10));
+    let started: Vec<u64> = [x.unwrap(), y.unwrap()].into_iter().flatten().collect();
+    assert_eq!(started, vec![3]);
+    // Round 3's worker dies: the next round waits out the lease, then starts.
+    let c = worker();
+    assert_eq!(c.begin_round(11).await.unwrap(), None);
+    let round3 = out
+        .path()
+        .join(format!("t.lance/_knn_ledger/upkeep-{:020}", u64::MAX - 3));
+    std::fs::File::options()
+        .write(true)
+        .open(&round3)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - UPKEEP_LEASE - UPKEEP_LEASE / 10)
+        .unwrap();
+    assert_eq!(c.begin_round(12).await.unwrap(), Some(4));
+}
