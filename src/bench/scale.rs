@@ -42,7 +42,7 @@ struct Point {
     /// One more commit by a warm worker: median and slowest of the samples, in ms.
     commit_ms: f64,
     commit_max_ms: f64,
-    /// Bytes the table grew by per sampled commit.
+    /// Bytes the table grew by per sampled commit (0 when a clean-up shrank it meanwhile).
     bytes_per_commit: f64,
     /// A new worker's start-up (open, refresh the ledger), in seconds: local and via S3.
     startup_local: f64,
@@ -240,7 +240,10 @@ async fn run_arm(arm: &Arm, args: &BenchScaleCommitsArgs) -> Result<Vec<Point>> 
         let table_dir = place.table_dir();
         let before = dir_bytes(&table_dir);
         let local = sample_commits(&uri, &HashMap::new(), &arm.upkeep, &next, args.samples).await?;
-        let bytes_per_commit = (dir_bytes(&table_dir) - before) as f64 / args.samples as f64;
+        // Net growth of the table's directory: a clean-up during the samples (a worker's
+        // upkeep round removing old versions) can shrink it, which counts as nothing written.
+        let grown = dir_bytes(&table_dir).saturating_sub(before);
+        let bytes_per_commit = grown as f64 / args.samples as f64;
         let startup_local = startup(&uri, &HashMap::new(), &arm.upkeep, 3).await?;
         let (startup_s3, commit_s3_ms) = match &place.s3 {
             Some((_, storage)) => {
