@@ -106,14 +106,28 @@ impl LedgerStore {
 
     /// The numbers of the `prefix` objects present, newest first.
     async fn listed(&self, prefix: &str, suffix: &str) -> lance::Result<Vec<u64>> {
+        Ok(self
+            .listed_objects(prefix, suffix)
+            .await?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect())
+    }
+
+    /// The `prefix` objects present with their numbers, newest first.
+    async fn listed_objects(
+        &self,
+        prefix: &str,
+        suffix: &str,
+    ) -> lance::Result<Vec<(u64, object_store::ObjectMeta)>> {
         use futures::TryStreamExt;
-        let listed: Vec<_> = self
+        let listed: Vec<object_store::ObjectMeta> = self
             .store
             .list(Some(self.dir.clone()))
             .try_collect()
             .await?;
-        let mut found: Vec<u64> = listed
-            .iter()
+        let mut found: Vec<(u64, object_store::ObjectMeta)> = listed
+            .into_iter()
             .filter_map(|m| {
                 let inv: u64 = m
                     .location
@@ -123,10 +137,10 @@ impl LedgerStore {
                     .strip_suffix(suffix)?
                     .parse()
                     .ok()?;
-                Some(u64::MAX - inv)
+                Some((u64::MAX - inv, m))
             })
             .collect();
-        found.sort_unstable_by(|a, b| b.cmp(a));
+        found.sort_unstable_by_key(|(n, _)| std::cmp::Reverse(*n));
         Ok(found)
     }
 
@@ -197,25 +211,8 @@ impl LedgerStore {
     /// Stores without conditional puts grant every claim (upkeep stays correct, only
     /// repeated or overlapping).
     async fn begin_round(&self) -> lance::Result<Option<u64>> {
-        use futures::TryStreamExt;
-        let listed: Vec<_> = self
-            .store
-            .list(Some(self.dir.clone()))
-            .try_collect()
-            .await?;
-        let newest = listed
-            .iter()
-            .filter_map(|m| {
-                let inv: u64 = m
-                    .location
-                    .filename()?
-                    .strip_prefix("upkeep-")?
-                    .parse()
-                    .ok()?;
-                Some((u64::MAX - inv, m))
-            })
-            .max_by_key(|(r, _)| *r);
-        if let Some((_, meta)) = newest {
+        let newest = self.listed_objects("upkeep", "").await?.into_iter().next();
+        if let Some((_, meta)) = &newest {
             let held = chrono::Utc::now() - meta.last_modified;
             if meta.size == 0 && held.to_std().unwrap_or_default() < UPKEEP_LEASE {
                 return Ok(None);

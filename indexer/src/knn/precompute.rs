@@ -720,10 +720,11 @@ pub async fn precompute_knn(
         resident: None,
     };
     if !todo.is_empty() {
-        search.resident = hold_rows(cfg, &meta, &source, &search, plan.nprobe, device).await?;
-        summary.resident_mib = search.resident.as_ref().map(|_| {
-            (meta.source_rows as u64 * bytes_per_row(meta.dim, plan.nprobe)) as f64 / 1048576.0
-        });
+        if let Some((rows, mib)) =
+            hold_rows(cfg, &meta, &source, &search, plan.nprobe, device).await?
+        {
+            (search.resident, summary.resident_mib) = (Some(rows), Some(mib));
+        }
     }
     let ctx = ShardContext {
         cfg,
@@ -761,7 +762,8 @@ pub async fn precompute_knn(
 }
 
 /// Reads the whole table into memory, grouped by partition, when it takes at most half of
-/// `memory_mib` (read once, instead of once per query block); `None` when it does not fit.
+/// `memory_mib` (read once, instead of once per query block), with the MiB it takes; `None`
+/// when it does not fit.
 async fn hold_rows(
     cfg: &KnnConfig,
     meta: &KnnOutputMeta,
@@ -769,7 +771,7 @@ async fn hold_rows(
     search: &Search,
     nprobe: usize,
     device: Device,
-) -> Result<Option<ResidentRows>> {
+) -> Result<Option<(ResidentRows, f64)>> {
     let bytes = meta.source_rows as u64 * bytes_per_row(meta.dim, nprobe);
     if bytes > (cfg.compute.memory_mib as u64) << 19 {
         return Ok(None);
@@ -784,13 +786,14 @@ async fn hold_rows(
         device,
     )
     .await?;
+    let mib = bytes as f64 / 1048576.0;
     tracing::info!(
         rows = rows.len(),
-        mib = bytes as f64 / 1048576.0,
+        mib,
         elapsed_s = loading.elapsed().as_secs_f64(),
         "table held in memory, grouped by partition"
     );
-    Ok(Some(rows))
+    Ok(Some((rows, mib)))
 }
 
 /// What every shard's search reads.
