@@ -17,6 +17,7 @@ fixture() {  # fixture DIR SCRIPT
 fixture target/fixtures/clip-tiny python/make_clip_fixture.py          # HF transformers CLIP
 fixture target/fixtures/diffusion python/make_diffusion_fixture.py     # HF diffusers schedulers
 fixture target/fixtures/eval python/make_eval_fixture.py               # numpy/scipy FD, P/R, R-precision
+fixture target/fixtures/image python/make_image_fixture.py             # Pillow resize and JPEG draft
 # A one-node Slurm on 127.0.0.1 for the job-submission tests (stopped when the tests end).
 if bash scripts/slurm.sh start; then
   export SLURM_CONF="$PWD/target/slurm/slurm.conf"

@@ -7,6 +7,7 @@
 //!   DataLoader, `CLIPModel.get_image_features`) on the same images, model and batch.
 
 pub mod allreduce;
+pub mod image_path;
 pub mod knn;
 pub mod loader;
 pub mod scale;
@@ -110,25 +111,35 @@ fn run_embed(bench: &EmbedBench, source: &Path, work: &Path) -> Result<EmbedSumm
 }
 
 fn run_python(bench: &EmbedBench, images: &Path, config: &Path) -> Result<Value> {
+    python_json(
+        "python/bench_embed_reference.py",
+        &[
+            "--images".into(),
+            images.into(),
+            "--config".into(),
+            config.into(),
+            "--batch-size".into(),
+            bench.batch_size.to_string().into(),
+            "--workers".into(),
+            bench.python_workers.to_string().into(),
+        ],
+    )
+}
+
+/// Runs `.venv/bin/python SCRIPT ARGS…` from the repository root and parses the one JSON
+/// object it prints on stdout.
+pub(crate) fn python_json(script: &str, args: &[std::ffi::OsString]) -> Result<Value> {
     let out = Command::new(".venv/bin/python")
-        .arg("python/bench_embed_reference.py")
-        .arg("--images")
-        .arg(images)
-        .arg("--config")
-        .arg(config)
-        .args(["--batch-size", &bench.batch_size.to_string()])
-        .args(["--workers", &bench.python_workers.to_string()])
+        .arg(script)
+        .args(args)
         .output()
-        .context(
-            "running .venv/bin/python python/bench_embed_reference.py (from the repository root)",
-        )?;
+        .with_context(|| {
+            format!("running .venv/bin/python {script} (from the repository root; scripts/setup.sh makes .venv)")
+        })?;
     if !out.status.success() {
-        bail!(
-            "python reference failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("{script} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    serde_json::from_slice(&out.stdout).context("python reference output")
+    serde_json::from_slice(&out.stdout).with_context(|| format!("{script}'s JSON output"))
 }
 
 /// How this binary was built, for a benchmark's "Build:" line.

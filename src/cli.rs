@@ -446,6 +446,40 @@ pub enum BenchCommand {
     /// What each stage costs as the table grows, at several sizes, with growth exponents.
     #[command(subcommand)]
     Scale(BenchScaleCommand),
+    /// One decode thread's work on generated photo-like JPEGs (longest side 512, 4:2:0,
+    /// quality 90): decode (drafted and not), the 224 px CLIP input, the stored image in each
+    /// format (bytes and time); beside Pillow + HF's processor doing the same on one thread
+    /// (python/bench_image_path.py).
+    ImagePath(BenchImagePathArgs),
+}
+
+/// Flags of `bench image-path`.
+#[derive(Debug, Args)]
+pub struct BenchImagePathArgs {
+    /// Generated JPEGs.
+    #[arg(long, default_value_t = 200)]
+    pub images: usize,
+    /// Longest side of the generated JPEGs.
+    #[arg(long, default_value_t = 512)]
+    pub max_side: u32,
+    /// CLIP input side (shortest edge and crop).
+    #[arg(long, default_value_t = 224)]
+    pub clip_px: u32,
+    /// Side of the stored training image.
+    #[arg(long, default_value_t = 64)]
+    pub stored_px: u32,
+    /// Timed passes over the images (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub passes: usize,
+    /// Skip the Python reference.
+    #[arg(long)]
+    pub no_python: bool,
+    /// Where the JPEGs are written.
+    #[arg(long, default_value = "target/bench-image-path")]
+    pub work: PathBuf,
+    /// Markdown file whose section for this benchmark is replaced; `-` prints it only.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub out: PathBuf,
 }
 
 /// Stages of `bench scale`.

@@ -136,6 +136,11 @@ fn try_main(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Scale(cli::BenchScaleCommand::LoaderProbe(args))) => {
             runtime.block_on(bench::loader::probe(&args))
         }
+        Command::Bench(BenchCommand::ImagePath(args)) => {
+            let md = bench::image_path::run(&args)?;
+            println!("{md}");
+            Ok(())
+        }
         Command::Bench(BenchCommand::Knn(args)) => {
             let md = runtime.block_on(bench::knn::run(&args))?;
             println!("{md}");

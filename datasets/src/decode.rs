@@ -17,6 +17,11 @@ pub struct DecodeLimits {
     pub max_bytes: u64,
     /// Colour that transparent pixels are flattened onto.
     pub background: [u8; 3],
+    /// Decode a JPEG at 1/4 or 1/8 of its size, in the IDCT, when both of its sides stay at
+    /// least this many pixels (Pillow's `draft("RGB", (px, px))` rule, except that where
+    /// Pillow would halve, the full-size decoder is faster here); 0 never does. `width` and
+    /// `height` of the result stay the original's.
+    pub jpeg_draft_px: u32,
 }
 
 impl Default for DecodeLimits {
@@ -25,6 +30,7 @@ impl Default for DecodeLimits {
             max_pixels: 64 * 1024 * 1024,
             max_bytes: 64 * 1024 * 1024,
             background: [255, 255, 255],
+            jpeg_draft_px: 0,
         }
     }
 }
@@ -116,7 +122,8 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<DecodedImage,
             })
     };
     let probe = reader()?;
-    if probe.format().is_none() {
+    let probe_format = probe.format();
+    if probe_format.is_none() {
         return Err(RejectReason::NotAnImage {
             detail: format!("unrecognised header {:02x?}", &bytes[..bytes.len().min(8)]),
         });
@@ -128,6 +135,12 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<DecodedImage,
             height,
             max_pixels: limits.max_pixels,
         });
+    }
+    let divisor = draft_divisor(width, height, limits.jpeg_draft_px);
+    if divisor >= SCALED_DECODE_FROM && probe_format == Some(image::ImageFormat::Jpeg) {
+        if let Some(rgb) = decode_jpeg_scaled(bytes, width, height, divisor)? {
+            return Ok(DecodedImage { rgb, width, height });
+        }
     }
     let mut reader = reader()?;
     let mut image_limits = image::Limits::default();
@@ -152,6 +165,70 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<DecodedImage,
         img.into_rgb8()
     };
     Ok(DecodedImage { rgb, width, height })
+}
+
+/// Pillow's draft rule: the largest of 8, 4, 2 that divides both sides down to no less than
+/// `need` pixels, else 1.
+pub fn draft_divisor(width: u32, height: u32, need: u32) -> u32 {
+    if need == 0 {
+        return 1;
+    }
+    let scale = (width / need).min(height / need);
+    [8, 4, 2].into_iter().find(|&d| scale >= d).unwrap_or(1)
+}
+
+/// Below this divisor the full-size decoder is used even when a draft is allowed: at 1/2,
+/// jpeg-decoder's scaled IDCT took 1.5 ms where zune-jpeg's full decode took 1.1 ms (512 px,
+/// 4:2:0, BENCHMARKS.md "image path"); from 1/4 on the scaled decode is the faster.
+const SCALED_DECODE_FROM: u32 = 4;
+
+/// A JPEG decoded at `1 / divisor` of its size (ceil of each side, as libjpeg's scaled IDCT
+/// gives), or `None` when the scaled decoder does not handle it (CMYK, 12-bit, arithmetic
+/// coding) and the full-size decoder should.
+fn decode_jpeg_scaled(
+    bytes: &[u8],
+    width: u32,
+    height: u32,
+    divisor: u32,
+) -> Result<Option<RgbImage>, RejectReason> {
+    use jpeg_decoder::{Error, PixelFormat};
+    let run = || -> Result<Option<RgbImage>, Error> {
+        let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(bytes));
+        // The same bound as the full decode: 8 bytes a pixel of the original, plus slack.
+        decoder.set_max_decoding_buffer_size(width as usize * height as usize * 8 + (1 << 20));
+        decoder.read_info()?;
+        let format = decoder.info().map(|i| i.pixel_format);
+        if !matches!(format, Some(PixelFormat::RGB24 | PixelFormat::L8)) {
+            return Ok(None);
+        }
+        let want = |side: u32| side.div_ceil(divisor).min(u16::MAX as u32) as u16;
+        let (w, h) = decoder.scale(want(width), want(height))?;
+        let pixels = decoder.decode()?;
+        let rgb = match format {
+            Some(PixelFormat::L8) => pixels.iter().flat_map(|&v| [v, v, v]).collect(),
+            _ => pixels,
+        };
+        let (w, h) = (w as u32, h as u32);
+        RgbImage::from_raw(w, h, rgb).map(Some).ok_or_else(|| {
+            Error::Format(format!(
+                "scaled decode gave a buffer that is not {w}x{h} RGB"
+            ))
+        })
+    };
+    match run() {
+        Ok(img) => Ok(img),
+        Err(Error::Unsupported(_)) => Ok(None),
+        Err(err) => {
+            let detail = err.to_string();
+            Err(match err {
+                Error::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    RejectReason::Truncated { detail }
+                }
+                _ if detail.to_lowercase().contains("eof") => RejectReason::Truncated { detail },
+                _ => RejectReason::Corrupt { detail },
+            })
+        }
+    }
 }
 
 fn classify(err: ImageError) -> RejectReason {

@@ -9,7 +9,8 @@
 //!   each yielding [`RawRecord`]s with a stable id and bounded memory;
 //! - [`decode`]: decoding with explicit limits (header-checked pixel counts, zero-length and
 //!   truncated files), each failure a [`RejectReason`];
-//! - [`resize`]: Pillow-exact antialiased resampling and center cropping;
+//! - [`resize`]: Pillow's antialiased resampling (SIMD, within a level) and center cropping;
+//! - [`stored`]: the stored training image's encoding (PNG, JPEG, WebP, raw);
 //! - [`split`]: the held-out split, a hash of each record's key;
 //! - [`writer`]: img2dataset parquet shards written to any store;
 //! - [`packaged`]: captioned image sets that ship in npm and Debian packages.
@@ -24,6 +25,7 @@ pub mod secret;
 pub mod shard;
 pub mod split;
 pub mod store;
+pub mod stored;
 pub mod writer;
 
 pub use decode::{decode_image, DecodeLimits, RejectReason};

@@ -1,13 +1,17 @@
-//! Antialiased resampling that matches Pillow's `Image.resize` bit for bit on 8-bit RGB, and
-//! the center crop of HF `transformers`' image transforms.
+//! Antialiased resampling with Pillow's filters, and the center crop of HF `transformers'`
+//! image transforms.
 //!
-//! Why Pillow-exact: CLIP checkpoints were trained on images preprocessed by
-//! `CLIPImageProcessor`, which resizes with Pillow's bicubic filter; a different resampler
-//! shifts embeddings. The algorithm is Pillow's `libImaging/Resample.c` (two separable passes,
-//! horizontal first, each rounding to 8 bits with 22-bit fixed-point coefficients; the filter
-//! is widened by the downscale factor, which is what makes it antialiased).
+//! Why Pillow's: CLIP checkpoints were trained on images preprocessed by `CLIPImageProcessor`,
+//! which resizes with Pillow's bicubic filter; a different resampler shifts embeddings. The
+//! resampler is `fast_image_resize` (SIMD, the same two separable passes as Pillow's
+//! `libImaging/Resample.c`, horizontal first, the filter widened by the downscale factor). It
+//! rounds its coefficients to 16 bits where Pillow keeps 22, so a pixel may differ from
+//! Pillow's by one 8-bit level: `datasets/tests/it/image_parity.rs` holds it to that against
+//! Pillow's own output.
 
+use fast_image_resize as fir;
 use image::RgbImage;
+use std::cell::RefCell;
 
 /// A resampling filter (Pillow's names and kernels).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
@@ -15,176 +19,69 @@ use image::RgbImage;
 pub enum Filter {
     /// Triangle kernel, support 1.
     Bilinear,
-    /// Keys cubic with a = -0.5, support 2 (Pillow `BICUBIC`, CLIP's choice).
+    /// Keys cubic with a = -0.5, support 2 (Pillow `BICUBIC`, CLIP's choice; Catmull-Rom).
     Bicubic,
     /// Lanczos with 3 lobes, support 3 (Pillow `LANCZOS`).
     Lanczos,
 }
 
 impl Filter {
-    fn support(self) -> f64 {
-        match self {
-            Filter::Bilinear => 1.0,
-            Filter::Bicubic => 2.0,
-            Filter::Lanczos => 3.0,
-        }
-    }
-
-    fn weight(self, x: f64) -> f64 {
-        match self {
-            Filter::Bilinear => {
-                let x = x.abs();
-                if x < 1.0 {
-                    1.0 - x
-                } else {
-                    0.0
-                }
-            }
-            Filter::Bicubic => {
-                const A: f64 = -0.5;
-                let x = x.abs();
-                if x < 1.0 {
-                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
-                } else if x < 2.0 {
-                    (((x - 5.0) * x + 8.0) * x - 4.0) * A
-                } else {
-                    0.0
-                }
-            }
-            Filter::Lanczos => {
-                if (-3.0..3.0).contains(&x) {
-                    sinc(x) * sinc(x / 3.0)
-                } else {
-                    0.0
-                }
-            }
-        }
+    fn convolution(self) -> fir::ResizeAlg {
+        fir::ResizeAlg::Convolution(match self {
+            Filter::Bilinear => fir::FilterType::Bilinear,
+            Filter::Bicubic => fir::FilterType::CatmullRom,
+            Filter::Lanczos => fir::FilterType::Lanczos3,
+        })
     }
 }
 
-fn sinc(x: f64) -> f64 {
-    if x == 0.0 {
-        1.0
-    } else {
-        let px = x * std::f64::consts::PI;
-        px.sin() / px
-    }
+thread_local! {
+    // The resizer keeps its scratch buffers between calls: one per decode thread.
+    static RESIZER: RefCell<fir::Resizer> = RefCell::new(fir::Resizer::new());
 }
 
-const PRECISION_BITS: u32 = 32 - 8 - 2;
-
-/// Fixed-point coefficients of one pass: for each output index, the first input index, the
-/// number of taps, and `ksize` coefficients.
-struct Coeffs {
-    ksize: usize,
-    bounds: Vec<(usize, usize)>,
-    kk: Vec<i32>,
-}
-
-/// Pillow `precompute_coeffs` + `normalize_coeffs_8bpc` for the box `[0, in_size)`.
-fn precompute(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
-    let in0 = 0.0f64;
-    let in1 = in_size as f32 as f64;
-    let scale = (in1 - in0) / out_size as f64;
-    let filterscale = scale.max(1.0);
-    let support = filter.support() * filterscale;
-    let ksize = support.ceil() as usize * 2 + 1;
-    let mut bounds = Vec::with_capacity(out_size);
-    let mut kk = vec![0i32; out_size * ksize];
-    let mut pre = vec![0f64; ksize];
-    for xx in 0..out_size {
-        let center = in0 + (xx as f64 + 0.5) * scale;
-        let ss = 1.0 / filterscale;
-        // C's (int) cast truncates toward zero; Rust's `as` does the same.
-        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
-        let mut ww = 0.0;
-        for (x, p) in pre.iter_mut().enumerate().take(xmax) {
-            let w = filter.weight((x as f64 + xmin as f64 - center + 0.5) * ss);
-            *p = w;
-            ww += w;
-        }
-        let row = &mut kk[xx * ksize..(xx + 1) * ksize];
-        for x in 0..xmax {
-            let w = if ww != 0.0 { pre[x] / ww } else { pre[x] };
-            let scaled = w * (1u64 << PRECISION_BITS) as f64;
-            row[x] = if w < 0.0 {
-                (-0.5 + scaled) as i32
-            } else {
-                (0.5 + scaled) as i32
-            };
-        }
-        bounds.push((xmin, xmax));
-    }
-    Coeffs { ksize, bounds, kk }
-}
-
-#[inline]
-fn clip8(acc: i32) -> u8 {
-    (acc >> PRECISION_BITS).clamp(0, 255) as u8
-}
-
-/// Resizes an RGB image to `width` x `height` exactly as Pillow's `Image.resize` does.
+/// Resizes an RGB image to `width` x `height` as Pillow's `Image.resize` does (within one
+/// level a pixel).
 pub fn resize(img: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbImage {
-    let (in_w, in_h) = (img.width() as usize, img.height() as usize);
-    let (out_w, out_h) = (width as usize, height as usize);
-    if (in_w, in_h) == (out_w, out_h) {
+    if img.dimensions() == (width, height) {
         return img.clone();
     }
-    let horiz = precompute(in_w, out_w, filter);
-    let vert = precompute(in_h, out_h, filter);
-    let src = img.as_raw();
-
-    // Horizontal pass over the rows the vertical pass will read.
-    let (y_first, y_last) = if out_h != in_h {
-        let last = vert.bounds[out_h - 1];
-        (vert.bounds[0].0, last.0 + last.1)
+    if width == 0 || height == 0 || img.width() == 0 || img.height() == 0 {
+        return RgbImage::new(width, height);
+    }
+    // Pillow runs the horizontal pass first and rounds to 8 bits between the passes;
+    // fast_image_resize runs the vertical one first for 8-bit pixels. The order decides how
+    // a negative lobe's overshoot is clipped at a hard edge (up to 24 levels apart), so each
+    // pass is asked for on its own, in Pillow's order.
+    let across = if width != img.width() {
+        Some(one_pass(
+            img.as_raw(),
+            img.dimensions(),
+            (width, img.height()),
+            filter,
+        ))
     } else {
-        (0, in_h)
+        None
     };
-    let (tmp, tmp_w, tmp_y0) = if out_w != in_w {
-        let rows = y_last - y_first;
-        let mut tmp = vec![0u8; rows * out_w * 3];
-        for r in 0..rows {
-            let in_row = &src[(r + y_first) * in_w * 3..(r + y_first + 1) * in_w * 3];
-            let out_row = &mut tmp[r * out_w * 3..(r + 1) * out_w * 3];
-            for (xx, &(xmin, xmax)) in horiz.bounds.iter().enumerate() {
-                let k = &horiz.kk[xx * horiz.ksize..xx * horiz.ksize + xmax];
-                let mut acc = [1i32 << (PRECISION_BITS - 1); 3];
-                for (t, &kv) in k.iter().enumerate() {
-                    let p = (xmin + t) * 3;
-                    acc[0] += in_row[p] as i32 * kv;
-                    acc[1] += in_row[p + 1] as i32 * kv;
-                    acc[2] += in_row[p + 2] as i32 * kv;
-                }
-                out_row[xx * 3] = clip8(acc[0]);
-                out_row[xx * 3 + 1] = clip8(acc[1]);
-                out_row[xx * 3 + 2] = clip8(acc[2]);
-            }
-        }
-        (tmp, out_w, y_first)
+    let out = if height != img.height() {
+        let src = across.as_deref().unwrap_or(img.as_raw());
+        one_pass(src, (width, img.height()), (width, height), filter)
     } else {
-        (src.to_vec(), in_w, 0)
-    };
-
-    let out = if out_h != in_h {
-        let mut out = vec![0u8; out_h * out_w * 3];
-        for (yy, &(ymin, ymax)) in vert.bounds.iter().enumerate() {
-            let k = &vert.kk[yy * vert.ksize..yy * vert.ksize + ymax];
-            let out_row = &mut out[yy * out_w * 3..(yy + 1) * out_w * 3];
-            for (i, o) in out_row.iter_mut().enumerate() {
-                let mut acc = 1i32 << (PRECISION_BITS - 1);
-                for (t, &kv) in k.iter().enumerate() {
-                    acc += tmp[(ymin - tmp_y0 + t) * tmp_w * 3 + i] as i32 * kv;
-                }
-                *o = clip8(acc);
-            }
-        }
-        out
-    } else {
-        tmp
+        across.expect("the sizes differ in width when not in height")
     };
     RgbImage::from_raw(width, height, out).expect("buffer sized width * height * 3")
+}
+
+/// One resampling pass (the sizes differ along one axis only).
+fn one_pass(src: &[u8], from: (u32, u32), to: (u32, u32), filter: Filter) -> Vec<u8> {
+    let src = fir::images::ImageRef::new(from.0, from.1, src, fir::PixelType::U8x3)
+        .expect("the buffer holds width * height * 3 bytes");
+    let mut dst = fir::images::Image::new(to.0, to.1, fir::PixelType::U8x3);
+    let options = fir::ResizeOptions::new().resize_alg(filter.convolution());
+    RESIZER
+        .with(|r| r.borrow_mut().resize(&src, &mut dst, &options))
+        .expect("same pixel type on both sides and a non-empty source");
+    dst.into_vec()
 }
 
 /// The size HF's `get_resize_output_image_size(default_to_square=False)` gives when the

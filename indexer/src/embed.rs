@@ -26,6 +26,7 @@ use arrow_array::{
 use arrow_schema::{DataType, Field, SchemaRef};
 use futures::StreamExt;
 use knn_datasets::resize::{resize_and_center_crop, Filter};
+use knn_datasets::stored::StoredFormat;
 use knn_datasets::{
     assign_shards, decode_image, list_shards, read_shard, shard_schema, DatasetError, DecodeLimits,
     RawRecord, ReaderOptions, RejectReason, Shard, ShardFormat, SourceLocation, StorageConfig,
@@ -91,6 +92,18 @@ pub struct OutputConfig {
     /// Filter for the stored image: `lanczos`, `bicubic` or `bilinear`.
     #[serde(default = "default_filter")]
     pub resize_filter: Filter,
+    /// Encoding of the stored image: `png` (lossless), `jpeg` (lossy, at `jpeg_quality`),
+    /// `webp` (lossless) or `raw` (binary PPM, nothing to encode). BENCHMARKS.md measures the
+    /// bytes and time of each.
+    #[serde(default)]
+    pub image_format: StoredFormat,
+    /// JPEG quality, 1–100, when `image_format = "jpeg"`.
+    #[serde(default = "default_jpeg_quality")]
+    pub jpeg_quality: u8,
+}
+
+fn default_jpeg_quality() -> u8 {
+    90
 }
 
 fn default_image_size() -> u32 {
@@ -122,6 +135,16 @@ pub struct DecodeConfig {
     /// RGB colour transparent pixels are flattened onto.
     #[serde(default = "default_background")]
     pub background: [u8; 3],
+    /// Decode a JPEG at 1/2, 1/4 or 1/8 of its size (in the IDCT, several times faster) when
+    /// both sides stay at least the CLIP input and the stored image: what Pillow's `draft()`
+    /// does. `false` decodes every JPEG at full size, which is what HF's
+    /// `CLIPImageProcessor` sees (embeddings then match a Python pipeline without `draft`).
+    #[serde(default = "default_true")]
+    pub jpeg_draft: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_max_pixels() -> u64 {
@@ -141,6 +164,7 @@ impl Default for DecodeConfig {
             max_pixels: default_max_pixels(),
             max_bytes: default_max_bytes(),
             background: default_background(),
+            jpeg_draft: default_true(),
         }
     }
 }
@@ -345,18 +369,75 @@ struct ModelJob {
     reply: oneshot::Sender<std::result::Result<Vec<f32>, String>>,
 }
 
+/// What embed makes of one image: the stored training image and CLIP's input.
+#[derive(Clone, Debug)]
+pub struct ImagePrep {
+    /// Limits on each record, and the JPEG draft size.
+    pub limits: DecodeLimits,
+    /// Side of the stored image.
+    pub stored_px: u32,
+    /// Filter of the stored image.
+    pub filter: Filter,
+    /// Encoding of the stored image.
+    pub format: StoredFormat,
+    /// JPEG quality of the stored image.
+    pub jpeg_quality: u8,
+    /// CLIP's preprocessing.
+    pub processor: crate::clip::ClipImageProcessor,
+}
+
+impl ImagePrep {
+    /// The preparation `cfg` asks for with CLIP's `processor`. A JPEG is drafted (decoded at
+    /// a fraction of its size) to no less than both the CLIP input and the stored image.
+    pub fn new(cfg: &EmbedConfig, processor: crate::clip::ClipImageProcessor) -> Self {
+        let draft = match (cfg.decode.jpeg_draft, processor.draft_side()) {
+            (true, Some(side)) => side.max(cfg.output.image_size_px),
+            _ => 0,
+        };
+        ImagePrep {
+            limits: DecodeLimits {
+                max_pixels: cfg.decode.max_pixels,
+                max_bytes: cfg.decode.max_bytes,
+                background: cfg.decode.background,
+                jpeg_draft_px: draft,
+            },
+            stored_px: cfg.output.image_size_px,
+            filter: cfg.output.resize_filter,
+            format: cfg.output.image_format,
+            jpeg_quality: cfg.output.jpeg_quality,
+            processor,
+        }
+    }
+
+    /// Decodes `bytes`, appends CLIP's input to `pixels` (only on success), and returns the
+    /// original (width, height) and the stored image's bytes.
+    pub fn prepare(
+        &self,
+        bytes: &[u8],
+        pixels: &mut Vec<f32>,
+    ) -> std::result::Result<((u32, u32), Vec<u8>), RejectReason> {
+        let img = decode_image(bytes, &self.limits)?;
+        let small = resize_and_center_crop(&img.rgb, self.stored_px, self.filter);
+        let stored = self
+            .format
+            .encode(&small, self.jpeg_quality)
+            .map_err(|detail| RejectReason::Corrupt { detail })?;
+        self.processor.preprocess_into(&img.rgb, pixels);
+        Ok(((img.width, img.height), stored))
+    }
+}
+
 /// Everything a shard task needs, shared.
 struct Stage {
     cfg: EmbedConfig,
     source: SourceLocation,
     reader: ReaderOptions,
-    limits: DecodeLimits,
+    prep: ImagePrep,
     images: ShardedTable,
     rejects: ShardedTable,
     schema: SchemaRef,
     /// `embed.source.columns`, typed, in the schema after `emb`.
     carried: Vec<Field>,
-    processor: crate::clip::ClipImageProcessor,
     dim: usize,
     model_tx: mpsc::Sender<ModelJob>,
     decode_permits: Semaphore,
@@ -511,6 +592,12 @@ pub async fn embed(
             reason: "must be at least 1".into(),
         });
     }
+    if !(1..=100).contains(&cfg.output.jpeg_quality) {
+        return Err(IndexerError::Config {
+            key: "embed.output.jpeg_quality".into(),
+            reason: format!("{} is not in 1..=100", cfg.output.jpeg_quality),
+        });
+    }
     let source = SourceLocation::open(&cfg.source.url, storage)?;
     let all = list_shards(&source, cfg.source.format, cfg.source.folder_shard_size).await?;
     let carried = carried_columns(&cfg.source, &source, all.first()).await?;
@@ -602,17 +689,12 @@ pub async fn embed(
                 .collect(),
             ..Default::default()
         },
-        limits: DecodeLimits {
-            max_pixels: cfg.decode.max_pixels,
-            max_bytes: cfg.decode.max_bytes,
-            background: cfg.decode.background,
-        },
+        prep: ImagePrep::new(cfg, processor),
         source,
         images,
         rejects,
         schema,
         carried,
-        processor,
         dim,
         model_tx,
         decode_permits: Semaphore::new(decode_threads),
@@ -758,7 +840,7 @@ fn decode_records(stage: &Stage, records: Vec<RawRecord>) -> DecodedChunk {
         carried: vec![Vec::with_capacity(records.len()); stage.carried.len()],
         rejects: Vec::new(),
     };
-    let (side_w, side_h) = stage.processor.output_size(1, 1);
+    let (side_w, side_h) = stage.prep.processor.output_size(1, 1);
     chunk
         .pixels
         .reserve(records.len() * 3 * side_w as usize * side_h as usize);
@@ -776,30 +858,15 @@ fn decode_records(stage: &Stage, records: Vec<RawRecord>) -> DecodedChunk {
                 continue;
             }
         };
-        let decoded = rec
+        let prepared = rec
             .payload
-            .and_then(|bytes| decode_image(&bytes, &stage.limits))
-            .and_then(|img| {
-                let small = resize_and_center_crop(
-                    &img.rgb,
-                    stage.cfg.output.image_size_px,
-                    stage.cfg.output.resize_filter,
-                );
-                let mut png = Vec::new();
-                small
-                    .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-                    .map_err(|e| RejectReason::Corrupt {
-                        detail: format!("re-encoding failed: {e}"),
-                    })?;
-                Ok((img, png))
-            });
-        match decoded {
-            Ok((img, png)) => {
-                stage.processor.preprocess_into(&img.rgb, &mut chunk.pixels);
+            .and_then(|bytes| stage.prep.prepare(&bytes, &mut chunk.pixels));
+        match prepared {
+            Ok((size, stored)) => {
                 chunk.ids.push(rec.id);
                 chunk.keys.push(rec.key);
-                chunk.images.push(png);
-                chunk.sizes.push((img.width, img.height));
+                chunk.images.push(stored);
+                chunk.sizes.push(size);
                 for (column, cell) in chunk.carried.iter_mut().zip(cells) {
                     column.push(cell);
                 }

@@ -2,6 +2,7 @@
 //! memory:// and a real S3 server on loopback.
 
 mod fixtures;
+mod image_parity;
 #[path = "../../../tests/support/images.rs"]
 mod images;
 mod packaged;

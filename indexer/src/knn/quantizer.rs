@@ -222,10 +222,11 @@ fn shares_of(p: usize, counts: &[usize]) -> Vec<usize> {
 }
 
 /// A deterministic stream of pseudo-random numbers (SplitMix64).
-struct SplitMix(u64);
+pub struct SplitMix(pub u64);
 
 impl SplitMix {
-    fn next(&mut self) -> u64 {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -240,7 +241,7 @@ pub fn sample_offsets(n: u64, count: u64, seed: u64) -> Vec<u64> {
     let mut rng = SplitMix(seed ^ 0x6b6e_6e2d_6469_6666);
     let mut chosen = HashSet::with_capacity(count as usize);
     for j in (n - count)..n {
-        let t = rng.next() % (j + 1);
+        let t = rng.next_u64() % (j + 1);
         if !chosen.insert(t) {
             chosen.insert(j);
         }

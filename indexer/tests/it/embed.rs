@@ -563,3 +563,62 @@ async fn score_adds_a_colourfulness_column_once() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_jpegs_are_drafted_and_the_stored_image_takes_the_configured_format() {
+    use knn_datasets::stored::StoredFormat;
+    let src = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(src.path().join("a")).unwrap();
+    // 512 x 384 JPEGs: the tiny CLIP's input and the 16 px stored image allow a 1/8 draft.
+    for i in 0..3u8 {
+        let img = image::RgbImage::from_fn(512, 384, |x, y| {
+            image::Rgb([(x / 2) as u8, (y / 2) as u8, i * 60])
+        });
+        let mut jpg = Vec::new();
+        img.write_to(&mut Cursor::new(&mut jpg), image::ImageFormat::Jpeg)
+            .unwrap();
+        std::fs::write(src.path().join(format!("a/{i}.jpg")), jpg).unwrap();
+    }
+    let mut stored = Vec::new();
+    for format in [StoredFormat::Raw, StoredFormat::Jpeg] {
+        let out = tempfile::tempdir().unwrap();
+        let mut cfg = config(src.path(), out.path(), "");
+        cfg.output.image_format = format;
+        let s = run(&cfg, (0, 1)).await;
+        assert_eq!((s.images_ok, s.rejected_total()), (3, 0), "{s}");
+        let batch = read_columns(&uri(out.path(), "emb.lance"), &["image", "width", "emb"]).await;
+        // The original size is recorded, not the drafted one.
+        let widths = col::<arrow_array::UInt32Array>(&batch, 1);
+        assert!(widths.values().iter().all(|&w| w == 512));
+        let images = col::<arrow_array::BinaryArray>(&batch, 0);
+        for row in 0..images.len() {
+            let bytes = images.value(row);
+            let magic: &[u8] = if format == StoredFormat::Raw {
+                b"P6"
+            } else {
+                &[0xFF, 0xD8]
+            };
+            assert!(bytes.starts_with(magic), "{format:?}: {:02x?}", &bytes[..4]);
+            let img = image::load_from_memory(bytes).unwrap().to_rgb8();
+            assert_eq!(img.dimensions(), (16, 16));
+            stored.push(img);
+        }
+    }
+    // Raw is exact; JPEG at quality 90 stays near it on a smooth gradient.
+    for (raw, jpeg) in stored[..3].iter().zip(&stored[3..]) {
+        let worst = raw
+            .as_raw()
+            .iter()
+            .zip(jpeg.as_raw())
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        assert!(worst <= 16, "JPEG stored image {worst} levels from raw");
+    }
+
+    let out = tempfile::tempdir().unwrap();
+    let mut cfg = config(src.path(), out.path(), "");
+    cfg.output.jpeg_quality = 0;
+    let err = embed_error(&cfg).await;
+    assert!(err.contains("embed.output.jpeg_quality"), "{err}");
+}

@@ -101,6 +101,7 @@ pub async fn prepare(
             max_pixels: cfg.data.max_pixels,
             max_bytes: cfg.data.max_bytes,
             background: [255, 255, 255],
+            jpeg_draft_px: 0,
         },
         processor: processor.clone(),
         max_caption_chars: cfg.data.max_caption_chars,
