@@ -10,7 +10,10 @@ pub mod allreduce;
 pub mod image_path;
 pub mod knn;
 pub mod loader;
+#[path = "../tests/support/s3_server.rs"]
+mod s3_server;
 pub mod scale;
+pub mod scale_embed;
 pub mod train;
 pub mod train_clip;
 

@@ -499,6 +499,37 @@ pub enum BenchScaleCommand {
     /// One measurement of `bench scale loader`, in a process of its own (run by it).
     #[command(hide = true)]
     LoaderProbe(BenchScaleLoaderProbeArgs),
+    /// The embed stage at --sizes records of generated photo-like JPEGs in parquet shards on
+    /// the loopback S3 server, run by --workers processes with the tiny random CLIP: img/s,
+    /// peak RSS per worker and S3 requests per record (from the server's log), with how
+    /// each grows from the smallest size to the largest.
+    Embed(BenchScaleEmbedArgs),
+}
+
+/// Flags of `bench scale embed`.
+#[derive(Debug, Args)]
+pub struct BenchScaleEmbedArgs {
+    /// Records at which to measure, increasing.
+    #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
+    pub sizes: Vec<usize>,
+    /// Embed worker processes at once.
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// Records a parquet shard.
+    #[arg(long, default_value_t = 2000)]
+    pub shard_rows: usize,
+    /// Distinct generated JPEGs, cycled through the records.
+    #[arg(long, default_value_t = 500)]
+    pub pool: usize,
+    /// JPEG quality of the generated images.
+    #[arg(long, default_value_t = 85)]
+    pub quality: u8,
+    /// Where the image pool, the configs and the workers' logs go.
+    #[arg(long, default_value = "target/bench-scale-embed")]
+    pub work: PathBuf,
+    /// Markdown file whose section for this benchmark is replaced; `-` prints it only.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub out: PathBuf,
 }
 
 /// Flags of `bench scale loader`.

@@ -133,6 +133,11 @@ fn try_main(cli: Cli) -> Result<()> {
             println!("{md}");
             Ok(())
         }
+        Command::Bench(BenchCommand::Scale(cli::BenchScaleCommand::Embed(args))) => {
+            let md = bench::scale_embed::run(&args)?;
+            println!("{md}");
+            Ok(())
+        }
         Command::Bench(BenchCommand::Scale(cli::BenchScaleCommand::LoaderProbe(args))) => {
             runtime.block_on(bench::loader::probe(&args))
         }

@@ -68,6 +68,21 @@ fn photo_like(w: u32, h: u32, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// A photo-like JPEG of `w` x `h` at `quality`, 4:2:0 (libjpeg's default).
+pub(crate) fn photo_jpeg(w: u32, h: u32, seed: u64, quality: u8) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    let mut enc = jpeg_encoder::Encoder::new(&mut bytes, quality);
+    enc.set_sampling_factor(jpeg_encoder::SamplingFactor::R_4_2_0);
+    enc.encode(
+        &photo_like(w, h, seed),
+        w as u16,
+        h as u16,
+        jpeg_encoder::ColorType::Rgb,
+    )
+    .context("encoding a generated JPEG")?;
+    Ok(bytes)
+}
+
 /// Writes `n` JPEGs into `dir` (kept between runs when already there) and returns their bytes.
 fn make_jpegs(dir: &Path, n: usize, max_side: u32) -> Result<Vec<Vec<u8>>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating `{}`", dir.display()))?;
@@ -84,16 +99,7 @@ fn make_jpegs(dir: &Path, n: usize, max_side: u32) -> Result<Vec<Vec<u8>>> {
             if let Ok(bytes) = std::fs::read(&path) {
                 return Ok(bytes);
             }
-            let mut bytes = Vec::new();
-            let mut enc = jpeg_encoder::Encoder::new(&mut bytes, 90);
-            enc.set_sampling_factor(jpeg_encoder::SamplingFactor::R_4_2_0);
-            enc.encode(
-                &photo_like(w, h, i as u64),
-                w as u16,
-                h as u16,
-                jpeg_encoder::ColorType::Rgb,
-            )
-            .context("encoding a generated JPEG")?;
+            let bytes = photo_jpeg(w, h, i as u64, 90)?;
             std::fs::write(&path, &bytes)
                 .with_context(|| format!("writing `{}`", path.display()))?;
             Ok(bytes)

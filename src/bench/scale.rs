@@ -23,8 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-#[path = "../../tests/support/s3_server.rs"]
-mod s3_server;
+use super::s3_server;
 
 /// One arm: a table grown with or without upkeep.
 struct Arm {

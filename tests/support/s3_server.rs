@@ -23,6 +23,12 @@ pub struct S3Server {
 impl S3Server {
     /// Starts a server with `buckets` created.
     pub fn start(buckets: &[&str]) -> S3Server {
+        Self::start_logged(buckets, None)
+    }
+
+    /// As `start`, with one log line per request (its S3 operation: `op=GetObject`) written
+    /// to `request_log`, so a benchmark can count the requests a stage makes.
+    pub fn start_logged(buckets: &[&str], request_log: Option<&std::path::Path>) -> S3Server {
         let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .ancestors()
             .find(|p| p.join("scripts/setup.sh").is_file())
@@ -50,8 +56,21 @@ impl S3Server {
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--access-key", &access_key, "--secret-key", &secret_key])
             .arg(root.path())
-            .stdout(Stdio::null())
+            // s3s-fs logs to stdout.
+            .stdout(match request_log {
+                Some(path) => Stdio::from(std::fs::File::create(path).expect("request log")),
+                None => Stdio::null(),
+            })
             .stderr(Stdio::null())
+            .env(
+                "RUST_LOG",
+                if request_log.is_some() {
+                    "s3s::ops=debug"
+                } else {
+                    "off"
+                },
+            )
+            .env("NO_COLOR", "1")
             .spawn()
             .expect("spawn s3s-fs");
         let deadline = Instant::now() + Duration::from_secs(20);
