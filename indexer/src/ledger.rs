@@ -20,6 +20,18 @@
 //! the highest V and reads only the transactions after it. A version whose transaction is gone
 //! must be covered by a checkpoint; if none covers it, the refresh fails rather than guess
 //! (see [`crate::table::maintain`] for the clean-up that keeps this true).
+//!
+//! **The compaction gate.** A compaction's commit conflicts with no append, but appends are
+//! cheaper to rebase, and against a stream of them it lost every one of Lance's attempts
+//! (rounds of minutes, fragments piling up: BENCHMARKS.md, "scale"). So upkeep raises a gate
+//! (`_knn_ledger/compacting`) for the moment its rewrite commits, and every shard commit
+//! attempt waits while it is up (one HEAD request when it is not). A gate left up by a worker
+//! that died is ignored once it is [`GATE_LEASE`] old. An attempt that waited gives its
+//! manifest back as a conflict, so that Lance makes it again on the newest version: while it
+//! waited, upkeep may have removed the versions up to the one it aimed at, and a put-if-absent
+//! of a removed version succeeds where no reader looks (measured: rows lost and shards
+//! committed twice, in `upkeep_while_two_workers_commit_keeps_every_shard_exactly_once`). For
+//! the same reason every attempt checks that the version below its own still exists.
 
 use lance::dataset::transaction::Transaction as DatasetTransaction;
 use lance::Dataset;
@@ -49,6 +61,10 @@ const CHECKPOINTS_KEPT: usize = 3;
 /// How long an unfinished upkeep round keeps the next one from starting: after this its
 /// worker is taken to have died.
 pub const UPKEEP_LEASE: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// How long a raised compaction gate holds shard commits back: a worker that died while
+/// committing a compaction leaves its gate up, and commits go on once it is this old.
+pub const GATE_LEASE: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// One checkpoint object: the shards committed through `table_version`. Two checkpoints of
 /// one version hold the same shards (the table's history decides them), so whoever writes
@@ -243,6 +259,49 @@ impl LedgerStore {
         self.store.put(&self.round_path(round), b"done").await?;
         Ok(())
     }
+
+    fn gate_path(&self) -> Path {
+        self.dir.clone().join("compacting")
+    }
+
+    async fn raise_gate(&self) -> lance::Result<()> {
+        self.store.put(&self.gate_path(), b"compacting").await?;
+        Ok(())
+    }
+
+    async fn lower_gate(&self) -> lance::Result<()> {
+        match self.store.delete(&self.gate_path()).await {
+            Err(e) if !is_not_found(&e) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Waits while the gate is up and younger than [`GATE_LEASE`]; how long it waited (zero
+    /// when the gate was down or lapsed at the first look).
+    async fn wait_at_gate(&self) -> lance::Result<std::time::Duration> {
+        use object_store::ObjectStoreExt;
+        let started = std::time::Instant::now();
+        let mut waited = false;
+        loop {
+            let up = match self.store.inner.head(&self.gate_path()).await {
+                Ok(meta) => {
+                    let age = chrono::Utc::now().signed_duration_since(meta.last_modified);
+                    age.to_std().unwrap_or_default() < GATE_LEASE
+                }
+                Err(object_store::Error::NotFound { .. }) => false,
+                Err(e) => return Err(e.into()),
+            };
+            if !up {
+                return Ok(if waited {
+                    started.elapsed()
+                } else {
+                    std::time::Duration::ZERO
+                });
+            }
+            waited = true;
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
 }
 
 /// The shard ledger of one table, read from its checkpoints and transaction history.
@@ -387,6 +446,26 @@ impl ShardLedger {
         self.store.end_round(round).await
     }
 
+    /// Holds every worker's shard commits back ([`ShardLedger::wait_at_gate`]) while a
+    /// compaction commits: against a stream of appends, a rewrite's commit lost all of
+    /// Lance's attempts and rounds took minutes (BENCHMARKS.md, "scale"). Lower it with
+    /// [`ShardLedger::lower_gate`]; one left up by a dead worker lapses after
+    /// [`GATE_LEASE`].
+    pub async fn raise_gate(&self) -> lance::Result<()> {
+        self.store.raise_gate().await
+    }
+
+    /// Lets shard commits go on.
+    pub async fn lower_gate(&self) -> lance::Result<()> {
+        self.store.lower_gate().await
+    }
+
+    /// Waits while a compaction holds the gate (one HEAD request when it does not); returns
+    /// how long it waited.
+    pub async fn wait_at_gate(&self) -> lance::Result<std::time::Duration> {
+        self.store.wait_at_gate().await
+    }
+
     /// The newest upkeep mark this ledger has tried.
     pub fn mark(&self) -> u64 {
         self.lock().mark
@@ -523,10 +602,45 @@ impl CommitHandler for ShardLedgerHandler {
         transaction: Option<Transaction>,
     ) -> Result<ManifestLocation, CommitError> {
         let target = manifest.version;
+        // Every attempt, not only a round's first: an attempt already past the gate when a
+        // compaction raises it can take one version from it, no more.
+        let waited = self
+            .ledger
+            .wait_at_gate()
+            .await
+            .map_err(CommitError::OtherError)?;
+        if !waited.is_zero() {
+            tracing::debug!(
+                table = %self.ledger.store.table,
+                shard = %self.shard,
+                waited_ms = waited.as_millis() as u64,
+                "waited for a compaction to commit"
+            );
+            // This manifest was made for a version the compaction has most likely taken,
+            // and while it waited, upkeep may have removed versions up to its target: a
+            // put-if-absent of a removed version succeeds, and would commit this shard
+            // where no reader looks (rows lost, the shard free to be committed again).
+            // Lance rebuilds it on the newest version after a conflict.
+            return Err(CommitError::CommitConflict);
+        }
         self.ledger
             .refresh(&self.table, target.saturating_sub(1))
             .await
             .map_err(CommitError::OtherError)?;
+        // The same hazard without a gate, narrowed to one request: a manifest is made on
+        // version `target - 1`, and if upkeep removed that version meanwhile (it removes all
+        // but the newest when `keep_versions_hours = 0`), `target` may be gone too.
+        if target > 1 {
+            use object_store::ObjectStoreExt;
+            let below = naming_scheme.manifest_path(base_path, target - 1);
+            match object_store.inner.head(&below).await {
+                Ok(_) => {}
+                Err(object_store::Error::NotFound { .. }) => {
+                    return Err(CommitError::CommitConflict)
+                }
+                Err(e) => return Err(CommitError::OtherError(e.into())),
+            }
+        }
         if let Some(at) = self.ledger.committed_at(&self.shard) {
             return Err(CommitError::OtherError(lance::Error::invalid_input(
                 format!(

@@ -12,7 +12,9 @@
 //!    and leave the fragments unmerged), whichever workers cross marks meanwhile; the others
 //!    go on committing.
 //! 2. **Compact** fragments smaller than `target_rows_per_fragment` (Lance's
-//!    `compact_files`; it commits a rewrite, which concurrent appends do not conflict with).
+//!    planner and rewrite; its commit conflicts with no append, but against a stream of them
+//!    it lost every one of Lance's attempts, so it commits behind the ledger's gate, which
+//!    holds shard commits back for that moment).
 //! 3. **Remove old versions**: those older than the checkpoint *and* than
 //!    `keep_versions_hours` (Lance's `cleanup_old_versions`; data files of appends still in
 //!    flight are younger than its seven-day threshold for unreferenced files and stay).
@@ -28,7 +30,8 @@ use crate::ledger::{LedgerStore, ShardLedger};
 use crate::{IndexerError, Result};
 use knn_datasets::TableMaintenance;
 use lance::dataset::cleanup::CleanupPolicy;
-use lance::dataset::optimize::{compact_files, CompactionOptions};
+use lance::dataset::index::DatasetIndexRemapperOptions;
+use lance::dataset::optimize::{commit_compaction, plan_compaction, CompactionOptions};
 use lance::Dataset;
 use lance_io::object_store::ObjectStore;
 use lance_table::io::commit::ManifestNamingScheme;
@@ -148,7 +151,7 @@ async fn upkeep(
     let mut ds = load_dataset(uri, storage, None).await.map_err(lance_err)?;
     let fragments_before = ds.count_fragments();
     if cfg.compact {
-        compact(uri, storage, &mut ds, cfg.target_rows_per_fragment).await?;
+        compact(uri, storage, ledger, &mut ds, cfg.target_rows_per_fragment).await?;
     }
     let fragments_after = ds.count_fragments();
     let keep = chrono::Duration::milliseconds((cfg.keep_versions_hours * 3.6e6) as i64);
@@ -212,37 +215,42 @@ async fn upkeep(
     })
 }
 
-/// Compacts `ds` in place. A rewrite that loses to another rewrite, or whose versions another
-/// clean-up removed (a `gc` run and a worker's upkeep, or two `gc` runs), is tried again on
-/// the new version, three times in all; after that the other rewrite has done the work and
-/// this round leaves compaction to it.
+/// Compacts `ds` in place: the small fragments are planned and rewritten while shard commits
+/// go on, then the rewrite commits with the ledger's gate up, so that appends wait for it
+/// (they would otherwise win every one of Lance's attempts). A rewrite that loses to another
+/// rewrite, or whose versions another clean-up removed (a `gc` run and a worker's upkeep, or
+/// two `gc` runs), is planned again on the new version, three times in all; after that the
+/// other rewrite has done the work and this round leaves compaction to it. A rewrite's
+/// result is never committed twice (a second commit of the same files lost them).
 async fn compact(
     uri: &str,
     storage: &HashMap<String, String>,
+    ledger: &ShardLedger,
     ds: &mut Dataset,
     target_rows_per_fragment: usize,
 ) -> Result<()> {
     const TRIES: usize = 3;
+    let options = CompactionOptions {
+        target_rows_per_fragment,
+        ..Default::default()
+    };
     for attempt in 1..=TRIES {
-        let options = CompactionOptions {
-            target_rows_per_fragment,
-            ..Default::default()
-        };
-        match compact_files(ds, options, None).await {
-            Ok(_) => return Ok(()),
+        match rewrite_and_commit(ledger, ds, &options).await {
+            Ok(()) => return Ok(()),
             Err(e)
                 if matches!(
                     e,
                     lance::Error::RetryableCommitConflict { .. }
                         | lance::Error::CommitConflict { .. }
                         | lance::Error::IncompatibleTransaction { .. }
+                        | lance::Error::TooMuchWriteContention { .. }
                 ) || crate::ledger::is_not_found(&e) =>
             {
                 tracing::info!(
                     table = uri,
                     attempt,
                     error = %e,
-                    "compaction lost to a concurrent rewrite; reloading the table"
+                    "compaction lost to a concurrent commit; reloading the table"
                 );
                 *ds = load_dataset(uri, storage, None)
                     .await
@@ -253,9 +261,45 @@ async fn compact(
     }
     tracing::warn!(
         table = uri,
-        "compaction skipped this round: {TRIES} tries each lost to a concurrent rewrite"
+        "compaction skipped this round: {TRIES} tries each lost to a concurrent commit"
     );
     Ok(())
+}
+
+/// One compaction: plan, rewrite, and commit behind the ledger's gate (always lowered).
+async fn rewrite_and_commit(
+    ledger: &ShardLedger,
+    ds: &mut Dataset,
+    options: &CompactionOptions,
+) -> lance::Result<()> {
+    let plan = plan_compaction(ds, options).await?;
+    if plan.num_tasks() == 0 {
+        return Ok(());
+    }
+    // As `compact_files` runs them: a task per fragment group, a few at a time.
+    let threads = options
+        .num_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let rewritten: Vec<_> = {
+        use futures::{StreamExt, TryStreamExt};
+        let ds = &*ds;
+        futures::stream::iter(plan.compaction_tasks())
+            .map(|task| async move { task.execute(ds).await })
+            .buffer_unordered(threads)
+            .try_collect()
+            .await?
+    };
+    ledger.raise_gate().await?;
+    let committed = commit_compaction(
+        ds,
+        rewritten,
+        Arc::new(DatasetIndexRemapperOptions::default()),
+        options,
+    )
+    .await;
+    let lowered = ledger.lower_gate().await;
+    committed?;
+    lowered
 }
 
 /// Which versions a round of upkeep may remove.

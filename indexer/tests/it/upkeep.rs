@@ -267,3 +267,39 @@ async fn one_upkeep_round_runs_at_a_time_and_a_dead_one_is_outwaited() {
         .unwrap();
     assert_eq!(c.begin_round(12).await.unwrap(), Some(4));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_commits_wait_at_a_compactions_gate_and_a_dead_ones_lapses() {
+    use knn_indexer::ledger::{LedgerStore, ShardLedger, GATE_LEASE};
+    let out = tempfile::tempdir().unwrap();
+    let uri = out.path().join("t.lance").to_string_lossy().to_string();
+    let open = || ShardedTable::open_or_create(&uri, rejects_schema(), Default::default());
+    let table = open().await.unwrap();
+    assert!(commit(&table, 0).await);
+    let (store, base) = lance_io::object_store::ObjectStore::from_uri(&uri)
+        .await
+        .unwrap();
+    let compactor = ShardLedger::new(LedgerStore::new(store, &base, &uri));
+    compactor.raise_gate().await.unwrap();
+    // A commit started while the gate is up waits until it is lowered.
+    let other = open().await.unwrap();
+    let pending = tokio::spawn(async move { commit(&other, 1).await });
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    assert!(
+        !pending.is_finished(),
+        "a shard commit went past a raised gate"
+    );
+    compactor.lower_gate().await.unwrap();
+    assert!(pending.await.unwrap());
+    // A gate left up by a worker that died while committing a compaction lapses.
+    compactor.raise_gate().await.unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(out.path().join("t.lance/_knn_ledger/compacting"))
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - GATE_LEASE - GATE_LEASE / 10)
+        .unwrap();
+    let lapsed = tokio::time::timeout(std::time::Duration::from_secs(60), commit(&table, 2));
+    assert!(lapsed.await.expect("a stale gate held a commit"));
+    assert_eq!(ids(&uri).await.len(), 6);
+}
