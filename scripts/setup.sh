@@ -2,7 +2,8 @@
 # One-time set-up of everything a fresh machine lacks, each step skipped when already done:
 #   protoc (Lance's build), a project venv with PyPI's torch==2.13.0 (the libtorch tch 0.26
 #   links) and python/requirements.txt, the .libtorch link the build and the binaries use,
-#   and the embedded default dataset (npm emoji-datasource-google@16.0.0 → data/emoji-google/).
+#   and the embedded default dataset (npm emoji-datasource-google@16.0.0 → data/emoji-google/);
+#   Debian's fonts-dejavu-core for `bench plot`'s text.
 # With --tests, also the test tools: s3s-fs (an S3 server for loopback tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,8 @@ say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 need_apt=()
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
 command -v npm >/dev/null || need_apt+=(npm)
+# `bench plot` draws its text in DejaVu Sans.
+[[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] || need_apt+=(fonts-dejavu-core)
 if ((${#need_apt[@]})); then
   say "installing ${need_apt[*]} (Debian)"
   SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO=sudo

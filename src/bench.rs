@@ -10,6 +10,7 @@ pub mod allreduce;
 pub mod image_path;
 pub mod knn;
 pub mod loader;
+pub mod plot;
 #[path = "../tests/support/s3_server.rs"]
 mod s3_server;
 pub mod scale;

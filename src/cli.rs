@@ -451,6 +451,20 @@ pub enum BenchCommand {
     /// format (bytes and time); beside Pillow + HF's processor doing the same on one thread
     /// (python/bench_image_path.py).
     ImagePath(BenchImagePathArgs),
+    /// Draws the figures of BENCHMARKS.md: every `<name>.json` in --dir (measured points,
+    /// log–log axes, dashed goal slopes) becomes `<name>.png` beside it.
+    Plot(BenchPlotArgs),
+}
+
+/// Flags of `bench plot`.
+#[derive(Debug, Args)]
+pub struct BenchPlotArgs {
+    /// Folder of figures (`<name>.json`); each PNG is written beside its JSON.
+    #[arg(long, default_value = "docs/bench")]
+    pub dir: PathBuf,
+    /// TrueType font for the text (default: DejaVu Sans from Debian's fonts-dejavu-core).
+    #[arg(long, env = "KNN_PLOT_FONT")]
+    pub font: Option<PathBuf>,
 }
 
 /// Flags of `bench image-path`.

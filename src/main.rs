@@ -141,6 +141,12 @@ fn try_main(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Scale(cli::BenchScaleCommand::LoaderProbe(args))) => {
             runtime.block_on(bench::loader::probe(&args))
         }
+        Command::Bench(BenchCommand::Plot(args)) => {
+            for png in bench::plot::render_dir(&args.dir, args.font.as_deref())? {
+                println!("{}", png.display());
+            }
+            Ok(())
+        }
         Command::Bench(BenchCommand::ImagePath(args)) => {
             let md = bench::image_path::run(&args)?;
             println!("{md}");

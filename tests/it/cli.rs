@@ -661,3 +661,68 @@ fn json_logs_are_one_object_per_line() {
         .count();
     assert_eq!(committed, 2, "{stderr}");
 }
+
+#[test]
+fn bench_plot_draws_each_figure_and_names_what_it_cannot_draw() {
+    let dir = tempfile::tempdir().unwrap();
+    let figure = |title: &str, points: serde_json::Value| {
+        serde_json::json!({
+            "title": title, "x_label": "shards", "y_label": "ms", "source": "a test",
+            "series": [
+                {"name": "measured", "points": points, "goal_slope": 0.18},
+                {"name": "peer", "points": [[1000, 50.0], [10000, 500.0]]}
+            ]
+        })
+        .to_string()
+    };
+    let good = serde_json::json!([[1000, 7.0], [10000, 7.5], [50000, 9.0]]);
+    std::fs::write(
+        dir.path().join("a.json"),
+        figure("commit time", good.clone()),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("b.json"), figure("start-up time", good)).unwrap();
+    let o = run(bin().args(["bench", "plot", "--dir"]).arg(dir.path()));
+    assert!(o.status.success(), "{}", text(&o));
+    let png = |name: &str| {
+        let path = dir.path().join(name);
+        assert!(
+            text(&o).contains(&path.display().to_string()),
+            "{}",
+            text(&o)
+        );
+        image::open(&path).unwrap().to_rgb8()
+    };
+    let (a, b) = (png("a.png"), png("b.png"));
+    assert_eq!(a.dimensions(), (900, 560));
+    // Both series are drawn, each in its own colour.
+    let count = |c: [u8; 3]| a.pixels().filter(|p| p.0 == c).count();
+    assert!(count([31, 119, 180]) > 200, "first series not drawn");
+    assert!(count([214, 39, 40]) > 200, "second series not drawn");
+    // Text is drawn: figures that differ only in their titles differ in the top rows alone.
+    let differs = |y0: u32, y1: u32| {
+        (y0..y1).any(|y| (0..a.width()).any(|x| a.get_pixel(x, y) != b.get_pixel(x, y)))
+    };
+    assert!(differs(0, 50), "the titles were not drawn");
+    assert!(!differs(60, 560), "a title changed the plot below it");
+
+    // A missing font is named.
+    let o = run(bin()
+        .args(["bench", "plot", "--font", "/no/such/font.ttf", "--dir"])
+        .arg(dir.path()));
+    assert!(
+        !o.status.success() && text(&o).contains("/no/such/font.ttf"),
+        "{}",
+        text(&o)
+    );
+    // A point a log axis cannot show is named, with its series and figure file.
+    let bad = serde_json::json!([[1000, 7.0], [0, 7.5]]);
+    std::fs::write(dir.path().join("b.json"), figure("start-up time", bad)).unwrap();
+    let o = run(bin().args(["bench", "plot", "--dir"]).arg(dir.path()));
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        t.contains("b.json") && t.contains("series `measured`, point 1"),
+        "{t}"
+    );
+}
