@@ -276,12 +276,11 @@ impl LedgerStore {
         }
     }
 
-    /// Waits while the gate is up and younger than [`GATE_LEASE`]; how long it waited (zero
-    /// when the gate was down or lapsed at the first look).
-    async fn wait_at_gate(&self) -> lance::Result<std::time::Duration> {
+    /// Waits while the gate is up and younger than [`GATE_LEASE`]; how long it waited, or
+    /// `None` when the gate was down (or lapsed) at the first look.
+    async fn wait_at_gate(&self) -> lance::Result<Option<std::time::Duration>> {
         use object_store::ObjectStoreExt;
-        let started = std::time::Instant::now();
-        let mut waited = false;
+        let mut started = None;
         loop {
             let up = match self.store.inner.head(&self.gate_path()).await {
                 Ok(meta) => {
@@ -292,13 +291,9 @@ impl LedgerStore {
                 Err(e) => return Err(e.into()),
             };
             if !up {
-                return Ok(if waited {
-                    started.elapsed()
-                } else {
-                    std::time::Duration::ZERO
-                });
+                return Ok(started.map(|t: std::time::Instant| t.elapsed()));
             }
-            waited = true;
+            started.get_or_insert_with(std::time::Instant::now);
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
@@ -461,8 +456,8 @@ impl ShardLedger {
     }
 
     /// Waits while a compaction holds the gate (one HEAD request when it does not); returns
-    /// how long it waited.
-    pub async fn wait_at_gate(&self) -> lance::Result<std::time::Duration> {
+    /// how long it waited, `None` when it did not.
+    pub async fn wait_at_gate(&self) -> lance::Result<Option<std::time::Duration>> {
         self.store.wait_at_gate().await
     }
 
@@ -609,7 +604,7 @@ impl CommitHandler for ShardLedgerHandler {
             .wait_at_gate()
             .await
             .map_err(CommitError::OtherError)?;
-        if !waited.is_zero() {
+        if let Some(waited) = waited {
             tracing::debug!(
                 table = %self.ledger.store.table,
                 shard = %self.shard,

@@ -164,7 +164,7 @@ fn draw(fig: &Figure, rgb: &mut [u8]) -> std::result::Result<(), Box<dyn std::er
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], colour.stroke_width(2)));
         chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, colour.filled())))?;
         if let (Some(slope), Some(&(px, py))) = (s.goal_slope, pts.first()) {
-            // Dashes of a tenth of the x range each, every other one drawn.
+            // Dashes of a twentieth of the x range each, every other one drawn.
             let steps = 20;
             let at = |t: f64| {
                 let x = x0 * (x1 / x0).powf(t);
