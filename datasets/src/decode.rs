@@ -56,6 +56,15 @@ pub enum RejectReason {
     Corrupt { detail: String },
     /// A container sample (WebDataset key, parquet row) has no image in it.
     NoImage { detail: String },
+    /// The record's path leaves its source: a tar member named with `..` or an absolute path,
+    /// or a folder symlink to a file outside the source (`embed.source.follow_symlinks`).
+    UnsafePath { detail: String },
+    /// The entry is not a regular file: a tar symlink or device member, a dangling symlink.
+    NotAFile { detail: String },
+    /// A second record with a key already read from the same shard; the first one is kept.
+    DuplicateKey { detail: String },
+    /// Two distinct keys of one shard whose 63-bit ids are equal; the first one is kept.
+    IdCollision { detail: String },
 }
 
 impl RejectReason {
@@ -69,6 +78,10 @@ impl RejectReason {
             RejectReason::Truncated { .. } => "truncated",
             RejectReason::Corrupt { .. } => "corrupt",
             RejectReason::NoImage { .. } => "no_image",
+            RejectReason::UnsafePath { .. } => "unsafe_path",
+            RejectReason::NotAFile { .. } => "not_a_file",
+            RejectReason::DuplicateKey { .. } => "duplicate_key",
+            RejectReason::IdCollision { .. } => "id_collision",
         }
     }
 
@@ -87,7 +100,11 @@ impl RejectReason {
             RejectReason::NotAnImage { detail }
             | RejectReason::Truncated { detail }
             | RejectReason::Corrupt { detail }
-            | RejectReason::NoImage { detail } => detail.clone(),
+            | RejectReason::NoImage { detail }
+            | RejectReason::UnsafePath { detail }
+            | RejectReason::NotAFile { detail }
+            | RejectReason::DuplicateKey { detail }
+            | RejectReason::IdCollision { detail } => detail.clone(),
         }
     }
 }
@@ -125,7 +142,11 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<DecodedImage,
     let probe_format = probe.format();
     if probe_format.is_none() {
         return Err(RejectReason::NotAnImage {
-            detail: format!("unrecognised header {:02x?}", &bytes[..bytes.len().min(8)]),
+            // The record's bytes are the user's data: say what was looked for, never echo them.
+            detail: format!(
+                "no PNG, JPEG, WebP, GIF or PNM signature at the start of its {} bytes",
+                bytes.len()
+            ),
         });
     }
     let (width, height) = probe.into_dimensions().map_err(classify)?;

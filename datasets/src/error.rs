@@ -33,8 +33,13 @@ pub enum DatasetError {
     },
 
     /// The source holds no shard of the configured format.
-    #[error("no {format} shards under `{url}`; check `source.url` and `source.format`")]
-    NoShards { url: String, format: String },
+    #[error("no {format} shards under `{url}`; check `{key}.url` and `{key}.format`")]
+    NoShards {
+        url: String,
+        format: String,
+        /// The config section the source is set in (`embed.source`).
+        key: String,
+    },
 
     /// A shard's container (parquet file, tar archive) is unreadable as a whole.
     #[error("shard `{shard}` is unreadable: {reason}")]

@@ -30,9 +30,9 @@ pub mod writer;
 
 pub use decode::{decode_image, DecodeLimits, RejectReason};
 pub use error::{DatasetError, Result};
-pub use reader::{read_shard, shard_schema, ReaderOptions, TextColumn};
+pub use reader::{read_shard, shard_schema, ReaderOptions, TextColumn, UniqueIds};
 pub use record::{record_id, RawRecord};
 pub use secret::Secret;
-pub use shard::{assign_shards, list_shards, Shard, ShardFormat, ShardId};
+pub use shard::{assign_shards, list_shards, ListOptions, Refused, Shard, ShardFormat, ShardId};
 pub use split::SplitConfig;
 pub use store::{SourceLocation, StorageConfig, TableMaintenance};

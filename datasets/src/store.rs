@@ -133,6 +133,12 @@ pub struct SourceLocation {
 }
 
 impl SourceLocation {
+    /// The directory of a local (`file://`) source; `None` for object stores.
+    pub fn local_dir(&self) -> Option<std::path::PathBuf> {
+        let url = Url::parse(&self.url).ok()?;
+        (url.scheme() == "file").then(|| std::path::PathBuf::from(format!("/{}", self.prefix)))
+    }
+
     /// Opens the store behind `url` with the given credentials.
     pub fn open(url: &str, storage: &StorageConfig) -> Result<Self> {
         let parsed = parse_url(url)?;

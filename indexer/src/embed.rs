@@ -29,8 +29,8 @@ use knn_datasets::resize::{resize_and_center_crop, Filter};
 use knn_datasets::stored::StoredFormat;
 use knn_datasets::{
     assign_shards, decode_image, list_shards, read_shard, shard_schema, DatasetError, DecodeLimits,
-    RawRecord, ReaderOptions, RejectReason, Shard, ShardFormat, SourceLocation, StorageConfig,
-    TextColumn,
+    ListOptions, RawRecord, ReaderOptions, RejectReason, Shard, ShardFormat, SourceLocation,
+    StorageConfig, TextColumn,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -65,6 +65,12 @@ pub struct SourceConfig {
     /// the type is rejected (`bad_column`), naming the column.
     #[serde(default)]
     pub columns: Vec<String>,
+    /// Local folder sources: read symlinks whose target is outside the source URL (a
+    /// symlink farm over a shared pool). Off (the default), each such link is a counted
+    /// `unsafe_path` reject; links inside the source are read either way, and a dangling
+    /// link is always a `not_a_file` reject.
+    #[serde(default)]
+    pub follow_symlinks: bool,
 }
 
 fn default_image_column() -> String {
@@ -599,7 +605,12 @@ pub async fn embed(
         });
     }
     let source = SourceLocation::open(&cfg.source.url, storage)?;
-    let all = list_shards(&source, cfg.source.format, cfg.source.folder_shard_size).await?;
+    let listing = ListOptions {
+        folder_shard_size: cfg.source.folder_shard_size,
+        follow_symlinks: cfg.source.follow_symlinks,
+        config_prefix: "embed.source".into(),
+    };
+    let all = list_shards(&source, cfg.source.format, &listing).await?;
     let carried = carried_columns(&cfg.source, &source, all.first()).await?;
     let mut mine = assign_shards(all, worker.0, worker.1)?;
     if cfg.pipeline.max_shards > 0 {

@@ -50,7 +50,7 @@ pub enum IndexerError {
     },
 
     /// Some shards failed; the others were committed. A rerun retries only the failed ones.
-    #[error("{failed} of {total} shards failed (first: {first}); rerun to retry them")]
+    #[error("{failed} of {total} shards failed (first: {first}); they stay uncommitted and a rerun retries only them, which helps after a network or storage fault; a shard that fails the same way again is corrupt: fix or remove that file")]
     ShardsFailed {
         failed: usize,
         total: usize,

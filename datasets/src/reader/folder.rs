@@ -1,4 +1,5 @@
 //! Folder shards: each image file is a record whose key is its path below the source URL.
+//! Entries the listing refused (dangling or escaping symlinks) come first, as rejects.
 
 use super::ReaderOptions;
 use crate::{record_id, DatasetError, RawRecord, RejectReason, Result, Shard, SourceLocation};
@@ -20,7 +21,20 @@ pub(super) fn read(
         return stream::once(async move { Err(err) }).boxed();
     }
     let shard_id = shard.id.clone();
-    stream::iter(shard.objects)
+    let refused: Vec<Result<RawRecord>> = shard
+        .refused
+        .into_iter()
+        .map(|r| {
+            Ok(RawRecord {
+                id: record_id(&shard.id, &r.key),
+                key: r.key,
+                shard: shard.id.clone(),
+                payload: Err(r.reason),
+                text: Vec::new(),
+            })
+        })
+        .collect();
+    let read = stream::iter(shard.objects)
         .map(move |meta| {
             let loc = loc.clone();
             let shard_id = shard_id.clone();
@@ -58,6 +72,6 @@ pub(super) fn read(
                 })
             }
         })
-        .buffered(opts.fetch_concurrency.max(1))
-        .boxed()
+        .buffered(opts.fetch_concurrency.max(1));
+    stream::iter(refused).chain(read).boxed()
 }

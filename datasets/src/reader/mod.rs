@@ -11,8 +11,9 @@ mod folder;
 mod parquet;
 mod webdataset;
 
-use crate::{RawRecord, Result, Shard, ShardFormat, SourceLocation};
-use futures::stream::BoxStream;
+use crate::{RawRecord, RejectReason, Result, Shard, ShardFormat, SourceLocation};
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use std::collections::HashMap;
 
 /// A text column read beside the image (a caption, a score kept as text), and the config key
 /// that names it, for errors.
@@ -59,16 +60,61 @@ impl Default for ReaderOptions {
     }
 }
 
-/// Streams the records of `shard`.
+/// Streams the records of `shard`. Within a shard no two rows share an id: a key read twice
+/// (a parquet key column with repeats) is a `duplicate_key` reject after the first, and two
+/// distinct keys whose 63-bit ids collide make the second an `id_collision` reject naming both.
 pub fn read_shard(
     loc: &SourceLocation,
     shard: &Shard,
     opts: &ReaderOptions,
 ) -> BoxStream<'static, Result<RawRecord>> {
-    match shard.format {
+    let records = match shard.format {
         ShardFormat::Parquet => parquet::read(loc.clone(), shard.clone(), opts.clone()),
         ShardFormat::WebDataset => webdataset::read(loc.clone(), shard.clone(), opts.clone()),
         ShardFormat::Folder => folder::read(loc.clone(), shard.clone(), opts.clone()),
+    };
+    let mut ids = UniqueIds::default();
+    records
+        .map_ok(move |mut record| {
+            if let Err(why) = ids.admit(&record) {
+                record.payload = Err(why);
+            }
+            record
+        })
+        .boxed()
+}
+
+/// The ids of the rows read so far from one shard, with their keys.
+#[derive(Default)]
+pub struct UniqueIds {
+    keys: HashMap<u64, String>,
+}
+
+impl UniqueIds {
+    /// Admits `record` as a row, or says why it cannot be one beside the rows before it.
+    /// Rejects are not rows and are always admitted.
+    pub fn admit(&mut self, record: &RawRecord) -> std::result::Result<(), RejectReason> {
+        if record.payload.is_err() {
+            return Ok(());
+        }
+        match self.keys.get(&record.id) {
+            None => {
+                self.keys.insert(record.id, record.key.clone());
+                Ok(())
+            }
+            Some(first) if *first == record.key => Err(RejectReason::DuplicateKey {
+                detail: format!(
+                    "key `{}` is read a second time from this shard; the first is kept",
+                    record.key
+                ),
+            }),
+            Some(first) => Err(RejectReason::IdCollision {
+                detail: format!(
+                    "keys `{first}` and `{}` hash to the same id {}; the first is kept. Rename one key (or move it to another shard) to keep both",
+                    record.key, record.id
+                ),
+            }),
+        }
     }
 }
 

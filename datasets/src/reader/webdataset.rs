@@ -3,6 +3,11 @@
 //! webp, gif or bmp, in that preference) is the record; a text column `c` is read from the
 //! member with extension `c` (a `caption` also from `txt`, img2dataset's name); other members
 //! are ignored.
+//!
+//! Every sample becomes a record or a counted reject: a member named with `..` or an absolute
+//! path (`unsafe_path`), a sample whose only image member is a symlink or device
+//! (`not_a_file`), a member name seen twice in a row (`duplicate_key`: the first is kept; a
+//! key that comes back after other samples is caught by [`super::UniqueIds`]).
 //! The tar is streamed from the store and parsed on a blocking thread; records cross to async
 //! code through a bounded channel, so memory holds one sample at a time.
 
@@ -75,6 +80,8 @@ struct Sample {
     members: Vec<String>,
     image: Option<(usize, std::result::Result<Bytes, RejectReason>)>,
     text: Vec<Option<String>>,
+    /// Why the whole sample is refused whatever its members hold (an unsafe path).
+    refused: Option<RejectReason>,
 }
 
 /// Which text column a member with extension `ext` fills, if any.
@@ -90,22 +97,89 @@ fn text_slot(opts: &ReaderOptions, ext: &str) -> Option<usize> {
 }
 
 impl Sample {
+    fn new(key: String, opts: &ReaderOptions) -> Self {
+        Self {
+            key,
+            members: Vec::new(),
+            image: None,
+            text: vec![None; opts.text_columns.len()],
+            refused: None,
+        }
+    }
+
     fn into_record(self, shard: &ShardId) -> RawRecord {
-        let payload = match self.image {
-            Some((_, p)) => p,
-            None => Err(RejectReason::NoImage {
+        let payload = match (self.refused, self.image) {
+            (Some(why), _) => Err(why),
+            (None, Some((_, p))) => p,
+            (None, None) => Err(RejectReason::NoImage {
                 detail: format!(
                     "sample has members [{}] but no image",
                     self.members.join(", ")
                 ),
             }),
         };
-        RawRecord {
-            id: record_id(shard, &self.key),
-            key: self.key,
-            shard: shard.clone(),
-            payload,
-            text: self.text,
+        reject_or_record(shard, self.key, payload, self.text)
+    }
+}
+
+fn reject_or_record(
+    shard: &ShardId,
+    key: String,
+    payload: std::result::Result<Bytes, RejectReason>,
+    text: Vec<Option<String>>,
+) -> RawRecord {
+    RawRecord {
+        id: record_id(shard, &key),
+        key,
+        shard: shard.clone(),
+        payload,
+        text,
+    }
+}
+
+/// Why a member name may not be used as a key: it climbs out with `..` or is absolute. Such
+/// names are what a hostile tar uses to write outside the extraction directory; here they
+/// would only become odd keys, but nobody made a dataset that way on purpose.
+fn unsafe_member_path(path: &str) -> Option<String> {
+    if path.starts_with('/') || path.starts_with('\\') {
+        return Some(format!("tar member `{path}` has an absolute path"));
+    }
+    path.split(['/', '\\'])
+        .any(|part| part == "..")
+        .then(|| format!("tar member `{path}` climbs out of the archive with `..`"))
+}
+
+/// The parser's position in the archive: the sample being filled and the keys already done.
+struct Grouping<'a> {
+    shard: &'a ShardId,
+    opts: &'a ReaderOptions,
+    tx: &'a mpsc::Sender<Result<RawRecord>>,
+    current: Option<Sample>,
+}
+
+impl<'a> Grouping<'a> {
+    /// Sends `record`; false once the consumer has stopped reading.
+    fn send(&self, record: RawRecord) -> bool {
+        self.tx.blocking_send(Ok(record)).is_ok()
+    }
+
+    /// The sample for `key`, sending the previous one if `key` starts a new sample.
+    fn sample_for(&mut self, key: &str) -> Option<&mut Sample> {
+        if self.current.as_ref().is_some_and(|s| s.key != key) {
+            let done = self.current.take().expect("checked above");
+            if !self.send(done.into_record(self.shard)) {
+                return None;
+            }
+        }
+        if self.current.is_none() {
+            self.current = Some(Sample::new(key.to_string(), self.opts));
+        }
+        self.current.as_mut()
+    }
+
+    fn finish(mut self) {
+        if let Some(last) = self.current.take() {
+            let _ = self.send(last.into_record(self.shard));
         }
     }
 }
@@ -124,31 +198,65 @@ fn parse(
     let entries = archive
         .entries()
         .map_err(|e| corrupt(format!("not a tar archive: {e}")))?;
-    let mut current: Option<Sample> = None;
+    let mut grouping = Grouping {
+        shard,
+        opts,
+        tx,
+        current: None,
+    };
     for entry in entries {
         let mut entry = entry.map_err(|e| corrupt(format!("bad tar member: {e}")))?;
-        if !entry.header().entry_type().is_file() {
+        let kind = entry.header().entry_type();
+        if kind.is_dir() || kind.is_pax_global_extensions() || kind.is_pax_local_extensions() {
             continue;
         }
-        let path = entry
-            .path()
-            .map_err(|e| corrupt(format!("bad member name: {e}")))?
-            .to_string_lossy()
-            .into_owned();
-        let (key, ext) = split_member(&path);
-        if current.as_ref().is_some_and(|s| s.key != key) {
-            let done = current.take().expect("checked above");
-            if tx.blocking_send(Ok(done.into_record(shard))).is_err() {
-                return Ok(()); // the consumer stopped reading
-            }
+        let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        if path.ends_with('/') {
+            continue; // a directory in old tar's way
         }
-        let sample = current.get_or_insert_with(|| Sample {
-            key: key.clone(),
-            members: Vec::new(),
-            image: None,
-            text: vec![None; opts.text_columns.len()],
-        });
+        let (key, ext) = split_member(&path);
+        let unsafe_path = unsafe_member_path(&path);
+        let Some(sample) = grouping.sample_for(&key) else {
+            return Ok(()); // the consumer stopped reading
+        };
+        if let Some(detail) = unsafe_path {
+            sample
+                .refused
+                .get_or_insert(RejectReason::UnsafePath { detail });
+        }
+        if sample.members.contains(&ext) {
+            // The same member name twice in a row: the first is the sample's, this one is
+            // counted on its own.
+            let dup = reject_or_record(
+                shard,
+                key.clone(),
+                Err(RejectReason::DuplicateKey {
+                    detail: format!("member `{path}` appears twice in the tar; the first is kept"),
+                }),
+                vec![None; opts.text_columns.len()],
+            );
+            if !grouping.send(dup) {
+                return Ok(());
+            }
+            continue;
+        }
         sample.members.push(ext.clone());
+        if !kind.is_file() {
+            // A symlink, hard link or device member: nothing here to read. It is the sample's
+            // image only if the sample has no real one.
+            if IMAGE_EXTENSIONS.contains(&ext.as_str()) && sample.image.is_none() {
+                let what = if kind.is_symlink() {
+                    "a symlink"
+                } else if kind.is_hard_link() {
+                    "a hard link"
+                } else {
+                    "not a regular file"
+                };
+                let detail = format!("tar member `{path}` is {what}; only regular files are read");
+                sample.image = Some((usize::MAX, Err(RejectReason::NotAFile { detail })));
+            }
+            continue;
+        }
         if let Some(slot) = text_slot(opts, &ext) {
             let size = entry.header().size().unwrap_or(0);
             if size <= opts.max_record_bytes {
@@ -185,9 +293,7 @@ fn parse(
         };
         sample.image = Some((rank, payload));
     }
-    if let Some(last) = current {
-        let _ = tx.blocking_send(Ok(last.into_record(shard)));
-    }
+    grouping.finish();
     Ok(())
 }
 

@@ -7,8 +7,8 @@ use crate::fixtures::png;
 use futures::TryStreamExt;
 use knn_datasets::packaged::{fetch, FetchOptions, PackagedSet};
 use knn_datasets::{
-    list_shards, read_shard, RawRecord, ReaderOptions, ShardFormat, SourceLocation, StorageConfig,
-    TextColumn,
+    list_shards, read_shard, ListOptions, RawRecord, ReaderOptions, ShardFormat, SourceLocation,
+    StorageConfig, TextColumn,
 };
 
 /// A gzipped tar with these members.
@@ -38,7 +38,17 @@ async fn read_back(dir: &std::path::Path) -> Vec<RawRecord> {
         ..Default::default()
     };
     let mut out = Vec::new();
-    for shard in list_shards(&loc, ShardFormat::Parquet, 1).await.unwrap() {
+    for shard in list_shards(
+        &loc,
+        ShardFormat::Parquet,
+        &ListOptions {
+            folder_shard_size: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    {
         let recs: Vec<RawRecord> = read_shard(&loc, &shard, &opts).try_collect().await.unwrap();
         out.extend(recs);
     }

@@ -3,8 +3,8 @@
 use crate::fixtures::{bomb_png, parquet, png, tar};
 use futures::TryStreamExt;
 use knn_datasets::{
-    decode_image, list_shards, read_shard, DatasetError, DecodeLimits, RawRecord, ReaderOptions,
-    RejectReason, ShardFormat, SourceLocation, StorageConfig,
+    decode_image, list_shards, read_shard, DatasetError, DecodeLimits, ListOptions, RawRecord,
+    ReaderOptions, RejectReason, ShardFormat, SourceLocation, StorageConfig,
 };
 use object_store::{path::Path, ObjectStoreExt};
 use std::collections::HashSet;
@@ -16,7 +16,17 @@ async fn put(loc: &SourceLocation, name: &str, bytes: Vec<u8>) {
 
 async fn read_all(loc: &SourceLocation, format: ShardFormat) -> Vec<RawRecord> {
     let mut out = Vec::new();
-    for shard in list_shards(loc, format, 1000).await.unwrap() {
+    for shard in list_shards(
+        loc,
+        format,
+        &ListOptions {
+            folder_shard_size: 1000,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    {
         let recs: Vec<RawRecord> = read_shard(loc, &shard, &ReaderOptions::default())
             .try_collect()
             .await
@@ -39,7 +49,16 @@ async fn folder_shards_split_directories_and_keep_every_file() {
     std::fs::write(dir.path().join("b/c/notes.txt"), b"not listed").unwrap();
     let loc =
         SourceLocation::open(dir.path().to_str().unwrap(), &StorageConfig::default()).unwrap();
-    let shards = list_shards(&loc, ShardFormat::Folder, 2).await.unwrap();
+    let shards = list_shards(
+        &loc,
+        ShardFormat::Folder,
+        &ListOptions {
+            folder_shard_size: 2,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     let ids: Vec<&str> = shards.iter().map(|s| s.id.as_str()).collect();
     assert_eq!(ids, ["a/@00000", "a/@00001", "a/@00002", "b/c/@00000"]);
     let recs = read_all(&loc, ShardFormat::Folder).await;
@@ -56,6 +75,90 @@ async fn folder_shards_split_directories_and_keep_every_file() {
     );
     let unique: HashSet<u64> = recs.iter().map(|r| r.id).collect();
     assert_eq!(unique.len(), 6);
+}
+
+#[tokio::test]
+async fn folder_symlinks_out_of_the_source_are_refused_unless_allowed_and_dangling_ones_counted() {
+    use std::os::unix::fs::symlink;
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("pool.png"), png(4, 4, 1)).unwrap();
+    std::fs::write(outside.path().join("secret.png"), b"root:x:0:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("d")).unwrap();
+    std::fs::write(dir.path().join("d/real.png"), png(4, 4, 2)).unwrap();
+    symlink(
+        dir.path().join("d/real.png"),
+        dir.path().join("d/inside.png"),
+    )
+    .unwrap();
+    symlink(
+        outside.path().join("pool.png"),
+        dir.path().join("d/pool.png"),
+    )
+    .unwrap();
+    symlink("/nonexistent/gone.png", dir.path().join("d/dangling.png")).unwrap();
+    symlink(outside.path(), dir.path().join("d/farm")).unwrap();
+    let loc =
+        SourceLocation::open(dir.path().to_str().unwrap(), &StorageConfig::default()).unwrap();
+    let read = |follow: bool| {
+        let loc = loc.clone();
+        async move {
+            let opts = ListOptions {
+                follow_symlinks: follow,
+                ..Default::default()
+            };
+            let mut out: Vec<(String, String)> = Vec::new();
+            for shard in list_shards(&loc, ShardFormat::Folder, &opts).await.unwrap() {
+                let recs: Vec<RawRecord> = read_shard(&loc, &shard, &ReaderOptions::default())
+                    .try_collect()
+                    .await
+                    .unwrap();
+                for r in recs {
+                    let code = match &r.payload {
+                        Ok(bytes) => format!("row {}", bytes.len()),
+                        Err(why) => format!("{} {}", why.code(), why.detail()),
+                    };
+                    out.push((r.key, code));
+                }
+            }
+            out.sort();
+            out
+        }
+    };
+    let strict = read(false).await;
+    let keys: Vec<(&str, &str)> = strict
+        .iter()
+        .map(|(k, c)| (k.as_str(), c.split(' ').next().unwrap()))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("d/dangling.png", "not_a_file"),
+            ("d/farm", "unsafe_path"),
+            ("d/inside.png", "row"),
+            ("d/pool.png", "unsafe_path"),
+            ("d/real.png", "row"),
+        ]
+    );
+    let pool = &strict.iter().find(|(k, _)| k == "d/pool.png").unwrap().1;
+    assert!(pool.contains("embed.source.follow_symlinks"), "{pool}");
+    // Allowed, the farm's links are read as the user's records, under the link's name.
+    let open = read(true).await;
+    let keys: Vec<(&str, &str)> = open
+        .iter()
+        .map(|(k, c)| (k.as_str(), c.split(' ').next().unwrap()))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("d/dangling.png", "not_a_file"),
+            ("d/farm/pool.png", "row"),
+            ("d/farm/secret.png", "row"),
+            ("d/inside.png", "row"),
+            ("d/pool.png", "row"),
+            ("d/real.png", "row"),
+        ]
+    );
 }
 
 #[tokio::test]
@@ -86,15 +189,99 @@ async fn webdataset_groups_members_by_key() {
     assert!(recs.iter().all(|r| r.shard.as_str() == "00000.tar"));
 }
 
+/// A tar member written byte for byte, so names the `tar` crate's builder refuses (`..`,
+/// absolute) and link members can be made.
+fn raw_member(out: &mut tar::Builder<Vec<u8>>, name: &str, kind: tar::EntryType, data: &[u8]) {
+    let mut header = tar::Header::new_ustar();
+    header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    header.set_entry_type(kind);
+    header.set_size(data.len() as u64);
+    header.set_mode(0o644);
+    if kind.is_symlink() {
+        header.set_link_name("/etc/passwd").unwrap();
+    }
+    header.set_cksum();
+    out.append(&header, data).unwrap();
+}
+
+#[tokio::test]
+async fn hostile_tar_members_are_refused_and_counted_never_read_or_dropped() {
+    let loc = SourceLocation::open("memory://wds-hostile/", &StorageConfig::default()).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let file = tar::EntryType::Regular;
+    raw_member(&mut b, "ok.png", file, &png(4, 4, 1));
+    raw_member(&mut b, "../escape.png", file, &png(4, 4, 2));
+    raw_member(&mut b, "/abs/evil.png", file, &png(4, 4, 3));
+    raw_member(&mut b, "link.png", tar::EntryType::Symlink, &[]);
+    raw_member(&mut b, "dup.png", file, &png(4, 4, 4));
+    raw_member(&mut b, "dup.png", file, &png(4, 4, 5));
+    raw_member(&mut b, "a.png", file, &png(4, 4, 6));
+    raw_member(&mut b, "b.png", file, &png(4, 4, 7));
+    raw_member(&mut b, "a.jpg", file, &png(4, 4, 8));
+    put(&loc, "hostile.tar", b.into_inner().unwrap()).await;
+    let recs = read_all(&loc, ShardFormat::WebDataset).await;
+    let got: Vec<(&str, &str)> = recs
+        .iter()
+        .map(|r| {
+            let code = match &r.payload {
+                Ok(_) => "row",
+                Err(why) => why.code(),
+            };
+            (r.key.as_str(), code)
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("ok", "row"),
+            ("../escape", "unsafe_path"),
+            ("/abs/evil", "unsafe_path"),
+            ("link", "not_a_file"),
+            ("dup", "duplicate_key"),
+            ("dup", "row"),
+            ("a", "row"),
+            ("b", "row"),
+            ("a", "duplicate_key"),
+        ]
+    );
+    // The first `dup.png` and the first `a` are the ones kept.
+    let kept = |key: &str| {
+        recs.iter()
+            .find(|r| r.key == key && r.payload.is_ok())
+            .unwrap()
+    };
+    assert_eq!(
+        kept("dup").payload.as_ref().unwrap().as_ref(),
+        png(4, 4, 4).as_slice()
+    );
+    assert_eq!(
+        kept("a").payload.as_ref().unwrap().as_ref(),
+        png(4, 4, 6).as_slice()
+    );
+    let reason = recs[3].payload.as_ref().unwrap_err().detail();
+    assert!(reason.contains("symlink"), "{reason}");
+    assert!(
+        !reason.contains("root:"),
+        "the link's target was read: {reason}"
+    );
+}
+
 #[tokio::test]
 async fn truncated_tar_fails_the_shard_by_name() {
     let loc = SourceLocation::open("memory://wds-cut/", &StorageConfig::default()).unwrap();
     let full = tar(&[("a.png", png(32, 32, 1)), ("b.png", png(32, 32, 2))]);
     put(&loc, "cut.tar", full[..full.len() - 1800].to_vec()).await;
-    let shard = list_shards(&loc, ShardFormat::WebDataset, 1)
-        .await
-        .unwrap()
-        .remove(0);
+    let shard = list_shards(
+        &loc,
+        ShardFormat::WebDataset,
+        &ListOptions {
+            folder_shard_size: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .remove(0);
     let got: Result<Vec<RawRecord>, _> = read_shard(&loc, &shard, &ReaderOptions::default())
         .try_collect()
         .await;
@@ -130,13 +317,72 @@ async fn parquet_reads_key_and_image_columns() {
 }
 
 #[tokio::test]
+async fn a_repeated_parquet_key_is_counted_once_as_a_row_and_once_as_a_reject() {
+    let loc = SourceLocation::open("memory://pq-dup/", &StorageConfig::default()).unwrap();
+    let rows = [
+        ("k0", Some(png(5, 5, 0))),
+        ("k1", Some(png(5, 5, 1))),
+        ("k0", Some(png(5, 5, 2))),
+    ];
+    put(&loc, "part-00000.parquet", parquet(&rows)).await;
+    let recs = read_all(&loc, ShardFormat::Parquet).await;
+    let codes: Vec<&str> = recs
+        .iter()
+        .map(|r| r.payload.as_ref().map_or_else(|w| w.code(), |_| "row"))
+        .collect();
+    assert_eq!(codes, ["row", "row", "duplicate_key"]);
+    assert_eq!(
+        recs[0].payload.as_ref().unwrap().as_ref(),
+        png(5, 5, 0).as_slice()
+    );
+}
+
+#[test]
+fn two_keys_with_one_id_are_a_collision_naming_both_never_a_merge() {
+    // No two real keys are known to collide in 63 bits, so the ids here are forged.
+    let record = |key: &str, id: u64, payload: Result<bytes::Bytes, RejectReason>| RawRecord {
+        id,
+        key: key.into(),
+        shard: knn_datasets::ShardId::new("s.tar"),
+        payload,
+        text: Vec::new(),
+    };
+    let mut ids = knn_datasets::UniqueIds::default();
+    let ok = || Ok(bytes::Bytes::from_static(b"x"));
+    assert!(ids.admit(&record("cat", 7, ok())).is_ok());
+    // A reject sharing the id is not a row, so it is admitted and does not take the id.
+    assert!(ids
+        .admit(&record("dog", 9, Err(RejectReason::Empty)))
+        .is_ok());
+    assert!(ids.admit(&record("dog", 9, ok())).is_ok());
+    let why = ids.admit(&record("bird", 7, ok())).unwrap_err();
+    assert_eq!(why.code(), "id_collision");
+    assert!(
+        why.detail().contains("`cat`") && why.detail().contains("`bird`"),
+        "{}",
+        why.detail()
+    );
+    assert_eq!(
+        ids.admit(&record("cat", 7, ok())).unwrap_err().code(),
+        "duplicate_key"
+    );
+}
+
+#[tokio::test]
 async fn parquet_missing_column_names_the_config_key() {
     let loc = SourceLocation::open("memory://pq-col/", &StorageConfig::default()).unwrap();
     put(&loc, "p.parquet", parquet(&[("k", Some(png(2, 2, 0)))])).await;
-    let shard = list_shards(&loc, ShardFormat::Parquet, 1)
-        .await
-        .unwrap()
-        .remove(0);
+    let shard = list_shards(
+        &loc,
+        ShardFormat::Parquet,
+        &ListOptions {
+            folder_shard_size: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .remove(0);
     let opts = ReaderOptions {
         image_column: "image".into(),
         ..Default::default()

@@ -4,8 +4,8 @@ use crate::fixtures::png;
 use crate::s3_server::S3Server;
 use futures::TryStreamExt;
 use knn_datasets::{
-    list_shards, read_shard, DatasetError, RawRecord, ReaderOptions, Secret, ShardFormat,
-    SourceLocation, StorageConfig,
+    list_shards, read_shard, DatasetError, ListOptions, RawRecord, ReaderOptions, Secret,
+    ShardFormat, SourceLocation, StorageConfig,
 };
 
 fn storage(server: &S3Server, secret: &str) -> StorageConfig {
@@ -29,7 +29,16 @@ async fn reads_folder_shards_over_s3() {
     }
     let loc =
         SourceLocation::open("s3://imgs/set/", &storage(&server, &server.secret_key)).unwrap();
-    let shards = list_shards(&loc, ShardFormat::Folder, 10).await.unwrap();
+    let shards = list_shards(
+        &loc,
+        ShardFormat::Folder,
+        &ListOptions {
+            folder_shard_size: 10,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(shards.len(), 1);
     let recs: Vec<RawRecord> = read_shard(&loc, &shards[0], &ReaderOptions::default())
         .try_collect()
@@ -46,9 +55,16 @@ async fn reads_folder_shards_over_s3() {
 async fn wrong_secret_is_access_denied_and_never_printed() {
     let server = S3Server::start(&["imgs"]);
     let loc = SourceLocation::open("s3://imgs/", &storage(&server, "wrong-secret-value")).unwrap();
-    let err = list_shards(&loc, ShardFormat::Folder, 10)
-        .await
-        .unwrap_err();
+    let err = list_shards(
+        &loc,
+        ShardFormat::Folder,
+        &ListOptions {
+            folder_shard_size: 10,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, DatasetError::AccessDenied { .. }), "{err:?}");
     let shown = format!("{err} {err:?}");
     assert!(shown.contains("s3://imgs"), "{shown}");
