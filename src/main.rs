@@ -576,21 +576,34 @@ fn run_launch(args: cli::LaunchArgs) -> Result<()> {
     }
 }
 
-/// A flag set by SIGTERM or SIGUSR1 (Slurm's `--signal`, Kubernetes' pod termination): the
-/// trainer then checkpoints at the end of the current step, on every rank, and exits 0.
+/// A flag set by SIGTERM or SIGUSR1 (Slurm's `--signal`, Kubernetes' pod termination) or
+/// SIGINT (Ctrl-C): the trainer then checkpoints at the end of the current step, on every
+/// rank, and exits 0. A second Ctrl-C does not wait for the checkpoint: it exits 130 at once,
+/// as a shell expects, and the run resumes from its last saved checkpoint.
 fn stop_on_signals() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
     use tokio::signal::unix::{signal, SignalKind};
     let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for (kind, name) in [
         (SignalKind::terminate(), "SIGTERM"),
         (SignalKind::user_defined1(), "SIGUSR1"),
+        (SignalKind::interrupt(), "SIGINT"),
     ] {
         let mut stream = signal(kind).with_context(|| format!("listening for {name}"))?;
         let flag = flag.clone();
         tokio::spawn(async move {
             while stream.recv().await.is_some() {
-                tracing::warn!("{name}: checkpointing at the end of this step, then exiting");
-                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                let again = flag.swap(true, std::sync::atomic::Ordering::SeqCst);
+                if again && name == "SIGINT" {
+                    tracing::error!(
+                        "SIGINT again: exiting now, without a checkpoint for this step; \
+                         the run resumes from its last saved checkpoint"
+                    );
+                    std::process::exit(130);
+                }
+                tracing::warn!(
+                    "{name}: checkpointing at the end of this step, then exiting \
+                     (Ctrl-C again to exit at once)"
+                );
             }
         });
     }

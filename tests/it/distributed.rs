@@ -157,7 +157,7 @@ fn stderr_of(c: Child) -> (std::process::ExitStatus, String) {
 }
 
 #[test]
-fn sigterm_checkpoints_every_rank_and_the_job_resumes() {
+fn ctrl_c_like_sigterm_checkpoints_every_rank_and_the_job_resumes() {
     let (dir, cfg, set_table) = knn_tables();
     let base = [set_table];
     let out = dir.path().join("run");
@@ -169,9 +169,11 @@ fn sigterm_checkpoints_every_rank_and_the_job_resumes() {
         spawn_rank(&cfg, &sets, 1, port, &marker),
     ];
     wait_for_steps(&out.join("metrics.jsonl"), 2, &mut ranks);
-    // Only rank 1 is signalled (a preempted node); both must stop at the same step.
+    // Only rank 1 is signalled, with SIGINT (Ctrl-C): it must act as SIGTERM does (a
+    // preempted node), and both ranks must stop at the same step. SIGTERM itself reaches the
+    // ranks through `launch` in the Kubernetes test below.
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(ranks[1].id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(ranks[1].id() as i32, libc::SIGINT) };
     let started = Instant::now();
     let r1 = ranks.pop().unwrap();
     let r0 = ranks.pop().unwrap();

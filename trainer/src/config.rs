@@ -83,6 +83,10 @@ pub struct CheckpointConfig {
     /// Save every this many optimiser steps (and at the last step).
     #[serde(default = "default_ckpt_every")]
     pub every_steps: u64,
+    /// Also save when this many minutes have passed since the last save (0: by steps only).
+    /// A long step or a slow store then costs at most this much work on a crash.
+    #[serde(default)]
+    pub every_minutes: f64,
     /// Valid checkpoints kept; older ones are deleted.
     #[serde(default = "default_keep")]
     pub keep_last: usize,
@@ -96,6 +100,17 @@ fn default_keep() -> usize {
 }
 
 impl CheckpointConfig {
+    /// Checks the settings under `section` (`train.checkpoint`).
+    pub fn validate(&self, section: &str) -> Result<()> {
+        if !(self.every_minutes >= 0.0 && self.every_minutes.is_finite()) {
+            return Err(TrainerError::config(
+                &format!("{section}.every_minutes"),
+                "minutes between saves: 0 (steps only) or more, e.g. 30",
+            ));
+        }
+        Ok(())
+    }
+
     /// The configured URL, or `<output_dir>/checkpoints`.
     pub fn url_under(&self, output_dir: &str) -> String {
         self.url
@@ -109,6 +124,7 @@ impl Default for CheckpointConfig {
         Self {
             url: None,
             every_steps: default_ckpt_every(),
+            every_minutes: 0.0,
             keep_last: default_keep(),
         }
     }
@@ -284,6 +300,18 @@ impl TrainConfig {
                 "a probability in [0, 1]",
             ));
         }
+        if self.max_steps == 0 {
+            return Err(TrainerError::config(
+                "train.max_steps",
+                "must be at least 1 (the step a resumed run trains up to)",
+            ));
+        }
+        if self.batch_size == 0 {
+            return Err(TrainerError::config(
+                "train.batch_size",
+                "must be at least 1",
+            ));
+        }
         if self.grad_accum == 0 {
             return Err(TrainerError::config(
                 "train.grad_accum",
@@ -296,6 +324,7 @@ impl TrainConfig {
                 "must be at least 1",
             ));
         }
+        self.checkpoint.validate("train.checkpoint")?;
         if self.data.embeddings.is_none() || self.data.knn.is_none() {
             return Err(TrainerError::config(
                 "train.data.embeddings",

@@ -421,7 +421,7 @@ mod tests {
 /// as `torch.cuda.amp.GradScaler` does it): the loss is multiplied by `scale` before
 /// backward; a step whose gradients overflow is skipped and the scale halved; after
 /// `growth_interval` clean steps the scale doubles.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LossScaler {
     scale: f64,
     clean_steps: u64,

@@ -211,16 +211,26 @@ impl DataParallel {
         Ok(Tensor::cat(&parts, 0))
     }
 
-    /// The mean of `loss` over the ranks and whether any rank asked to stop.
-    pub fn agree(&mut self, loss: f64, stop: bool) -> Result<(f64, bool)> {
+    /// The mean of `loss` over the ranks, whether any rank asked to stop, and whether any
+    /// rank's save clock is due: every rank then stops, or saves, at the same step.
+    pub fn agree(&mut self, loss: f64, stop: bool, clock_due: bool) -> Result<Agreed> {
         if self.world() == 1 {
-            return Ok((loss, stop));
+            return Ok(Agreed {
+                loss,
+                stop,
+                clock_due,
+            });
         }
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
         let t =
-            Tensor::from_slice(&[loss as f32, if stop { 1.0 } else { 0.0 }]).to_device(self.device);
+            Tensor::from_slice(&[loss as f32, flag(stop), flag(clock_due)]).to_device(self.device);
         self.group.all_reduce_mean(&[t.shallow_clone()])?;
         let v = Vec::<f32>::try_from(&t.to_device(Device::Cpu))?;
-        Ok((v[0] as f64, v[1] > 0.0))
+        Ok(Agreed {
+            loss: v[0] as f64,
+            stop: v[1] > 0.0,
+            clock_due: v[2] > 0.0,
+        })
     }
 
     /// Rank 0's `value` on every rank.
@@ -263,4 +273,15 @@ pub fn define_gradients(params: &[(String, Tensor)]) {
     if let Some(t) = total {
         t.backward();
     }
+}
+
+/// What the ranks agreed on after a step ([`DataParallel::agree`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Agreed {
+    /// The mean loss over the ranks.
+    pub loss: f64,
+    /// Some rank asked to stop.
+    pub stop: bool,
+    /// Some rank's save clock is due.
+    pub clock_due: bool,
 }

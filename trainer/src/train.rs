@@ -17,7 +17,7 @@
 //!   `<output_dir>/samples/step-N.png`.
 
 use crate::autocast::AutocastDtype;
-use crate::checkpoint::{CheckpointStore, SavePoint, TrainingCheckpoints, Trajectory};
+use crate::checkpoint::{CheckpointStore, SaveCadence, SavePoint, TrainingCheckpoints, Trajectory};
 use crate::config::{TrainConfig, TrajectoryConfig};
 use crate::data::{build_batch, DataLayout, Loader, SampleSpec, TrainingData};
 use crate::metrics::{MetricsLog, TrainProgress};
@@ -115,6 +115,7 @@ pub async fn train(
     let (mut last_ckpt, mut last_loss, mut bad_rows) = (None, f64::NAN, 0u64);
     let mut recent_losses = Vec::new();
     let (run_start, mut steps_run) = (Instant::now(), 0u64);
+    let mut cadence = SaveCadence::new(&cfg.checkpoint);
     while run.step < cfg.max_steps {
         let started = Instant::now();
         let done = run.optimiser_step(&mut loader, &mut bad_rows)?;
@@ -129,7 +130,8 @@ pub async fn train(
         })
         .is_break();
         // Every rank logs the same mean loss and stops at the same step.
-        let (loss, stop) = run.dp.agree(done.loss, asked)?;
+        let agreed = run.dp.agree(done.loss, asked, cadence.clock_due())?;
+        let (loss, stop) = (agreed.loss, agreed.stop);
         last_loss = loss;
         metrics.record(loss, loader.take_waited().as_secs_f64());
         if primary {
@@ -147,8 +149,10 @@ pub async fn train(
                 }),
             )?;
         }
-        let at_checkpoint =
-            stop || step.is_multiple_of(cfg.checkpoint.every_steps) || step == cfg.max_steps;
+        let at_checkpoint = cadence.due(step, cfg.max_steps, agreed.clock_due, stop);
+        if at_checkpoint {
+            cadence.saved();
+        }
         if primary && at_checkpoint {
             let at = run.save(std::mem::take(&mut recent_losses)).await?;
             tracing::info!(step, checkpoint = %at, "checkpoint written");

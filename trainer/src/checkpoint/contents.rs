@@ -10,7 +10,7 @@
 use super::safetensors::{copy_named, to_safetensors};
 use super::store::{CheckpointStore, LoadedCheckpoint};
 use crate::data::DataCursor;
-use crate::optim::Optimiser;
+use crate::optim::{LossScaler, Optimiser};
 use crate::parallel::DataParallel;
 use crate::{Result, TrainerError};
 use serde::{Deserialize, Serialize};
@@ -45,6 +45,19 @@ pub struct TrainState {
     pub world_size: usize,
     /// Loss of every optimiser step since the previous checkpoint (diagnostics).
     pub recent_losses: Vec<f64>,
+    /// The f16 loss scaler's scale and clean-step count, so a resume neither starts again
+    /// from 65536 (and skips steps finding the scale) nor loses a doubling; absent for f32
+    /// and bf16 runs, and in checkpoints from before it was saved (they resume with a fresh
+    /// scaler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<LossScaler>,
+    /// Steps skipped so far because f16 gradients overflowed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped_steps: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl TrainState {
@@ -172,6 +185,10 @@ impl TrainingCheckpoints {
         opt.ema.load(&ck.tensors(EMA_FILE)?, &at(EMA_FILE))?;
         opt.adamw
             .load_state(&ck.tensors(OPTIMIZER_FILE)?, &at(OPTIMIZER_FILE))?;
+        if let (Some(scaler), Some(saved)) = (opt.scaler.as_mut(), &state.loss_scaler) {
+            *scaler = saved.clone();
+        }
+        opt.skipped_steps = state.skipped_steps;
         Ok(Some((state, ck.location)))
     }
 
@@ -191,6 +208,8 @@ impl TrainingCheckpoints {
             config: self.trajectory.config.clone(),
             world_size: at.world_size,
             recent_losses: at.recent_losses,
+            loss_scaler: opt.scaler.clone(),
+            skipped_steps: opt.skipped_steps,
         };
         let files = vec![
             (MODEL_FILE.to_string(), to_safetensors(params)?),
@@ -205,5 +224,83 @@ impl TrainingCheckpoints {
             ),
         ];
         self.store.save(step, files).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::OptimConfig;
+    use crate::parallel::DistributedConfig;
+    use knn_cluster::rendezvous::Rendezvous;
+    use tch::Device;
+
+    /// An f16 run's loss scaler, halved by an overflow, comes back from its checkpoint as it
+    /// was (f16 needs a GPU to train, but the scaler and its checkpoint do not).
+    #[tokio::test]
+    async fn the_loss_scale_and_skipped_steps_survive_a_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = dir.path().to_str().unwrap();
+        let store = || CheckpointStore::open(url, &Default::default(), 2).unwrap();
+        let trajectory = Trajectory::of(&serde_json::json!({"run": 1}));
+        let ckpts = TrainingCheckpoints::new(store(), trajectory.clone());
+        let mut dp = DataParallel::join(
+            &Rendezvous::single(),
+            &DistributedConfig::default(),
+            Device::Cpu,
+        )
+        .unwrap();
+        let w = Tensor::ones([3], (tch::Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let params = vec![("w".to_string(), w.shallow_clone())];
+        let mut opt = Optimiser::new(&params, &OptimConfig::default(), true);
+        (w.sum(tch::Kind::Float) * f64::INFINITY).backward();
+        let scaler = opt.scaler.as_mut().unwrap();
+        assert!(
+            !scaler.unscale(&params),
+            "an infinite gradient is an overflow"
+        );
+        assert_eq!(scaler.scale(), 32768.0);
+        opt.skipped_steps = 1;
+        let at = SavePoint {
+            step: 7,
+            cursor: DataCursor::default(),
+            seed: 0,
+            world_size: 1,
+            recent_losses: vec![],
+        };
+        ckpts.save(at, &params, &opt).await.unwrap();
+
+        let mut fresh = Optimiser::new(&params, &OptimConfig::default(), true);
+        assert_eq!(fresh.scaler.as_ref().unwrap().scale(), 65536.0);
+        let resumed = TrainingCheckpoints::new(store(), trajectory);
+        let (state, _) = resumed
+            .resume(&mut dp, &params, &mut fresh)
+            .await
+            .unwrap()
+            .expect("the checkpoint just written");
+        assert_eq!(state.step, 7);
+        assert_eq!(fresh.scaler, opt.scaler);
+        assert_eq!(fresh.skipped_steps, 1);
+        // An f32 run writes neither, so its state.json is as it was before they existed.
+        let plain = Optimiser::new(&params, &OptimConfig::default(), false);
+        ckpts
+            .save(
+                SavePoint {
+                    step: 8,
+                    cursor: DataCursor::default(),
+                    seed: 0,
+                    world_size: 1,
+                    recent_losses: vec![],
+                },
+                &params,
+                &plain,
+            )
+            .await
+            .unwrap();
+        let text = std::fs::read_to_string(dir.path().join("step-0000000008/state.json")).unwrap();
+        assert!(
+            !text.contains("loss_scaler") && !text.contains("skipped_steps"),
+            "{text}"
+        );
     }
 }

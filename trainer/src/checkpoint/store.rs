@@ -119,6 +119,35 @@ impl CheckpointStore {
         })
     }
 
+    /// Checkpoints under `url` for reading only: nothing is created. A local path that is
+    /// missing, or is a file rather than a directory, is refused with what it is.
+    pub fn open_existing(url: &str, storage: &StorageConfig) -> Result<Self> {
+        let is_local = !url.contains("://") || url.starts_with("file://");
+        if is_local {
+            let path = std::path::Path::new(url.strip_prefix("file://").unwrap_or(url));
+            let detail = match std::fs::metadata(path) {
+                Ok(m) if m.is_dir() => None,
+                Ok(_) => Some(": it is a file, not a checkpoint directory; give the `checkpoints` \
+                               directory that a `train` run wrote"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    Some(": it does not exist; give the `checkpoints` directory that a `train` run wrote")
+                }
+                Err(e) => return Err(TrainerError::io(path, e)),
+            };
+            if let Some(detail) = detail {
+                return Err(TrainerError::NoCheckpoint {
+                    location: url.to_string(),
+                    detail: detail.into(),
+                });
+            }
+        }
+        Ok(Self {
+            location: SourceLocation::open(url, storage)?,
+            keep_last: usize::MAX,
+            verified: Default::default(),
+        })
+    }
+
     /// The directory or URL, as configured.
     pub fn url(&self) -> &str {
         &self.location.url

@@ -20,8 +20,8 @@ use arrow_array::{ArrayRef, RecordBatch, UInt64Array};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use futures::StreamExt;
 use knn_datasets::{
-    assign_shards, decode_image, list_shards, read_shard, DecodeLimits, RawRecord, ReaderOptions,
-    Shard, SourceLocation, SplitConfig, StorageConfig, TextColumn,
+    assign_shards, decode_image, list_shards, read_shard, DecodeLimits, ListOptions, RawRecord,
+    ReaderOptions, Shard, SourceLocation, SplitConfig, StorageConfig, TextColumn,
 };
 use knn_indexer::clip::ClipImageProcessor;
 use knn_indexer::table::{rejects_schema, sibling_uri, Reject, ShardWriter, ShardedTable};
@@ -77,7 +77,12 @@ pub async fn prepare(
     table.refresh_ledger().await?;
     rejects.refresh_ledger().await?;
     let source = SourceLocation::open(&cfg.data.url, storage)?;
-    let all = list_shards(&source, cfg.data.format, 1).await?;
+    let listing = ListOptions {
+        folder_shard_size: 1,
+        follow_symlinks: false,
+        config_prefix: "train_clip.data".into(),
+    };
+    let all = list_shards(&source, cfg.data.format, &listing).await?;
     let mut summary = PrepareSummary {
         shards: all.len(),
         ..Default::default()
@@ -138,7 +143,7 @@ pub async fn prepare(
         }
     }
     // Every rank has done its share (or failed) before any trains.
-    let any_failed = dp.agree(0.0, !failed.is_empty())?.1;
+    let any_failed = dp.agree(0.0, !failed.is_empty(), false)?.stop;
     if let Some((shard, e)) = failed.into_iter().next() {
         return Err(TrainerError::PrepareFailed {
             shard,

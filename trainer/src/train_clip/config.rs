@@ -368,6 +368,7 @@ impl TrainClipConfig {
                 "every_steps and log_every must be at least 1",
             ));
         }
+        self.checkpoint.validate("train_clip.checkpoint")?;
         if !matches!(
             self.data.format,
             ShardFormat::Parquet | ShardFormat::WebDataset

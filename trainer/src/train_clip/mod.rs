@@ -25,7 +25,7 @@ pub mod export;
 pub mod loss;
 
 use crate::autocast::{set_cuda_autocast_dtype, AutocastDtype};
-use crate::checkpoint::{CheckpointStore, SavePoint, TrainingCheckpoints, Trajectory};
+use crate::checkpoint::{CheckpointStore, SaveCadence, SavePoint, TrainingCheckpoints, Trajectory};
 use crate::data::{DataLayout, Loader};
 use crate::metrics::{MetricsLog, TrainProgress};
 use crate::model::named_parameters;
@@ -210,6 +210,7 @@ pub async fn train_clip(
     let (mut last_ckpt, mut last_loss, mut recent_losses) = (None, f64::NAN, Vec::new());
     let (run_start, mut steps_run) = (Instant::now(), 0u64);
     let mut stopped = false;
+    let mut cadence = SaveCadence::new(&cfg.checkpoint);
     while step < cfg.max_steps {
         let started = Instant::now();
         let lr = cfg.optim.lr_at(step, cfg.max_steps);
@@ -236,7 +237,8 @@ pub async fn train_clip(
             images_per_s: images_per_step as f64 / started.elapsed().as_secs_f64().max(1e-9),
         })
         .is_break();
-        let (loss_all, stop) = dp.agree(local, asked)?;
+        let agreed = dp.agree(local, asked, cadence.clock_due())?;
+        let (loss_all, stop) = (agreed.loss, agreed.stop);
         last_loss = loss_all;
         metrics.record(loss_all, loader.take_waited().as_secs_f64());
         if primary {
@@ -254,8 +256,10 @@ pub async fn train_clip(
                 }),
             )?;
         }
-        let at_checkpoint =
-            stop || step.is_multiple_of(cfg.checkpoint.every_steps) || step == cfg.max_steps;
+        let at_checkpoint = cadence.due(step, cfg.max_steps, agreed.clock_due, stop);
+        if at_checkpoint {
+            cadence.saved();
+        }
         if primary && at_checkpoint {
             let at = SavePoint {
                 step,
