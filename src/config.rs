@@ -195,6 +195,29 @@ impl ProjectConfig {
     }
 }
 
+/// One `--set KEY=VALUE` flag as a figment provider, so an error in its value names the
+/// flag the user typed (figment would name this file's line).
+struct SetFlag {
+    key: String,
+    value: toml::Value,
+    flag: String,
+}
+
+impl figment::Provider for SetFlag {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named(format!("flag `--set {}`", self.flag))
+    }
+
+    fn data(
+        &self,
+    ) -> std::result::Result<
+        figment::value::Map<figment::Profile, figment::value::Dict>,
+        figment::Error,
+    > {
+        figment::providers::Serialized::default(&self.key, &self.value).data()
+    }
+}
+
 /// Loads `path`, then `KNN_*` env vars, then `key=value` overrides.
 pub fn load(path: &Path, overrides: &[String]) -> Result<ProjectConfig> {
     if !path.is_file() {
@@ -216,7 +239,11 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<ProjectConfig> {
             .ok()
             .and_then(|mut t| t.remove("v"))
             .unwrap_or_else(|| toml::Value::String(value.to_string()));
-        fig = fig.merge(figment::providers::Serialized::default(key, parsed));
+        fig = fig.merge(SetFlag {
+            key: key.to_string(),
+            value: parsed,
+            flag: o.clone(),
+        });
     }
     fig.extract::<ProjectConfig>().map_err(|e| {
         // figment prefixes keys with its profile name (`default.`); users never wrote it.

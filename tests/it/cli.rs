@@ -454,8 +454,27 @@ async fn the_embedded_default_config_runs() {
             "--out",
             grid.to_str().unwrap(),
         ]);
-        text(&run(&mut cmd))
+        let o = run(&mut cmd);
+        assert!(!o.status.success(), "{}", text(&o));
+        text(&o)
     };
+    // What a new user mistypes is refused naming the flag, and leaves nothing behind.
+    let t = other(&["--k", "1000"]);
+    assert!(
+        t.contains("--k") && t.contains("trained with k = ") && !t.contains("precompute-knn"),
+        "the limit is the model's k, not a table's: {t}"
+    );
+    let t = other(&["--prompt", " "]);
+    assert!(t.contains("prompt 1 of 2 is empty"), "{t}");
+    let missing = dir.path().join("no/such/checkpoints");
+    let t = other(&["--checkpoint", missing.to_str().unwrap()]);
+    assert!(t.contains("does not exist"), "{t}");
+    assert!(
+        !dir.path().join("no").exists(),
+        "sample created {missing:?}"
+    );
+    let t = other(&["--checkpoint", "README.md"]);
+    assert!(t.contains("is a file, not a checkpoint directory"), "{t}");
     let t = other(&["--set", "embed.clip.random_seed=7"]);
     assert!(
         t.contains("random-tiny(seed=0)") && t.contains("random-tiny(seed=7)"),

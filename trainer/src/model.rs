@@ -100,7 +100,7 @@ impl TrainedModel {
         device: Device,
         ema: bool,
     ) -> Result<Self> {
-        let store = CheckpointStore::open(url, storage, usize::MAX)?;
+        let store = CheckpointStore::open_existing(url, storage)?;
         let ck = store
             .latest_valid()
             .await?

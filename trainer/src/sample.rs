@@ -89,6 +89,16 @@ pub async fn sample(
     if req.prompts.is_empty() {
         return Err(TrainerError::config("--prompt", "give at least one prompt"));
     }
+    if let Some(i) = req.prompts.iter().position(|p| p.trim().is_empty()) {
+        return Err(TrainerError::config(
+            "--prompt",
+            format!(
+                "prompt {} of {} is empty; give each --prompt some text",
+                i + 1,
+                req.prompts.len()
+            ),
+        ));
+    }
     let device = req
         .device
         .resolve()
@@ -97,15 +107,15 @@ pub async fn sample(
     let unet = trained.model.unet.config().clone();
     let k = req.k.unwrap_or(unet.knn);
     if k > unet.knn {
-        return Err(TrainerError::KTooLarge {
-            key: "--k".into(),
-            k,
-            available: unet.knn,
-            table: format!(
-                "{} (the model was trained with k = {})",
-                trained.location, unet.knn
+        return Err(TrainerError::config(
+            "--k",
+            format!(
+                "{k} neighbours asked, but the model in `{}` was trained with k = {}: it \
+                 takes at most {} neighbours; give --k {} or fewer (fewer leaves the other \
+                 slots empty)",
+                trained.location, unet.knn, unet.knn, unet.knn
             ),
-        });
+        ));
     }
     let (clip_model, identity) = clip.load(storage, device).await?;
     if let Some(trained_on) = trained.trajectory.clip.as_deref() {

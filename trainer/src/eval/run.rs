@@ -403,15 +403,15 @@ fn measure_seed(
 fn check_arm(model: &TrainedModel, k: usize, arm: &str) -> Result<()> {
     let trained = model.model.unet.config().knn;
     if trained < k {
-        return Err(TrainerError::KTooLarge {
-            key: "eval.sweep_k".into(),
-            k,
-            available: trained,
-            table: format!(
-                "{} (the {arm} arm, trained with k = {trained})",
+        return Err(TrainerError::config(
+            "eval.sweep_k",
+            format!(
+                "asks for k = {k}, but the {arm} arm in `{}` was trained with k = {trained}; \
+                 lower `eval.sweep_k` to at most {trained} or train the arm with a larger \
+                 `train.k`",
                 model.location
             ),
-        });
+        ));
     }
     Ok(())
 }
