@@ -65,6 +65,11 @@ pub enum RejectReason {
     DuplicateKey { detail: String },
     /// Two distinct keys of one shard whose 63-bit ids are equal; the first one is kept.
     IdCollision { detail: String },
+    /// Decoding ran past its time budget (`embed.decode.timeout_ms`).
+    Timeout { detail: String },
+    /// The rest of a shard whose container breaks part way (a truncated tar, a bad parquet
+    /// footer or page), kept as one reject when `embed.salvage_corrupt_shards` is on.
+    CorruptShard { detail: String },
 }
 
 impl RejectReason {
@@ -82,6 +87,8 @@ impl RejectReason {
             RejectReason::NotAFile { .. } => "not_a_file",
             RejectReason::DuplicateKey { .. } => "duplicate_key",
             RejectReason::IdCollision { .. } => "id_collision",
+            RejectReason::Timeout { .. } => "timeout",
+            RejectReason::CorruptShard { .. } => "corrupt_shard",
         }
     }
 
@@ -104,7 +111,9 @@ impl RejectReason {
             | RejectReason::UnsafePath { detail }
             | RejectReason::NotAFile { detail }
             | RejectReason::DuplicateKey { detail }
-            | RejectReason::IdCollision { detail } => detail.clone(),
+            | RejectReason::IdCollision { detail }
+            | RejectReason::Timeout { detail }
+            | RejectReason::CorruptShard { detail } => detail.clone(),
         }
     }
 }

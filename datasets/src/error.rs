@@ -54,6 +54,19 @@ pub enum DatasetError {
         key: String,
     },
 
+    /// A configured column holds a type that cannot be read as asked; `key` is the config key
+    /// that names the column.
+    #[error(
+        "shard `{shard}`: column `{column}` has type {types}; set `{key}` to a column of that type"
+    )]
+    ColumnType {
+        shard: String,
+        column: String,
+        /// The type found and the one wanted: `Int32 (want binary)`.
+        types: String,
+        key: String,
+    },
+
     /// A setting asks for something this source cannot give.
     #[error("{what} is not supported: {hint}")]
     Unsupported { what: String, hint: String },

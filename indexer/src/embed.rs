@@ -13,6 +13,8 @@
 //! its id; the [`crate::ledger`] refuses a second commit of the same shard, so a rerun after
 //! `kill -9`, or a duplicated worker, never duplicates a row.
 
+mod deadline;
+
 use crate::clip::{l2_normalize, ClipSettings, LoadedClip};
 use crate::table::{
     embeddings_schema, embeddings_schema_with, rejects_schema, Reject, ShardWriter, ShardedTable,
@@ -24,6 +26,7 @@ use arrow_array::{
     UInt32Array, UInt64Array,
 };
 use arrow_schema::{DataType, Field, SchemaRef};
+use deadline::{Deadline, Outcome, Overdue};
 use futures::StreamExt;
 use knn_datasets::resize::{resize_and_center_crop, Filter};
 use knn_datasets::stored::StoredFormat;
@@ -147,6 +150,16 @@ pub struct DecodeConfig {
     /// `CLIPImageProcessor` sees (embeddings then match a Python pipeline without `draft`).
     #[serde(default = "default_true")]
     pub jpeg_draft: bool,
+    /// Longest one record may take to decode, resize and preprocess, in milliseconds (0: no
+    /// limit). A record over it is a `timeout` reject and the worker goes on; its decoder
+    /// finishes on a thread of its own and the result is dropped. Memory is bounded by
+    /// `max_pixels`, checked from the header before decoding.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_timeout_ms() -> u64 {
+    20_000
 }
 
 fn default_true() -> bool {
@@ -171,6 +184,7 @@ impl Default for DecodeConfig {
             max_bytes: default_max_bytes(),
             background: default_background(),
             jpeg_draft: default_true(),
+            timeout_ms: default_timeout_ms(),
         }
     }
 }
@@ -228,6 +242,14 @@ pub struct EmbedConfig {
     /// Concurrency.
     #[serde(default)]
     pub pipeline: PipelineConfig,
+    /// A shard whose container breaks part way (a truncated tar, a parquet file with a bad
+    /// footer or page) commits the records read before the break and one `corrupt_shard`
+    /// reject for the unread rest, once: reruns skip it. `false` fails such a shard
+    /// instead, and every rerun tries it again (to repair the file and read it whole). A
+    /// store error in the middle of a shard is never salvaged: that shard fails and is
+    /// retried.
+    #[serde(default = "default_true")]
+    pub salvage_corrupt_shards: bool,
 }
 
 /// Live counters of a running embed, for progress display.
@@ -438,7 +460,10 @@ struct Stage {
     cfg: EmbedConfig,
     source: SourceLocation,
     reader: ReaderOptions,
-    prep: ImagePrep,
+    /// Shared with decodes that ran past `timeout_ms` (which must not keep the stage alive).
+    prep: Arc<ImagePrep>,
+    /// Decodes given up on and still running.
+    overdue: Arc<Overdue>,
     images: ShardedTable,
     rejects: ShardedTable,
     schema: SchemaRef,
@@ -691,6 +716,7 @@ pub async fn embed(
             key_column: cfg.source.key_column.clone().filter(|k| !k.is_empty()),
             max_record_bytes: cfg.decode.max_bytes,
             config_prefix: "embed.source".into(),
+            salvage_corrupt_shards: cfg.salvage_corrupt_shards,
             text_columns: carried
                 .iter()
                 .map(|f| TextColumn {
@@ -700,7 +726,9 @@ pub async fn embed(
                 .collect(),
             ..Default::default()
         },
-        prep: ImagePrep::new(cfg, processor),
+        prep: Arc::new(ImagePrep::new(cfg, processor)),
+        // A hung decoder keeps its thread; a few may, not one per record of a bad shard.
+        overdue: Overdue::new((2 * decode_threads).max(4)),
         source,
         images,
         rejects,
@@ -833,10 +861,10 @@ async fn decode_chunk(
         out
     })
     .await
-    .map_err(|e| IndexerError::Internal(format!("decode task died: {e}")))
+    .map_err(|e| IndexerError::Internal(format!("decode task died: {e}")))?
 }
 
-fn decode_records(stage: &Stage, records: Vec<RawRecord>) -> DecodedChunk {
+fn decode_records(stage: &Stage, records: Vec<RawRecord>) -> Result<DecodedChunk> {
     let shard = records
         .first()
         .map(|r| r.shard.to_string())
@@ -855,6 +883,9 @@ fn decode_records(stage: &Stage, records: Vec<RawRecord>) -> DecodedChunk {
     chunk
         .pixels
         .reserve(records.len() * 3 * side_w as usize * side_h as usize);
+    let timeout_ms = stage.cfg.decode.timeout_ms;
+    let mut deadline = (timeout_ms > 0)
+        .then(|| Deadline::new(Duration::from_millis(timeout_ms), stage.overdue.clone()));
     for rec in records {
         let cells = match carried_cells(&stage.carried, rec.text) {
             Ok(cells) => cells,
@@ -869,9 +900,42 @@ fn decode_records(stage: &Stage, records: Vec<RawRecord>) -> DecodedChunk {
                 continue;
             }
         };
-        let prepared = rec
-            .payload
-            .and_then(|bytes| stage.prep.prepare(&bytes, &mut chunk.pixels));
+        let prepared = match (rec.payload, deadline.as_mut()) {
+            (Err(why), _) => Err(why),
+            (Ok(bytes), None) => stage.prep.prepare(&bytes, &mut chunk.pixels),
+            (Ok(bytes), Some(deadline)) => {
+                let prep = stage.prep.clone();
+                let job = move || {
+                    let mut pixels = Vec::new();
+                    prep.prepare(&bytes, &mut pixels)
+                        .map(|(size, stored)| (size, stored, pixels))
+                };
+                match deadline.run(job) {
+                    Outcome::Done(Ok((size, stored, pixels))) => {
+                        chunk.pixels.extend_from_slice(&pixels);
+                        Ok((size, stored))
+                    }
+                    Outcome::Done(Err(why)) => Err(why),
+                    Outcome::TimedOut => Err(RejectReason::Timeout {
+                        detail: format!(
+                            "decoding took longer than embed.decode.timeout_ms = {timeout_ms}"
+                        ),
+                    }),
+                    Outcome::Panicked(why) => Err(RejectReason::Corrupt {
+                        detail: format!("the decoder failed: {why}"),
+                    }),
+                    Outcome::Stalled(running) => {
+                        return Err(IndexerError::DecodeStalled {
+                            shard,
+                            key: rec.key,
+                            running,
+                            max: stage.overdue.max(),
+                            timeout_ms,
+                        })
+                    }
+                }
+            }
+        };
         match prepared {
             Ok((size, stored)) => {
                 chunk.ids.push(rec.id);
@@ -894,7 +958,7 @@ fn decode_records(stage: &Stage, records: Vec<RawRecord>) -> DecodedChunk {
             }
         }
     }
-    chunk
+    Ok(chunk)
 }
 
 /// Sends a decoded chunk through CLIP and assembles the table rows.

@@ -50,11 +50,21 @@ pub enum IndexerError {
     },
 
     /// Some shards failed; the others were committed. A rerun retries only the failed ones.
-    #[error("{failed} of {total} shards failed (first: {first}); they stay uncommitted and a rerun retries only them, which helps after a network or storage fault; a shard that fails the same way again is corrupt: fix or remove that file")]
+    #[error("{failed} of {total} shards failed (first: {first}); they stay uncommitted and a rerun retries only them, which helps after a network or storage fault; a shard that fails the same way again is corrupt: fix or remove that file, or keep what it holds with `embed.salvage_corrupt_shards = true`")]
     ShardsFailed {
         failed: usize,
         total: usize,
         first: String,
+    },
+
+    /// Too many records' decoders are still running past their time budget to start another.
+    #[error("shard `{shard}`: record `{key}` was not decoded: {running} earlier records ran past `embed.decode.timeout_ms` = {timeout_ms} and their decoders are still running (at most {max} may be); the decoder may hang on this data. Lower `embed.decode.max_pixels`, raise the timeout, or remove the records rejected as `timeout`, then rerun")]
+    DecodeStalled {
+        shard: String,
+        key: String,
+        running: usize,
+        max: usize,
+        timeout_ms: u64,
     },
 
     /// A table lacks a column a stage needs, or has it with the wrong type.

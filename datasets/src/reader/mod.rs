@@ -5,15 +5,21 @@
 //! `max_bytes`) become records with a [`crate::RejectReason`] payload so they are counted and
 //! reported. Shard-level problems (a corrupt parquet footer, a truncated tar, a network error)
 //! end the stream with a [`crate::DatasetError`] naming the shard; the shard is then not
-//! committed and a rerun tries it again.
+//! committed and a rerun tries it again. With [`ReaderOptions::salvage_corrupt_shards`], a
+//! container that breaks part way ends its stream with one `corrupt_shard` reject for the
+//! unread rest instead, after the records read before the break. A store error met while a
+//! container is parsed (a connection reset in the middle of a tar) is never taken for a
+//! broken container: [`StoreFault`] keeps it, and the stream ends with that error.
 
 mod folder;
 mod parquet;
 mod webdataset;
 
+use crate::DatasetError;
 use crate::{RawRecord, RejectReason, Result, Shard, ShardFormat, SourceLocation};
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// A text column read beside the image (a caption, a score kept as text), and the config key
 /// that names it, for errors.
@@ -44,6 +50,9 @@ pub struct ReaderOptions {
     pub max_record_bytes: u64,
     /// Folder shards: files fetched concurrently.
     pub fetch_concurrency: usize,
+    /// A container that breaks part way ends with one `corrupt_shard` reject for the unread
+    /// rest (after the records read before the break) instead of failing its shard.
+    pub salvage_corrupt_shards: bool,
 }
 
 impl Default for ReaderOptions {
@@ -56,6 +65,7 @@ impl Default for ReaderOptions {
             parquet_batch_rows: 64,
             max_record_bytes: 64 * 1024 * 1024,
             fetch_concurrency: 8,
+            salvage_corrupt_shards: false,
         }
     }
 }
@@ -74,14 +84,76 @@ pub fn read_shard(
         ShardFormat::Folder => folder::read(loc.clone(), shard.clone(), opts.clone()),
     };
     let mut ids = UniqueIds::default();
-    records
-        .map_ok(move |mut record| {
-            if let Err(why) = ids.admit(&record) {
-                record.payload = Err(why);
+    let admitted = records.map_ok(move |mut record| {
+        if let Err(why) = ids.admit(&record) {
+            record.payload = Err(why);
+        }
+        record
+    });
+    if !opts.salvage_corrupt_shards {
+        return admitted.boxed();
+    }
+    let (shard_id, texts) = (shard.id.clone(), opts.text_columns.len());
+    let mut read = 0usize;
+    admitted
+        .scan(false, move |ended, item| {
+            if *ended {
+                return futures::future::ready(None);
             }
-            record
+            let item = match item {
+                Err(DatasetError::CorruptShard { reason, .. }) => {
+                    *ended = true;
+                    Ok(unread_rest(&shard_id, read, reason, texts))
+                }
+                other => {
+                    read += 1;
+                    other
+                }
+            };
+            futures::future::ready(Some(item))
         })
         .boxed()
+}
+
+/// The one reject that stands for the unreadable rest of a shard after `read` records. Its
+/// key depends only on where the container breaks, so a rerun over the same file makes the
+/// same row.
+fn unread_rest(shard: &crate::ShardId, read: usize, reason: String, texts: usize) -> RawRecord {
+    let key = format!("#unreadable-after-{read}");
+    RawRecord {
+        id: crate::record_id(shard, &key),
+        key,
+        shard: shard.clone(),
+        payload: Err(RejectReason::CorruptShard {
+            detail: format!(
+                "the shard is unreadable after its first {read} records, which are kept: {reason}"
+            ),
+        }),
+        text: vec![None; texts],
+    }
+}
+
+/// The first object-store error met while a container was parsed. A parser sees such an
+/// error only as a failed read of its input, which it reports as a broken container; this
+/// keeps the store's own error, so that a network fault is retried, never salvaged.
+#[derive(Clone, Default)]
+pub(crate) struct StoreFault(Arc<Mutex<Option<DatasetError>>>);
+
+impl StoreFault {
+    /// Keeps `err` (read at `url`) unless an earlier one is kept; returns its text for the
+    /// parser's error.
+    pub(crate) fn keep(&self, url: &str, err: object_store::Error) -> String {
+        let text = err.to_string();
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert_with(|| DatasetError::from_store(url, err));
+        text
+    }
+
+    /// `err`, or the store error that caused it.
+    pub(crate) fn explain(&self, err: DatasetError) -> DatasetError {
+        let kept = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        kept.unwrap_or(err)
+    }
 }
 
 /// The ids of the rows read so far from one shard, with their keys.

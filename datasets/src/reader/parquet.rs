@@ -2,7 +2,7 @@
 //! column. Only those two columns are read, `parquet_batch_rows` rows at a time, through
 //! range requests against the object store.
 
-use super::ReaderOptions;
+use super::{ReaderOptions, StoreFault};
 use crate::{
     record_id, DatasetError, RawRecord, RejectReason, Result, Shard, ShardId, SourceLocation,
 };
@@ -26,6 +26,9 @@ struct StoreFile {
     store: Arc<dyn ObjectStore>,
     path: Path,
     size: u64,
+    /// The object's URL, for a store error.
+    url: String,
+    fault: StoreFault,
 }
 
 impl AsyncFileReader for StoreFile {
@@ -35,14 +38,9 @@ impl AsyncFileReader for StoreFile {
                 range: Some(range.into()),
                 ..Default::default()
             };
-            let got = self
-                .store
-                .get_opts(&self.path, opts)
-                .await
-                .map_err(|e| ParquetError::External(Box::new(e)))?;
-            got.bytes()
-                .await
-                .map_err(|e| ParquetError::External(Box::new(e)))
+            let fault = |e| ParquetError::General(self.fault.keep(&self.url, e));
+            let got = self.store.get_opts(&self.path, opts).await.map_err(fault)?;
+            got.bytes().await.map_err(fault)
         })
     }
 
@@ -60,10 +58,12 @@ impl AsyncFileReader for StoreFile {
     }
 }
 
-/// Opens `shard`'s parquet file: its footer read, no rows yet.
+/// Opens `shard`'s parquet file: its footer read, no rows yet. A store error on the way is
+/// kept in `fault`.
 async fn open(
     loc: &SourceLocation,
     shard: &Shard,
+    fault: &StoreFault,
 ) -> Result<ParquetRecordBatchStreamBuilder<StoreFile>> {
     let meta = shard
         .objects
@@ -75,20 +75,27 @@ async fn open(
         })?;
     let file = StoreFile {
         store: loc.store.clone(),
+        url: loc.url_of(&meta.location),
         path: meta.location.clone(),
         size: meta.size,
+        fault: fault.clone(),
     };
     ParquetRecordBatchStreamBuilder::new(file)
         .await
-        .map_err(|e| DatasetError::CorruptShard {
-            shard: shard.id.to_string(),
-            reason: format!("cannot read parquet footer: {e}"),
+        .map_err(|e| {
+            fault.explain(DatasetError::CorruptShard {
+                shard: shard.id.to_string(),
+                reason: format!("cannot read parquet footer: {e}"),
+            })
         })
 }
 
 /// The Arrow schema of `shard` (from its footer alone).
 pub(super) async fn schema(loc: &SourceLocation, shard: &Shard) -> Result<arrow_schema::SchemaRef> {
-    Ok(open(loc, shard).await?.schema().clone())
+    Ok(open(loc, shard, &StoreFault::default())
+        .await?
+        .schema()
+        .clone())
 }
 
 pub(super) fn read(
@@ -96,12 +103,13 @@ pub(super) fn read(
     shard: Shard,
     opts: ReaderOptions,
 ) -> BoxStream<'static, Result<RawRecord>> {
+    let fault = StoreFault::default();
     let opened = async move {
         let corrupt = |reason: String| DatasetError::CorruptShard {
             shard: shard.id.to_string(),
             reason,
         };
-        let builder = open(&loc, &shard).await?;
+        let builder = open(&loc, &shard, &fault).await?;
         let schema = builder.schema().clone();
         let index_of = |column: &str, key: String| {
             schema
@@ -123,21 +131,21 @@ pub(super) fn read(
             .with_projection(mask)
             .with_batch_size(opts.parquet_batch_rows.max(1))
             .build()
-            .map_err(|e| corrupt(e.to_string()))?;
-        Ok::<_, DatasetError>((batches, shard.id, opts))
+            .map_err(|e| fault.explain(corrupt(e.to_string())))?;
+        Ok::<_, DatasetError>((batches, shard.id, opts, fault))
     };
     stream::once(opened)
         .flat_map(|opened| match opened {
             Err(e) => stream::once(async move { Err(e) }).boxed(),
-            Ok((batches, shard_id, opts)) => {
+            Ok((batches, shard_id, opts, fault)) => {
                 let mut row_base = 0usize;
                 batches
                     .flat_map(move |batch| {
                         let out: Vec<Result<RawRecord>> = match batch {
-                            Err(e) => vec![Err(DatasetError::CorruptShard {
+                            Err(e) => vec![Err(fault.explain(DatasetError::CorruptShard {
                                 shard: shard_id.to_string(),
-                                reason: e.to_string(),
-                            })],
+                                reason: format!("after {row_base} rows: {e}"),
+                            }))],
                             Ok(b) => {
                                 let recs = rows(&b, &shard_id, &opts, row_base);
                                 row_base += b.num_rows();
@@ -167,25 +175,20 @@ fn rows(
     (0..batch.num_rows())
         .map(|row| {
             let key = match &key {
-                Some(k) => {
-                    cell_text(k.as_ref(), row).ok_or_else(|| DatasetError::CorruptShard {
-                        shard: shard.to_string(),
-                        reason: format!(
-                            "key column has type {} (want a string or integer)",
-                            k.data_type()
-                        ),
-                    })?
-                }
+                Some(k) => cell_text(k.as_ref(), row).ok_or_else(|| DatasetError::ColumnType {
+                    shard: shard.to_string(),
+                    column: opts.key_column.clone().unwrap_or_default(),
+                    types: format!("{} (want a string or an integer)", k.data_type()),
+                    key: format!("{}.key_column", opts.config_prefix),
+                })?,
                 None => format!("{:09}", row_base + row),
             };
             let payload =
-                cell_bytes(image.as_ref(), row).ok_or_else(|| DatasetError::CorruptShard {
+                cell_bytes(image.as_ref(), row).ok_or_else(|| DatasetError::ColumnType {
                     shard: shard.to_string(),
-                    reason: format!(
-                        "image column `{}` has type {} (want binary)",
-                        opts.image_column,
-                        image.data_type()
-                    ),
+                    column: opts.image_column.clone(),
+                    types: format!("{} (want binary)", image.data_type()),
+                    key: format!("{}.image_column", opts.config_prefix),
                 })?;
             let payload = match payload {
                 Some(b) if b.len() as u64 > opts.max_record_bytes => Err(RejectReason::TooLarge {
@@ -201,13 +204,11 @@ fn rows(
             for (t, column) in texts.iter().zip(&opts.text_columns) {
                 let cell = match t {
                     Some(c) => cell_text(c.as_ref(), row)
-                        .ok_or_else(|| DatasetError::CorruptShard {
+                        .ok_or_else(|| DatasetError::ColumnType {
                             shard: shard.to_string(),
-                            reason: format!(
-                                "column `{}` has type {} (want a string or a number)",
-                                column.name,
-                                c.data_type()
-                            ),
+                            column: column.name.clone(),
+                            types: format!("{} (want a string or a number)", c.data_type()),
+                            key: column.config_key.clone(),
                         })
                         .map(|v| (!c.is_null(row)).then_some(v))?,
                     None => None,

@@ -11,7 +11,7 @@
 //! The tar is streamed from the store and parsed on a blocking thread; records cross to async
 //! code through a bounded channel, so memory holds one sample at a time.
 
-use super::ReaderOptions;
+use super::{ReaderOptions, StoreFault};
 use crate::shard::IMAGE_EXTENSIONS;
 use crate::{
     record_id, DatasetError, RawRecord, RejectReason, Result, Shard, ShardId, SourceLocation,
@@ -40,12 +40,16 @@ pub(super) fn read(
                 return;
             }
         };
-        let reader = SyncIoBridge::new(StreamReader::new(body.map_err(std::io::Error::other)));
+        // A read that fails in the middle of the tar is the store's fault, not the tar's.
+        let fault = StoreFault::default();
+        let kept = fault.clone();
+        let body = body.map_err(move |e| std::io::Error::other(kept.keep(&url, e)));
+        let reader = SyncIoBridge::new(StreamReader::new(body));
         let shard_id = shard.id.clone();
         let err_tx = tx.clone();
         let joined = tokio::task::spawn_blocking(move || {
             if let Err(e) = parse(reader, &shard_id, &opts, &tx) {
-                let _ = tx.blocking_send(Err(e));
+                let _ = tx.blocking_send(Err(fault.explain(e)));
             }
         })
         .await;

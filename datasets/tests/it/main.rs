@@ -1,6 +1,7 @@
 //! Integration tests of the datasets crate: each reader on generated fixtures, bad records,
 //! memory:// and a real S3 server on loopback.
 
+mod cut_store;
 mod fixtures;
 mod image_parity;
 #[path = "../../../tests/support/images.rs"]

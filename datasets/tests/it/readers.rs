@@ -266,28 +266,130 @@ async fn hostile_tar_members_are_refused_and_counted_never_read_or_dropped() {
     );
 }
 
+/// The records of the one shard under `loc`, with `embed.salvage_corrupt_shards` as given.
+async fn read_only_shard(
+    loc: &SourceLocation,
+    format: ShardFormat,
+    salvage: bool,
+) -> Result<Vec<RawRecord>, DatasetError> {
+    let shards = list_shards(loc, format, &ListOptions::default()).await?;
+    assert_eq!(shards.len(), 1, "{shards:?}");
+    let opts = ReaderOptions {
+        salvage_corrupt_shards: salvage,
+        parquet_batch_rows: 2,
+        ..Default::default()
+    };
+    read_shard(loc, &shards[0], &opts).try_collect().await
+}
+
+fn keys(records: &[RawRecord]) -> Vec<&str> {
+    records.iter().map(|r| r.key.as_str()).collect()
+}
+
+/// The last record: the one reject for the unread rest, with its detail.
+fn rest_reject(records: &[RawRecord]) -> String {
+    let last = records.last().expect("a record for the rest");
+    let why = last.payload.as_ref().expect_err("the rest is a reject");
+    assert_eq!(why.code(), "corrupt_shard", "{why:?}");
+    why.detail()
+}
+
 #[tokio::test]
-async fn truncated_tar_fails_the_shard_by_name() {
+async fn a_truncated_tar_fails_its_shard_or_is_salvaged_up_to_the_cut() {
     let loc = SourceLocation::open("memory://wds-cut/", &StorageConfig::default()).unwrap();
-    let full = tar(&[("a.png", png(32, 32, 1)), ("b.png", png(32, 32, 2))]);
-    put(&loc, "cut.tar", full[..full.len() - 1800].to_vec()).await;
-    let shard = list_shards(
-        &loc,
-        ShardFormat::WebDataset,
-        &ListOptions {
-            folder_shard_size: 1,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap()
-    .remove(0);
-    let got: Result<Vec<RawRecord>, _> = read_shard(&loc, &shard, &ReaderOptions::default())
-        .try_collect()
-        .await;
-    match got {
+    let full = tar(&[
+        ("a.png", png(32, 32, 1)),
+        ("b.png", png(32, 32, 2)),
+        ("c.png", png(48, 48, 3)),
+    ]);
+    // Cut inside the last member (the archive ends with 1024 zero bytes).
+    put(&loc, "cut.tar", full[..full.len() - 1124].to_vec()).await;
+
+    match read_only_shard(&loc, ShardFormat::WebDataset, false).await {
         Err(DatasetError::CorruptShard { shard, .. }) => assert_eq!(shard, "cut.tar"),
         other => panic!("expected CorruptShard, got {other:?}"),
+    }
+    let got = read_only_shard(&loc, ShardFormat::WebDataset, true)
+        .await
+        .unwrap();
+    assert_eq!(keys(&got), ["a", "b", "#unreadable-after-2"]);
+    assert!(got[..2].iter().all(|r| r.payload.is_ok()));
+    let detail = rest_reject(&got);
+    assert!(detail.contains("first 2 records"), "{detail}");
+    // The same file makes the same reject row: a rerun cannot add a second one.
+    let again = read_only_shard(&loc, ShardFormat::WebDataset, true)
+        .await
+        .unwrap();
+    assert_eq!(got.last().unwrap().id, again.last().unwrap().id);
+}
+
+#[tokio::test]
+async fn a_parquet_file_with_a_bad_footer_or_page_is_salvaged_to_what_reads() {
+    use parquet::file::metadata::ParquetMetaDataReader;
+    let loc = SourceLocation::open("memory://pq-cut/", &StorageConfig::default()).unwrap();
+    let rows: Vec<(String, Option<Vec<u8>>)> = (0..6)
+        .map(|i| (format!("k{i}"), Some(png(6, 6, i as u8))))
+        .collect();
+    let borrowed: Vec<(&str, Option<Vec<u8>>)> =
+        rows.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let good = parquet(&borrowed); // row groups of 3 rows
+
+    // A footer that is not one: nothing reads, one reject stands for the whole file.
+    let mut footer = good.clone();
+    let n = footer.len();
+    footer[n - 4..].copy_from_slice(b"XXXX");
+    put(&loc, "footer.parquet", footer).await;
+    assert!(matches!(
+        read_only_shard(&loc, ShardFormat::Parquet, false).await,
+        Err(DatasetError::CorruptShard { .. })
+    ));
+    let got = read_only_shard(&loc, ShardFormat::Parquet, true)
+        .await
+        .unwrap();
+    assert_eq!(keys(&got), ["#unreadable-after-0"]);
+    let detail = rest_reject(&got);
+    assert!(detail.contains("parquet footer"), "{detail}");
+    loc.store
+        .delete(&Path::from(format!("{}/footer.parquet", loc.prefix)))
+        .await
+        .unwrap();
+
+    // A broken page in the second row group: the first row group's rows are kept.
+    let meta = ParquetMetaDataReader::new()
+        .parse_and_finish(&bytes::Bytes::from(good.clone()))
+        .unwrap();
+    let page = meta.row_group(1).column(1).data_page_offset() as usize;
+    let mut broken = good.clone();
+    broken[page..page + 24].fill(0xff);
+    put(&loc, "page.parquet", broken).await;
+    let got = read_only_shard(&loc, ShardFormat::Parquet, true)
+        .await
+        .unwrap();
+    assert_eq!(keys(&got), ["k0", "k1", "k2", "#unreadable-after-3"]);
+}
+
+#[tokio::test]
+async fn a_connection_cut_in_the_middle_of_a_shard_is_a_store_error_never_salvaged() {
+    let plain = SourceLocation::open("memory://wds-reset/", &StorageConfig::default()).unwrap();
+    let full = tar(&[("a.png", png(32, 32, 1)), ("b.png", png(32, 32, 2))]);
+    let size = full.len() as u64;
+    put(&plain, "whole.tar", full).await;
+    let loc = SourceLocation {
+        store: std::sync::Arc::new(crate::cut_store::CutBodies {
+            inner: plain.store.clone(),
+            after: size / 2,
+        }),
+        ..plain.clone()
+    };
+    for salvage in [false, true] {
+        match read_only_shard(&loc, ShardFormat::WebDataset, salvage).await {
+            Err(e @ DatasetError::Store { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains("whole.tar"), "{text}");
+                assert!(text.contains("connection reset"), "{text}");
+            }
+            other => panic!("salvage {salvage}: expected a store error, got {other:?}"),
+        }
     }
 }
 

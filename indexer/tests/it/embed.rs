@@ -342,6 +342,7 @@ async fn a_corrupt_shard_fails_alone_and_is_retried_by_the_next_run() {
     std::fs::write(src.path().join("b.tar"), &whole[..whole.len() - 1500]).unwrap();
     let mut cfg = config(src.path(), out.path(), "");
     cfg.source.format = knn_datasets::ShardFormat::WebDataset;
+    cfg.salvage_corrupt_shards = false;
 
     let first = run(&cfg, (0, 1)).await;
     assert_eq!(first.shards_committed, 1, "{first}");
@@ -367,6 +368,97 @@ async fn a_corrupt_shard_fails_alone_and_is_retried_by_the_next_run() {
     assert_eq!(
         column_u64(&uri(out.path(), "emb.lance"), "id").await.len(),
         4
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_shard_is_salvaged_once_by_default() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    std::fs::write(
+        src.path().join("a.tar"),
+        tar(&[("1.png", png(9, 9, 1)), ("2.png", png(9, 9, 2))]),
+    )
+    .unwrap();
+    let whole = tar(&[
+        ("3.png", png(40, 40, 3)),
+        ("4.png", png(40, 40, 4)),
+        ("5.png", png(48, 48, 5)),
+    ]);
+    // Cut inside the last member: 3 and 4 read, 5 is the unreadable rest.
+    std::fs::write(src.path().join("b.tar"), &whole[..whole.len() - 1124]).unwrap();
+    let mut cfg = config(src.path(), out.path(), "");
+    cfg.source.format = knn_datasets::ShardFormat::WebDataset;
+    assert!(cfg.salvage_corrupt_shards, "the documented default");
+
+    let first = run(&cfg, (0, 1)).await;
+    assert_eq!(first.shards_committed, 2, "{first}");
+    assert!(first.shards_failed.is_empty(), "{first}");
+    assert_eq!(first.images_ok, 4, "{first}");
+    assert_eq!(first.rejected.get("corrupt_shard"), Some(&1), "{first}");
+    let rejects = uri(out.path(), "emb-rejects.lance");
+    let batch = read_columns(&rejects, &["key", "detail"]).await;
+    let keys = col::<arrow_array::StringArray>(&batch, 0);
+    assert_eq!(keys.value(0), "#unreadable-after-2");
+    let detail = col::<arrow_array::StringArray>(&batch, 1).value(0);
+    assert!(detail.contains("first 2 records"), "{detail}");
+
+    // Exactly once: the rerun skips both shards and adds no row and no reject.
+    let second = run(&cfg, (0, 1)).await;
+    assert_eq!(
+        (second.shards_skipped, second.shards_committed),
+        (2, 0),
+        "{second}"
+    );
+    assert_eq!(
+        column_u64(&uri(out.path(), "emb.lance"), "id").await.len(),
+        4
+    );
+    assert_eq!(column_u64(&rejects, "id").await.len(), 1);
+}
+
+/// A PNG of `side` x `side` black pixels, quick to write and slow to decode and resize.
+fn huge_png(side: u32) -> Vec<u8> {
+    use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+    use image::ImageEncoder;
+    let pixels = vec![0u8; side as usize * side as usize * 3];
+    let mut out = Vec::new();
+    PngEncoder::new_with_quality(&mut out, CompressionType::Fast, FilterType::NoFilter)
+        .write_image(&pixels, side, side, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_past_its_decode_budget_is_a_timeout_reject_and_the_rest_go_on() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    for i in 0..5 {
+        std::fs::write(src.path().join(format!("{i}.png")), png(20, 20, i as u8)).unwrap();
+    }
+    // 81M pixels, under max_pixels: inflating, resizing and preprocessing it takes several
+    // hundred milliseconds, where a 20 px image takes well under one.
+    std::fs::write(src.path().join("huge.png"), huge_png(9000)).unwrap();
+    let cfg = config(src.path(), out.path(), "[decode]\ntimeout_ms = 100");
+    assert_eq!(cfg.decode.timeout_ms, 100);
+    let s = run(&cfg, (0, 1)).await;
+    assert_eq!(s.images_ok + s.rejected_total(), 6, "{s}");
+    assert!(s.shards_failed.is_empty(), "{s}");
+    // Only the huge one must time out; a small one may too on a machine busy enough to
+    // leave a thread unscheduled for 100 ms, and is then counted, never lost.
+    assert!(s.images_ok >= 1, "{s}");
+    let timed_out: Vec<&str> = s
+        .reject_examples
+        .iter()
+        .filter(|(_, _, _, why)| why.starts_with("timeout"))
+        .map(|(_, key, _, _)| key.as_str())
+        .collect();
+    assert!(timed_out.iter().any(|k| k.contains("huge")), "{s}");
+    let rejects = read_columns(&uri(out.path(), "emb-rejects.lance"), &["key", "detail"]).await;
+    let details = col::<arrow_array::StringArray>(&rejects, 1);
+    assert!(
+        (0..details.len()).any(|i| details.value(i).contains("timeout_ms = 100")),
+        "{rejects:?}"
     );
 }
 
