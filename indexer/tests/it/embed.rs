@@ -329,19 +329,22 @@ async fn the_ledger_refuses_a_second_commit_of_a_shard_even_from_a_stale_version
     assert_eq!(ids, vec![1, 3]);
 }
 
+/// A webdataset source of a good `a.tar` (keys 1, 2) and `b.tar`, the tar `whole` less its
+/// last `cut` bytes; the embed config reading it into `out`.
+fn good_and_cut_tars(src: &Path, out: &Path, whole: &[u8], cut: usize) -> EmbedConfig {
+    let good = tar(&[("1.png", png(9, 9, 1)), ("2.png", png(9, 9, 2))]);
+    std::fs::write(src.join("a.tar"), good).unwrap();
+    std::fs::write(src.join("b.tar"), &whole[..whole.len() - cut]).unwrap();
+    let mut cfg = config(src, out, "");
+    cfg.source.format = knn_datasets::ShardFormat::WebDataset;
+    cfg
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_shard_fails_alone_and_is_retried_by_the_next_run() {
-    let src = tempfile::tempdir().unwrap();
-    let out = tempfile::tempdir().unwrap();
-    std::fs::write(
-        src.path().join("a.tar"),
-        tar(&[("1.png", png(9, 9, 1)), ("2.png", png(9, 9, 2))]),
-    )
-    .unwrap();
+    let (src, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let whole = tar(&[("3.png", png(40, 40, 3)), ("4.png", png(40, 40, 4))]);
-    std::fs::write(src.path().join("b.tar"), &whole[..whole.len() - 1500]).unwrap();
-    let mut cfg = config(src.path(), out.path(), "");
-    cfg.source.format = knn_datasets::ShardFormat::WebDataset;
+    let mut cfg = good_and_cut_tars(src.path(), out.path(), &whole, 1500);
     cfg.salvage_corrupt_shards = false;
 
     let first = run(&cfg, (0, 1)).await;
@@ -373,22 +376,14 @@ async fn a_corrupt_shard_fails_alone_and_is_retried_by_the_next_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_shard_is_salvaged_once_by_default() {
-    let src = tempfile::tempdir().unwrap();
-    let out = tempfile::tempdir().unwrap();
-    std::fs::write(
-        src.path().join("a.tar"),
-        tar(&[("1.png", png(9, 9, 1)), ("2.png", png(9, 9, 2))]),
-    )
-    .unwrap();
+    let (src, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let whole = tar(&[
         ("3.png", png(40, 40, 3)),
         ("4.png", png(40, 40, 4)),
         ("5.png", png(48, 48, 5)),
     ]);
     // Cut inside the last member: 3 and 4 read, 5 is the unreadable rest.
-    std::fs::write(src.path().join("b.tar"), &whole[..whole.len() - 1124]).unwrap();
-    let mut cfg = config(src.path(), out.path(), "");
-    cfg.source.format = knn_datasets::ShardFormat::WebDataset;
+    let cfg = good_and_cut_tars(src.path(), out.path(), &whole, 1124);
     assert!(cfg.salvage_corrupt_shards, "the documented default");
 
     let first = run(&cfg, (0, 1)).await;
