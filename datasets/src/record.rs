@@ -20,6 +20,24 @@ pub struct RawRecord {
     pub text: Vec<Option<String>>,
 }
 
+impl RawRecord {
+    /// The record `key` of `shard`, its id made by [`record_id`].
+    pub fn new(
+        shard: &ShardId,
+        key: String,
+        payload: Result<Bytes, RejectReason>,
+        text: Vec<Option<String>>,
+    ) -> Self {
+        Self {
+            id: record_id(shard, &key),
+            key,
+            shard: shard.clone(),
+            payload,
+            text,
+        }
+    }
+}
+
 /// A stable 63-bit id for the record `key` of `shard`: the first 8 bytes of
 /// SHA-256(shard "\n" key) with the top bit cleared, so it is also a valid i64 for readers
 /// (pandas, SQL) that have no u64. Re-reading the same source always gives the same ids.

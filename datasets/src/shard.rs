@@ -141,9 +141,9 @@ pub async fn list_shards(
 ) -> Result<Vec<Shard>> {
     let mut listed = match (format, loc.local_dir()) {
         (ShardFormat::Folder, Some(root)) => {
-            let follow = opts.follow_symlinks;
+            let (follow, key) = (opts.follow_symlinks, opts.config_prefix.clone());
             let dir = root.clone();
-            tokio::task::spawn_blocking(move || walk_local(&dir, follow))
+            tokio::task::spawn_blocking(move || walk_local(&dir, follow, &key))
                 .await
                 .map_err(|e| DatasetError::LocalIo {
                     path: root,
@@ -231,7 +231,8 @@ pub async fn list_shards(
 /// Lists a local folder source without following symlinks blindly: a link is read when its
 /// target lies inside `root` (or `follow` allows any target), refused when it leads out, and a
 /// dangling one is refused too, so every image-named entry is either listed or counted.
-fn walk_local(root: &std::path::Path, follow: bool) -> Result<Vec<Listed>> {
+/// `config_prefix` names the section whose `follow_symlinks` the refusal points to.
+fn walk_local(root: &std::path::Path, follow: bool, config_prefix: &str) -> Result<Vec<Listed>> {
     let io = |path: &std::path::Path, source: std::io::Error| DatasetError::LocalIo {
         path: path.to_path_buf(),
         source,
@@ -285,7 +286,7 @@ fn walk_local(root: &std::path::Path, follow: bool) -> Result<Vec<Listed>> {
                 }
                 Ok(target) if !follow && !target.starts_with(&canonical_root) => {
                     let detail = format!(
-                        "symlink to `{}`, outside the source; set embed.source.follow_symlinks = true to read links out of it",
+                        "symlink to `{}`, outside the source; set {config_prefix}.follow_symlinks = true to read links out of it",
                         target.display()
                     );
                     out.push(Listed::Refused(

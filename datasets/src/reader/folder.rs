@@ -2,7 +2,7 @@
 //! Entries the listing refused (dangling or escaping symlinks) come first, as rejects.
 
 use super::ReaderOptions;
-use crate::{record_id, DatasetError, RawRecord, RejectReason, Result, Shard, SourceLocation};
+use crate::{DatasetError, RawRecord, RejectReason, Result, Shard, SourceLocation};
 use futures::stream::{self, BoxStream, StreamExt};
 
 pub(super) fn read(
@@ -24,15 +24,7 @@ pub(super) fn read(
     let refused: Vec<Result<RawRecord>> = shard
         .refused
         .into_iter()
-        .map(|r| {
-            Ok(RawRecord {
-                id: record_id(&shard.id, &r.key),
-                key: r.key,
-                shard: shard.id.clone(),
-                payload: Err(r.reason),
-                text: Vec::new(),
-            })
-        })
+        .map(|r| Ok(RawRecord::new(&shard.id, r.key, Err(r.reason), Vec::new())))
         .collect();
     let read = stream::iter(shard.objects)
         .map(move |meta| {
@@ -46,7 +38,6 @@ pub(super) fn read(
                     .unwrap_or(&url)
                     .trim_start_matches('/')
                     .to_string();
-                let id = record_id(&shard_id, &key);
                 let payload = if meta.size > max {
                     Err(RejectReason::TooLarge {
                         bytes: meta.size,
@@ -63,13 +54,7 @@ pub(super) fn read(
                         .await
                         .map_err(|e| DatasetError::from_store(&url, e))?)
                 };
-                Ok(RawRecord {
-                    id,
-                    key,
-                    shard: shard_id,
-                    payload,
-                    text: Vec::new(),
-                })
+                Ok(RawRecord::new(&shard_id, key, payload, Vec::new()))
             }
         })
         .buffered(opts.fetch_concurrency.max(1));

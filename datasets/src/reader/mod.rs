@@ -119,18 +119,14 @@ pub fn read_shard(
 /// key depends only on where the container breaks, so a rerun over the same file makes the
 /// same row.
 fn unread_rest(shard: &crate::ShardId, read: usize, reason: String, texts: usize) -> RawRecord {
-    let key = format!("#unreadable-after-{read}");
-    RawRecord {
-        id: crate::record_id(shard, &key),
-        key,
-        shard: shard.clone(),
-        payload: Err(RejectReason::CorruptShard {
-            detail: format!(
-                "the shard is unreadable after its first {read} records, which are kept: {reason}"
-            ),
-        }),
-        text: vec![None; texts],
-    }
+    let detail =
+        format!("the shard is unreadable after its first {read} records, which are kept: {reason}");
+    RawRecord::new(
+        shard,
+        format!("#unreadable-after-{read}"),
+        Err(RejectReason::CorruptShard { detail }),
+        vec![None; texts],
+    )
 }
 
 /// The first object-store error met while a container was parsed. A parser sees such an

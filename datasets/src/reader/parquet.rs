@@ -3,9 +3,7 @@
 //! range requests against the object store.
 
 use super::{ReaderOptions, StoreFault};
-use crate::{
-    record_id, DatasetError, RawRecord, RejectReason, Result, Shard, ShardId, SourceLocation,
-};
+use crate::{DatasetError, RawRecord, RejectReason, Result, Shard, ShardId, SourceLocation};
 use arrow_array::{cast::AsArray, Array, RecordBatch};
 use arrow_schema::DataType;
 use bytes::Bytes;
@@ -215,13 +213,7 @@ fn rows(
                 };
                 text.push(cell);
             }
-            Ok(RawRecord {
-                id: record_id(shard, &key),
-                key,
-                shard: shard.clone(),
-                payload,
-                text,
-            })
+            Ok(RawRecord::new(shard, key, payload, text))
         })
         .collect()
 }

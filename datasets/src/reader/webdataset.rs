@@ -13,9 +13,7 @@
 
 use super::{ReaderOptions, StoreFault};
 use crate::shard::IMAGE_EXTENSIONS;
-use crate::{
-    record_id, DatasetError, RawRecord, RejectReason, Result, Shard, ShardId, SourceLocation,
-};
+use crate::{DatasetError, RawRecord, RejectReason, Result, Shard, ShardId, SourceLocation};
 use bytes::Bytes;
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 use std::io::Read;
@@ -122,22 +120,7 @@ impl Sample {
                 ),
             }),
         };
-        reject_or_record(shard, self.key, payload, self.text)
-    }
-}
-
-fn reject_or_record(
-    shard: &ShardId,
-    key: String,
-    payload: std::result::Result<Bytes, RejectReason>,
-    text: Vec<Option<String>>,
-) -> RawRecord {
-    RawRecord {
-        id: record_id(shard, &key),
-        key,
-        shard: shard.clone(),
-        payload,
-        text,
+        RawRecord::new(shard, self.key, payload, self.text)
     }
 }
 
@@ -231,7 +214,7 @@ fn parse(
         if sample.members.contains(&ext) {
             // The same member name twice in a row: the first is the sample's, this one is
             // counted on its own.
-            let dup = reject_or_record(
+            let dup = RawRecord::new(
                 shard,
                 key.clone(),
                 Err(RejectReason::DuplicateKey {

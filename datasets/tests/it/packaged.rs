@@ -38,16 +38,9 @@ async fn read_back(dir: &std::path::Path) -> Vec<RawRecord> {
         ..Default::default()
     };
     let mut out = Vec::new();
-    for shard in list_shards(
-        &loc,
-        ShardFormat::Parquet,
-        &ListOptions {
-            folder_shard_size: 1,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap()
+    for shard in list_shards(&loc, ShardFormat::Parquet, &ListOptions::default())
+        .await
+        .unwrap()
     {
         let recs: Vec<RawRecord> = read_shard(&loc, &shard, &opts).try_collect().await.unwrap();
         out.extend(recs);

@@ -16,16 +16,9 @@ async fn put(loc: &SourceLocation, name: &str, bytes: Vec<u8>) {
 
 async fn read_all(loc: &SourceLocation, format: ShardFormat) -> Vec<RawRecord> {
     let mut out = Vec::new();
-    for shard in list_shards(
-        loc,
-        format,
-        &ListOptions {
-            folder_shard_size: 1000,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap()
+    for shard in list_shards(loc, format, &ListOptions::default())
+        .await
+        .unwrap()
     {
         let recs: Vec<RawRecord> = read_shard(loc, &shard, &ReaderOptions::default())
             .try_collect()
@@ -474,17 +467,10 @@ fn two_keys_with_one_id_are_a_collision_naming_both_never_a_merge() {
 async fn parquet_missing_column_names_the_config_key() {
     let loc = SourceLocation::open("memory://pq-col/", &StorageConfig::default()).unwrap();
     put(&loc, "p.parquet", parquet(&[("k", Some(png(2, 2, 0)))])).await;
-    let shard = list_shards(
-        &loc,
-        ShardFormat::Parquet,
-        &ListOptions {
-            folder_shard_size: 1,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap()
-    .remove(0);
+    let shard = list_shards(&loc, ShardFormat::Parquet, &ListOptions::default())
+        .await
+        .unwrap()
+        .remove(0);
     let opts = ReaderOptions {
         image_column: "image".into(),
         ..Default::default()

@@ -29,16 +29,9 @@ async fn reads_folder_shards_over_s3() {
     }
     let loc =
         SourceLocation::open("s3://imgs/set/", &storage(&server, &server.secret_key)).unwrap();
-    let shards = list_shards(
-        &loc,
-        ShardFormat::Folder,
-        &ListOptions {
-            folder_shard_size: 10,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let shards = list_shards(&loc, ShardFormat::Folder, &ListOptions::default())
+        .await
+        .unwrap();
     assert_eq!(shards.len(), 1);
     let recs: Vec<RawRecord> = read_shard(&loc, &shards[0], &ReaderOptions::default())
         .try_collect()
@@ -55,16 +48,9 @@ async fn reads_folder_shards_over_s3() {
 async fn wrong_secret_is_access_denied_and_never_printed() {
     let server = S3Server::start(&["imgs"]);
     let loc = SourceLocation::open("s3://imgs/", &storage(&server, "wrong-secret-value")).unwrap();
-    let err = list_shards(
-        &loc,
-        ShardFormat::Folder,
-        &ListOptions {
-            folder_shard_size: 10,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
+    let err = list_shards(&loc, ShardFormat::Folder, &ListOptions::default())
+        .await
+        .unwrap_err();
     assert!(matches!(err, DatasetError::AccessDenied { .. }), "{err:?}");
     let shown = format!("{err} {err:?}");
     assert!(shown.contains("s3://imgs"), "{shown}");
