@@ -93,6 +93,23 @@ pub struct TrainedModel {
 }
 
 impl TrainedModel {
+    /// Refuses `k` neighbours above the k this model was trained with: it has no slot for
+    /// them. `key` is the flag or config key that asked, `what` says which model it is to the
+    /// user, `fix` how to ask for fewer.
+    pub fn check_k(&self, k: usize, key: &str, what: &str, fix: &str) -> Result<()> {
+        let trained = self.model.unet.config().knn;
+        if k <= trained {
+            return Ok(());
+        }
+        Err(TrainerError::config(
+            key,
+            format!(
+                "asks for k = {k}, but {what} in `{}` was trained with k = {trained}; {fix}",
+                self.location
+            ),
+        ))
+    }
+
     /// Loads the newest valid checkpoint under `url` onto `device` (EMA weights when `ema`).
     pub async fn load(
         url: &str,

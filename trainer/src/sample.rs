@@ -106,17 +106,11 @@ pub async fn sample(
     let trained = TrainedModel::load(&req.checkpoint, storage, device, !req.raw_weights).await?;
     let unet = trained.model.unet.config().clone();
     let k = req.k.unwrap_or(unet.knn);
-    if k > unet.knn {
-        return Err(TrainerError::config(
-            "--k",
-            format!(
-                "{k} neighbours asked, but the model in `{}` was trained with k = {}: it \
-                 takes at most {} neighbours; give --k {} or fewer (fewer leaves the other \
-                 slots empty)",
-                trained.location, unet.knn, unet.knn, unet.knn
-            ),
-        ));
-    }
+    let fix = format!(
+        "give --k {} or fewer (fewer leaves the other slots empty)",
+        unet.knn
+    );
+    trained.check_k(k, "--k", "the model", &fix)?;
     let (clip_model, identity) = clip.load(storage, device).await?;
     if let Some(trained_on) = trained.trajectory.clip.as_deref() {
         if trained_on != identity {

@@ -402,18 +402,14 @@ fn measure_seed(
 /// A loaded kNN arm must have been trained with at least `k` neighbours.
 fn check_arm(model: &TrainedModel, k: usize, arm: &str) -> Result<()> {
     let trained = model.model.unet.config().knn;
-    if trained < k {
-        return Err(TrainerError::config(
-            "eval.sweep_k",
-            format!(
-                "asks for k = {k}, but the {arm} arm in `{}` was trained with k = {trained}; \
-                 lower `eval.sweep_k` to at most {trained} or train the arm with a larger \
-                 `train.k`",
-                model.location
-            ),
-        ));
-    }
-    Ok(())
+    model.check_k(
+        k,
+        "eval.sweep_k",
+        &format!("the {arm} arm"),
+        &format!(
+            "lower `eval.sweep_k` to at most {trained} or train the arm with a larger `train.k`"
+        ),
+    )
 }
 
 /// Loads both CLIPs, reads the held-out rows `held` of `table` and embeds them for the model
