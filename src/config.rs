@@ -245,12 +245,17 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<ProjectConfig> {
             flag: o.clone(),
         });
     }
-    fig.extract::<ProjectConfig>().map_err(|e| {
+    let cfg = fig.extract::<ProjectConfig>().map_err(|e| {
         // figment prefixes keys with its profile name (`default.`); users never wrote it.
         let msgs: Vec<String> = e
             .into_iter()
             .map(|e| e.to_string().replace("key \"default.", "key \""))
             .collect();
         anyhow::anyhow!("invalid config: {}", msgs.join("; "))
-    })
+    })?;
+    cfg.storage
+        .retry
+        .validate()
+        .with_context(|| format!("invalid config `{}`", path.display()))?;
+    Ok(cfg)
 }

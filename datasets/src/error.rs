@@ -20,12 +20,20 @@ pub enum DatasetError {
     )]
     AccessDenied { url: String, detail: String },
 
+    /// A config value no stage could use.
+    #[error("config `{key}`: {reason}")]
+    Config { key: String, reason: String },
+
     /// The object or prefix does not exist.
     #[error("not found: `{url}`")]
     NotFound { url: String },
 
     /// Any other object store failure (network, server error) at `url`.
-    #[error("object store error at `{url}`: {source}")]
+    #[error(
+        "object store error at `{url}`: {source}. Passing faults are retried as \
+         `[storage.retry]` allows (max_retries, retry_timeout_s); once the store answers \
+         again, rerun: what was committed is kept"
+    )]
     Store {
         url: String,
         #[source]

@@ -35,4 +35,4 @@ pub use record::{record_id, RawRecord};
 pub use secret::Secret;
 pub use shard::{assign_shards, list_shards, ListOptions, Refused, Shard, ShardFormat, ShardId};
 pub use split::SplitConfig;
-pub use store::{SourceLocation, StorageConfig, TableMaintenance};
+pub use store::{RetrySettings, SourceLocation, StorageConfig, TableMaintenance};

@@ -5,7 +5,6 @@
 //! relative to the source URL, so they are the same from every machine.
 
 use crate::{DatasetError, RejectReason, Result, SourceLocation};
-use futures::TryStreamExt;
 use object_store::{path::Path, ObjectMeta};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -152,12 +151,12 @@ pub async fn list_shards(
         }
         _ => {
             let prefix = (!loc.prefix.as_ref().is_empty()).then_some(&loc.prefix);
-            loc.store
-                .list(prefix)
-                .map_ok(Listed::Object)
-                .try_collect()
+            loc.list_all(prefix)
                 .await
                 .map_err(|e| DatasetError::from_store(&loc.url, e))?
+                .into_iter()
+                .map(Listed::Object)
+                .collect()
         }
     };
     listed.sort_by(|a, b| a.location().cmp(b.location()));

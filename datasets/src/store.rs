@@ -7,13 +7,16 @@
 //! test can fill one and hand its URL to a reader.
 
 use crate::{DatasetError, Result, Secret};
+use futures::TryStreamExt;
 use object_store::{
     aws::AmazonS3Builder, azure::MicrosoftAzureBuilder, gcp::GoogleCloudStorageBuilder,
-    local::LocalFileSystem, memory::InMemory, path::Path, ObjectStore,
+    local::LocalFileSystem, memory::InMemory, path::Path, BackoffConfig, ClientOptions, ListResult,
+    ObjectMeta, ObjectStore, RetryConfig,
 };
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 use url::Url;
 
 /// Credentials and endpoints for remote stores. Every field is optional: what is unset comes
@@ -43,6 +46,91 @@ pub struct StorageConfig {
     /// Upkeep of the Lance tables that sharded stages commit to (`[storage.tables]`).
     #[serde(default)]
     pub tables: TableMaintenance,
+    /// How requests to a remote store are retried (`[storage.retry]`).
+    #[serde(default)]
+    pub retry: RetrySettings,
+}
+
+/// How every request to a remote store (`s3://`, `gs://`, `az://`), from a reader or a
+/// table, is retried (`[storage.retry]`). A request that fails in a way the store says is
+/// passing (5xx such as S3's `503 SlowDown`, 429, a connection reset or refused, a response
+/// body cut short) is retried with exponential backoff, each retry logged at `info`, until
+/// `max_retries` or `retry_timeout_s` runs out; then the stage fails with the store's error,
+/// which names the operation and the URL. Lance's table layer retries a throttled request a
+/// few more times on top (its `lance_aimd_*` options), so a table request makes at most
+/// about 4 × (`max_retries` + 1) attempts.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrySettings {
+    /// Retries of one request after its first attempt (0: none).
+    pub max_retries: usize,
+    /// No retry starts later than this many seconds after the first attempt.
+    pub retry_timeout_s: f64,
+    /// The first backoff, in milliseconds; each later one doubles, up to `max_backoff_s`.
+    pub init_backoff_ms: u64,
+    /// Longest backoff between two attempts, in seconds.
+    pub max_backoff_s: f64,
+    /// One attempt that has not finished in this many seconds fails (and may be retried).
+    pub request_timeout_s: f64,
+    /// Connecting to the store fails after this many seconds.
+    pub connect_timeout_s: f64,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        Self {
+            max_retries: 10,
+            retry_timeout_s: 180.0,
+            init_backoff_ms: 100,
+            max_backoff_s: 15.0,
+            request_timeout_s: 30.0,
+            connect_timeout_s: 5.0,
+        }
+    }
+}
+
+impl RetrySettings {
+    /// Refuses settings no store could use, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, reason: &str| {
+            Err(DatasetError::Config {
+                key: format!("storage.retry.{key}"),
+                reason: reason.to_string(),
+            })
+        };
+        for (key, v) in [
+            ("retry_timeout_s", self.retry_timeout_s),
+            ("max_backoff_s", self.max_backoff_s),
+            ("request_timeout_s", self.request_timeout_s),
+            ("connect_timeout_s", self.connect_timeout_s),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(key, &format!("{v} is not a positive number of seconds"));
+            }
+        }
+        if self.init_backoff_ms == 0 {
+            return bad("init_backoff_ms", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    fn retry_config(&self) -> RetryConfig {
+        RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(self.init_backoff_ms),
+                max_backoff: Duration::from_secs_f64(self.max_backoff_s),
+                base: 2.0,
+            },
+            max_retries: self.max_retries,
+            retry_timeout: Duration::from_secs_f64(self.retry_timeout_s),
+        }
+    }
+
+    fn client_options(&self) -> ClientOptions {
+        ClientOptions::new()
+            .with_timeout(Duration::from_secs_f64(self.request_timeout_s))
+            .with_connect_timeout(Duration::from_secs_f64(self.connect_timeout_s))
+    }
 }
 
 /// How a Lance table that sharded stages (embed, precompute-knn, train-clip's captions)
@@ -117,6 +205,18 @@ impl StorageConfig {
         if self.allow_http {
             out.insert("allow_http".into(), "true".into());
         }
+        // Lance's names for `[storage.retry]` (lance-io's StorageOptions and object_store's
+        // client keys, which take humantime durations).
+        let r = &self.retry;
+        out.insert("client_max_retries".into(), r.max_retries.to_string());
+        out.insert(
+            "client_retry_timeout".into(),
+            (r.retry_timeout_s.ceil() as u64).max(1).to_string(),
+        );
+        out.insert("download_retry_count".into(), r.max_retries.to_string());
+        let ms = |s: f64| format!("{}ms", (s * 1000.0).ceil() as u64);
+        out.insert("timeout".into(), ms(r.request_timeout_s));
+        out.insert("connect_timeout".into(), ms(r.connect_timeout_s));
         out
     }
 }
@@ -130,6 +230,8 @@ pub struct SourceLocation {
     pub prefix: Path,
     /// The URL as the user wrote it (after resolving a local path), for messages.
     pub url: String,
+    /// How its requests are retried (`[storage.retry]`).
+    pub retry: RetrySettings,
 }
 
 impl SourceLocation {
@@ -141,6 +243,7 @@ impl SourceLocation {
 
     /// Opens the store behind `url` with the given credentials.
     pub fn open(url: &str, storage: &StorageConfig) -> Result<Self> {
+        storage.retry.validate()?;
         let parsed = parse_url(url)?;
         let bad = |reason: String| DatasetError::InvalidUrl {
             url: url.to_string(),
@@ -175,7 +278,10 @@ impl SourceLocation {
                 key_path()?,
             ),
             "s3" | "s3a" => {
-                let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket()?);
+                let mut b = AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket()?)
+                    .with_retry(storage.retry.retry_config())
+                    .with_client_options(storage.retry.client_options());
                 if let Some(r) = &storage.region {
                     b = b.with_region(r);
                 }
@@ -198,7 +304,10 @@ impl SourceLocation {
                 (Arc::new(store), key_path()?)
             }
             "gs" => {
-                let mut b = GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket()?);
+                let mut b = GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(bucket()?)
+                    .with_retry(storage.retry.retry_config())
+                    .with_client_options(storage.retry.client_options());
                 if let Some(p) = &storage.google_service_account {
                     b = b.with_service_account_path(p);
                 }
@@ -206,7 +315,10 @@ impl SourceLocation {
                 (Arc::new(store), key_path()?)
             }
             "az" | "abfs" | "abfss" => {
-                let mut b = MicrosoftAzureBuilder::from_env().with_container_name(bucket()?);
+                let mut b = MicrosoftAzureBuilder::from_env()
+                    .with_container_name(bucket()?)
+                    .with_retry(storage.retry.retry_config())
+                    .with_client_options(storage.retry.client_options());
                 if let Some(a) = &storage.azure_account {
                     b = b.with_account(a);
                 }
@@ -226,7 +338,45 @@ impl SourceLocation {
             store,
             prefix,
             url: parsed.to_string(),
+            retry: storage.retry.clone(),
         })
+    }
+
+    /// Every object below `prefix` (the store's root when `None`). A listing whose answer
+    /// is cut short, which object_store does not retry itself, is listed again as
+    /// `[storage.retry]` allows: a listing is safe to repeat.
+    pub async fn list_all(&self, prefix: Option<&Path>) -> object_store::Result<Vec<ObjectMeta>> {
+        self.again(|| self.store.list(prefix).try_collect()).await
+    }
+
+    /// The objects and common prefixes directly below `prefix`, retried as
+    /// [`SourceLocation::list_all`] is.
+    pub async fn list_dir(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        self.again(|| self.store.list_with_delimiter(prefix)).await
+    }
+
+    /// Runs an idempotent store operation (a listing, a read, a delete) again after a
+    /// failure that may pass (object_store's `Generic`: transport and server errors) and
+    /// that object_store did not retry itself, with `[storage.retry]`'s count and backoff.
+    pub async fn again<T, F>(&self, mut op: impl FnMut() -> F) -> object_store::Result<T>
+    where
+        F: std::future::Future<Output = object_store::Result<T>>,
+    {
+        let mut attempt = 0;
+        let mut backoff = Duration::from_millis(self.retry.init_backoff_ms);
+        loop {
+            match op().await {
+                Err(e @ object_store::Error::Generic { .. })
+                    if attempt < self.retry.max_retries =>
+                {
+                    attempt += 1;
+                    tracing::info!(url = %self.url, attempt, error = %e, "a store request failed; backing off for {:.2} s", backoff.as_secs_f64());
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs_f64(self.retry.max_backoff_s));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// A URL for an object below this prefix, for messages and record provenance.
@@ -306,6 +456,26 @@ mod tests {
         assert_eq!(opts["aws_secret_access_key"], "very-secret");
         assert_eq!(opts["allow_http"], "true");
         assert!(!format!("{cfg:?}").contains("very-secret"));
+    }
+
+    #[test]
+    fn retry_settings_reach_lance_and_bad_ones_are_named() {
+        let mut cfg = StorageConfig::default();
+        cfg.retry.max_retries = 4;
+        cfg.retry.retry_timeout_s = 2.5;
+        cfg.retry.request_timeout_s = 0.25;
+        let opts = cfg.to_lance_options();
+        assert_eq!(opts["client_max_retries"], "4");
+        assert_eq!(opts["download_retry_count"], "4");
+        assert_eq!(opts["client_retry_timeout"], "3");
+        assert_eq!(opts["timeout"], "250ms");
+        assert_eq!(opts["connect_timeout"], "5000ms");
+        cfg.retry.max_backoff_s = 0.0;
+        let err = SourceLocation::open("memory://retry-bad/", &cfg).unwrap_err();
+        assert!(
+            err.to_string().contains("storage.retry.max_backoff_s"),
+            "{err}"
+        );
     }
 
     #[test]

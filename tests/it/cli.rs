@@ -37,7 +37,9 @@ pub(crate) fn write_images(dir: &Path, n: u32) {
     }
 }
 
-fn write_config(dir: &Path, source: &str, table: &str, extra: &str) -> PathBuf {
+/// A folder-source embed config (`source` into `table`, shards of 5 at 16 px, one shard at
+/// a time) written to `dir/job.toml`, with `extra` TOML before its `[embed.*]` tables.
+pub(crate) fn write_config(dir: &Path, source: &str, table: &str, extra: &str) -> PathBuf {
     let path = dir.join("job.toml");
     std::fs::write(
         &path,

@@ -4,6 +4,9 @@
 mod cli;
 mod distributed;
 mod eval;
+#[path = "../support/fault_proxy.rs"]
+mod fault_proxy;
+mod faults;
 #[path = "../support/images.rs"]
 #[allow(dead_code)]
 mod images;

@@ -315,15 +315,28 @@ impl ShardedTable {
     async fn create(&self) -> Result<Dataset> {
         const CREATE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
         let marker = self.base.clone().join("_knn_create.marker");
-        match self
-            .store
-            .put_if_absent(
-                &marker,
-                object_store::PutPayload::from_static(b"created by knn-diffusion\n"),
-            )
-            .await
-        {
-            Ok(()) | Err(object_store::Error::NotSupported { .. }) => self.create_now().await,
+        let put = self
+            .again_after_store_faults("creating the table's marker", || async {
+                match self
+                    .store
+                    .put_if_absent(
+                        &marker,
+                        object_store::PutPayload::from_static(b"created by knn-diffusion\n"),
+                    )
+                    .await
+                {
+                    Err(e @ object_store::Error::Generic { .. }) => {
+                        Err(IndexerError::lance(&self.uri, lance::Error::from(e)))
+                    }
+                    other => Ok(other),
+                }
+            })
+            .await?;
+        match put {
+            Ok(()) | Err(object_store::Error::NotSupported { .. }) => {
+                self.again_after_store_faults("creating the table", || self.create_now())
+                    .await
+            }
             Err(object_store::Error::AlreadyExists { .. }) => {
                 let deadline = std::time::Instant::now() + CREATE_WAIT;
                 while std::time::Instant::now() < deadline {
@@ -478,7 +491,7 @@ impl ShardedTable {
         // So the commit runs in rounds of a few retries, each with a fresh backoff, until
         // `COMMIT_PATIENCE` has passed.
         let started = std::time::Instant::now();
-        let (mut tries, mut rounds) = (0, 0u32);
+        let (mut tries, mut rounds, mut store_faults) = (0, 0u32, 0usize);
         let committed = loop {
             let latest = Arc::new(self.open().await?);
             let mut transaction = transaction.clone();
@@ -503,6 +516,14 @@ impl ShardedTable {
                 Ok(committed) => break committed,
                 Err(_) if self.ledger.committed_at(shard).is_some() => return Ok(false),
                 Err(e) if tries < 3 && crate::ledger::is_not_found(&e) => tries += 1,
+                // The store failed the manifest's conditional write in a way it does not
+                // retry itself (a reset connection: the write may or may not have landed).
+                // Committing again is safe: the ledger finds the shard if it did land.
+                Err(e) if store_faults < self.store_retries() && is_store_fault(&e) => {
+                    store_faults += 1;
+                    self.after_store_fault("a shard commit", store_faults, &e)
+                        .await;
+                }
                 // Appends only wait for each other; many workers committing at once is not
                 // an error, however long the queue.
                 Err(
@@ -543,6 +564,61 @@ impl ShardedTable {
         }
         Ok(true)
     }
+}
+
+impl ShardedTable {
+    /// `[storage.retry] max_retries`, as the table's Lance options carry it.
+    fn store_retries(&self) -> usize {
+        self.storage
+            .get("client_max_retries")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3)
+    }
+
+    /// Logs a store fault that `what` meets on its `attempt`th try and waits before the next.
+    async fn after_store_fault(&self, what: &str, attempt: usize, e: &lance::Error) {
+        tracing::info!(table = %self.uri, attempt, error = %e, "{what} met a store fault; trying again");
+        let backoff = 50u64 << attempt.min(6);
+        tokio::time::sleep(std::time::Duration::from_millis(backoff)).await;
+    }
+
+    /// Runs `op` again while it fails on a store fault the object store gave up on or does
+    /// not retry (a conditional write whose connection was reset), up to `[storage.retry]
+    /// max_retries` times. Only for operations that are safe to repeat.
+    async fn again_after_store_faults<T, F>(
+        &self,
+        what: &str,
+        mut op: impl FnMut() -> F,
+    ) -> Result<T>
+    where
+        F: std::future::Future<Output = Result<T>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match op().await {
+                Err(IndexerError::Lance { source, .. })
+                    if attempt < self.store_retries() && is_store_fault(&source) =>
+                {
+                    attempt += 1;
+                    self.after_store_fault(what, attempt, &source).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Whether a commit failed on the object store's transport or a server error (object_store's
+/// `Generic`), rather than on a conflict, a missing file or a refusal.
+fn is_store_fault(e: &lance::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(os) = c.downcast_ref::<object_store::Error>() {
+            return matches!(os, object_store::Error::Generic { .. });
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// Retries of one commit round (see [`ShardedTable::commit_shard`]).

@@ -11,10 +11,9 @@
 use super::safetensors::from_safetensors;
 use crate::{Result, TrainerError};
 use bytes::Bytes;
-use futures::TryStreamExt;
 use knn_datasets::{SourceLocation, StorageConfig};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -204,8 +203,7 @@ impl CheckpointStore {
     pub async fn steps(&self) -> Result<Vec<u64>> {
         let listing = self
             .location
-            .store
-            .list_with_delimiter(Some(&self.location.prefix))
+            .list_dir(Some(&self.location.prefix))
             .await
             .map_err(|e| self.err("listing", e))?;
         let mut steps: Vec<u64> = listing
@@ -317,12 +315,12 @@ impl CheckpointStore {
             let prefix = self.path(&[&step_dir(step)]);
             let objects: Vec<_> = self
                 .location
-                .store
-                .list(Some(&prefix))
-                .map_ok(|m| m.location)
-                .try_collect()
+                .list_all(Some(&prefix))
                 .await
-                .map_err(|e| self.err("listing an old checkpoint", e))?;
+                .map_err(|e| self.err("listing an old checkpoint", e))?
+                .into_iter()
+                .map(|m| m.location)
+                .collect();
             // The manifest first, so a half-deleted checkpoint is never taken as valid.
             let (manifest, rest): (Vec<_>, Vec<_>) = objects
                 .into_iter()
@@ -333,8 +331,7 @@ impl CheckpointStore {
                 .remove(&step);
             for p in manifest.into_iter().chain(rest) {
                 self.location
-                    .store
-                    .delete(&p)
+                    .again(|| self.location.store.delete(&p))
                     .await
                     .map_err(|e| self.err("deleting an old checkpoint", e))?;
             }
