@@ -114,6 +114,43 @@ impl RetrySettings {
         Ok(())
     }
 
+    /// The wait before retry `attempt` (1 for the first): `init_backoff_ms`, doubled each
+    /// time, up to `max_backoff_s`.
+    pub fn backoff(&self, attempt: usize) -> Duration {
+        let first = Duration::from_millis(self.init_backoff_ms);
+        let doubled = first.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+        doubled.min(Duration::from_secs_f64(self.max_backoff_s))
+    }
+
+    /// Runs `op` again while it fails with an error `passes` says may pass, up to
+    /// `max_retries` times with [`RetrySettings::backoff`] between tries, logging each retry
+    /// with `what` (a URL, a table). For operations that are safe to repeat and that the
+    /// store client does not retry itself (a listing whose body was cut, a conditional write
+    /// whose connection was reset and whose effect is checked by the caller).
+    pub async fn again<T, E, F>(
+        &self,
+        what: &str,
+        passes: impl Fn(&E) -> bool,
+        mut op: impl FnMut() -> F,
+    ) -> std::result::Result<T, E>
+    where
+        E: std::fmt::Display,
+        F: std::future::Future<Output = std::result::Result<T, E>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match op().await {
+                Err(e) if attempt < self.max_retries && passes(&e) => {
+                    attempt += 1;
+                    let wait = self.backoff(attempt);
+                    tracing::info!(at = what, attempt, error = %e, "a store request failed; trying again in {:.2} s", wait.as_secs_f64());
+                    tokio::time::sleep(wait).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     fn retry_config(&self) -> RetryConfig {
         RetryConfig {
             backoff: BackoffConfig {
@@ -358,25 +395,12 @@ impl SourceLocation {
     /// Runs an idempotent store operation (a listing, a read, a delete) again after a
     /// failure that may pass (object_store's `Generic`: transport and server errors) and
     /// that object_store did not retry itself, with `[storage.retry]`'s count and backoff.
-    pub async fn again<T, F>(&self, mut op: impl FnMut() -> F) -> object_store::Result<T>
+    pub async fn again<T, F>(&self, op: impl FnMut() -> F) -> object_store::Result<T>
     where
         F: std::future::Future<Output = object_store::Result<T>>,
     {
-        let mut attempt = 0;
-        let mut backoff = Duration::from_millis(self.retry.init_backoff_ms);
-        loop {
-            match op().await {
-                Err(e @ object_store::Error::Generic { .. })
-                    if attempt < self.retry.max_retries =>
-                {
-                    attempt += 1;
-                    tracing::info!(url = %self.url, attempt, error = %e, "a store request failed; backing off for {:.2} s", backoff.as_secs_f64());
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs_f64(self.retry.max_backoff_s));
-                }
-                other => return other,
-            }
-        }
+        let passes = |e: &object_store::Error| matches!(e, object_store::Error::Generic { .. });
+        self.retry.again(&self.url, passes, op).await
     }
 
     /// A URL for an object below this prefix, for messages and record provenance.
@@ -476,6 +500,49 @@ mod tests {
             err.to_string().contains("storage.retry.max_backoff_s"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        let r = RetrySettings {
+            init_backoff_ms: 100,
+            max_backoff_s: 0.5,
+            ..RetrySettings::default()
+        };
+        let ms: Vec<u128> = (1..=5).map(|a| r.backoff(a).as_millis()).collect();
+        assert_eq!(ms, [100, 200, 400, 500, 500]);
+        assert_eq!(r.backoff(10_000).as_millis(), 500);
+    }
+
+    #[tokio::test]
+    async fn again_retries_only_what_passes_and_only_max_retries_times() {
+        let r = RetrySettings {
+            max_retries: 3,
+            init_backoff_ms: 1,
+            ..RetrySettings::default()
+        };
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let op = || async {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err::<(), String>("503".into())
+        };
+        assert!(r.again("x", |_: &String| true, op).await.is_err());
+        assert_eq!(calls.swap(0, std::sync::atomic::Ordering::SeqCst), 4);
+        assert!(r.again("x", |_: &String| false, op).await.is_err());
+        assert_eq!(calls.swap(0, std::sync::atomic::Ordering::SeqCst), 1);
+        let mut left = 2;
+        let flaky = || {
+            left -= 1;
+            let fail = left >= 0;
+            async move {
+                if fail {
+                    Err("reset".to_string())
+                } else {
+                    Ok(7)
+                }
+            }
+        };
+        assert_eq!(r.again("x", |_: &String| true, flaky).await, Ok(7));
     }
 
     #[test]

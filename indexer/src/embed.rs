@@ -653,16 +653,10 @@ pub async fn embed(
             reason: format!("CLIP input must be square, got {w}x{h}"),
         });
     }
-    let lance_opts = storage.to_lance_options();
     let schema = embeddings_schema_with(dim as i32, &identity, &carried);
-    let images =
-        ShardedTable::open_or_create(&cfg.output.table, schema.clone(), lance_opts.clone())
-            .await?
-            .with_maintenance(&storage.tables)?;
+    let images = ShardedTable::open_or_create(&cfg.output.table, schema.clone(), storage).await?;
     let rejects =
-        ShardedTable::open_or_create(&cfg.output.rejects_url(), rejects_schema(), lance_opts)
-            .await?
-            .with_maintenance(&storage.tables)?;
+        ShardedTable::open_or_create(&cfg.output.rejects_url(), rejects_schema(), storage).await?;
     images.refresh_ledger().await?;
     rejects.refresh_ledger().await?;
 

@@ -13,7 +13,7 @@
 use super::{build_profile, machine, median, write_section};
 use crate::cli::BenchScaleCommitsArgs;
 use anyhow::{bail, Context, Result};
-use knn_datasets::TableMaintenance;
+use knn_datasets::{Secret, StorageConfig, TableMaintenance};
 use knn_indexer::table::{rejects_schema, ShardedTable};
 use lance::deps::datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use std::collections::HashMap;
@@ -57,7 +57,7 @@ struct Point {
 /// temporary directory removed when the arm is done.
 struct Place {
     root: PathBuf,
-    s3: Option<(s3_server::S3Server, HashMap<String, String>)>,
+    s3: Option<(s3_server::S3Server, StorageConfig)>,
     _local: Option<tempfile::TempDir>,
 }
 
@@ -73,16 +73,14 @@ impl Place {
             });
         }
         let server = s3_server::S3Server::start(&["bench"]);
-        let storage: HashMap<String, String> = [
-            ("aws_endpoint", server.endpoint.clone()),
-            ("aws_region", "us-east-1".into()),
-            ("allow_http", "true".into()),
-            ("aws_access_key_id", server.access_key.clone()),
-            ("aws_secret_access_key", server.secret_key.clone()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+        let storage = StorageConfig {
+            endpoint: Some(server.endpoint.clone()),
+            region: Some("us-east-1".into()),
+            allow_http: true,
+            access_key_id: Some(server.access_key.clone()),
+            secret_access_key: Some(Secret::new(server.secret_key.clone())),
+            ..StorageConfig::default()
+        };
         Ok(Place {
             root: server.root.path().to_path_buf(),
             s3: Some((server, storage)),
@@ -126,12 +124,14 @@ async fn commit_one(table: &ShardedTable, s: usize) -> Result<bool> {
 
 async fn worker(
     uri: &str,
-    storage: &HashMap<String, String>,
+    storage: &StorageConfig,
     upkeep: &TableMaintenance,
 ) -> Result<ShardedTable> {
-    let table = ShardedTable::open_or_create(uri, rejects_schema(), storage.clone())
-        .await?
-        .with_maintenance(upkeep)?;
+    let storage = StorageConfig {
+        tables: upkeep.clone(),
+        ..storage.clone()
+    };
+    let table = ShardedTable::open_or_create(uri, rejects_schema(), &storage).await?;
     table.refresh_ledger().await?;
     Ok(table)
 }
@@ -150,7 +150,7 @@ async fn grow(
     for _ in 0..committers {
         let (uri, upkeep, next) = (uri.to_string(), upkeep.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
-            let table = worker(&uri, &HashMap::new(), &upkeep).await?;
+            let table = worker(&uri, &StorageConfig::default(), &upkeep).await?;
             loop {
                 let s = next.fetch_add(1, Ordering::SeqCst);
                 if s >= target {
@@ -194,7 +194,7 @@ fn dir_bytes(dir: &Path) -> u64 {
 /// Median seconds of `rounds` fresh worker start-ups.
 async fn startup(
     uri: &str,
-    storage: &HashMap<String, String>,
+    storage: &StorageConfig,
     upkeep: &TableMaintenance,
     rounds: usize,
 ) -> Result<f64> {
@@ -210,7 +210,7 @@ async fn startup(
 /// Milliseconds of each of `n` commits by one warm worker, shards from `next`.
 async fn sample_commits(
     uri: &str,
-    storage: &HashMap<String, String>,
+    storage: &StorageConfig,
     upkeep: &TableMaintenance,
     next: &AtomicUsize,
     n: usize,
@@ -231,19 +231,26 @@ async fn sample_commits(
 async fn run_arm(arm: &Arm, args: &BenchScaleCommitsArgs) -> Result<Vec<Point>> {
     let place = Place::new(!args.no_s3)?;
     let uri = place.local_uri();
-    ShardedTable::open_or_create(&uri, rejects_schema(), HashMap::new()).await?;
+    ShardedTable::open_or_create(&uri, rejects_schema(), &StorageConfig::default()).await?;
     let next = Arc::new(AtomicUsize::new(0));
     let mut points = Vec::new();
     for &size in &arm.sizes {
         let grow_rate = grow(&uri, &arm.upkeep, args.committers, &next, size).await?;
         let table_dir = place.table_dir();
         let before = dir_bytes(&table_dir);
-        let local = sample_commits(&uri, &HashMap::new(), &arm.upkeep, &next, args.samples).await?;
+        let local = sample_commits(
+            &uri,
+            &StorageConfig::default(),
+            &arm.upkeep,
+            &next,
+            args.samples,
+        )
+        .await?;
         // Net growth of the table's directory: a clean-up during the samples (a worker's
         // upkeep round removing old versions) can shrink it, which counts as nothing written.
         let grown = dir_bytes(&table_dir).saturating_sub(before);
         let bytes_per_commit = grown as f64 / args.samples as f64;
-        let startup_local = startup(&uri, &HashMap::new(), &arm.upkeep, 3).await?;
+        let startup_local = startup(&uri, &StorageConfig::default(), &arm.upkeep, 3).await?;
         let (startup_s3, commit_s3_ms) = match &place.s3 {
             Some((_, storage)) => {
                 let s3_uri = "s3://bench/t.lance";

@@ -533,14 +533,11 @@ struct Prepared {
     plan_s: f64,
 }
 
-async fn prepare(
-    cfg: &KnnConfig,
-    storage: &HashMap<String, String>,
-    device: Device,
-) -> Result<Prepared> {
+async fn prepare(cfg: &KnnConfig, config: &StorageConfig, device: Device) -> Result<Prepared> {
     let output = cfg.output_uri()?;
+    let storage = &config.to_lance_options();
     if let Some(m) = existing_meta(&output, storage).await? {
-        return adopt(cfg, m, &output, storage, 0.0).await;
+        return adopt(cfg, m, &output, config, 0.0).await;
     }
     // No output yet: make the plan, store it, then create the output naming it.
     let started = Instant::now();
@@ -600,7 +597,7 @@ async fn prepare(
         calibration: plan.calibration.clone(),
         split: cfg.split.clone(),
     };
-    match ShardedTable::open_or_create(&output, knn_schema(cfg.k, &m), storage.clone()).await {
+    match ShardedTable::open_or_create(&output, knn_schema(cfg.k, &m), config).await {
         Ok(table) => Ok(Prepared {
             table,
             meta: m,
@@ -616,7 +613,7 @@ async fn prepare(
                     "kNN output `{output}` vanished while it was being created"
                 ))
             })?;
-            adopt(cfg, m, &output, storage, started.elapsed().as_secs_f64()).await
+            adopt(cfg, m, &output, config, started.elapsed().as_secs_f64()).await
         }
         Err(e) => Err(e),
     }
@@ -627,16 +624,17 @@ async fn adopt(
     cfg: &KnnConfig,
     m: KnnOutputMeta,
     output: &str,
-    storage: &HashMap<String, String>,
+    config: &StorageConfig,
     plan_s: f64,
 ) -> Result<Prepared> {
     check_meta(cfg, &m, output)?;
+    let storage = &config.to_lance_options();
     let source = VectorTable::open(&m.source, storage, Some(m.source_version))
         .await?
         .with_split(m.split.clone())?;
     let plan = KnnPlan::load(&m.plan, storage).await?;
     pin_source_version(&source, output).await;
-    let table = ShardedTable::open_or_create(output, knn_schema(m.k, &m), storage.clone()).await?;
+    let table = ShardedTable::open_or_create(output, knn_schema(m.k, &m), config).await?;
     Ok(Prepared {
         table,
         meta: m,
@@ -663,9 +661,7 @@ pub async fn precompute_knn(
             key: "knn.compute.device".into(),
             reason,
         })?;
-    let upkeep = &storage.tables;
-    let storage = storage.to_lance_options();
-    let prepared = prepare(cfg, &storage, device).await?;
+    let prepared = prepare(cfg, storage, device).await?;
     let Prepared {
         table,
         meta,
@@ -673,7 +669,6 @@ pub async fn precompute_knn(
         source,
         plan_s,
     } = prepared;
-    let table = table.with_maintenance(upkeep)?;
 
     table.refresh_ledger().await?;
     let mine: Vec<usize> = (0..meta.shards)

@@ -13,7 +13,7 @@ use crate::ledger::{LedgerStore, ShardLedger, SHARD_PROPERTY};
 use crate::{IndexerError, Result};
 use arrow_array::{RecordBatch, RecordBatchIterator};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use knn_datasets::TableMaintenance;
+use knn_datasets::{RetrySettings, StorageConfig, TableMaintenance};
 use lance::dataset::transaction::{Operation, Transaction};
 use lance::dataset::{CommitBuilder, InsertBuilder, WriteMode, WriteParams};
 use lance::deps::datafusion::error::DataFusionError;
@@ -103,7 +103,10 @@ pub fn rejects_batch(rejects: &[Reject]) -> Result<RecordBatch> {
 #[derive(Clone, Debug)]
 pub struct ShardedTable {
     uri: String,
+    /// Lance's options for the store (`[storage]`).
     storage: HashMap<String, String>,
+    /// How the operations object_store does not retry itself are retried.
+    retry: RetrySettings,
     schema: SchemaRef,
     ledger: ShardLedger,
     /// The table's root in its object store (where `create`'s marker and the ledger's
@@ -254,21 +257,25 @@ impl ShardedTable {
     }
 
     /// Opens the table at `uri`, creating it empty with `schema` if it does not exist; an
-    /// existing table must have the same columns and the same CLIP identity.
+    /// existing table must have the same columns and the same CLIP identity. `storage`
+    /// gives the store's options, its retries and the table's upkeep (`[storage.tables]`).
     pub async fn open_or_create(
         uri: &str,
         schema: SchemaRef,
-        storage: HashMap<String, String>,
+        storage: &StorageConfig,
     ) -> Result<Self> {
-        let (store, base) = table_store(uri, &storage).await?;
+        maintain::check(&storage.tables)?;
+        let lance_options = storage.to_lance_options();
+        let (store, base) = table_store(uri, &lance_options).await?;
         let mut table = Self {
             uri: uri.to_string(),
-            storage,
+            storage: lance_options,
+            retry: storage.retry.clone(),
             schema,
             ledger: ShardLedger::new(LedgerStore::new(store.clone(), &base, uri)),
             store,
             base,
-            upkeep: TableMaintenance::default(),
+            upkeep: storage.tables.clone(),
             added_columns: Vec::new(),
         };
         let ds = match table.open().await {
@@ -285,13 +292,6 @@ impl ShardedTable {
         };
         table.added_columns = table.check_schema(&ds)?;
         Ok(table)
-    }
-
-    /// Sets the upkeep done after commits (`[storage.tables]`; the default otherwise).
-    pub fn with_maintenance(mut self, upkeep: &TableMaintenance) -> Result<Self> {
-        maintain::check(upkeep)?;
-        self.upkeep = upkeep.clone();
-        Ok(self)
     }
 
     /// The table URI.
@@ -519,10 +519,11 @@ impl ShardedTable {
                 // The store failed the manifest's conditional write in a way it does not
                 // retry itself (a reset connection: the write may or may not have landed).
                 // Committing again is safe: the ledger finds the shard if it did land.
-                Err(e) if store_faults < self.store_retries() && is_store_fault(&e) => {
+                Err(e) if store_faults < self.retry.max_retries && is_store_fault(&e) => {
                     store_faults += 1;
-                    self.after_store_fault("a shard commit", store_faults, &e)
-                        .await;
+                    let wait = self.retry.backoff(store_faults);
+                    tracing::info!(table = %self.uri, shard, attempt = store_faults, error = %e, "a shard commit met a store fault; trying again in {:.2} s", wait.as_secs_f64());
+                    tokio::time::sleep(wait).await;
                 }
                 // Appends only wait for each other; many workers committing at once is not
                 // an error, however long the queue.
@@ -567,44 +568,16 @@ impl ShardedTable {
 }
 
 impl ShardedTable {
-    /// `[storage.retry] max_retries`, as the table's Lance options carry it.
-    fn store_retries(&self) -> usize {
-        self.storage
-            .get("client_max_retries")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(3)
-    }
-
-    /// Logs a store fault that `what` meets on its `attempt`th try and waits before the next.
-    async fn after_store_fault(&self, what: &str, attempt: usize, e: &lance::Error) {
-        tracing::info!(table = %self.uri, attempt, error = %e, "{what} met a store fault; trying again");
-        let backoff = 50u64 << attempt.min(6);
-        tokio::time::sleep(std::time::Duration::from_millis(backoff)).await;
-    }
-
     /// Runs `op` again while it fails on a store fault the object store gave up on or does
-    /// not retry (a conditional write whose connection was reset), up to `[storage.retry]
-    /// max_retries` times. Only for operations that are safe to repeat.
-    async fn again_after_store_faults<T, F>(
-        &self,
-        what: &str,
-        mut op: impl FnMut() -> F,
-    ) -> Result<T>
+    /// not retry (a conditional write whose connection was reset), as `[storage.retry]`
+    /// allows. Only for operations that are safe to repeat.
+    async fn again_after_store_faults<T, F>(&self, what: &str, op: impl FnMut() -> F) -> Result<T>
     where
         F: std::future::Future<Output = Result<T>>,
     {
-        let mut attempt = 0;
-        loop {
-            match op().await {
-                Err(IndexerError::Lance { source, .. })
-                    if attempt < self.store_retries() && is_store_fault(&source) =>
-                {
-                    attempt += 1;
-                    self.after_store_fault(what, attempt, &source).await;
-                }
-                other => return other,
-            }
-        }
+        let passes = |e: &IndexerError| matches!(e, IndexerError::Lance { source, .. } if is_store_fault(source));
+        let at = format!("{} ({what})", self.uri);
+        self.retry.again(&at, passes, op).await
     }
 }
 

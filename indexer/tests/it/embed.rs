@@ -302,10 +302,10 @@ async fn the_ledger_refuses_a_second_commit_of_a_shard_even_from_a_stale_version
         .unwrap()
     };
     // Two writers open the table at the same version and both prepare shard "s".
-    let a = ShardedTable::open_or_create(&uri, schema.clone(), Default::default())
+    let a = ShardedTable::open_or_create(&uri, schema.clone(), &Default::default())
         .await
         .unwrap();
-    let b = ShardedTable::open_or_create(&uri, schema.clone(), Default::default())
+    let b = ShardedTable::open_or_create(&uri, schema.clone(), &Default::default())
         .await
         .unwrap();
     let ds = Arc::new(a.open().await.unwrap());

@@ -1,7 +1,7 @@
 //! Table upkeep (ledger checkpoints, compaction, removal of old versions) on a real Lance
 //! table while workers commit: exactly once must survive it.
 
-use knn_datasets::TableMaintenance;
+use knn_datasets::{StorageConfig, TableMaintenance};
 use knn_indexer::table::{maintain, rejects_schema, ShardedTable};
 use lance::deps::datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use std::sync::Arc;
@@ -48,10 +48,12 @@ async fn worker(uri: String, order: Vec<u64>, every: u64) -> usize {
 }
 
 async fn worker_with(uri: String, order: Vec<u64>, cfg: &TableMaintenance) -> usize {
-    let table = ShardedTable::open_or_create(&uri, rejects_schema(), Default::default())
+    let storage = StorageConfig {
+        tables: cfg.clone(),
+        ..StorageConfig::default()
+    };
+    let table = ShardedTable::open_or_create(&uri, rejects_schema(), &storage)
         .await
-        .unwrap()
-        .with_maintenance(cfg)
         .unwrap();
     let mut won = 0;
     for s in order {
@@ -87,7 +89,7 @@ async fn upkeep_while_two_workers_commit_keeps_every_shard_exactly_once() {
     let out = tempfile::tempdir().unwrap();
     let uri = out.path().join("t.lance").to_string_lossy().to_string();
     // Create it first so both workers and gc find it.
-    ShardedTable::open_or_create(&uri, rejects_schema(), Default::default())
+    ShardedTable::open_or_create(&uri, rejects_schema(), &Default::default())
         .await
         .unwrap();
     // Both workers try every shard, in opposite orders; each does upkeep every 4 versions,
@@ -134,7 +136,7 @@ async fn upkeep_while_two_workers_commit_keeps_every_shard_exactly_once() {
         ds.count_fragments() < SHARDS as usize,
         "fragments were compacted"
     );
-    let fresh = ShardedTable::open_or_create(&uri, rejects_schema(), Default::default())
+    let fresh = ShardedTable::open_or_create(&uri, rejects_schema(), &Default::default())
         .await
         .unwrap();
     assert_eq!(fresh.refresh_ledger().await.unwrap(), SHARDS as usize);
@@ -159,7 +161,7 @@ async fn history_removed_without_a_checkpoint_is_an_error_not_a_guess() {
         ..Default::default()
     };
     assert!(ds.cleanup_with_policy(policy).await.unwrap().old_versions > 0);
-    let fresh = ShardedTable::open_or_create(&uri, rejects_schema(), Default::default())
+    let fresh = ShardedTable::open_or_create(&uri, rejects_schema(), &Default::default())
         .await
         .unwrap();
     let err = fresh.refresh_ledger().await.unwrap_err().to_string();
@@ -273,7 +275,8 @@ async fn shard_commits_wait_at_a_compactions_gate_and_a_dead_ones_lapses() {
     use knn_indexer::ledger::{LedgerStore, ShardLedger, GATE_LEASE};
     let out = tempfile::tempdir().unwrap();
     let uri = out.path().join("t.lance").to_string_lossy().to_string();
-    let open = || ShardedTable::open_or_create(&uri, rejects_schema(), Default::default());
+    let storage = StorageConfig::default();
+    let open = || ShardedTable::open_or_create(&uri, rejects_schema(), &storage);
     let table = open().await.unwrap();
     assert!(commit(&table, 0).await);
     let (store, base) = lance_io::object_store::ObjectStore::from_uri(&uri)

@@ -66,14 +66,10 @@ pub async fn prepare(
     dp: &mut DataParallel,
 ) -> Result<PrepareSummary> {
     let uri = table_uri(cfg);
-    let lance_opts = storage.to_lance_options();
-    let table = ShardedTable::open_or_create(&uri, captions_schema(), lance_opts.clone())
-        .await?
-        .with_maintenance(&storage.tables)?;
+    let table = ShardedTable::open_or_create(&uri, captions_schema(), storage).await?;
     let rejects =
-        ShardedTable::open_or_create(&sibling_uri(&uri, "rejects"), rejects_schema(), lance_opts)
-            .await?
-            .with_maintenance(&storage.tables)?;
+        ShardedTable::open_or_create(&sibling_uri(&uri, "rejects"), rejects_schema(), storage)
+            .await?;
     table.refresh_ledger().await?;
     rejects.refresh_ledger().await?;
     let source = SourceLocation::open(&cfg.data.url, storage)?;
