@@ -60,8 +60,11 @@ pub enum Command {
     /// do this themselves every `storage.tables.every_commits` versions; run it after a run,
     /// or to reclaim space now. Safe while embed or precompute-knn workers commit, and the only
     /// safe way to remove old versions of these tables: another tool's clean-up loses the
-    /// record of which shards are in. Tables: embed's table and rejects table and
-    /// precompute-knn's output, where they exist, or those given with --table.
+    /// record of which shards are in. Then it deletes orphaned data files: files under a
+    /// table's data/ that no version references, older than --older-than, which a worker
+    /// killed between writing a shard and committing it leaves behind (--dry-run lists them
+    /// and changes nothing). Tables: embed's table and rejects table and precompute-knn's
+    /// output, where they exist, or those given as arguments or with --table.
     Gc(GcArgs),
     /// Train the kNN-conditioned diffusion model on the embeddings and kNN tables: each image
     /// is denoised given its own CLIP embedding and its k neighbours' (condition dropped with
@@ -263,9 +266,24 @@ pub struct GcArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
 
-    /// A table to upkeep instead of the config's (repeatable).
+    /// Tables to upkeep instead of the config's.
+    #[arg(value_name = "TABLE")]
+    pub tables: Vec<String>,
+
+    /// A table to upkeep instead of the config's (repeatable; the same as TABLE).
     #[arg(long, value_name = "URI")]
     pub table: Vec<String>,
+
+    /// Delete orphaned data files only once they are this old (`90s`, `30m`, `1h`, `2d`).
+    /// Must be longer than any live worker takes to write and commit one shard, or one
+    /// compaction: a younger unreferenced file may be a live writer's, not yet committed.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub older_than: std::time::Duration,
+
+    /// List the orphaned data files (and count the young unreferenced ones) without
+    /// deleting anything, and skip the checkpoint, compaction and version removal.
+    #[arg(long)]
+    pub dry_run: bool,
 
     /// Keep versions younger than this many hours (default: `storage.tables.keep_versions_hours`).
     /// 0 is safe for the ledger; use it when no reader is pinned to an old version.

@@ -235,6 +235,7 @@ async fn run_score(args: ConfigArgs) -> Result<()> {
 }
 
 async fn run_gc(args: cli::GcArgs) -> Result<()> {
+    use knn_indexer::table::maintain;
     let c = &args.config;
     let project = config::load(&c.config, &c.overrides)?;
     let mut upkeep = project.storage.tables.clone();
@@ -242,35 +243,66 @@ async fn run_gc(args: cli::GcArgs) -> Result<()> {
         upkeep.keep_versions_hours = h;
     }
     upkeep.compact = !args.no_compact;
-    let tables = if args.table.is_empty() {
+    let named: Vec<String> = args.tables.iter().chain(&args.table).cloned().collect();
+    let tables = if named.is_empty() {
         project.sharded_tables(&c.config)?
     } else {
-        args.table.clone()
+        named.clone()
     };
     let storage = project.storage.to_lance_options();
     let mut done = Vec::new();
     for uri in &tables {
         match knn_indexer::table::load_dataset(uri, &storage, None).await {
-            Err(lance::Error::DatasetNotFound { .. }) if args.table.is_empty() => {
+            Err(lance::Error::DatasetNotFound { .. }) if named.is_empty() => {
                 eprintln!("{uri}: no table yet, skipped");
                 continue;
             }
             _ => {}
         }
-        let s = knn_indexer::table::maintain::gc(uri, &storage, &upkeep).await?;
-        eprintln!(
-            "{}: {} shards in the ledger (checkpoint at version {}); fragments {} -> {}; \
-             {} versions and {:.1} MB removed in {:.1} s",
-            s.table,
-            s.shards,
-            s.checkpoint_version,
-            s.fragments_before,
-            s.fragments_after,
-            s.versions_removed,
-            s.bytes_removed as f64 / 1e6,
-            s.seconds
-        );
-        done.push(s);
+        let upkept = if args.dry_run {
+            None
+        } else {
+            let s = maintain::gc(uri, &storage, &upkeep).await?;
+            eprintln!(
+                "{}: {} shards in the ledger (checkpoint at version {}); fragments {} -> {}; \
+                 {} versions and {:.1} MB removed in {:.1} s",
+                s.table,
+                s.shards,
+                s.checkpoint_version,
+                s.fragments_before,
+                s.fragments_after,
+                s.versions_removed,
+                s.bytes_removed as f64 / 1e6,
+                s.seconds
+            );
+            Some(s)
+        };
+        let o = maintain::sweep_orphans(uri, &storage, args.older_than, args.dry_run).await?;
+        let grace = humantime::format_duration(args.older_than);
+        if args.dry_run {
+            for p in &o.orphan_paths {
+                println!("{p}");
+            }
+            eprintln!(
+                "{uri}: dry run, nothing changed: {} orphaned data files ({:.1} MB) older than \
+                 {grace} would be deleted; {} younger unreferenced files would be kept; {} \
+                 data files, {} versions read",
+                o.orphans,
+                o.orphan_bytes as f64 / 1e6,
+                o.young_unreferenced,
+                o.data_files,
+                o.versions_read
+            );
+        } else {
+            eprintln!(
+                "{uri}: {} orphaned data files ({:.1} MB) older than {grace} deleted; {} younger \
+                 unreferenced files kept (a live writer's, or --older-than is longer)",
+                o.removed,
+                o.orphan_bytes as f64 / 1e6,
+                o.young_unreferenced
+            );
+        }
+        done.push(serde_json::json!({ "table": uri, "upkeep": upkept, "orphans": o }));
     }
     write_summary(c.summary_json.as_deref(), &done)
 }

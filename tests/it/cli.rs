@@ -31,8 +31,13 @@ pub(crate) fn bin() -> Command {
 }
 
 pub(crate) fn write_images(dir: &Path, n: u32) {
+    write_images_in(dir, 0..n);
+}
+
+/// PNGs number `range` (each its own colour) in `dir`.
+pub(crate) fn write_images_in(dir: &Path, range: std::ops::Range<u32>) {
     std::fs::create_dir_all(dir).unwrap();
-    for i in 0..n {
+    for i in range {
         std::fs::write(dir.join(format!("{i:05}.png")), png(24, 18, i as u8)).unwrap();
     }
 }
@@ -334,8 +339,9 @@ async fn gc_checkpoints_compacts_and_cleans_a_table_on_s3_and_a_rerun_still_adds
         .iter()
         .find(|s| s["table"] == "s3://data/out/emb.lance")
         .unwrap_or_else(|| panic!("no summary for the embed table: {done}"));
-    assert_eq!(emb["shards"], 4, "{emb}");
-    assert_eq!(emb["fragments_after"], 1, "{emb}");
+    assert_eq!(emb["upkeep"]["shards"], 4, "{emb}");
+    assert_eq!(emb["upkeep"]["fragments_after"], 1, "{emb}");
+    assert_eq!(emb["orphans"]["orphans"], 0, "{emb}");
     let versions = std::fs::read_dir(table.join("_versions")).unwrap().count();
     assert!(versions <= 3, "{versions} manifests left after gc: {emb}");
     assert_eq!(ids(local).await.len(), 20);

@@ -2,8 +2,10 @@
 //! resets connections, cuts response bodies short and adds latency. Under a few percent of
 //! faults every stage gives what it gives without them; under an outage a stage fails after
 //! its bounded retries, naming the operation and the URL, and a rerun completes exactly once.
+//! A worker killed while its commits fail leaves orphaned data files, which `gc` finds and
+//! removes without losing a row, also while another worker commits.
 
-use crate::cli::{bin, ids, run, text, write_config, write_images};
+use crate::cli::{bin, ids, run, text, write_config, write_images, write_images_in};
 use crate::fault_proxy::{FaultProxy, Faults};
 use crate::s3_server::S3Server;
 use std::collections::BTreeMap;
@@ -208,4 +210,120 @@ async fn an_outage_fails_after_bounded_retries_naming_the_url_and_a_rerun_is_exa
         all.iter().collect::<std::collections::HashSet<_>>().len(),
         20
     );
+}
+
+/// The number of files under the table's `data/` directory.
+fn data_files(table: &Path) -> usize {
+    std::fs::read_dir(table.join("data")).map_or(0, |d| d.count())
+}
+
+/// Runs `gc` on `table` with `flags`, returning its text and its summary of the table.
+fn gc(cfg: &Path, server: &S3Server, table: &str, flags: &[&str]) -> (String, serde_json::Value) {
+    let summary = cfg.with_file_name("gc.json");
+    let o = run(bin()
+        .args(["gc", table, "--config"])
+        .arg(cfg)
+        .args(flags)
+        .arg("--summary-json")
+        .arg(&summary)
+        .env("AWS_SECRET_ACCESS_KEY", &server.secret_key));
+    let t = text(&o);
+    assert!(o.status.success(), "gc {flags:?}: {t}");
+    let done: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    (t, done[0].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_removes_what_a_killed_writer_left_and_loses_nothing_beside_a_live_one() {
+    let server = S3Server::start(&["data"]);
+    let imgs = server.root.path().join("data/imgs");
+    write_images(&imgs, 20);
+    let proxy = FaultProxy::start(&server.endpoint, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let retry = "init_backoff_ms = 200\nmax_backoff_s = 2\n";
+    let cfg = job(dir.path(), &server, &proxy.endpoint, "out", retry);
+    let table = server.root.path().join("data/out/emb.lance");
+    let uri = "s3://data/out/emb.lance";
+    let o = stage("embed", &cfg, &server);
+    assert!(o.status.success(), "{}", text(&o));
+    let before = data_files(&table);
+
+    // New images; their data files land but no commit does, and the worker is killed.
+    write_images_in(&imgs, 20..30);
+    proxy.set(Faults::FailWritesTo("/_transactions/"));
+    let mut child = bin()
+        .args(["embed", "--config"])
+        .arg(&cfg)
+        .env("AWS_SECRET_ACCESS_KEY", &server.secret_key)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    while data_files(&table) == before {
+        assert!(Instant::now() < deadline, "no data file was written");
+        assert!(child.try_wait().unwrap().is_none(), "embed ended first");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    child.kill().unwrap(); // SIGKILL, mid-commit
+    child.wait().unwrap();
+    proxy.set(Faults::None);
+    let o = stage("embed", &cfg, &server);
+    assert!(o.status.success(), "{}", text(&o));
+    let rows = crate::tables::rows_by_id(table.to_str().unwrap(), &[]).await;
+    assert_eq!(rows.len(), 30);
+    let with_orphans = data_files(&table);
+
+    // A dry run lists them and changes nothing; the default grace keeps young files.
+    let (t, dry) = gc(&cfg, &server, uri, &["--dry-run", "--older-than", "0s"]);
+    let orphans = dry["orphans"]["orphans"].as_u64().unwrap() as usize;
+    eprintln!("the killed writer left {orphans} orphaned data files: {dry}");
+    assert!(orphans >= 1, "{t}");
+    let listed = t.lines().filter(|l| l.starts_with(&format!("{uri}/data/")));
+    assert_eq!(listed.count(), orphans, "{t}");
+    assert!(dry["upkeep"].is_null(), "a dry run does no upkeep: {dry}");
+    assert_eq!(data_files(&table), with_orphans);
+    let (_, young) = gc(&cfg, &server, uri, &[]);
+    assert_eq!(young["orphans"]["removed"], 0, "{young}");
+    assert!(young["orphans"]["young_unreferenced"].as_u64().unwrap() >= orphans as u64);
+    let after_upkeep = data_files(&table);
+
+    let (t, swept) = gc(&cfg, &server, uri, &["--older-than", "0s"]);
+    assert_eq!(swept["orphans"]["removed"], orphans as u64, "{t}");
+    assert_eq!(data_files(&table), after_upkeep - orphans);
+    // Every row still reads back whole, and the ledger still knows every shard.
+    assert!(rows == crate::tables::rows_by_id(table.to_str().unwrap(), &[]).await);
+    let o = stage("embed", &cfg, &server);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(ids(table.to_str().unwrap()).await.len(), 30);
+
+    // `gc` at its default grace, again and again beside a live worker, loses nothing.
+    write_images_in(&imgs, 30..60);
+    proxy.set(Faults::Slow(15)); // a worker on a far store: its writes stay in flight longer
+    let log = dir.path().join("live.log");
+    let mut live = bin()
+        .args(["embed", "--config"])
+        .arg(&cfg)
+        .env("AWS_SECRET_ACCESS_KEY", &server.secret_key)
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut rounds = 0;
+    let status = loop {
+        gc(&cfg, &server, uri, &[]);
+        rounds += 1;
+        if let Some(status) = live.try_wait().unwrap() {
+            break status;
+        }
+    };
+    let said = std::fs::read_to_string(log.with_extension("err")).unwrap();
+    assert!(status.success(), "{said}");
+    eprintln!("{rounds} gc rounds ran beside the live embed");
+    assert!(rounds >= 2, "the embed ended before gc could run beside it");
+    let all = crate::tables::rows_by_id(table.to_str().unwrap(), &[]).await;
+    assert_eq!(all.len(), 60);
+    assert!(rows.iter().all(|(id, row)| all.get(id) == Some(row)));
 }

@@ -25,6 +25,11 @@ pub enum Faults {
     Mixed(f64),
     /// The store is down: every request is answered 503 or reset, alternately.
     Outage,
+    /// Every write (PUT, POST, DELETE) whose path contains this is answered `503 SlowDown`;
+    /// everything else passes: e.g. a table's data files land and its commits never do.
+    FailWritesTo(&'static str),
+    /// Every request waits this many milliseconds, then passes.
+    Slow(u64),
 }
 
 /// Faults injected so far, by kind.
@@ -135,7 +140,7 @@ enum Fault {
 }
 
 impl Shared {
-    fn next_fault(&self, write: bool) -> Fault {
+    fn next_fault(&self, write: bool, target: &str) -> Fault {
         let mut guard = self.faults.lock().unwrap();
         let (faults, state) = &mut *guard;
         // xorshift64: deterministic for the seed and the order requests arrive in.
@@ -147,6 +152,9 @@ impl Shared {
         };
         let fault = match *faults {
             Faults::None => Fault::Pass,
+            Faults::FailWritesTo(part) if write && target.contains(part) => Fault::SlowDown,
+            Faults::FailWritesTo(_) => Fault::Pass,
+            Faults::Slow(ms) => Fault::Delay(ms),
             Faults::Outage => {
                 if next() % 2 == 0 {
                     Fault::SlowDown
@@ -201,7 +209,12 @@ fn serve(shared: &Shared, client: TcpStream) {
         return;
     };
     let write = !matches!(method.as_str(), "GET" | "HEAD");
-    let fault = shared.next_fault(write);
+    let target = request
+        .split(|&b| b == b' ')
+        .nth(1)
+        .map(String::from_utf8_lossy)
+        .unwrap_or_default();
+    let fault = shared.next_fault(write, &target);
     match fault {
         Fault::SlowDown => {
             let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown\

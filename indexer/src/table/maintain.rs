@@ -345,3 +345,102 @@ async fn removable_versions(
     }
     Ok(out)
 }
+
+/// What a sweep for orphaned data files found ([`sweep_orphans`]).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct OrphanSweep {
+    /// The table.
+    pub table: String,
+    /// Versions whose manifests were read for the files they reference.
+    pub versions_read: usize,
+    /// Files under `data/`.
+    pub data_files: usize,
+    /// Files under `data/` that no version references and that are older than the grace
+    /// period: left by writers that died before their commit.
+    pub orphans: usize,
+    pub orphan_bytes: u64,
+    /// Unreferenced files younger than the grace period, kept: a live writer's, not yet
+    /// committed.
+    pub young_unreferenced: usize,
+    /// Orphans deleted (0 with `--dry-run`).
+    pub removed: usize,
+    /// The orphans' URLs (the first 100), for `--dry-run`.
+    pub orphan_paths: Vec<String>,
+}
+
+/// Finds the files under the table's `data/` that no version references and that were last
+/// written more than `grace` ago, and deletes them unless `dry_run`. Lance's own clean-up
+/// leaves such files for seven days (it cannot tell them from a live writer's), and a
+/// killed worker leaves one set per shard it was writing.
+///
+/// Safe beside live writers as long as `grace` is longer than any writer takes from
+/// writing a file to committing it (one shard's write and commit, or one compaction):
+/// the data directory is listed before the manifests are read, so a file committed
+/// meanwhile is either referenced or younger than the listing. Versions, transactions and
+/// the shard ledger are never touched.
+pub async fn sweep_orphans(
+    uri: &str,
+    storage: &HashMap<String, String>,
+    grace: std::time::Duration,
+    dry_run: bool,
+) -> Result<OrphanSweep> {
+    use futures::TryStreamExt;
+    let lance_err = |e: lance::Error| IndexerError::lance(uri, e);
+    let (store, base) = table_store(uri, storage).await?;
+    let data = base.clone().join("data");
+    let cutoff =
+        chrono::Utc::now() - chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
+    let listed: Vec<object_store::ObjectMeta> = store
+        .list(Some(data.clone()))
+        .try_collect()
+        .await
+        .map_err(lance_err)?;
+    let latest = load_dataset(uri, storage, None).await.map_err(lance_err)?;
+    let mut referenced = HashSet::new();
+    let mut versions_read = 0;
+    for v in latest.versions().await.map_err(lance_err)? {
+        let ds = match latest.checkout_version(v.version).await {
+            Ok(ds) => ds,
+            // Removed by upkeep since the listing: the files it held are referenced by a
+            // newer version or were removed with it.
+            Err(e) if crate::ledger::is_not_found(&e) => continue,
+            Err(e) => return Err(lance_err(e)),
+        };
+        versions_read += 1;
+        for f in ds.manifest().fragments.iter() {
+            let files = f
+                .files
+                .iter()
+                .chain(f.overlays.iter().map(|o| &o.data_file));
+            referenced.extend(files.map(|d| data.clone().join(d.path.as_str()).to_string()));
+        }
+    }
+    let mut sweep = OrphanSweep {
+        table: uri.to_string(),
+        versions_read,
+        data_files: listed.len(),
+        ..Default::default()
+    };
+    for meta in listed {
+        if referenced.contains(meta.location.as_ref()) {
+            continue;
+        }
+        if meta.last_modified >= cutoff {
+            sweep.young_unreferenced += 1;
+            continue;
+        }
+        sweep.orphans += 1;
+        sweep.orphan_bytes += meta.size;
+        if sweep.orphan_paths.len() < 100 {
+            let name = meta.location.filename().unwrap_or_default();
+            let url = format!("{}/data/{name}", uri.trim_end_matches('/'));
+            sweep.orphan_paths.push(url);
+        }
+        if !dry_run {
+            store.delete(&meta.location).await.map_err(lance_err)?;
+            tracing::debug!(table = uri, file = %meta.location, "removed an orphaned data file");
+            sweep.removed += 1;
+        }
+    }
+    Ok(sweep)
+}
