@@ -204,6 +204,9 @@ async fn run_embed(args: EmbedArgs, log_format: LogFormat) -> Result<()> {
     let summary = result?;
     eprintln!("{summary}");
     write_summary(summary_json.as_deref(), &summary)?;
+    if let Some(reason) = &summary.stopped {
+        anyhow::bail!("embed stopped: {reason}");
+    }
     if !summary.shards_failed.is_empty() {
         return Err(IndexerError::ShardsFailed {
             failed: summary.shards_failed.len(),

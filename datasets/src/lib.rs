@@ -26,6 +26,7 @@ pub mod shard;
 pub mod split;
 pub mod store;
 pub mod stored;
+pub mod unwritable;
 pub mod writer;
 
 pub use decode::{decode_image, DecodeLimits, RejectReason};
@@ -36,3 +37,4 @@ pub use secret::Secret;
 pub use shard::{assign_shards, list_shards, ListOptions, Refused, Shard, ShardFormat, ShardId};
 pub use split::SplitConfig;
 pub use store::{RetrySettings, SourceLocation, StorageConfig, TableMaintenance};
+pub use unwritable::Unwritable;

@@ -399,7 +399,9 @@ impl SourceLocation {
     where
         F: std::future::Future<Output = object_store::Result<T>>,
     {
-        let passes = |e: &object_store::Error| matches!(e, object_store::Error::Generic { .. });
+        let passes = |e: &object_store::Error| {
+            matches!(e, object_store::Error::Generic { .. }) && crate::Unwritable::find(e).is_none()
+        };
         self.retry.again(&self.url, passes, op).await
     }
 

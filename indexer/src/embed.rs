@@ -280,6 +280,9 @@ pub struct EmbedSummary {
     pub shards_raced: usize,
     /// Shards that failed, with the reason; they stay uncommitted for a rerun.
     pub shards_failed: Vec<(String, String)>,
+    /// Why the run stopped before its last shard: the output cannot be written (disk full,
+    /// read-only, permission denied), so every later shard would fail the same way.
+    pub stopped: Option<String>,
     /// Images embedded and committed.
     pub images_ok: u64,
     /// Rejected records by reason code.
@@ -363,6 +366,17 @@ impl fmt::Display for EmbedSummary {
         }
         for (shard, reason) in &self.shards_failed {
             writeln!(f, "  FAILED shard `{shard}`: {reason}")?;
+        }
+        if self.stopped.is_some() {
+            let left = self.shards_assigned
+                - self.shards_committed
+                - self.shards_skipped
+                - self.shards_raced
+                - self.shards_failed.len();
+            writeln!(
+                f,
+                "  STOPPED: the output cannot be written; {left} shards not started"
+            )?;
         }
         write!(
             f,
@@ -772,7 +786,12 @@ pub async fn embed(
             Ok(ShardOutcome::Raced) => summary.shards_raced += 1,
             Err(e) => {
                 tracing::error!(shard = %shard, "shard failed: {e}");
+                let stop = e.is_unwritable();
                 summary.shards_failed.push((shard, e.to_string()));
+                if stop {
+                    summary.stopped = Some(e.to_string());
+                    break;
+                }
             }
         }
     }

@@ -1,6 +1,7 @@
 //! Errors of the indexer: one variant per thing a user can fix, naming the file, table, shard
 //! or config key involved.
 
+use knn_datasets::Unwritable;
 use std::path::PathBuf;
 
 /// Result with [`IndexerError`].
@@ -118,17 +119,58 @@ pub enum IndexerError {
     )]
     NoIndex { table: String, column: String },
 
+    /// A table cannot be written where it is: its file system is full, read-only, or not
+    /// this user's to write. Every shard would fail the same way, so the stage stops.
+    #[error("{}", unwritable_message(table, *problem, detail))]
+    Unwritable {
+        table: String,
+        problem: Unwritable,
+        /// The operating system's words (`No space left on device (os error 28)`).
+        detail: String,
+    },
+
     /// A worker thread died.
     #[error("internal: {0}")]
     Internal(String),
 }
 
+fn unwritable_message(table: &str, problem: Unwritable, detail: &str) -> String {
+    match problem {
+        Unwritable::Full => format!(
+            "no space left on the device holding `{table}` ({detail}): free space (or raise the \
+             quota) or write the output to a larger volume, then rerun the same command: what \
+             was committed is kept and only the rest runs"
+        ),
+        Unwritable::ReadOnly => format!(
+            "`{table}` is on a read-only file system ({detail}): write the output to a writable \
+             place, or remount it read-write"
+        ),
+        Unwritable::Denied => format!(
+            "permission denied on `{table}` ({detail}): make it readable and writable by this \
+             user (check the owner and mode of it and of its directory), or use another place"
+        ),
+    }
+}
+
 impl IndexerError {
     /// Wraps a Lance error with the table it concerns.
+    /// A full, read-only or forbidden file system becomes [`IndexerError::Unwritable`].
     pub fn lance(table: impl Into<String>, source: lance::Error) -> Self {
+        if let Some((problem, detail)) = Unwritable::find(&source) {
+            return IndexerError::Unwritable {
+                table: table.into(),
+                problem,
+                detail,
+            };
+        }
         IndexerError::Lance {
             table: table.into(),
             source,
         }
+    }
+
+    /// Whether every later write to the same place would fail the same way.
+    pub fn is_unwritable(&self) -> bool {
+        matches!(self, IndexerError::Unwritable { .. })
     }
 }

@@ -19,3 +19,4 @@ pub mod table;
 pub use embed::{embed, EmbedConfig, EmbedProgress, EmbedSummary};
 pub use error::{IndexerError, Result};
 pub use knn::{precompute_knn, Retriever};
+pub use knn_datasets::Unwritable;

@@ -2,6 +2,7 @@
 //! loopback, the embedded default, data-parallel training and job submission.
 
 mod cli;
+mod disk;
 mod distributed;
 mod eval;
 #[path = "../support/fault_proxy.rs"]

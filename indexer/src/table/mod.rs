@@ -285,6 +285,7 @@ impl ShardedTable {
                 ..
             }) => match table.create().await {
                 Ok(ds) => ds,
+                Err(e) if e.is_unwritable() => return Err(e),
                 // Another worker created it first.
                 Err(_) => table.open().await?,
             },
@@ -582,8 +583,12 @@ impl ShardedTable {
 }
 
 /// Whether a commit failed on the object store's transport or a server error (object_store's
-/// `Generic`), rather than on a conflict, a missing file or a refusal.
+/// `Generic`), rather than on a conflict, a missing file, a refusal or a full, read-only or
+/// forbidden file system (which trying again cannot help).
 fn is_store_fault(e: &lance::Error) -> bool {
+    if knn_datasets::Unwritable::find(e).is_some() {
+        return false;
+    }
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cause {
         if let Some(os) = c.downcast_ref::<object_store::Error>() {

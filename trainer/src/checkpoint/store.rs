@@ -168,21 +168,25 @@ impl CheckpointStore {
     }
 
     /// Writes checkpoint `step` from `(file name, content)` pairs, the manifest last, then
-    /// deletes all but the newest `keep_last` valid checkpoints. Returns its location.
+    /// deletes all but the newest `keep_last` valid checkpoints. Returns its location. A
+    /// save that fails removes what it wrote (so a full disk is not fuller for it); the
+    /// checkpoints before it stay as they were.
     pub async fn save(&self, step: u64, files: Vec<(String, Vec<u8>)>) -> Result<String> {
         let dir = step_dir(step);
         let store = &self.location.store;
         let mut entries = Vec::with_capacity(files.len());
+        let mut written = Vec::new();
         for (name, data) in files {
             entries.push(ManifestEntry {
                 name: name.clone(),
                 bytes: data.len() as u64,
                 sha256: hex_sha256(&data),
             });
-            store
-                .put(&self.path(&[&dir, &name]), PutPayload::from(data))
-                .await
-                .map_err(|e| self.err(&format!("writing {dir}/{name}"), e))?;
+            let path = self.path(&[&dir, &name]);
+            if let Err(e) = store.put(&path, PutPayload::from(data)).await {
+                return Err(self.failed_save(&dir, &name, written, e).await);
+            }
+            written.push(path);
         }
         let manifest = Manifest {
             format: FORMAT.into(),
@@ -190,13 +194,48 @@ impl CheckpointStore {
             files: entries,
         };
         let json = serde_json::to_vec_pretty(&manifest).map_err(|e| self.err("manifest", e))?;
-        store
+        if let Err(e) = store
             .put(&self.path(&[&dir, MANIFEST]), PutPayload::from(json))
             .await
-            .map_err(|e| self.err(&format!("writing {dir}/{MANIFEST}"), e))?;
+        {
+            return Err(self.failed_save(&dir, MANIFEST, written, e).await);
+        }
         self.mark_verified(step);
         self.prune().await?;
         Ok(format!("{}/{dir}", self.location.url.trim_end_matches('/')))
+    }
+
+    /// Removes the files a failed save wrote (best effort: the save has no manifest, so
+    /// what stays is skipped on resume anyway) and says what failed, with what to do when
+    /// the location is full, read-only or not this user's.
+    async fn failed_save(
+        &self,
+        dir: &str,
+        name: &str,
+        written: Vec<Path>,
+        e: object_store::Error,
+    ) -> TrainerError {
+        for path in written {
+            let _ = self.location.store.delete(&path).await;
+        }
+        let _ = self.location.store.delete(&self.path(&[dir, name])).await;
+        let hint = match knn_indexer::Unwritable::find(&e) {
+            Some((knn_indexer::Unwritable::Full, _)) => {
+                "; the checkpoint location is full: free space there (or set \
+                 `train.checkpoint.url` to a larger volume), then rerun `train`: it resumes \
+                 from the newest checkpoint that was saved"
+            }
+            Some((knn_indexer::Unwritable::ReadOnly, _)) => {
+                "; the checkpoint location is read-only: set `train.checkpoint.url` to a \
+                 writable place"
+            }
+            Some((knn_indexer::Unwritable::Denied, _)) => {
+                "; this user may not write there: fix the directory's owner or mode, or set \
+                 `train.checkpoint.url` elsewhere"
+            }
+            None => "",
+        };
+        self.err(&format!("writing {dir}/{name}"), format!("{e}{hint}"))
     }
 
     /// Steps that have a directory, newest first (valid or not).
