@@ -22,12 +22,64 @@ fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_format, cli.verbose);
     if let Err(err) = try_main(cli) {
-        eprintln!("error: {err}");
-        for cause in err.chain().skip(1) {
-            eprintln!("  caused by: {cause}");
+        if JSON_LOGS.load(Ordering::Relaxed) {
+            let causes: Vec<String> = err.chain().skip(1).map(|c| c.to_string()).collect();
+            let fields =
+                serde_json::json!({ "message": format!("error: {err}"), "causes": causes });
+            json_event("ERROR", fields);
+        } else {
+            eprintln!("error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
         }
         std::process::exit(1);
     }
+}
+
+/// Set under `--log-format json`: then every line this process writes to stderr is JSON.
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes one event to stderr in the shape of tracing's JSON lines (timestamp, level,
+/// fields, target).
+fn json_event(level: &str, fields: serde_json::Value) {
+    let line = serde_json::json!({
+        "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+        "level": level,
+        "fields": fields,
+        "target": "knn_diffusion",
+    });
+    eprintln!("{line}");
+}
+
+/// Writes a report (a stage's closing summary, a status line) to stderr: as text, or under
+/// `--log-format json` as one event whose message is the text and whose `summary` field,
+/// where given, holds what `--summary-json` writes.
+fn report(text: &str, summary: Option<serde_json::Value>) {
+    let text = text.trim_end();
+    if JSON_LOGS.load(Ordering::Relaxed) {
+        let mut fields = serde_json::json!({ "message": text });
+        if let Some(s) = summary {
+            fields["summary"] = s;
+        }
+        json_event("INFO", fields);
+    } else {
+        eprintln!("{text}");
+    }
+}
+
+/// [`report`] of a formatted text without a summary.
+macro_rules! say {
+    ($($arg:tt)*) => { report(&format!($($arg)*), None) };
+}
+
+/// Reports a stage's summary (its `Display`) with its fields, and writes `--summary-json`.
+fn finish<S: std::fmt::Display + serde::Serialize>(
+    summary: &S,
+    path: Option<&std::path::Path>,
+) -> Result<()> {
+    report(&summary.to_string(), serde_json::to_value(summary).ok());
+    write_summary(path, summary)
 }
 
 /// libtorch's OpenMP threads spin while they wait for work. Beside the decode threads that
@@ -79,7 +131,10 @@ fn init_logging(format: LogFormat, verbose: u8) {
             .with_ansi(std::io::stderr().is_terminal())
             .with_target(false)
             .init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Json => {
+            JSON_LOGS.store(true, Ordering::Relaxed);
+            builder.json().init()
+        }
     }
 }
 
@@ -202,8 +257,7 @@ async fn run_embed(args: EmbedArgs, log_format: LogFormat) -> Result<()> {
     .await;
     reporter.abort();
     let summary = result?;
-    eprintln!("{summary}");
-    write_summary(summary_json.as_deref(), &summary)?;
+    finish(&summary, summary_json.as_deref())?;
     if let Some(reason) = &summary.stopped {
         anyhow::bail!("embed stopped: {reason}");
     }
@@ -225,16 +279,14 @@ async fn run_build_index(args: ConfigArgs) -> Result<()> {
     let project = config::load(&args.config, &args.overrides)?;
     let cfg = project.index(&args.config)?;
     let summary = knn_indexer::knn::build_index(&cfg, &project.storage).await?;
-    eprintln!("{summary}");
-    write_summary(args.summary_json.as_deref(), &summary)
+    finish(&summary, args.summary_json.as_deref())
 }
 
 async fn run_score(args: ConfigArgs) -> Result<()> {
     let project = config::load(&args.config, &args.overrides)?;
     let cfg = project.score(&args.config)?;
     let summary = knn_indexer::score::score(&cfg, &project.storage).await?;
-    eprint!("{summary}");
-    write_summary(args.summary_json.as_deref(), &summary)
+    finish(&summary, args.summary_json.as_deref())
 }
 
 async fn run_gc(args: cli::GcArgs) -> Result<()> {
@@ -257,7 +309,7 @@ async fn run_gc(args: cli::GcArgs) -> Result<()> {
     for uri in &tables {
         match knn_indexer::table::load_dataset(uri, &storage, None).await {
             Err(lance::Error::DatasetNotFound { .. }) if named.is_empty() => {
-                eprintln!("{uri}: no table yet, skipped");
+                say!("{uri}: no table yet, skipped");
                 continue;
             }
             _ => {}
@@ -266,7 +318,7 @@ async fn run_gc(args: cli::GcArgs) -> Result<()> {
             None
         } else {
             let s = maintain::gc(uri, &storage, &upkeep).await?;
-            eprintln!(
+            say!(
                 "{}: {} shards in the ledger (checkpoint at version {}); fragments {} -> {}; \
                  {} versions and {:.1} MB removed in {:.1} s",
                 s.table,
@@ -286,7 +338,7 @@ async fn run_gc(args: cli::GcArgs) -> Result<()> {
             for p in &o.orphan_paths {
                 println!("{p}");
             }
-            eprintln!(
+            say!(
                 "{uri}: dry run, nothing changed: {} orphaned data files ({:.1} MB) older than \
                  {grace} would be deleted; {} younger unreferenced files would be kept; {} \
                  data files, {} versions read",
@@ -297,7 +349,7 @@ async fn run_gc(args: cli::GcArgs) -> Result<()> {
                 o.versions_read
             );
         } else {
-            eprintln!(
+            say!(
                 "{uri}: {} orphaned data files ({:.1} MB) older than {grace} deleted; {} younger \
                  unreferenced files kept (a live writer's, or --older-than is longer)",
                 o.removed,
@@ -347,7 +399,7 @@ async fn run_eval(args: cli::EvalArgs, log_format: LogFormat) -> Result<()> {
             args: args_again,
         });
     let summary = knn_trainer::eval::eval(&plan, &project.storage).await?;
-    eprintln!(
+    say!(
         "eval: {} in {:.1} min ({} arms trained now); report: {}",
         if args.quick { "quick form" } else { "full" },
         summary.seconds / 60.0,
@@ -355,7 +407,7 @@ async fn run_eval(args: cli::EvalArgs, log_format: LogFormat) -> Result<()> {
         summary.report_md.display()
     );
     for claim in &summary.claims {
-        eprintln!("  {:?}: {} ({})", claim.verdict, claim.claim, claim.detail);
+        say!("  {:?}: {} ({})", claim.verdict, claim.claim, claim.detail);
     }
     write_summary(c.summary_json.as_deref(), &summary)
 }
@@ -376,8 +428,7 @@ async fn run_precompute_knn(args: EmbedArgs, log_format: LogFormat) -> Result<()
     .await;
     reporter.abort();
     let summary = result?;
-    eprintln!("{summary}");
-    write_summary(summary_json.as_deref(), &summary)
+    finish(&summary, summary_json.as_deref())
 }
 
 async fn run_train(args: cli::TrainArgs, log_format: LogFormat) -> Result<()> {
@@ -402,7 +453,7 @@ async fn run_train(args: cli::TrainArgs, log_format: LogFormat) -> Result<()> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    eprintln!(
+    report(&format!(
         "trained to step {} (resumed from {}): loss {:.4}, {:.3} s/step, data wait {:.1}% of the time, {} unusable rows\n  checkpoint: {}\n  metrics: {}",
         summary.step,
         summary.resumed_from,
@@ -412,7 +463,7 @@ async fn run_train(args: cli::TrainArgs, log_format: LogFormat) -> Result<()> {
         summary.bad_rows,
         summary.checkpoint.as_deref().unwrap_or("(none written this run)"),
         summary.metrics.display()
-    );
+    ), serde_json::to_value(&summary).ok());
     write_summary(args.summary_json.as_deref(), &summary)?;
     if stopped_early && stopped_exit_code != 0 {
         // Stopped early with a checkpoint: a non-zero code makes Kubernetes recreate the pod.
@@ -480,7 +531,7 @@ async fn run_train_clip(args: cli::TrainClipArgs, log_format: LogFormat) -> Resu
         bar.finish_and_clear();
     }
     let p = &summary.prepare;
-    eprintln!(
+    say!(
         "train-clip{}: step {} (resumed from {}), loss {:.4}, {:.3} s/step, data wait {:.1}%\n  \
          captions: {} training pairs, {} held out; this rank: {} shards read, {} already in, {} rows, {} rejected {:?}",
         if judge { " --judge" } else { "" },
@@ -498,13 +549,13 @@ async fn run_train_clip(args: cli::TrainClipArgs, log_format: LogFormat) -> Resu
         p.rejected,
     );
     for (key, shard, why) in &p.reject_examples {
-        eprintln!("    rejected `{key}` in `{shard}`: {why}");
+        say!("    rejected `{key}` in `{shard}`: {why}");
     }
     if let Some(e) = &summary.eval {
-        eprintln!("  {e}");
+        say!("  {e}");
     }
     if let Some(dir) = &summary.export_dir {
-        eprintln!("  CLIP written to {dir} (set embed.clip.checkpoint to it)");
+        say!("  CLIP written to {dir} (set embed.clip.checkpoint to it)");
     }
     write_summary(args.summary_json.as_deref(), &summary)
 }
@@ -532,7 +583,7 @@ async fn run_data_fetch(args: cli::DataFetchArgs) -> Result<()> {
         let summary = fetch(set, &opts, &storage)
             .await
             .with_context(|| format!("data fetch {}", set.name()))?;
-        eprint!("{summary}");
+        say!("{summary}");
         summaries.push(summary);
     }
     write_summary(args.summary_json.as_deref(), &summaries)
@@ -560,21 +611,21 @@ fn run_submit(args: cli::SubmitArgs) -> Result<()> {
     let stop = stop_on_signals()?;
     match knn_cluster::launch::submit(&job, backend, args.dry_run, &stop)? {
         Submitted::DryRun(text) => print!("{text}"),
-        Submitted::Local { processes } => eprintln!(
+        Submitted::Local { processes } => say!(
             "job `{}` ({}) finished: {processes} process(es) on this machine",
             job.cfg.job.name,
             job.stage().command()
         ),
         Submitted::Slurm { job_id, script } => {
             println!("{job_id}");
-            eprintln!(
+            say!(
                 "submitted Slurm job {job_id} (script {}); watch it with `squeue -j {job_id}`",
                 script.display()
             );
         }
         Submitted::Kubernetes { output } => {
             println!("{output}");
-            eprintln!(
+            say!(
                 "applied; watch it with `kubectl get pods -l job-name={}`",
                 job.cfg.job.name
             );
@@ -604,7 +655,7 @@ fn run_launch(args: cli::LaunchArgs) -> Result<()> {
                 .first()
                 .is_some_and(|c| c.is_some() && codes.iter().all(|x| x == c)) =>
         {
-            eprintln!("launch: {detail}");
+            say!("launch: {detail}");
             std::process::exit(codes[0].unwrap_or(1))
         }
         Err(e) => Err(e.into()),
@@ -739,7 +790,7 @@ async fn run_sample(args: SampleArgs) -> Result<()> {
         }),
     };
     let summary = knn_trainer::sample(&req, &clip, &project.storage).await?;
-    eprintln!(
+    let mut text = format!(
         "sampled {} images ({:.2} img/s) from {} (step {})\n  samples:    {}\n  neighbours: {}",
         summary.images,
         summary.images_per_s,
@@ -749,8 +800,8 @@ async fn run_sample(args: SampleArgs) -> Result<()> {
         summary.neighbours_grid.display()
     );
     if let Some(j) = &summary.judge {
-        eprintln!(
-            "  judge CLIP {}: {:.0}% of the samples are nearest their own prompt ({}); CLIP score {:.3}",
+        text += &format!(
+            "\n  judge CLIP {}: {:.0}% of the samples are nearest their own prompt ({}); CLIP score {:.3}",
             j.judge,
             100.0 * j.on_prompt,
             j.per_prompt
@@ -761,6 +812,7 @@ async fn run_sample(args: SampleArgs) -> Result<()> {
             j.clip_score
         );
     }
+    report(&text, serde_json::to_value(&summary).ok());
     write_summary(args.summary_json.as_deref(), &summary)
 }
 

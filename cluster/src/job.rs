@@ -440,7 +440,9 @@ impl Job {
     }
 
     /// The Kubernetes manifest: a ConfigMap with the stage config, a headless Service for
-    /// rendezvous (training), and an Indexed Job.
+    /// rendezvous (training), and an Indexed Job. Credentials in the config's `[storage]`
+    /// are left out of the ConfigMap; the pods get them from `kubernetes.env_secret`, which
+    /// must then be set.
     pub fn kubernetes_manifest(&self, stage_config_text: &str) -> Result<String, ClusterError> {
         let c = &self.cfg;
         let k = &c.kubernetes;
@@ -499,8 +501,21 @@ impl Job {
             self.file.display(),
             self.stage().command()
         );
+        let (config_text, secrets) = without_secrets(stage_config_text);
+        if let (Some(first), None) = (secrets.first(), &k.env_secret) {
+            return Err(ClusterError::InvalidJob {
+                file: self.file.display().to_string(),
+                key: "kubernetes.env_secret",
+                reason: format!(
+                    "the stage config sets `storage.{first}`, and a ConfigMap is not secret: \
+                     put it in a Kubernetes Secret (as KNN_STORAGE__{} or the store's own \
+                     variable, e.g. AWS_SECRET_ACCESS_KEY) and name that Secret here",
+                    first.to_uppercase()
+                ),
+            });
+        }
         let _ = writeln!(o, "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}-config\n  namespace: {ns}\ndata:\n  config.toml: |");
-        for line in stage_config_text.lines() {
+        for line in config_text.lines() {
             let _ = writeln!(o, "    {line}");
         }
         if train {
@@ -662,6 +677,36 @@ fn sh(word: &str) -> String {
     }
 }
 
+/// `[storage]` keys that hold credentials (`knn_datasets::StorageConfig`'s `Secret` fields).
+const SECRET_KEYS: [&str; 3] = ["secret_access_key", "session_token", "azure_access_key"];
+
+/// The config text with every line that sets a credential replaced by a comment, and the
+/// keys it set. A line-level edit keeps the rest of the file (comments, order) as written.
+fn without_secrets(text: &str) -> (String, Vec<&'static str>) {
+    let mut found = Vec::new();
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let key = line.split('=').next().unwrap_or_default().trim();
+        let key = key.strip_prefix("storage.").unwrap_or(key);
+        match SECRET_KEYS
+            .iter()
+            .find(|s| **s == key && line.contains('='))
+        {
+            Some(secret) => {
+                found.push(*secret);
+                out.push_str(&format!(
+                    "# {secret}: left out; the pods read it from their Secret\n"
+                ));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    (out, found)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -680,5 +725,16 @@ mod tests {
         assert_eq!(sh("a b"), "'a b'");
         assert_eq!(sh("it's"), "'it'\\''s'");
         assert_eq!(kube_memory("64G"), "64Gi");
+    }
+
+    #[test]
+    fn credentials_are_left_out_of_the_config_map_copy() {
+        let text =
+            "[storage]\nendpoint = \"http://x\"\nsecret_access_key = \"s3cr3t\"\n# a comment\n\
+                    storage.session_token = \"t0k\"\n";
+        let (out, found) = without_secrets(text);
+        assert_eq!(found, ["secret_access_key", "session_token"]);
+        assert!(!out.contains("s3cr3t") && !out.contains("t0k"), "{out}");
+        assert!(out.contains("endpoint = \"http://x\"") && out.contains("# a comment"));
     }
 }

@@ -15,6 +15,7 @@ mod images;
 mod parquet;
 #[path = "../support/s3_server.rs"]
 mod s3_server;
+mod secrets;
 mod slurm;
 #[path = "../support/tables.rs"]
 mod tables;
