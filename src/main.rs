@@ -247,7 +247,8 @@ async fn run_embed(args: EmbedArgs, log_format: LogFormat) -> Result<()> {
     })?;
     let slot = WorkerSlot::from_flags_or_env(args.worker, args.workers)?;
     let progress = Arc::new(EmbedProgress::default());
-    let reporter = tokio::spawn(report_progress(progress.clone(), log_format));
+    let (stop_reporting, stopped) = tokio::sync::oneshot::channel();
+    let reporter = tokio::spawn(report_progress(progress.clone(), log_format, stopped));
     let result = knn_indexer::embed(
         &embed,
         &project.storage,
@@ -255,7 +256,9 @@ async fn run_embed(args: EmbedArgs, log_format: LogFormat) -> Result<()> {
         progress,
     )
     .await;
-    reporter.abort();
+    // The bar is cleared before the summary is printed, so that it cannot draw over it.
+    let _ = stop_reporting.send(());
+    let _ = reporter.await;
     let summary = result?;
     finish(&summary, summary_json.as_deref())?;
     if let Some(reason) = &summary.stopped {
@@ -418,7 +421,8 @@ async fn run_precompute_knn(args: EmbedArgs, log_format: LogFormat) -> Result<()
     let cfg = project.knn(&args.config)?;
     let slot = WorkerSlot::from_flags_or_env(args.worker, args.workers)?;
     let progress = Arc::new(KnnProgress::default());
-    let reporter = tokio::spawn(report_knn_progress(progress.clone(), log_format));
+    let (stop_reporting, stopped) = tokio::sync::oneshot::channel();
+    let reporter = tokio::spawn(report_knn_progress(progress.clone(), log_format, stopped));
     let result = knn_indexer::precompute_knn(
         &cfg,
         &project.storage,
@@ -426,7 +430,9 @@ async fn run_precompute_knn(args: EmbedArgs, log_format: LogFormat) -> Result<()
         progress,
     )
     .await;
-    reporter.abort();
+    // The bar is cleared before the summary is printed, so that it cannot draw over it.
+    let _ = stop_reporting.send(());
+    let _ = reporter.await;
     let summary = result?;
     finish(&summary, summary_json.as_deref())
 }
@@ -830,6 +836,7 @@ fn write_summary(path: Option<&std::path::Path>, summary: &impl serde::Serialize
 async fn report_every(
     log_format: LogFormat,
     unit: &str,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
     mut tick: impl FnMut(f64, bool) -> (u64, u64, String),
 ) {
     let start = Instant::now();
@@ -845,7 +852,15 @@ async fn report_every(
     });
     let mut last_log = Instant::now();
     loop {
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = &mut stop => {
+                if let Some(bar) = &bar {
+                    bar.finish_and_clear();
+                }
+                return;
+            }
+        }
         let log = bar.is_none() && last_log.elapsed() >= knn_indexer::embed::PROGRESS_LOG_INTERVAL;
         if log {
             last_log = Instant::now();
@@ -860,8 +875,12 @@ async fn report_every(
 }
 
 /// embed's progress: shards, images and rejects.
-async fn report_progress(progress: Arc<EmbedProgress>, log_format: LogFormat) {
-    report_every(log_format, "shards", |elapsed_s, log| {
+async fn report_progress(
+    progress: Arc<EmbedProgress>,
+    log_format: LogFormat,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    report_every(log_format, "shards", stop, |elapsed_s, log| {
         let todo = progress.shards_todo.load(Ordering::Relaxed);
         let done = progress.shards_finished.load(Ordering::Relaxed);
         let ok = progress.images_ok.load(Ordering::Relaxed);
@@ -884,8 +903,12 @@ async fn report_progress(progress: Arc<EmbedProgress>, log_format: LogFormat) {
 }
 
 /// precompute-knn's progress: query rows and shards.
-async fn report_knn_progress(progress: Arc<KnnProgress>, log_format: LogFormat) {
-    report_every(log_format, "rows", |elapsed_s, log| {
+async fn report_knn_progress(
+    progress: Arc<KnnProgress>,
+    log_format: LogFormat,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    report_every(log_format, "rows", stop, |elapsed_s, log| {
         let shards = progress.shards_finished.load(Ordering::Relaxed);
         let shards_todo = progress.shards_todo.load(Ordering::Relaxed);
         let done = progress.queries_done.load(Ordering::Relaxed);

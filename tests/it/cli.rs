@@ -446,6 +446,7 @@ async fn the_embedded_default_config_runs() {
         t.contains("grid-neighbours.png"),
         "says where the grids are: {t}"
     );
+    assert!(t.contains("denoising steps"), "shows progress: {t}");
 
     // Another CLIP (another seed) for the prompt: the model was trained on this one's space.
     let other = |extra: &[&str]| {
@@ -751,5 +752,30 @@ fn bench_plot_draws_each_figure_and_names_what_it_cannot_draw() {
     assert!(
         t.contains("b.json") && t.contains("series `measured`, point 1"),
         "{t}"
+    );
+}
+
+/// On a terminal (a pty from util-linux `script`), embed's progress bar is cleared before
+/// the summary is printed, so nothing draws over the summary's last line.
+#[test]
+fn the_progress_bar_leaves_the_summary_whole_on_a_terminal() {
+    let (dir, cfg, _) = local_job(300, "emb.lance");
+    let program = bin().get_program().to_string_lossy().to_string();
+    let line = format!("{program} embed --config {}", cfg.display());
+    let out = dir.path().join("pty.out");
+    let o = std::process::Command::new("script")
+        .args(["-qec", &line])
+        .arg(&out)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("util-linux `script` runs");
+    assert!(o.status.success(), "{}", text(&o));
+    let said = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(said.contains(" shards "), "the bar never drew: {said:?}");
+    let summary = said.rfind("embed summary").expect("a summary");
+    let tail = &said[summary..];
+    assert!(
+        !tail.contains('\u{1b}') && tail.trim_end().lines().last().unwrap().contains("time:"),
+        "something drew over the summary: {tail:?}"
     );
 }

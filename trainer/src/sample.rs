@@ -9,7 +9,7 @@
 use crate::diffusion::SamplerConfig;
 use crate::judge::{judge_samples, JudgeReport};
 use crate::model::TrainedModel;
-use crate::sampling::{generate_all, write_grid};
+use crate::sampling::{generate_all_with, write_grid};
 use crate::{Result, TrainerError};
 use arrow_array::cast::AsArray;
 use arrow_array::types::UInt64Type;
@@ -164,13 +164,24 @@ pub async fn sample(
     let sampler = req.sampler.build(&trained.model.diffusion, "--sampler")?;
     let total = n * reps;
     let started = std::time::Instant::now();
-    let images = generate_all(
+    let mut last_said = started;
+    let mut progress = |done: usize, steps: usize| {
+        // A line every few seconds (and at the end), so a long run shows it is moving.
+        if done == steps || last_said.elapsed().as_secs_f64() >= 3.0 {
+            last_said = std::time::Instant::now();
+            let secs = started.elapsed().as_secs_f64();
+            let eta = secs / done as f64 * (steps - done) as f64;
+            tracing::info!(step = done, of = steps, eta_s = %format!("{eta:.0}"), "sampling: {done}/{steps} denoising steps");
+        }
+    };
+    let images = generate_all_with(
         &trained.model,
         sampler.as_ref(),
         (&cond_all, &present_all),
         req.guidance,
         req.seed,
         req.batch_size,
+        &mut progress,
     );
     let secs = started.elapsed().as_secs_f64();
     write_grid(&images, reps, &req.out)?;

@@ -42,6 +42,19 @@ pub fn generate(
     seed: u64,
     first: usize,
 ) -> Tensor {
+    generate_with(model, sampler, cond, guidance, seed, first, &mut || {})
+}
+
+/// [`generate`], calling `on_step` after each denoising step.
+pub fn generate_with(
+    model: &DiffusionModel,
+    sampler: &dyn Sampler,
+    cond: &Condition,
+    guidance: f64,
+    seed: u64,
+    first: usize,
+    on_step: &mut dyn FnMut(),
+) -> Tensor {
     let device = cond.emb.device();
     let n = cond.emb.size()[0] as usize;
     let side = model.unet.config().image_size_px;
@@ -69,6 +82,7 @@ pub fn generate(
                 x.zeros_like()
             };
             x = sampler.step(&out, t, &x, &z).prev_sample;
+            on_step();
         }
         x.clamp(-1.0, 1.0)
     })
@@ -80,14 +94,31 @@ pub fn generate(
 pub fn generate_all(
     model: &DiffusionModel,
     sampler: &dyn Sampler,
-    (emb, present): (&Tensor, &Tensor),
+    conds: (&Tensor, &Tensor),
     guidance: f64,
     seed: u64,
     batch_size: usize,
 ) -> Tensor {
+    let quiet = &mut |_: usize, _: usize| {};
+    generate_all_with(model, sampler, conds, guidance, seed, batch_size, quiet)
+}
+
+/// [`generate_all`], calling `on_step(done, total)` after each denoising step of each
+/// batch (`total`: steps × batches).
+pub fn generate_all_with(
+    model: &DiffusionModel,
+    sampler: &dyn Sampler,
+    (emb, present): (&Tensor, &Tensor),
+    guidance: f64,
+    seed: u64,
+    batch_size: usize,
+    on_step: &mut dyn FnMut(usize, usize),
+) -> Tensor {
     let device = model.vs.device();
     let total = emb.size()[0] as usize;
     let bs = batch_size.max(1);
+    let steps = sampler.timesteps().len() * total.div_ceil(bs);
+    let mut done = 0;
     let outs: Vec<Tensor> = (0..total)
         .step_by(bs)
         .map(|start| {
@@ -97,7 +128,12 @@ pub fn generate_all(
                 present: present.narrow(0, start as i64, len).to_device(device),
                 drop: Tensor::zeros([len], (Kind::Float, device)),
             };
-            generate(model, sampler, &cond, guidance, seed, start).to_device(Device::Cpu)
+            let mut step = || {
+                done += 1;
+                on_step(done, steps);
+            };
+            generate_with(model, sampler, &cond, guidance, seed, start, &mut step)
+                .to_device(Device::Cpu)
         })
         .collect();
     Tensor::cat(&outs, 0)
