@@ -38,7 +38,7 @@ pub enum Command {
     /// (id, key, shard, image, width, height, emb) to a Lance table. Bad records go to a
     /// rejects table with a reason. Resumable: a rerun skips committed shards, and no shard
     /// is ever committed twice, even by two workers given the same shard.
-    Embed(EmbedArgs),
+    Embed(EmbedRunArgs),
     /// Build a Lance vector index (IVF_PQ, or IVF_HNSW_SQ) on the embeddings table's `emb`
     /// column, for the retriever used at sampling. Parameters default from the table size.
     BuildIndex(ConfigArgs),
@@ -242,6 +242,21 @@ pub struct EmbedArgs {
     /// Also write the run's summary as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub summary_json: Option<PathBuf>,
+}
+
+/// Flags of `embed`: the sharded stage's, and `--retry-rejects`.
+#[derive(Debug, Args)]
+pub struct EmbedRunArgs {
+    #[command(flatten)]
+    pub run: EmbedArgs,
+
+    /// Embed again only the records earlier runs rejected (after raising a limit such as
+    /// `embed.decode.max_pixels`, or fixing a decoder). Those that now succeed become rows,
+    /// exactly once, and get a `retried` row in the rejects table; those that fail again
+    /// get a new reject row. Rejects are never deleted. `corrupt_shard`, `duplicate_key`
+    /// and `id_collision` rejects are left alone: a retry would meet them again.
+    #[arg(long)]
+    pub retry_rejects: bool,
 }
 
 /// Flags of the single-process stages (`build-index`, `train`).

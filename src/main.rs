@@ -236,15 +236,17 @@ fn try_main(cli: Cli) -> Result<()> {
     }
 }
 
-async fn run_embed(args: EmbedArgs, log_format: LogFormat) -> Result<()> {
-    let (args, summary_json) = (args.stage, args.summary_json);
+async fn run_embed(args: cli::EmbedRunArgs, log_format: LogFormat) -> Result<()> {
+    let retry_rejects = args.retry_rejects;
+    let (args, summary_json) = (args.run.stage, args.run.summary_json);
     let project = config::load(&args.config, &args.overrides)?;
-    let embed = project.embed.with_context(|| {
+    let mut embed = project.embed.with_context(|| {
         format!(
             "config `{}` has no [embed] table; see configs/stickers.toml for an example",
             args.config.display()
         )
     })?;
+    embed.retry_rejects = retry_rejects;
     let slot = WorkerSlot::from_flags_or_env(args.worker, args.workers)?;
     let progress = Arc::new(EmbedProgress::default());
     let (stop_reporting, stopped) = tokio::sync::oneshot::channel();

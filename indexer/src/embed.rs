@@ -16,6 +16,7 @@
 mod deadline;
 
 use crate::clip::{l2_normalize, ClipSettings, LoadedClip};
+use crate::retry::RetryPlan;
 use crate::table::{
     embeddings_schema, embeddings_schema_with, rejects_schema, Reject, ShardWriter, ShardedTable,
 };
@@ -36,7 +37,7 @@ use knn_datasets::{
     StorageConfig, TextColumn,
 };
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -250,6 +251,10 @@ pub struct EmbedConfig {
     /// retried.
     #[serde(default = "default_true")]
     pub salvage_corrupt_shards: bool,
+    /// Embed again only the records earlier runs rejected (`embed --retry-rejects`, not a
+    /// config key): see [`crate::retry`].
+    #[serde(skip)]
+    pub retry_rejects: bool,
 }
 
 /// Live counters of a running embed, for progress display.
@@ -280,6 +285,11 @@ pub struct EmbedSummary {
     pub shards_raced: usize,
     /// Shards that failed, with the reason; they stay uncommitted for a rerun.
     pub shards_failed: Vec<(String, String)>,
+    /// Whether this was an `embed --retry-rejects` run (its shards are retries).
+    pub retry_rejects: bool,
+    /// Under `--retry-rejects`: rejects left alone because a retry meets them again
+    /// (`corrupt_shard`, `duplicate_key`, `id_collision`).
+    pub rejects_not_retried: u64,
     /// Why the run stopped before its last shard: the output cannot be written (disk full,
     /// read-only, permission denied), so every later shard would fail the same way.
     pub stopped: Option<String>,
@@ -340,6 +350,14 @@ impl fmt::Display for EmbedSummary {
             self.shards_raced,
             self.shards_failed.len()
         )?;
+        if self.retry_rejects {
+            writeln!(
+                f,
+                "  retrying rejects: the shards are source shards with open rejects; {} rejects \
+                 left alone (corrupt_shard, duplicate_key, id_collision: a retry meets them again)",
+                self.rejects_not_retried
+            )?;
+        }
         writeln!(
             f,
             "  images: {} ok, {} rejected{}",
@@ -683,10 +701,22 @@ pub async fn embed(
         rejects_table: cfg.output.rejects_url(),
         ..Default::default()
     };
-    let todo: Vec<Shard> = mine
-        .into_iter()
-        .filter(|s| !images.is_committed(s.id.as_str()))
-        .collect();
+    let todo: Vec<(Shard, Option<RetryPlan>)> = if cfg.retry_rejects {
+        let (plans, not_retried) = crate::retry::plan(&images, &rejects, mine).await?;
+        summary.shards_assigned = plans.len();
+        summary.rejects_not_retried = not_retried;
+        summary.retry_rejects = true;
+        plans
+            .into_iter()
+            .filter(|(_, p)| !images.is_committed(&p.id))
+            .map(|(s, p)| (s, Some(p)))
+            .collect()
+    } else {
+        mine.into_iter()
+            .filter(|s| !images.is_committed(s.id.as_str()))
+            .map(|s| (s, None))
+            .collect()
+    };
     summary.shards_skipped = summary.shards_assigned - todo.len();
     if !todo.is_empty() && !images.added_columns().is_empty() {
         return Err(IndexerError::SchemaMismatch {
@@ -750,11 +780,13 @@ pub async fn embed(
     });
 
     let mut results = futures::stream::iter(todo)
-        .map(|shard| {
+        .map(|(shard, retry)| {
             let stage = stage.clone();
             async move {
-                let id = shard.id.to_string();
-                let out = tokio::spawn(process_shard(stage.clone(), shard))
+                let id = retry
+                    .as_ref()
+                    .map_or(shard.id.to_string(), |p| p.id.clone());
+                let out = tokio::spawn(process_shard(stage.clone(), shard, retry))
                     .await
                     .map_err(|e| IndexerError::Internal(format!("shard task died: {e}")))
                     .and_then(|r| r);
@@ -809,12 +841,35 @@ pub async fn embed(
 }
 
 /// Reads, embeds and commits one shard.
-async fn process_shard(stage: Arc<Stage>, shard: Shard) -> Result<ShardOutcome> {
-    let shard_id = shard.id.to_string();
+/// With `retry`, only the records it names are read, and the shard commits as the retry's.
+async fn process_shard(
+    stage: Arc<Stage>,
+    shard: Shard,
+    retry: Option<RetryPlan>,
+) -> Result<ShardOutcome> {
+    let shard_id = retry
+        .as_ref()
+        .map_or(shard.id.to_string(), |p| p.id.clone());
     let ds = Arc::new(stage.images.open().await?);
     let batch = stage.cfg.clip.batch_size;
     let ahead = stage.cfg.pipeline.batches_in_flight.max(1);
+    let wanted = retry.clone().map(Arc::new);
+    let seen = Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let (w, s) = (wanted.clone(), seen.clone());
     let mut chunks = read_shard(&stage.source, &shard, &stage.reader)
+        .filter(move |r| {
+            let keep = match (&w, r) {
+                (Some(plan), Ok(rec)) => {
+                    let keep = plan.keys.contains_key(&rec.key);
+                    if keep {
+                        s.lock().expect("seen keys").insert(rec.key.clone());
+                    }
+                    keep
+                }
+                _ => true,
+            };
+            std::future::ready(keep)
+        })
         .chunks(batch)
         .map(|records| decode_chunk(stage.clone(), records))
         .buffered(ahead)
@@ -844,7 +899,30 @@ async fn process_shard(stage: Arc<Stage>, shard: Shard) -> Result<ShardOutcome> 
     drop(chunks);
     let images_txn = writer.finish().await?;
 
-    stage.rejects.commit_rejects(&shard_id, &rejects).await?;
+    let mut rows = rejects.clone();
+    if let Some(plan) = &wanted {
+        // Failures again, under the retry's shard; a `retried` row for each success; a
+        // record the shard no longer holds stays open, with a reject saying so.
+        let seen = seen.lock().expect("seen keys");
+        let failed: HashSet<&str> = rejects.iter().map(|r| r.key.as_str()).collect();
+        for r in &mut rows {
+            r.shard = shard_id.clone();
+        }
+        for (key, (id, _)) in &plan.keys {
+            if !seen.contains(key) {
+                rows.push(Reject {
+                    id: *id,
+                    key: key.clone(),
+                    shard: shard_id.clone(),
+                    code: "not_found".into(),
+                    detail: format!("not in shard `{}` any more", shard.id),
+                });
+            } else if !failed.contains(key.as_str()) {
+                rows.extend(plan.mark(key));
+            }
+        }
+    }
+    stage.rejects.commit_rejects(&shard_id, &rows).await?;
     let committed = stage.images.commit_shard(ds, &shard_id, images_txn).await?;
     if !committed {
         tracing::warn!(shard = %shard_id, "shard was committed by another process meanwhile; this run's copy is discarded");

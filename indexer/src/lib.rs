@@ -13,6 +13,7 @@ pub mod embed;
 pub mod error;
 pub mod knn;
 pub mod ledger;
+pub mod retry;
 pub mod score;
 pub mod table;
 

@@ -779,3 +779,58 @@ fn the_progress_bar_leaves_the_summary_whole_on_a_terminal() {
         "something drew over the summary: {tail:?}"
     );
 }
+
+/// `embed --retry-rejects` embeds only what was rejected: after `max_pixels` is raised the
+/// big images become rows once, their rejects stay with a `retried` row each, and another
+/// retry has nothing to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_rejects_embeds_only_the_rejected_records_exactly_once() {
+    let (dir, cfg, table) = local_job(10, "emb.lance");
+    let src = dir.path().join("src");
+    for i in 0..4u8 {
+        std::fs::write(
+            src.join(format!("big-{i}.png")),
+            crate::images::png(64, 64, i),
+        )
+        .unwrap();
+    }
+    let embed = |extra: &[&str]| {
+        let o = run(bin().args(["embed", "--config"]).arg(&cfg).args(extra));
+        assert!(o.status.success(), "{}", text(&o));
+        text(&o)
+    };
+    let t = embed(&["--set", "embed.decode.max_pixels=1000"]);
+    assert!(t.contains("too_many_pixels: 4"), "{t}");
+    let uri = table.to_str().unwrap();
+    let before = ids(uri).await;
+    assert_eq!(before.len(), 10);
+    let rejects = dir.path().join("emb-rejects.lance");
+    let rejects = rejects.to_str().unwrap();
+
+    // Still too small a limit: they fail again, and stay open.
+    let t = embed(&["--retry-rejects", "--set", "embed.decode.max_pixels=2000"]);
+    assert!(
+        t.contains("too_many_pixels: 4") && t.contains("0 ok"),
+        "{t}"
+    );
+    let t = embed(&["--retry-rejects"]);
+    assert!(t.contains("4 ok, 0 rejected"), "{t}");
+    let after = ids(uri).await;
+    assert_eq!(after.len(), 14);
+    assert_eq!(
+        after.iter().collect::<std::collections::HashSet<_>>().len(),
+        14
+    );
+    assert!(before.iter().all(|id| after.contains(id)));
+    let mut codes = crate::tables::string_column(rejects, "reason").await;
+    codes.sort();
+    let mut want = vec!["retried"; 4];
+    want.extend(["too_many_pixels"; 8]); // the first run's and the failed retry's
+    assert_eq!(codes, want, "rejects are kept, with a `retried` row each");
+
+    // Nothing open: nothing to do, nothing added.
+    let t = embed(&["--retry-rejects"]);
+    assert!(t.contains("0 assigned"), "{t}");
+    assert_eq!(ids(uri).await.len(), 14);
+    assert_eq!(crate::tables::u64_column(rejects, "id").await.len(), 12);
+}

@@ -19,6 +19,25 @@ pub async fn u64_column(uri: &str, column: &str) -> Vec<u64> {
         .collect()
 }
 
+/// Every value of a string column of the table at `uri` (after `validate()`).
+#[allow(dead_code)]
+pub async fn string_column(uri: &str, column: &str) -> Vec<String> {
+    scan(uri, Some(&[column]))
+        .await
+        .iter()
+        .flat_map(|b| {
+            let a = b
+                .column(0)
+                .as_any()
+                .downcast_ref::<arrow_array::StringArray>()
+                .expect("string column");
+            a.iter()
+                .map(|v| v.unwrap_or_default().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// Every row of the table at `uri` (after `validate()`) as text, keyed by its `id`, without
 /// the columns named in `skip` (row addresses, say, which follow the order of commits).
 #[allow(dead_code)]
