@@ -259,3 +259,93 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<ProjectConfig> {
         .with_context(|| format!("invalid config `{}`", path.display()))?;
     Ok(cfg)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A TOML line from the project's own vocabulary, with values of every type and some
+    /// out of range, or raw noise.
+    fn line() -> impl Strategy<Value = String> {
+        let key = prop::sample::select(vec![
+            "[embed.source]",
+            "[embed.output]",
+            "[embed.clip]",
+            "[embed.decode]",
+            "[storage]",
+            "[storage.retry]",
+            "[storage.tables]",
+            "[knn]",
+            "[train]",
+            "[train.optim]",
+            "[train.checkpoint]",
+            "[index]",
+            "[score]",
+            "url",
+            "format",
+            "table",
+            "batch_size",
+            "max_pixels",
+            "timeout_ms",
+            "k",
+            "max_steps",
+            "lr",
+            "every_steps",
+            "max_retries",
+            "retry_timeout_s",
+            "init_backoff_ms",
+            "keep_versions_hours",
+            "image_size_px",
+            "device",
+            "output",
+            "output_dir",
+            "secret_access_key",
+            "folder_shard_size",
+        ]);
+        let value = prop_oneof![
+            any::<i64>().prop_map(|v| v.to_string()),
+            any::<f64>().prop_map(|v| format!("{v:?}")),
+            "[a-z0-9:/._-]{0,16}".prop_map(|s| format!("\"{s}\"")),
+            any::<bool>().prop_map(|b| b.to_string()),
+            Just("[1, \"x\", 2.5]".to_string()),
+            Just("{ a = 1 }".to_string()),
+        ];
+        prop_oneof![
+            4 => (key, value).prop_map(|(k, v)| if k.starts_with('[') { k.to_string() } else { format!("{k} = {v}") }),
+            1 => "\\PC{0,24}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("FUZZ_CASES").map_or(256, |v| v.parse().expect("FUZZ_CASES")),
+            ..ProptestConfig::default()
+        })]
+
+        /// Any file and any `--set` give a config or an error that says something, never a
+        /// panic; a stage's section is checked when asked for, and that never panics either.
+        #[test]
+        fn any_config_loads_or_is_refused_with_a_message(
+            lines in proptest::collection::vec(line(), 0..16),
+            set in proptest::collection::vec("[a-z._]{1,20}=[a-z0-9\"._-]{0,10}", 0..3),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("job.toml");
+            std::fs::write(&path, lines.join("\n")).unwrap();
+            match load(&path, &set) {
+                Ok(project) => {
+                    let _ = project.index(&path);
+                    let _ = project.score(&path);
+                    let _ = project.knn(&path);
+                    let _ = project.train(&path);
+                    let _ = project.sharded_tables(&path);
+                }
+                Err(e) => {
+                    let said = format!("{e:#}");
+                    prop_assert!(!said.trim().is_empty());
+                }
+            }
+        }
+    }
+}

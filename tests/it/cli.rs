@@ -759,7 +759,8 @@ fn bench_plot_draws_each_figure_and_names_what_it_cannot_draw() {
 /// the summary is printed, so nothing draws over the summary's last line.
 #[test]
 fn the_progress_bar_leaves_the_summary_whole_on_a_terminal() {
-    let (dir, cfg, _) = local_job(300, "emb.lance");
+    // Enough images that the bar (drawn every 250 ms) draws several times.
+    let (dir, cfg, _) = local_job(1500, "emb.lance");
     let program = bin().get_program().to_string_lossy().to_string();
     let line = format!("{program} embed --config {}", cfg.display());
     let out = dir.path().join("pty.out");

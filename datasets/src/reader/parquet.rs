@@ -51,9 +51,35 @@ impl AsyncFileReader for StoreFile {
             let meta = ParquetMetaDataReader::new()
                 .load_and_finish(self, size)
                 .await?;
+            check_chunks(&meta, size)?;
             Ok(Arc::new(meta))
         })
     }
+}
+
+/// Refuses a footer whose column chunks lie outside the file: parquet's reader asserts
+/// (panics) on a negative offset or length, and a footer is only as sound as its bytes.
+fn check_chunks(meta: &ParquetMetaData, file_bytes: u64) -> parquet::errors::Result<()> {
+    for (g, group) in meta.row_groups().iter().enumerate() {
+        for (c, col) in group.columns().iter().enumerate() {
+            let start = col
+                .dictionary_page_offset()
+                .unwrap_or(col.data_page_offset());
+            let len = col.compressed_size();
+            let inside = start >= 0
+                && len >= 0
+                && (start as u64)
+                    .checked_add(len as u64)
+                    .is_some_and(|end| end <= file_bytes);
+            if !inside {
+                return Err(ParquetError::General(format!(
+                    "column chunk {c} of row group {g} lies outside the file (offset {start}, \
+                     length {len}, file {file_bytes} bytes)"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Opens `shard`'s parquet file: its footer read, no rows yet. A store error on the way is
@@ -78,14 +104,29 @@ async fn open(
         size: meta.size,
         fault: fault.clone(),
     };
-    ParquetRecordBatchStreamBuilder::new(file)
+    use futures::FutureExt;
+    // The footer's embedded Arrow schema is decoded with asserts too (the fuzz tests found
+    // panics in arrow-ipc on a malformed one).
+    let built = std::panic::AssertUnwindSafe(ParquetRecordBatchStreamBuilder::new(file))
+        .catch_unwind()
         .await
-        .map_err(|e| {
-            fault.explain(DatasetError::CorruptShard {
-                shard: shard.id.to_string(),
-                reason: format!("cannot read parquet footer: {e}"),
-            })
+        .unwrap_or_else(|panic| Err(decoder_panic(panic)));
+    built.map_err(|e| {
+        fault.explain(DatasetError::CorruptShard {
+            shard: shard.id.to_string(),
+            reason: format!("cannot read parquet footer: {e}"),
         })
+    })
+}
+
+/// A panic of the parquet or Arrow decoder on malformed data, as an error.
+fn decoder_panic(panic: Box<dyn std::any::Any + Send>) -> ParquetError {
+    let why = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    ParquetError::General(format!("the decoder failed on malformed data: {why}"))
 }
 
 /// The Arrow schema of `shard` (from its footer alone).
@@ -125,10 +166,14 @@ pub(super) fn read(
             roots.push(index_of(&t.name, t.config_key.clone())?);
         }
         let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
-        let batches = builder
-            .with_projection(mask)
-            .with_batch_size(opts.parquet_batch_rows.max(1))
-            .build()
+        let build = || {
+            builder
+                .with_projection(mask)
+                .with_batch_size(opts.parquet_batch_rows.max(1))
+                .build()
+        };
+        let batches = std::panic::catch_unwind(std::panic::AssertUnwindSafe(build))
+            .unwrap_or_else(|panic| Err(decoder_panic(panic)))
             .map_err(|e| fault.explain(corrupt(e.to_string())))?;
         Ok::<_, DatasetError>((batches, shard.id, opts, fault))
     };
@@ -137,7 +182,7 @@ pub(super) fn read(
             Err(e) => stream::once(async move { Err(e) }).boxed(),
             Ok((batches, shard_id, opts, fault)) => {
                 let mut row_base = 0usize;
-                batches
+                unpanicked(batches)
                     .flat_map(move |batch| {
                         let out: Vec<Result<RawRecord>> = match batch {
                             Err(e) => vec![Err(fault.explain(DatasetError::CorruptShard {
@@ -156,6 +201,24 @@ pub(super) fn read(
             }
         })
         .boxed()
+}
+
+/// `batches`, with a panic of the parquet decoder (it asserts on some malformed pages and
+/// headers, as the fuzz tests found) turned into an error that ends the stream: the shard is
+/// then corrupt after the rows read, like a file cut short.
+fn unpanicked<S>(batches: S) -> impl futures::Stream<Item = parquet::errors::Result<RecordBatch>>
+where
+    S: futures::Stream<Item = parquet::errors::Result<RecordBatch>> + Send + 'static,
+{
+    use futures::FutureExt;
+    stream::unfold(Some(Box::pin(batches)), |state| async move {
+        let mut s = state?;
+        match std::panic::AssertUnwindSafe(s.next()).catch_unwind().await {
+            Ok(Some(item)) => Some((item, Some(s))),
+            Ok(None) => None,
+            Err(panic) => Some((Err(decoder_panic(panic)), None)),
+        }
+    })
 }
 
 /// Converts one record batch (projected to image[, key]) into records.

@@ -3,6 +3,7 @@
 
 mod cut_store;
 mod fixtures;
+mod fuzz;
 mod image_parity;
 #[path = "../../../tests/support/images.rs"]
 mod images;
