@@ -339,11 +339,15 @@ async fn run_gc(args: cli::GcArgs) -> Result<()> {
         };
         let o = maintain::sweep_orphans(uri, &storage, args.older_than, args.dry_run).await?;
         let grace = humantime::format_duration(args.older_than);
-        if args.dry_run {
-            for p in &o.orphan_paths {
-                println!("{p}");
+        let text = if args.dry_run {
+            // The URLs on stdout, one a line; under JSON logs they are the event's
+            // `orphan_paths` instead, so that every line is JSON.
+            if !JSON_LOGS.load(Ordering::Relaxed) {
+                for p in &o.orphan_paths {
+                    println!("{p}");
+                }
             }
-            say!(
+            format!(
                 "{uri}: dry run, nothing changed: {} orphaned data files ({:.1} MB) older than \
                  {grace} would be deleted; {} younger unreferenced files would be kept; {} \
                  data files, {} versions read",
@@ -352,16 +356,17 @@ async fn run_gc(args: cli::GcArgs) -> Result<()> {
                 o.young_unreferenced,
                 o.data_files,
                 o.versions_read
-            );
+            )
         } else {
-            say!(
+            format!(
                 "{uri}: {} orphaned data files ({:.1} MB) older than {grace} deleted; {} younger \
                  unreferenced files kept (a live writer's, or --older-than is longer)",
                 o.removed,
                 o.orphan_bytes as f64 / 1e6,
                 o.young_unreferenced
-            );
-        }
+            )
+        };
+        report(&text, serde_json::to_value(&o).ok());
         done.push(serde_json::json!({ "table": uri, "upkeep": upkept, "orphans": o }));
     }
     write_summary(c.summary_json.as_deref(), &done)

@@ -899,35 +899,22 @@ async fn process_shard(
     drop(chunks);
     let images_txn = writer.finish().await?;
 
-    let mut rows = rejects.clone();
-    if let Some(plan) = &wanted {
-        // Failures again, under the retry's shard; a `retried` row for each success; a
-        // record the shard no longer holds stays open, with a reject saying so.
-        let seen = seen.lock().expect("seen keys");
-        let failed: HashSet<&str> = rejects.iter().map(|r| r.key.as_str()).collect();
-        for r in &mut rows {
-            r.shard = shard_id.clone();
-        }
-        for (key, (id, _)) in &plan.keys {
-            if !seen.contains(key) {
-                rows.push(Reject {
-                    id: *id,
-                    key: key.clone(),
-                    shard: shard_id.clone(),
-                    code: "not_found".into(),
-                    detail: format!("not in shard `{}` any more", shard.id),
-                });
-            } else if !failed.contains(key.as_str()) {
-                rows.extend(plan.mark(key));
-            }
-        }
-    }
-    stage.rejects.commit_rejects(&shard_id, &rows).await?;
+    // A retry's rows: failures again under its shard id, and `retried` marks; the run
+    // counts everything but the marks.
+    let rejects = match &wanted {
+        Some(plan) => plan.reject_rows(&shard.id, rejects, &seen.lock().expect("seen keys")),
+        None => rejects,
+    };
+    stage.rejects.commit_rejects(&shard_id, &rejects).await?;
     let committed = stage.images.commit_shard(ds, &shard_id, images_txn).await?;
     if !committed {
         tracing::warn!(shard = %shard_id, "shard was committed by another process meanwhile; this run's copy is discarded");
         return Ok(ShardOutcome::Raced);
     }
+    let rejects: Vec<Reject> = rejects
+        .into_iter()
+        .filter(|r| r.code != crate::retry::RETRIED)
+        .collect();
     tracing::info!(shard = %shard_id, ok, rejected = rejects.len(), "shard committed");
     Ok(ShardOutcome::Committed { ok, rejects })
 }

@@ -17,8 +17,8 @@ use crate::table::{Reject, ShardedTable};
 use crate::{IndexerError, Result};
 use arrow_array::cast::AsArray;
 use futures::TryStreamExt;
-use knn_datasets::Shard;
-use std::collections::{BTreeMap, HashMap};
+use knn_datasets::{Shard, ShardId};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// The code of the reject row that says a record is now a row.
 pub const RETRIED: &str = "retried";
@@ -37,16 +37,47 @@ pub struct RetryPlan {
 }
 
 impl RetryPlan {
-    /// The `retried` row of a record of this plan that is now a row.
-    pub fn mark(&self, key: &str) -> Option<Reject> {
-        let (id, code) = self.keys.get(key)?;
-        Some(Reject {
-            id: *id,
-            key: key.to_string(),
-            shard: self.id.clone(),
-            code: RETRIED.into(),
-            detail: format!("now a row of the images table (was rejected as `{code}`)"),
-        })
+    /// The reject rows a retry of `shard` commits, from the rejects its records met this
+    /// time (`failed`) and the keys the shard still holds (`seen`): each failure again,
+    /// under the retry's shard id; a `retried` row for each record that is now a row; and a
+    /// `not_found` reject for each the shard no longer holds (it stays open).
+    pub fn reject_rows(
+        &self,
+        shard: &ShardId,
+        failed: Vec<Reject>,
+        seen: &HashSet<String>,
+    ) -> Vec<Reject> {
+        let failed_keys: HashSet<String> = failed.iter().map(|r| r.key.clone()).collect();
+        let mut rows: Vec<Reject> = failed
+            .into_iter()
+            .map(|r| Reject {
+                shard: self.id.clone(),
+                ..r
+            })
+            .collect();
+        for (key, (id, code)) in &self.keys {
+            let (code, detail) = if !seen.contains(key) {
+                (
+                    "not_found".to_string(),
+                    format!("not in shard `{shard}` any more"),
+                )
+            } else if !failed_keys.contains(key) {
+                (
+                    RETRIED.to_string(),
+                    format!("now a row of the images table (was rejected as `{code}`)"),
+                )
+            } else {
+                continue;
+            };
+            rows.push(Reject {
+                id: *id,
+                key: key.clone(),
+                shard: self.id.clone(),
+                code,
+                detail,
+            });
+        }
+        rows
     }
 }
 

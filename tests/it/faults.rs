@@ -12,9 +12,28 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// A job on `endpoint` (the proxy) embedding `s3://data/imgs/` into `s3://data/{run}/`, with
-/// its kNN table and checkpoints there too; `retry` is the `[storage.retry]` table.
-fn job(dir: &Path, server: &S3Server, endpoint: &str, run: &str, retry: &str) -> PathBuf {
+/// A job on `endpoint` (the proxy, or the server itself) embedding `s3://data/imgs/` into
+/// `s3://data/{run}/`, with its kNN table and checkpoints there too; `retry` is the
+/// `[storage.retry]` table.
+pub(crate) fn job(
+    dir: &Path,
+    server: &S3Server,
+    endpoint: &str,
+    run: &str,
+    retry: &str,
+) -> PathBuf {
+    job_with(dir, server, endpoint, run, retry, "")
+}
+
+/// [`job`], with `storage` as more `[storage]` lines.
+pub(crate) fn job_with(
+    dir: &Path,
+    server: &S3Server,
+    endpoint: &str,
+    run: &str,
+    retry: &str,
+    storage: &str,
+) -> PathBuf {
     let train_dir = dir.join(format!("{run}-train"));
     let rest = format!(
         r#"[storage]
@@ -22,6 +41,7 @@ endpoint = "{endpoint}"
 region = "us-east-1"
 allow_http = true
 access_key_id = "{key}"
+{storage}
 [storage.retry]
 {retry}
 [knn]

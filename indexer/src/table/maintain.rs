@@ -328,8 +328,22 @@ async fn removable_versions(
     base: &Path,
     keep: &Retention<'_>,
 ) -> lance::Result<HashSet<u64>> {
+    Ok(listed_versions(store, base)
+        .await?
+        .into_iter()
+        .filter(|&(v, written)| keep.removes(v, written))
+        .map(|(v, _)| v)
+        .collect())
+}
+
+/// Every version in the table's `_versions/`, with when its manifest was written: one
+/// listing, no manifest read.
+async fn listed_versions(
+    store: &ObjectStore,
+    base: &Path,
+) -> lance::Result<Vec<(u64, chrono::DateTime<chrono::Utc>)>> {
     use futures::TryStreamExt;
-    let mut out = HashSet::new();
+    let mut out = Vec::new();
     let mut listed = store.list(Some(base.clone().join("_versions")));
     while let Some(meta) = listed.try_next().await? {
         let Some(name) = meta.location.filename() else {
@@ -339,8 +353,8 @@ async fn removable_versions(
             continue;
         }
         let version = ManifestNamingScheme::detect_scheme(name).and_then(|s| s.parse_version(name));
-        if let Some(v) = version.filter(|&v| keep.removes(v, meta.last_modified)) {
-            out.insert(v);
+        if let Some(v) = version {
+            out.push((v, meta.last_modified));
         }
     }
     Ok(out)
@@ -398,8 +412,8 @@ pub async fn sweep_orphans(
     let latest = load_dataset(uri, storage, None).await.map_err(lance_err)?;
     let mut referenced = HashSet::new();
     let mut versions_read = 0;
-    for v in latest.versions().await.map_err(lance_err)? {
-        let ds = match latest.checkout_version(v.version).await {
+    for (v, _) in listed_versions(&store, &base).await.map_err(lance_err)? {
+        let ds = match latest.checkout_version(v).await {
             Ok(ds) => ds,
             // Removed by upkeep since the listing: the files it held are referenced by a
             // newer version or were removed with it.
