@@ -837,3 +837,80 @@ async fn retry_rejects_embeds_only_the_rejected_records_exactly_once() {
     assert_eq!(ids(uri).await.len(), 14);
     assert_eq!(crate::tables::u64_column(rejects, "id").await.len(), 12);
 }
+
+/// Two records of different shards whose 63-bit ids collide (a real SHA-256 prefix
+/// collision, found by a rho search): embed keeps both as rows, and precompute-knn names
+/// both keys and shards, keeps them apart by row address and merges nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn colliding_ids_of_two_shards_are_named_by_precompute_knn_and_never_merged() {
+    const ID: u64 = 0x733b_6e55_d537_03e8;
+    let twins = [
+        ("a/562a81e06966463a.png", "a/@00000"),
+        ("b/5ad6b4b8578f0baf.png", "b/@00000"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    for (d, (twin, _)) in twins.iter().enumerate() {
+        let base = 10 * d as u32;
+        write_images_in(&src.join(&twin[..1]), base..base + 3);
+        std::fs::write(src.join(twin), png(24, 18, 200 + d as u8)).unwrap();
+    }
+    let table = dir.path().join("emb.lance");
+    let cfg = write_config(
+        dir.path(),
+        src.to_str().unwrap(),
+        table.to_str().unwrap(),
+        "[knn]\nk = 3\n[knn.compute]\ndevice = \"cpu\"\n",
+    );
+    let o = run(bin().args(["embed", "--config"]).arg(&cfg));
+    assert!(o.status.success(), "{}", text(&o));
+    let uri = table.to_str().unwrap();
+    let all = ids(uri).await;
+    assert_eq!(all.len(), 8, "both twins are rows");
+    assert_eq!(all.iter().filter(|&&i| i == ID).count(), 2);
+    let keys: HashSet<String> = crate::tables::string_column(uri, "key")
+        .await
+        .into_iter()
+        .collect();
+    assert!(twins.iter().all(|(k, _)| keys.contains(*k)), "{keys:?}");
+
+    let summary = dir.path().join("knn.json");
+    let o = run(bin()
+        .args(["precompute-knn", "--config"])
+        .arg(&cfg)
+        .arg("--summary-json")
+        .arg(&summary));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("id collisions: 1 id held by more than one record"),
+        "{t}"
+    );
+    for (key, shard) in twins {
+        assert!(t.contains(&format!("`{key}` (shard {shard})")), "{t}");
+    }
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    let found = s["id_collisions"].as_array().unwrap();
+    assert_eq!(found.len(), 1, "{s}");
+    assert_eq!(found[0]["id"].as_u64(), Some(ID));
+    let mut named: Vec<(&str, &str)> = found[0]["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["key"].as_str().unwrap(), r["shard"].as_str().unwrap()))
+        .collect();
+    named.sort();
+    assert_eq!(named, twins);
+
+    // The kNN table has a row for each twin, at its own row address.
+    let knn = dir.path().join("emb-knn.lance");
+    let knn = knn.to_str().unwrap();
+    let knn_ids = crate::tables::u64_column(knn, "id").await;
+    assert_eq!(knn_ids.len(), 8);
+    assert_eq!(knn_ids.iter().filter(|&&i| i == ID).count(), 2);
+    let addrs: HashSet<u64> = crate::tables::u64_column(knn, "row_addr")
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(addrs.len(), 8, "every row keeps its own address");
+}

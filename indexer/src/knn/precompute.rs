@@ -38,6 +38,8 @@ use crate::clip::DeviceChoice;
 use crate::embed::peak_rss_mib;
 use crate::table::{load_dataset, pin_version, reader_tag, sibling_uri, ShardWriter, ShardedTable};
 use crate::{IndexerError, Result};
+use arrow_array::cast::AsArray;
+use arrow_array::types::UInt64Type;
 use arrow_array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, UInt64Array};
 use arrow_buffer::NullBuffer;
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
@@ -332,6 +334,49 @@ pub struct KnnSummary {
     /// MiB of database rows the search held in memory (`None`: it passed over the table
     /// once per query block instead).
     pub resident_mib: Option<f64>,
+    /// Ids that more than one row of the embeddings table holds, found in the shards this
+    /// run committed.
+    #[serde(default)]
+    pub id_collisions: Vec<IdCollision>,
+}
+
+/// Distinct records of the embeddings table whose 63-bit ids collide. Ids hash the shard and
+/// the key, and embed checks them only within a shard, so records of two shards can meet by
+/// chance: n rows hold about n²/2⁶⁴ such pairs, a 0.9 % chance of one at 4·10⁸ rows. Both
+/// stay rows: the kNN table and training tell them apart by row address. They are never
+/// merged, but neither is offered as the other's neighbour.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdCollision {
+    /// The shared id.
+    pub id: u64,
+    /// The rows holding it, in table order.
+    pub rows: Vec<CollidingRow>,
+}
+
+/// One row of an [`IdCollision`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollidingRow {
+    /// Its key (`None` where the table has no `key` column).
+    pub key: Option<String>,
+    /// Its source shard (`None` where the table has no `shard` column).
+    pub shard: Option<String>,
+    /// Its row address in the pinned version.
+    pub row_addr: u64,
+}
+
+impl fmt::Display for IdCollision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "id {}:", self.id)?;
+        for (i, row) in self.rows.iter().enumerate() {
+            let sep = if i == 0 { " " } else { ", " };
+            match (&row.key, &row.shard) {
+                (Some(k), Some(s)) => write!(f, "{sep}`{k}` (shard {s})")?,
+                (Some(k), None) => write!(f, "{sep}`{k}`")?,
+                _ => write!(f, "{sep}row address {}", row.row_addr)?,
+            }
+        }
+        Ok(())
+    }
 }
 
 impl KnnSummary {
@@ -391,6 +436,25 @@ impl fmt::Display for KnnSummary {
             "  rows: {} written, {} with fewer than k neighbours",
             self.queries, self.short_rows
         )?;
+        if !self.id_collisions.is_empty() {
+            let n = self.id_collisions.len();
+            writeln!(
+                f,
+                "  id collisions: {n} {} held by more than one record (kept apart by row \
+                 address, never merged; neither is the other's neighbour)",
+                if n == 1 { "id" } else { "ids" }
+            )?;
+            for c in self.id_collisions.iter().take(10) {
+                writeln!(f, "    {c}")?;
+            }
+            if self.id_collisions.len() > 10 {
+                writeln!(
+                    f,
+                    "    … and {} more (--summary-json lists all)",
+                    self.id_collisions.len() - 10
+                )?;
+            }
+        }
         match self.resident_mib {
             Some(r) => writeln!(
                 f,
@@ -733,18 +797,29 @@ pub async fn precompute_knn(
     for s in todo {
         let name = shard_name(s, meta.shards);
         let ds = Arc::new(table.open().await?);
-        let mut writer = ShardWriter::new(&table, ds.clone());
+        let mut out = ShardOutput::new(ShardWriter::new(&table, ds.clone()));
         let range = shard_range(s, meta.shards, meta.id_min, meta.id_max);
         let (rows, short) = match &search.resident {
-            Some(r) => search_resident(&ctx, r, range, &name, &mut writer).await?,
-            None => search_streamed(&ctx, &mut search, range, &name, &mut writer).await?,
+            Some(r) => search_resident(&ctx, r, range, &name, &mut out).await?,
+            None => search_streamed(&ctx, &mut search, range, &name, &mut out).await?,
         };
         summary.short_rows += short;
-        let txn = writer.finish().await?;
+        let twins = out.shared_ids();
+        let txn = out.writer.finish().await?;
         if table.commit_shard(ds, &name, txn).await? {
             summary.shards_committed += 1;
             summary.queries += rows;
             tracing::info!(shard = %name, rows, "shard committed");
+            for c in name_collisions(&source, twins).await? {
+                tracing::warn!(
+                    shard = %name,
+                    "id collision: distinct records share one 63-bit {c}. Nothing is merged \
+                     and nothing needs doing: both are rows, told apart by row address in the \
+                     kNN table and in training; only, neither is offered as the other's \
+                     neighbour"
+                );
+                summary.id_collisions.push(c);
+            }
         } else {
             summary.shards_raced += 1;
             tracing::warn!(shard = %name, "shard was committed by another process meanwhile; this run's copy is discarded");
@@ -818,7 +893,7 @@ async fn search_resident(
     resident: &ResidentRows,
     range: (u64, Option<u64>),
     name: &str,
-    writer: &mut ShardWriter,
+    out: &mut ShardOutput,
 ) -> Result<(u64, u64)> {
     let (mut rows, mut short) = (0u64, 0u64);
     for block in resident.queries(range, ctx.query_rows) {
@@ -830,7 +905,7 @@ async fn search_resident(
             pass_s = started.elapsed().as_secs_f64(),
             "query block searched"
         );
-        let (n, s) = write_block(ctx, writer, &ids, &block.addrs, &block.holdout, top).await?;
+        let (n, s) = write_block(ctx, out, &ids, &block.addrs, &block.holdout, top).await?;
         rows += n;
         short += s;
     }
@@ -845,7 +920,7 @@ async fn search_streamed(
     search: &mut Search,
     range: (u64, Option<u64>),
     name: &str,
-    writer: &mut ShardWriter,
+    out: &mut ShardOutput,
 ) -> Result<(u64, u64)> {
     let (source, device) = (ctx.source, search_device(search));
     let mut queries = source.blocks(Some(range), ctx.query_rows, false).await?;
@@ -906,7 +981,7 @@ async fn search_streamed(
             compute_s = busy_s,
             "query block searched"
         );
-        let (n, s) = write_block(ctx, writer, &searched.ids, &q_addrs, &holdout, top).await?;
+        let (n, s) = write_block(ctx, out, &searched.ids, &q_addrs, &holdout, top).await?;
         rows += n;
         short += s;
     }
@@ -914,32 +989,84 @@ async fn search_streamed(
 }
 
 /// Finishes `top` for the queries `ids` (row addresses `addrs`, held out where `holdout`),
-/// writes their output rows to `writer` and counts them: (rows, rows with fewer than k
+/// writes their output rows to `out` and counts them: (rows, rows with fewer than k
 /// neighbours).
 async fn write_block(
     ctx: &ShardContext<'_>,
-    writer: &mut ShardWriter,
+    out: &mut ShardOutput,
     ids: &Tensor,
     addrs: &[u64],
     holdout: &[bool],
     mut top: TopK,
 ) -> Result<(u64, u64)> {
     let short = top.finish() as u64;
-    let id_list: Vec<i64> = Vec::try_from(&ids.to_device(Device::Cpu)).expect("1-D int64");
-    let held: std::collections::HashSet<u64> = id_list
-        .iter()
-        .zip(holdout)
-        .filter(|(_, h)| **h)
-        .map(|(id, _)| *id as u64)
-        .collect();
-    writer
-        .write(output_batch(
-            ctx.schema, ids, addrs, &top, ctx.meta.k, &held,
-        )?)
-        .await?;
+    let batch = output_batch(ctx.schema, ids, addrs, &top, ctx.meta.k, holdout)?;
+    out.write(batch).await?;
     let n = addrs.len() as u64;
     ctx.progress.queries_done.fetch_add(n, Ordering::Relaxed);
     Ok((n, short))
+}
+
+/// Where one shard's rows go: the output writer, and the (id, row address) of every row
+/// written. Two rows with one id always fall in the same shard (shards are id ranges), so
+/// this finds every id collision of the table, at 16 bytes a row of one shard.
+struct ShardOutput {
+    writer: ShardWriter,
+    written: Vec<(u64, u64)>,
+}
+
+impl ShardOutput {
+    fn new(writer: ShardWriter) -> Self {
+        Self {
+            writer,
+            written: Vec::new(),
+        }
+    }
+
+    async fn write(&mut self, batch: RecordBatch) -> Result<()> {
+        let ids = batch.column(0).as_primitive::<UInt64Type>().values();
+        let addrs = batch
+            .column_by_name(ROW_ADDR_COLUMN)
+            .expect("the output schema has row addresses")
+            .as_primitive::<UInt64Type>()
+            .values();
+        self.written
+            .extend(ids.iter().copied().zip(addrs.iter().copied()));
+        self.writer.write(batch).await
+    }
+
+    /// Each id that more than one written row holds, with their row addresses in order.
+    fn shared_ids(&mut self) -> Vec<(u64, Vec<u64>)> {
+        let mut written = std::mem::take(&mut self.written);
+        written.sort_unstable();
+        written
+            .chunk_by(|a, b| a.0 == b.0)
+            .filter(|run| run.len() > 1)
+            .map(|run| (run[0].0, run.iter().map(|r| r.1).collect()))
+            .collect()
+    }
+}
+
+/// The keys and shards of the rows behind each shared id, read from the embeddings table.
+async fn name_collisions(
+    source: &VectorTable,
+    twins: Vec<(u64, Vec<u64>)>,
+) -> Result<Vec<IdCollision>> {
+    let mut found = Vec::with_capacity(twins.len());
+    for (id, addrs) in twins {
+        let names = source.names_at(&addrs).await?;
+        let rows = addrs
+            .into_iter()
+            .zip(names)
+            .map(|(row_addr, (key, shard))| CollidingRow {
+                key,
+                shard,
+                row_addr,
+            })
+            .collect();
+        found.push(IdCollision { id, rows });
+    }
+    Ok(found)
 }
 
 fn search_device(search: &Search) -> Device {
@@ -976,14 +1103,15 @@ struct SearchPass {
 }
 
 /// The output rows of one query block (`addrs`: their row addresses); missing neighbours are
-/// nulls; rows in `held` are marked held out.
+/// nulls; rows are marked held out where `holdout` says so (by position, not by id, since
+/// two rows may share an id).
 fn output_batch(
     schema: &SchemaRef,
     ids: &Tensor,
     addrs: &[u64],
     top: &TopK,
     k: usize,
-    held: &std::collections::HashSet<u64>,
+    holdout: &[bool],
 ) -> Result<RecordBatch> {
     let cpu = |t: &Tensor| t.to_device(Device::Cpu).contiguous().view([-1]);
     let ids: Vec<i64> = Vec::try_from(&cpu(ids))?;
@@ -997,10 +1125,11 @@ fn output_batch(
             ))
         }
     };
-    if addrs.len() != ids.len() {
+    if addrs.len() != ids.len() || holdout.len() != ids.len() {
         return Err(IndexerError::Internal(format!(
-            "{} row addresses for {} query rows",
+            "{} row addresses and {} held-out marks for {} query rows",
             addrs.len(),
+            holdout.len(),
             ids.len()
         )));
     }
@@ -1029,9 +1158,7 @@ fn output_batch(
             Arc::new(Float32Array::new(knn_sims.into(), Some(valid.clone()))),
             None,
         )),
-        Arc::new(arrow_array::BooleanArray::from_iter(
-            ids.iter().map(|&i| Some(held.contains(&(i as u64)))),
-        )),
+        Arc::new(arrow_array::BooleanArray::from(holdout.to_vec())),
         Arc::new(UInt64Array::from_iter_values(addrs.iter().copied())),
         Arc::new(FixedSizeListArray::new(
             u64_item,

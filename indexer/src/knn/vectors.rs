@@ -34,6 +34,8 @@ const ROW_ADDR: &str = "_rowaddr";
 
 /// The key column the held-out split hashes.
 pub const KEY_COLUMN: &str = "key";
+/// The column naming each row's source shard (the embed stage's tables have it).
+pub const SHARD_COLUMN: &str = "shard";
 
 /// An embeddings table opened at one version.
 #[derive(Clone, Debug)]
@@ -298,24 +300,51 @@ impl VectorTable {
 
     /// Rows at the given row addresses (in this version), in that order.
     pub async fn take_addresses(&self, addrs: &[u64]) -> Result<VectorBlock> {
+        let batch = self.take_at(addrs, &self.columns()).await?;
+        let mut block = VectorBlock::default();
+        block.append(&batch, &self.uri, self.split.as_ref(), false)?;
+        Ok(block)
+    }
+
+    /// The `key` and `shard` of the rows at `addrs`, in that order: `None` for a column the
+    /// table does not have (a table a user brings may have neither).
+    pub async fn names_at(&self, addrs: &[u64]) -> Result<Vec<(Option<String>, Option<String>)>> {
+        let have = |c: &str| self.ds.schema().field(c).is_some();
+        let columns: Vec<&str> = [KEY_COLUMN, SHARD_COLUMN]
+            .into_iter()
+            .filter(|c| have(c))
+            .collect();
+        let mut names = vec![(None, None); addrs.len()];
+        if columns.is_empty() || addrs.is_empty() {
+            return Ok(names);
+        }
+        let batch = self.take_at(addrs, &columns).await?;
+        for (c, column) in columns.iter().enumerate() {
+            let values = batch.column(c).as_string::<i32>();
+            for (i, name) in names.iter_mut().enumerate() {
+                let value = Some(values.value(i).to_string());
+                match *column {
+                    KEY_COLUMN => name.0 = value,
+                    _ => name.1 = value,
+                }
+            }
+        }
+        Ok(names)
+    }
+
+    /// The `columns` of the rows at `addrs` (in this version), in that order.
+    async fn take_at(&self, addrs: &[u64], columns: &[&str]) -> Result<RecordBatch> {
         let lance_err = |e| IndexerError::lance(&self.uri, e);
-        let projection = self
-            .ds
-            .schema()
-            .project(&self.columns())
-            .map_err(lance_err)?;
+        let projection = self.ds.schema().project(columns).map_err(lance_err)?;
         let ds = Arc::new(self.ds.clone());
         let plan = ProjectionRequest::from(projection)
             .into_projection_plan(ds.clone())
             .map_err(lance_err)?;
-        let batch = TakeBuilder::try_new_from_addresses(ds, addrs.to_vec(), Arc::new(plan))
+        TakeBuilder::try_new_from_addresses(ds, addrs.to_vec(), Arc::new(plan))
             .map_err(lance_err)?
             .execute()
             .await
-            .map_err(lance_err)?;
-        let mut block = VectorBlock::default();
-        block.append(&batch, &self.uri, self.split.as_ref(), false)?;
-        Ok(block)
+            .map_err(lance_err)
     }
 
     /// All rows (or those with `low <= id < high`) in table order, in blocks of at most
