@@ -643,24 +643,7 @@ pub async fn embed(
     progress: Arc<EmbedProgress>,
 ) -> Result<EmbedSummary> {
     let started = Instant::now();
-    if cfg.clip.batch_size == 0 {
-        return Err(IndexerError::Config {
-            key: "embed.clip.batch_size".into(),
-            reason: "must be at least 1".into(),
-        });
-    }
-    if cfg.output.image_size_px == 0 {
-        return Err(IndexerError::Config {
-            key: "embed.output.image_size_px".into(),
-            reason: "must be at least 1".into(),
-        });
-    }
-    if !(1..=100).contains(&cfg.output.jpeg_quality) {
-        return Err(IndexerError::Config {
-            key: "embed.output.jpeg_quality".into(),
-            reason: format!("{} is not in 1..=100", cfg.output.jpeg_quality),
-        });
-    }
+    check_settings(cfg)?;
     let source = SourceLocation::open(&cfg.source.url, storage)?;
     let listing = ListOptions {
         folder_shard_size: cfg.source.folder_shard_size,
@@ -701,34 +684,7 @@ pub async fn embed(
         rejects_table: cfg.output.rejects_url(),
         ..Default::default()
     };
-    let todo: Vec<(Shard, Option<RetryPlan>)> = if cfg.retry_rejects {
-        let (plans, not_retried) = crate::retry::plan(&images, &rejects, mine).await?;
-        summary.shards_assigned = plans.len();
-        summary.rejects_not_retried = not_retried;
-        summary.retry_rejects = true;
-        plans
-            .into_iter()
-            .filter(|(_, p)| !images.is_committed(&p.id))
-            .map(|(s, p)| (s, Some(p)))
-            .collect()
-    } else {
-        mine.into_iter()
-            .filter(|s| !images.is_committed(s.id.as_str()))
-            .map(|s| (s, None))
-            .collect()
-    };
-    summary.shards_skipped = summary.shards_assigned - todo.len();
-    if !todo.is_empty() && !images.added_columns().is_empty() {
-        return Err(IndexerError::SchemaMismatch {
-            table: cfg.output.table.clone(),
-            detail: format!(
-                "{} shards are new, but the table has columns added after embedding ({}), \
-                 which new rows would lack; embed them into a new `embed.output.table`",
-                todo.len(),
-                images.added_columns().join(", ")
-            ),
-        });
-    }
+    let todo = work_list(cfg, &images, &rejects, mine, &mut summary).await?;
     progress
         .shards_todo
         .store(todo.len() as u64, Ordering::Relaxed);
@@ -779,6 +735,92 @@ pub async fn embed(
         progress: progress.clone(),
     });
 
+    run_shards(&stage, todo, cfg.pipeline.shards_in_flight, &mut summary).await;
+    let decode_busy_ns = stage.decode_busy_ns.load(Ordering::Relaxed);
+    drop(stage); // closes the model channel
+    model_thread
+        .join()
+        .map_err(|_| IndexerError::Internal("CLIP thread panicked".into()))?;
+    summary.elapsed_s = started.elapsed().as_secs_f64();
+    summary.decode_busy_s = decode_busy_ns as f64 / 1e9;
+    summary.model_busy_s = model_busy.load(Ordering::Relaxed) as f64 / 1e9;
+    summary.peak_rss_mib = peak_rss_mib();
+    Ok(summary)
+}
+
+/// Refuses settings no run can use, naming the key.
+fn check_settings(cfg: &EmbedConfig) -> Result<()> {
+    let refuse = |key: &str, reason: String| {
+        Err(IndexerError::Config {
+            key: key.into(),
+            reason,
+        })
+    };
+    if cfg.clip.batch_size == 0 {
+        return refuse("embed.clip.batch_size", "must be at least 1".into());
+    }
+    if cfg.output.image_size_px == 0 {
+        return refuse("embed.output.image_size_px", "must be at least 1".into());
+    }
+    if !(1..=100).contains(&cfg.output.jpeg_quality) {
+        let q = cfg.output.jpeg_quality;
+        return refuse(
+            "embed.output.jpeg_quality",
+            format!("{q} is not in 1..=100"),
+        );
+    }
+    Ok(())
+}
+
+/// The shards this run embeds, of this worker's `mine`: those not yet committed, or with
+/// `--retry-rejects` the retries of their open rejects (each shard with its [`RetryPlan`]).
+/// Counts the assigned, skipped and not-retried in `summary`.
+async fn work_list(
+    cfg: &EmbedConfig,
+    images: &ShardedTable,
+    rejects: &ShardedTable,
+    mine: Vec<Shard>,
+    summary: &mut EmbedSummary,
+) -> Result<Vec<(Shard, Option<RetryPlan>)>> {
+    let todo: Vec<(Shard, Option<RetryPlan>)> = if cfg.retry_rejects {
+        let (plans, not_retried) = crate::retry::plan(images, rejects, mine).await?;
+        summary.shards_assigned = plans.len();
+        summary.rejects_not_retried = not_retried;
+        summary.retry_rejects = true;
+        plans
+            .into_iter()
+            .filter(|(_, p)| !images.is_committed(&p.id))
+            .map(|(s, p)| (s, Some(p)))
+            .collect()
+    } else {
+        mine.into_iter()
+            .filter(|s| !images.is_committed(s.id.as_str()))
+            .map(|s| (s, None))
+            .collect()
+    };
+    summary.shards_skipped = summary.shards_assigned - todo.len();
+    if !todo.is_empty() && !images.added_columns().is_empty() {
+        return Err(IndexerError::SchemaMismatch {
+            table: cfg.output.table.clone(),
+            detail: format!(
+                "{} shards are new, but the table has columns added after embedding ({}), \
+                 which new rows would lack; embed them into a new `embed.output.table`",
+                todo.len(),
+                images.added_columns().join(", ")
+            ),
+        });
+    }
+    Ok(todo)
+}
+
+/// Embeds and commits `todo`, `in_flight` shards at a time, into `summary`; stops starting
+/// shards at the first that finds its output unwritable.
+async fn run_shards(
+    stage: &Arc<Stage>,
+    todo: Vec<(Shard, Option<RetryPlan>)>,
+    in_flight: usize,
+    summary: &mut EmbedSummary,
+) {
     let mut results = futures::stream::iter(todo)
         .map(|(shard, retry)| {
             let stage = stage.clone();
@@ -797,24 +839,10 @@ pub async fn embed(
                 (id, out)
             }
         })
-        .buffer_unordered(cfg.pipeline.shards_in_flight.max(1));
+        .buffer_unordered(in_flight.max(1));
     while let Some((shard, outcome)) = results.next().await {
         match outcome {
-            Ok(ShardOutcome::Committed { ok, rejects }) => {
-                summary.shards_committed += 1;
-                summary.images_ok += ok;
-                for r in rejects {
-                    *summary.rejected.entry(r.code.clone()).or_default() += 1;
-                    if summary.reject_examples.len() < 10 {
-                        summary.reject_examples.push((
-                            r.id,
-                            r.key,
-                            r.shard,
-                            format!("{}: {}", r.code, r.detail),
-                        ));
-                    }
-                }
-            }
+            Ok(ShardOutcome::Committed { ok, rejects }) => summary.committed(ok, rejects),
             Ok(ShardOutcome::Raced) => summary.shards_raced += 1,
             Err(e) => {
                 tracing::error!(shard = %shard, "shard failed: {e}");
@@ -828,16 +856,21 @@ pub async fn embed(
         }
     }
     drop(results);
-    let decode_busy_ns = stage.decode_busy_ns.load(Ordering::Relaxed);
-    drop(stage); // closes the model channel
-    model_thread
-        .join()
-        .map_err(|_| IndexerError::Internal("CLIP thread panicked".into()))?;
-    summary.elapsed_s = started.elapsed().as_secs_f64();
-    summary.decode_busy_s = decode_busy_ns as f64 / 1e9;
-    summary.model_busy_s = model_busy.load(Ordering::Relaxed) as f64 / 1e9;
-    summary.peak_rss_mib = peak_rss_mib();
-    Ok(summary)
+}
+
+impl EmbedSummary {
+    /// Counts a committed shard: `ok` rows and its `rejects` (a few kept as examples).
+    fn committed(&mut self, ok: u64, rejects: Vec<Reject>) {
+        self.shards_committed += 1;
+        self.images_ok += ok;
+        for r in rejects {
+            *self.rejected.entry(r.code.clone()).or_default() += 1;
+            if self.reject_examples.len() < 10 {
+                let why = format!("{}: {}", r.code, r.detail);
+                self.reject_examples.push((r.id, r.key, r.shard, why));
+            }
+        }
+    }
 }
 
 /// Reads, embeds and commits one shard.

@@ -810,16 +810,7 @@ pub async fn precompute_knn(
             summary.shards_committed += 1;
             summary.queries += rows;
             tracing::info!(shard = %name, rows, "shard committed");
-            for c in name_collisions(&source, twins).await? {
-                tracing::warn!(
-                    shard = %name,
-                    "id collision: distinct records share one 63-bit {c}. Nothing is merged \
-                     and nothing needs doing: both are rows, told apart by row address in the \
-                     kNN table and in training; only, neither is offered as the other's \
-                     neighbour"
-                );
-                summary.id_collisions.push(c);
-            }
+            report_collisions(&source, twins, &name, &mut summary).await?;
         } else {
             summary.shards_raced += 1;
             tracing::warn!(shard = %name, "shard was committed by another process meanwhile; this run's copy is discarded");
@@ -1047,12 +1038,14 @@ impl ShardOutput {
     }
 }
 
-/// The keys and shards of the rows behind each shared id, read from the embeddings table.
-async fn name_collisions(
+/// Warns of each id that more than one row of `shard` holds (`twins`, from
+/// [`ShardOutput::shared_ids`]), naming their keys and shards, and lists it in `summary`.
+async fn report_collisions(
     source: &VectorTable,
     twins: Vec<(u64, Vec<u64>)>,
-) -> Result<Vec<IdCollision>> {
-    let mut found = Vec::with_capacity(twins.len());
+    shard: &str,
+    summary: &mut KnnSummary,
+) -> Result<()> {
     for (id, addrs) in twins {
         let names = source.names_at(&addrs).await?;
         let rows = addrs
@@ -1064,9 +1057,17 @@ async fn name_collisions(
                 row_addr,
             })
             .collect();
-        found.push(IdCollision { id, rows });
+        let c = IdCollision { id, rows };
+        tracing::warn!(
+            shard,
+            "id collision: distinct records share one 63-bit {c}. Nothing is merged \
+             and nothing needs doing: both are rows, told apart by row address in the \
+             kNN table and in training; only, neither is offered as the other's \
+             neighbour"
+        );
+        summary.id_collisions.push(c);
     }
-    Ok(found)
+    Ok(())
 }
 
 fn search_device(search: &Search) -> Device {
