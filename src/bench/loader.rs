@@ -302,7 +302,7 @@ pub async fn probe(args: &BenchScaleLoaderProbeArgs) -> Result<()> {
                 let data = data.clone();
                 async move { build_batch(&data, &layout, &spec, m).await }
             },
-            start,
+            start..u64::MAX,
             args.prefetch,
         )
     };

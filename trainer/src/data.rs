@@ -774,14 +774,31 @@ pub async fn build_batch(
 
 /// Prefetches micro-batches on its own thread (with its own async runtime for Lance), a
 /// bounded number ahead. Every training loop uses it: `make(m)` builds micro-batch `m`.
+///
+/// It reads only the micro-batches the run will use (`batches`), and dropping it waits for
+/// its thread to stop (after the batch in hand, at most), so no batch is still being built
+/// with libtorch while the process exits: a run that resumes at its last step, or ends,
+/// leaves nothing behind.
 pub struct Loader<B = Batch> {
     rx: Receiver<Result<B>>,
+    thread: Option<std::thread::JoinHandle<()>>,
     waited: Duration,
 }
 
+impl<B> Drop for Loader<B> {
+    fn drop(&mut self) {
+        // Closing the channel makes the thread's next send fail, which stops it.
+        let (_, closed) = sync_channel(1);
+        drop(std::mem::replace(&mut self.rx, closed));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 impl<B: Send + 'static> Loader<B> {
-    /// Starts reading at micro-batch `start`, `depth` batches ahead.
-    pub fn start<F, Fut>(make: F, start: u64, depth: usize) -> Result<Self>
+    /// Reads the micro-batches `batches` in order, `depth` batches ahead.
+    pub fn start<F, Fut>(make: F, batches: std::ops::Range<u64>, depth: usize) -> Result<Self>
     where
         F: Fn(u64) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<B>>,
@@ -793,10 +810,10 @@ impl<B: Send + 'static> Loader<B> {
             .thread_name("knn-loader-io")
             .build()
             .map_err(|e| TrainerError::Loader(format!("cannot start its runtime: {e}")))?;
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("knn-loader".into())
             .spawn(move || {
-                for m in start.. {
+                for m in batches {
                     let batch = rt.block_on(make(m));
                     let failed = batch.is_err();
                     // The trainer dropped the loader: stop.
@@ -808,6 +825,7 @@ impl<B: Send + 'static> Loader<B> {
             .map_err(|e| TrainerError::Loader(format!("cannot start its thread: {e}")))?;
         Ok(Self {
             rx,
+            thread: Some(thread),
             waited: Duration::ZERO,
         })
     }
@@ -904,5 +922,46 @@ mod tests {
             }
         );
         assert!(DataLayout::new(7, 4, 0, 2).is_err());
+    }
+
+    #[test]
+    fn the_loader_reads_only_its_range_and_dropping_it_waits_for_the_batch_in_hand() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let mut loader = Loader::start(|m| async move { Ok(m) }, 3..5, 4).unwrap();
+        assert_eq!(loader.next_batch().unwrap(), 3);
+        assert_eq!(loader.next_batch().unwrap(), 4);
+        let end = loader.next_batch().unwrap_err().to_string();
+        assert!(end.contains("its thread stopped"), "{end}");
+
+        // A slow batch is still being built when the loader is dropped: the drop returns
+        // only once it is done, and nothing after it is started.
+        let built = Arc::new(AtomicU64::new(0));
+        let counter = built.clone();
+        let loader = Loader::start(
+            move |m| {
+                let counter = counter.clone();
+                async move {
+                    std::thread::sleep(Duration::from_millis(300));
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    Ok(m)
+                }
+            },
+            0..u64::MAX,
+            1,
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        drop(loader);
+        let after_drop = built.load(Ordering::SeqCst);
+        assert!(
+            after_drop >= 1,
+            "the drop returned before the batch in hand was done"
+        );
+        std::thread::sleep(Duration::from_millis(700));
+        assert_eq!(
+            built.load(Ordering::SeqCst),
+            after_drop,
+            "the thread went on after the drop"
+        );
     }
 }

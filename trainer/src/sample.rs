@@ -86,19 +86,7 @@ pub async fn sample(
     clip: &ClipSettings,
     storage: &StorageConfig,
 ) -> Result<SampleSummary> {
-    if req.prompts.is_empty() {
-        return Err(TrainerError::config("--prompt", "give at least one prompt"));
-    }
-    if let Some(i) = req.prompts.iter().position(|p| p.trim().is_empty()) {
-        return Err(TrainerError::config(
-            "--prompt",
-            format!(
-                "prompt {} of {} is empty; give each --prompt some text",
-                i + 1,
-                req.prompts.len()
-            ),
-        ));
-    }
+    check_prompts(&req.prompts)?;
     let device = req
         .device
         .resolve()
@@ -138,18 +126,7 @@ pub async fn sample(
             ),
         ));
     }
-    let retriever = Retriever::open(&req.retrieval_db, storage).await?;
-    retriever.require_clip(&identity)?;
-    if retriever.dim() != unet.cond_dim {
-        return Err(TrainerError::BadTable {
-            table: req.retrieval_db.clone(),
-            detail: format!(
-                "holds {}-d embeddings, the model needs {}-d",
-                retriever.dim(),
-                unet.cond_dim
-            ),
-        });
-    }
+    let retriever = open_retriever(&req.retrieval_db, storage, &identity, unet.cond_dim).await?;
     let (n, d) = (req.prompts.len(), unet.cond_dim);
     let qv = Vec::<f32>::try_from(&q.to_device(Device::Cpu).view([-1]))?;
     let found = retrieve(&retriever, &qv, d, k, req.bucket.as_ref()).await?;
@@ -186,36 +163,22 @@ pub async fn sample(
     let secs = started.elapsed().as_secs_f64();
     write_grid(&images, reps, &req.out)?;
 
-    let nb_out = req.neighbours_out.clone().unwrap_or_else(|| {
-        let stem = req
-            .out
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or("samples");
-        req.out.with_file_name(format!("{stem}-neighbours.png"))
-    });
-    let side = unet.image_size_px;
-    let nb_imgs = table_images(&req.retrieval_db, storage, &found.ids, k.max(1), side).await?;
-    write_grid(&nb_imgs, k.max(1), &nb_out)?;
+    let nb_out = neighbours_grid(req, storage, &found.ids, k, unet.image_size_px).await?;
     let judge = match &req.judge {
         Some(settings) => {
-            let (judge, judge_id) = settings.load(storage, device).await?;
-            if judge_id == identity {
-                tracing::warn!(
-                    judge = %judge_id,
-                    "the judge CLIP is the CLIP the samples were conditioned on: its score is \
-                     not independent"
-                );
-            }
             let owner: Vec<usize> = (0..total).map(|i| i / reps).collect();
-            let report = judge_samples(&judge, &judge_id, &images, &req.prompts, &owner)?;
-            tracing::info!(
-                on_prompt = report.on_prompt,
-                clip_score = report.clip_score,
-                "judge CLIP: {:.0}% of the samples are nearest their own prompt",
-                100.0 * report.on_prompt
-            );
-            Some(report)
+            Some(
+                judge_images(
+                    settings,
+                    storage,
+                    device,
+                    &identity,
+                    &images,
+                    &req.prompts,
+                    &owner,
+                )
+                .await?,
+            )
         }
         None => None,
     };
@@ -229,6 +192,97 @@ pub async fn sample(
         neighbour_ids: found.ids,
         judge,
     })
+}
+
+/// Refuses no prompts, or an empty one, naming which.
+fn check_prompts(prompts: &[String]) -> Result<()> {
+    if prompts.is_empty() {
+        return Err(TrainerError::config("--prompt", "give at least one prompt"));
+    }
+    if let Some(i) = prompts.iter().position(|p| p.trim().is_empty()) {
+        return Err(TrainerError::config(
+            "--prompt",
+            format!(
+                "prompt {} of {} is empty; give each --prompt some text",
+                i + 1,
+                prompts.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The retrieval table `table`, checked against the prompts' CLIP (`identity`) and the
+/// model's condition width.
+async fn open_retriever(
+    table: &str,
+    storage: &StorageConfig,
+    identity: &str,
+    cond_dim: usize,
+) -> Result<Retriever> {
+    let retriever = Retriever::open(table, storage).await?;
+    retriever.require_clip(identity)?;
+    if retriever.dim() != cond_dim {
+        return Err(TrainerError::BadTable {
+            table: table.to_string(),
+            detail: format!(
+                "holds {}-d embeddings, the model needs {}-d",
+                retriever.dim(),
+                cond_dim
+            ),
+        });
+    }
+    Ok(retriever)
+}
+
+/// Writes the grid of each prompt's `k` retrieved neighbours (`ids`, from the retrieval
+/// table): at `--neighbours-out`, or beside the samples' grid. Returns where.
+async fn neighbours_grid(
+    req: &SampleRequest,
+    storage: &StorageConfig,
+    ids: &[Vec<u64>],
+    k: usize,
+    side: usize,
+) -> Result<PathBuf> {
+    let nb_out = req.neighbours_out.clone().unwrap_or_else(|| {
+        let stem = req
+            .out
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("samples");
+        req.out.with_file_name(format!("{stem}-neighbours.png"))
+    });
+    let nb_imgs = table_images(&req.retrieval_db, storage, ids, k.max(1), side).await?;
+    write_grid(&nb_imgs, k.max(1), &nb_out)?;
+    Ok(nb_out)
+}
+
+/// Scores `images` (image i made for prompt `owner[i]`) with the judge CLIP.
+async fn judge_images(
+    settings: &ClipSettings,
+    storage: &StorageConfig,
+    device: Device,
+    identity: &str,
+    images: &Tensor,
+    prompts: &[String],
+    owner: &[usize],
+) -> Result<JudgeReport> {
+    let (judge, judge_id) = settings.load(storage, device).await?;
+    if judge_id == *identity {
+        tracing::warn!(
+            judge = %judge_id,
+            "the judge CLIP is the CLIP the samples were conditioned on: its score is \
+             not independent"
+        );
+    }
+    let report = judge_samples(&judge, &judge_id, images, prompts, owner)?;
+    tracing::info!(
+        on_prompt = report.on_prompt,
+        clip_score = report.clip_score,
+        "judge CLIP: {:.0}% of the samples are nearest their own prompt",
+        100.0 * report.on_prompt
+    );
+    Ok(report)
 }
 
 /// The neighbours retrieved for each of a set of queries, best first.

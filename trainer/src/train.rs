@@ -84,22 +84,7 @@ pub async fn train(
     let resumed_from = run.resume().await?;
     let grid = run.holdout_grid().await?;
     let accum = cfg.grad_accum as u64;
-    let spec = SampleSpec {
-        seed: cfg.seed,
-        timesteps: cfg.diffusion.timesteps,
-        cond_drop_prob: cfg.cond_drop_prob,
-        flip: cfg.data.flip,
-        knn_dropout: cfg.data.knn_dropout,
-    };
-    let (data, layout) = (run.data.clone(), run.layout);
-    let mut loader = Loader::start(
-        move |m| {
-            let data = data.clone();
-            async move { build_batch(&data, &layout, &spec, m).await }
-        },
-        run.step * accum,
-        cfg.data.prefetch_batches,
-    )?;
+    let mut loader = run.start_loader()?;
     let out_dir = PathBuf::from(&cfg.output_dir);
     std::fs::create_dir_all(&out_dir).map_err(|e| TrainerError::io(&out_dir, e))?;
     let primary = run.dp.is_primary();
@@ -228,6 +213,27 @@ struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
+    /// The data loader, reading ahead the micro-batches from the current step to the last.
+    fn start_loader(&self) -> Result<Loader> {
+        let cfg = self.cfg;
+        let spec = SampleSpec {
+            seed: cfg.seed,
+            timesteps: cfg.diffusion.timesteps,
+            cond_drop_prob: cfg.cond_drop_prob,
+            flip: cfg.data.flip,
+            knn_dropout: cfg.data.knn_dropout,
+        };
+        let (data, layout) = (self.data.clone(), self.layout);
+        Loader::start(
+            move |m| {
+                let data = data.clone();
+                async move { build_batch(&data, &layout, &spec, m).await }
+            },
+            self.step * cfg.grad_accum as u64..cfg.max_steps * cfg.grad_accum as u64,
+            cfg.data.prefetch_batches,
+        )
+    }
+
     /// Device and precision, the process group, the tables, a fresh model and optimiser,
     /// and the checkpoint store.
     async fn set_up(

@@ -440,7 +440,7 @@ fn start_loader(
                 load_batch(&rows, &offsets, &tokenizer, &processor, Some(&augs)).await
             }
         },
-        step,
+        step..cfg.max_steps,
         cfg.data.prefetch_batches,
     )
 }
