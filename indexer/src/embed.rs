@@ -318,6 +318,19 @@ pub struct EmbedSummary {
 }
 
 impl EmbedSummary {
+    /// Counts a committed shard: `ok` rows and its `rejects` (a few kept as examples).
+    fn committed(&mut self, ok: u64, rejects: Vec<Reject>) {
+        self.shards_committed += 1;
+        self.images_ok += ok;
+        for r in rejects {
+            *self.rejected.entry(r.code.clone()).or_default() += 1;
+            if self.reject_examples.len() < 10 {
+                let why = format!("{}: {}", r.code, r.detail);
+                self.reject_examples.push((r.id, r.key, r.shard, why));
+            }
+        }
+    }
+
     /// Records rejected in all.
     pub fn rejected_total(&self) -> u64 {
         self.rejected.values().sum()
@@ -852,22 +865,6 @@ async fn run_shards(
                     summary.stopped = Some(e.to_string());
                     break;
                 }
-            }
-        }
-    }
-    drop(results);
-}
-
-impl EmbedSummary {
-    /// Counts a committed shard: `ok` rows and its `rejects` (a few kept as examples).
-    fn committed(&mut self, ok: u64, rejects: Vec<Reject>) {
-        self.shards_committed += 1;
-        self.images_ok += ok;
-        for r in rejects {
-            *self.rejected.entry(r.code.clone()).or_default() += 1;
-            if self.reject_examples.len() < 10 {
-                let why = format!("{}: {}", r.code, r.detail);
-                self.reject_examples.push((r.id, r.key, r.shard, why));
             }
         }
     }
