@@ -1,6 +1,8 @@
 //! Command-line flags (clap types only; turned into validated config in `config.rs`).
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+// A job file's stage is the subcommand it runs: one spelling of each name.
+use knn_cluster::job::Stage;
 use std::path::PathBuf;
 
 /// Train text-to-image diffusion models from image-only data (KNN-Diffusion).
@@ -38,14 +40,17 @@ pub enum Command {
     /// (id, key, shard, image, width, height, emb) to a Lance table. Bad records go to a
     /// rejects table with a reason. Resumable: a rerun skips committed shards, and no shard
     /// is ever committed twice, even by two workers given the same shard.
+    #[command(name = Stage::Embed.command())]
     Embed(EmbedRunArgs),
     /// Build a Lance vector index (IVF_PQ, or IVF_HNSW_SQ) on the embeddings table's `emb`
     /// column, for the retriever used at sampling. Parameters default from the table size.
+    #[command(name = Stage::BuildIndex.command())]
     BuildIndex(ConfigArgs),
     /// For every row of the embeddings table, find its k nearest other rows (cosine) and write
     /// `id, knn_ids, knn_sims` to a Lance table. Batched IVF search with a recall-calibrated
     /// number of probes; sharded by id range over workers; resumable, exactly once per
     /// shard; pinned to one version of the embeddings table.
+    #[command(name = Stage::PrecomputeKnn.command())]
     PrecomputeKnn(EmbedArgs),
     /// Add a score column to an embeddings table that has none (`[score]`: `column`, default
     /// `score`), for score-bucket sampling. The scorer is a documented proxy, Hasler &
@@ -71,6 +76,7 @@ pub enum Command {
     /// `train.cond_drop_prob` for classifier-free guidance). Writes metrics.jsonl, sample
     /// grids and checkpoints under `train.output_dir`; rerun the same command to resume from
     /// the newest valid checkpoint (a corrupted one is skipped with a warning).
+    #[command(name = Stage::Train.command())]
     Train(TrainArgs),
     /// Train the project's own CLIP on captioned shards (img2dataset parquet with a caption
     /// column, or WebDataset with .txt): a ViT image tower and a causal text transformer,
@@ -92,6 +98,7 @@ pub enum Command {
     /// output distribution without retraining), then the model samples with classifier-free
     /// guidance. Writes a grid of samples (a row per prompt) and a grid of the retrieved
     /// neighbours' images.
+    #[command(name = Stage::Sample.command())]
     Sample(Box<SampleArgs>),
     /// Measure whether kNN conditioning does what the paper claims, in one command: per
     /// seed it trains a kNN model (k = 20, neighbour-count dropout) and a no-kNN model under

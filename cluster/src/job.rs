@@ -8,9 +8,11 @@
 //! `nodes x tasks_per_node` ranks (`srun`, one pod per node running `launch`); build-index
 //! and sample run once.
 
+use crate::kubernetes::{self as kube, Object};
 use crate::rendezvous::DEFAULT_MASTER_PORT;
 use crate::ClusterError;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -439,24 +441,71 @@ impl Job {
         o
     }
 
-    /// The Kubernetes manifest: a ConfigMap with the stage config, a headless Service for
-    /// rendezvous (training), and an Indexed Job. Credentials in the config's `[storage]`
-    /// are left out of the ConfigMap; the pods get them from `kubernetes.env_secret`, which
-    /// must then be set.
+    /// The Kubernetes manifest: the stage config as a ConfigMap (credentials left out: the
+    /// pods read them from `kubernetes.env_secret`), for training a headless Service that
+    /// names rank 0, and an Indexed Job with a pod per worker (sharded stages) or per node.
     pub fn kubernetes_manifest(&self, stage_config_text: &str) -> Result<String, ClusterError> {
-        let c = &self.cfg;
-        let k = &c.kubernetes;
-        let r = &c.resources;
+        let k = &self.cfg.kubernetes;
         let image = k.image.as_deref().ok_or_else(|| ClusterError::InvalidJob {
             file: self.file.display().to_string(),
             key: "kubernetes.image",
             reason: "set the container image that holds knn-diffusion".into(),
         })?;
-        let name = &c.job.name;
+        let (config_text, secrets) = without_secrets(stage_config_text);
+        if let (Some(first), None) = (secrets.first(), &k.env_secret) {
+            return Err(ClusterError::InvalidJob {
+                file: self.file.display().to_string(),
+                key: "kubernetes.env_secret",
+                reason: format!(
+                    "the stage config sets `storage.{first}`, and a ConfigMap is not secret: \
+                     put it in a Kubernetes Secret (as KNN_STORAGE__{} or the store's own \
+                     variable, e.g. AWS_SECRET_ACCESS_KEY) and name that Secret here",
+                    first.to_uppercase()
+                ),
+            });
+        }
+        let name = &self.cfg.job.name;
         let ns = k.namespace.as_deref().unwrap_or("default");
-        let q = |v: &str| serde_json::to_string(v).expect("strings serialise");
+        let data = BTreeMap::from([("config.toml".to_string(), config_text)]);
+        let config_map = kube::ConfigMapBody { data };
+        let config_map = Object::new("v1", "ConfigMap", &format!("{name}-config"), ns, config_map);
+        let rendered = format!(
+            "Rendered by `knn-diffusion submit {}`: stage {}.",
+            self.file.display(),
+            self.stage().command()
+        );
+        let mut docs = vec![(vec![rendered], kube::to_yaml(&config_map))];
+        if self.stage() == Stage::Train {
+            let service = kube::ServiceBody {
+                spec: kube::ServiceSpec {
+                    cluster_ip: "None",
+                    selector: BTreeMap::from([("job-name".to_string(), name.clone())]),
+                    ports: vec![kube::ServicePort {
+                        name: "rendezvous".into(),
+                        port: DEFAULT_MASTER_PORT,
+                    }],
+                },
+            };
+            let headless = format!(
+                "Headless: pod <job>-<index> resolves as {name}-<index>.{name}, so rank 0 is \
+                 {name}-0.{name}."
+            );
+            let service = Object::new("v1", "Service", name, ns, service);
+            docs.push((vec![headless], kube::to_yaml(&service)));
+        }
+        let spec = self.kube_job_spec(image);
+        let job = Object::new("batch/v1", "Job", name, ns, kube::JobBody { spec });
+        docs.push((vec![], kube::to_yaml(&job)));
+        Ok(kube::documents(&docs))
+    }
+
+    /// The Indexed Job: a pod per worker of a sharded stage or per node of training (whose
+    /// `launch` starts the node's ranks), else one; its container runs the stage on the
+    /// mounted config.
+    fn kube_job_spec(&self, image: &str) -> kube::JobSpec {
+        let (c, k, r) = (&self.cfg, &self.cfg.kubernetes, &self.cfg.resources);
+        let name = &c.job.name;
         let mount = "/etc/knn-diffusion";
-        let cfg_path = format!("{mount}/config.toml");
         let train = self.stage() == Stage::Train;
         let pods = match self.stage() {
             s if s.is_sharded() => self.processes(),
@@ -483,9 +532,15 @@ impl Job {
                 .map(String::from),
             );
         }
-        args.extend(self.stage_args(&cfg_path));
+        args.extend(self.stage_args(&format!("{mount}/config.toml")));
         if self.stage().is_sharded() {
             args.extend(["--workers".to_string(), pods.to_string()]);
+        }
+        if train {
+            // SIGTERM reaches `launch` (the container's PID 1), which passes it to the ranks;
+            // they checkpoint and exit 143, so the Job recreates the pod (podFailurePolicy
+            // does not count it as a failure) and the new pod resumes.
+            args.extend(["--stopped-exit-code".to_string(), "143".to_string()]);
         }
         let gpus = if self.stage().is_sharded() {
             c.tasks_gpus()
@@ -493,113 +548,81 @@ impl Job {
             r.gpus_per_node
         };
         let cpus = r.cpus_per_task * if train { c.tasks_per_node() } else { 1 };
-
-        let mut o = String::new();
-        let _ = writeln!(
-            o,
-            "# Rendered by `knn-diffusion submit {}`: stage {}.",
-            self.file.display(),
-            self.stage().command()
-        );
-        let (config_text, secrets) = without_secrets(stage_config_text);
-        if let (Some(first), None) = (secrets.first(), &k.env_secret) {
-            return Err(ClusterError::InvalidJob {
-                file: self.file.display().to_string(),
-                key: "kubernetes.env_secret",
-                reason: format!(
-                    "the stage config sets `storage.{first}`, and a ConfigMap is not secret: \
-                     put it in a Kubernetes Secret (as KNN_STORAGE__{} or the store's own \
-                     variable, e.g. AWS_SECRET_ACCESS_KEY) and name that Secret here",
-                    first.to_uppercase()
-                ),
-            });
-        }
-        let _ = writeln!(o, "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}-config\n  namespace: {ns}\ndata:\n  config.toml: |");
-        for line in config_text.lines() {
-            let _ = writeln!(o, "    {line}");
-        }
-        if train {
-            let _ = writeln!(o, "---\n# Headless: pod <job>-<index> resolves as {name}-<index>.{name}, so rank 0 is {name}-0.{name}.");
-            let _ = writeln!(o, "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  clusterIP: None\n  selector:\n    job-name: {name}\n  ports:\n    - name: rendezvous\n      port: {DEFAULT_MASTER_PORT}");
-        }
-        let _ = writeln!(o, "---\napiVersion: batch/v1\nkind: Job\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:");
-        let _ = writeln!(o, "  completionMode: Indexed\n  completions: {pods}\n  parallelism: {pods}\n  backoffLimit: {}", k.backoff_limit);
-        if let Some(t) = r.time_limit.as_deref().and_then(parse_time_s) {
-            let _ = writeln!(o, "  activeDeadlineSeconds: {t}");
-        }
-        if train {
-            let _ = writeln!(o, "  podFailurePolicy:\n    rules:\n      - action: Ignore\n        onExitCodes:\n          containerName: train\n          operator: In\n          values: [143]");
-        }
-        let _ = writeln!(o, "  template:\n    metadata:\n      labels:\n        job-name: {name}\n    spec:\n      restartPolicy: Never");
-        if train {
-            let _ = writeln!(o, "      subdomain: {name}");
-        }
-        let _ = writeln!(
-            o,
-            "      terminationGracePeriodSeconds: {}",
-            k.termination_grace_s
-        );
-        if let Some(sa) = &k.service_account {
-            let _ = writeln!(o, "      serviceAccountName: {sa}");
-        }
-        let _ = writeln!(
-            o,
-            "      containers:\n        - name: {}\n          image: {}",
-            c.job.stage.command(),
-            q(image)
-        );
-        if train {
-            // SIGTERM reaches `launch` (the container's PID 1), which passes it to the ranks;
-            // they checkpoint and exit 143, so the Job recreates the pod (podFailurePolicy
-            // does not count it as a failure) and the new pod resumes.
-            args.extend(["--stopped-exit-code".to_string(), "143".to_string()]);
-        }
-        let _ = writeln!(o, "          command: [\"knn-diffusion\"]");
-        let _ = writeln!(
-            o,
-            "          args: [{}]",
-            args.iter().map(|a| q(a)).collect::<Vec<_>>().join(", ")
-        );
-        let _ = writeln!(
-            o,
-            "          env:\n            - name: OMP_NUM_THREADS\n              value: \"{}\"",
-            r.cpus_per_task
-        );
-        if let Some(secret) = &k.env_secret {
-            let _ = writeln!(
-                o,
-                "          envFrom:\n            - secretRef:\n                name: {secret}"
-            );
-        }
-        let _ = writeln!(
-            o,
-            "          resources:\n            limits:\n              cpu: \"{cpus}\""
-        );
+        let mut limits = BTreeMap::from([("cpu".to_string(), cpus.to_string())]);
         if let Some(m) = &r.memory {
-            let _ = writeln!(o, "              memory: {}", q(&kube_memory(m)));
+            limits.insert("memory".into(), kube_memory(m));
         }
         if gpus > 0 {
-            let _ = writeln!(o, "              nvidia.com/gpu: {gpus}");
+            limits.insert("nvidia.com/gpu".into(), gpus.to_string());
         }
-        let _ = writeln!(
-            o,
-            "          volumeMounts:\n            - name: config\n              mountPath: {mount}"
-        );
+        let volume = |name: &str, mount_path: &str| kube::VolumeMount {
+            name: name.into(),
+            mount_path: mount_path.into(),
+        };
+        let mut volume_mounts = vec![volume("config", mount)];
+        let mut volumes = vec![kube::Volume {
+            name: "config".into(),
+            source: kube::VolumeSource::ConfigMap {
+                name: format!("{name}-config"),
+            },
+        }];
         if train {
             // NCCL needs more shared memory than a container's default 64 MiB.
-            let _ = writeln!(
-                o,
-                "            - name: shm\n              mountPath: /dev/shm"
-            );
+            volume_mounts.push(volume("shm", "/dev/shm"));
+            volumes.push(kube::Volume {
+                name: "shm".into(),
+                source: kube::VolumeSource::EmptyDir { medium: "Memory" },
+            });
         }
-        let _ = writeln!(o, "      volumes:\n        - name: config\n          configMap:\n            name: {name}-config");
-        if train {
-            let _ = writeln!(
-                o,
-                "        - name: shm\n          emptyDir:\n            medium: Memory"
-            );
+        let container = kube::Container {
+            name: c.job.stage.command().to_string(),
+            image: image.to_string(),
+            command: vec!["knn-diffusion".into()],
+            args,
+            env: vec![kube::EnvVar {
+                name: "OMP_NUM_THREADS".into(),
+                value: r.cpus_per_task.to_string(),
+            }],
+            env_from: k
+                .env_secret
+                .iter()
+                .map(|s| kube::EnvFromSource {
+                    secret_ref: kube::SecretRef { name: s.clone() },
+                })
+                .collect(),
+            resources: kube::ResourceRequirements { limits },
+            volume_mounts,
+        };
+        kube::JobSpec {
+            completion_mode: "Indexed",
+            completions: pods,
+            parallelism: pods,
+            backoff_limit: k.backoff_limit,
+            active_deadline_seconds: r.time_limit.as_deref().and_then(parse_time_s),
+            pod_failure_policy: train.then(|| kube::PodFailurePolicy {
+                rules: vec![kube::PodFailurePolicyRule {
+                    action: "Ignore",
+                    on_exit_codes: kube::OnExitCodes {
+                        container_name: c.job.stage.command().to_string(),
+                        operator: "In",
+                        values: vec![143],
+                    },
+                }],
+            }),
+            template: kube::PodTemplateSpec {
+                metadata: kube::PodMeta {
+                    labels: BTreeMap::from([("job-name".to_string(), name.clone())]),
+                },
+                spec: kube::PodSpec {
+                    restart_policy: "Never",
+                    subdomain: train.then(|| name.clone()),
+                    termination_grace_period_seconds: k.termination_grace_s,
+                    service_account_name: k.service_account.clone(),
+                    containers: vec![container],
+                    volumes,
+                },
+            },
         }
-        Ok(o)
     }
 }
 
@@ -725,6 +748,50 @@ mod tests {
         assert_eq!(sh("a b"), "'a b'");
         assert_eq!(sh("it's"), "'it'\\''s'");
         assert_eq!(kube_memory("64G"), "64Gi");
+    }
+
+    #[test]
+    fn the_kubernetes_manifest_reads_back_as_the_objects_it_was_built_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("job.toml");
+        std::fs::write(dir.path().join("stage.toml"), "").unwrap();
+        let cfg: JobConfig = serde_json::from_value(serde_json::json!({
+            "job": {"name": "t", "stage": "train", "config": "stage.toml"},
+            "resources": {"nodes": 2, "gpus_per_node": 4, "memory": "64G"},
+            "kubernetes": {"image": "img:1", "env_secret": "creds"},
+        }))
+        .unwrap();
+        let job = Job::new(&file, cfg, dir.path(), "/bin/knn".into()).unwrap();
+        // A tab, trailing spaces, a quote and a credential: the copy must come back exact.
+        let text = "[train]\n\tk = 10   \nname = \"it's: #1\"\n[storage]\nsecret_access_key = \"s\"\n";
+        let yaml = job.kubernetes_manifest(text).unwrap();
+        let docs: Vec<yaml_serde::Value> = yaml_serde::Deserializer::from_str(&yaml)
+            .map(|d| yaml_serde::Value::deserialize(d).unwrap())
+            .collect();
+        let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["ConfigMap", "Service", "Job"]);
+        assert_eq!(
+            docs[0]["data"]["config.toml"].as_str().unwrap(),
+            without_secrets(text).0,
+            "{yaml}"
+        );
+        assert_eq!(docs[1]["spec"]["clusterIP"].as_str(), Some("None"));
+        let spec = &docs[2]["spec"];
+        assert_eq!(spec["completions"].as_u64(), Some(2), "one pod per node");
+        let pod = &spec["template"]["spec"];
+        assert_eq!(pod["subdomain"].as_str(), Some("t"));
+        let c = &pod["containers"][0];
+        let args: Vec<&str> = c["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert_eq!(args[..3], ["launch", "--nproc-per-node", "4"]);
+        assert_eq!(args[args.len() - 2..], ["--stopped-exit-code", "143"]);
+        assert_eq!(c["envFrom"][0]["secretRef"]["name"].as_str(), Some("creds"));
+        assert_eq!(c["resources"]["limits"]["memory"].as_str(), Some("64Gi"));
+        assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"].as_str(), Some("4"));
     }
 
     #[test]

@@ -18,6 +18,7 @@
 pub mod error;
 pub mod group;
 pub mod job;
+pub mod kubernetes;
 pub mod launch;
 pub mod rendezvous;
 pub mod ring;

@@ -35,6 +35,6 @@ pub use reader::{read_shard, shard_schema, ReaderOptions, TextColumn, UniqueIds}
 pub use record::{record_id, RawRecord};
 pub use secret::Secret;
 pub use shard::{assign_shards, list_shards, ListOptions, Refused, Shard, ShardFormat, ShardId};
-pub use split::SplitConfig;
+pub use split::{HoldoutFractionOutOfRange, SplitConfig};
 pub use store::{RetrySettings, SourceLocation, StorageConfig, TableMaintenance};
 pub use unwritable::Unwritable;

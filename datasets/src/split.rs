@@ -48,14 +48,17 @@ pub fn key_stem(key: &str) -> String {
     stem.to_lowercase()
 }
 
+/// A held-out fraction outside [0, 1): the one way [`SplitConfig::validate`] fails. Callers
+/// report it under their own config key.
+#[derive(Clone, Copy, Debug, PartialEq, thiserror::Error)]
+#[error("holdout_fraction = {0} must be in [0, 1) (0.05 holds out 5 % of keys)")]
+pub struct HoldoutFractionOutOfRange(pub f64);
+
 impl SplitConfig {
-    /// Checks the fraction; the error is the reason.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the fraction.
+    pub fn validate(&self) -> Result<(), HoldoutFractionOutOfRange> {
         if !(0.0..1.0).contains(&self.holdout_fraction) {
-            return Err(format!(
-                "holdout_fraction = {} must be in [0, 1) (0.05 holds out 5 % of keys)",
-                self.holdout_fraction
-            ));
+            return Err(HoldoutFractionOutOfRange(self.holdout_fraction));
         }
         Ok(())
     }

@@ -18,6 +18,16 @@ pub enum IndexerError {
     #[error("CLIP checkpoint `{path}`: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
 
+    /// A tokenizer failed to tokenize text or to be trained (`reason` is the `tokenizers`
+    /// crate's).
+    #[error("tokenizer: {reason}")]
+    Tokenizer { reason: String },
+
+    /// A `preprocessor_config.json` asks for something CLIPImageProcessor does not do, or is
+    /// not one.
+    #[error("preprocessor config: {reason}")]
+    ProcessorConfig { reason: String },
+
     /// A config value is out of range or inconsistent.
     #[error("config `{key}`: {reason}")]
     Config { key: String, reason: String },

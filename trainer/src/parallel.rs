@@ -102,7 +102,7 @@ impl DataParallel {
     ) -> Result<(Self, Option<AutocastDtype>)> {
         let device = choice
             .resolve()
-            .map_err(|reason| TrainerError::config(&format!("{section}.device"), reason))?;
+            .map_err(|e| TrainerError::config(&format!("{section}.device"), e.to_string()))?;
         let device = Self::rank_device(device, rdv);
         let reduced = precision.autocast(device, &format!("{section}.precision"))?;
         Ok((Self::join(rdv, cfg, device)?, reduced))

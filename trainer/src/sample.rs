@@ -90,7 +90,7 @@ pub async fn sample(
     let device = req
         .device
         .resolve()
-        .map_err(|reason| TrainerError::config("train.device", reason))?;
+        .map_err(|e| TrainerError::config("train.device", e.to_string()))?;
     let trained = TrainedModel::load(&req.checkpoint, storage, device, !req.raw_weights).await?;
     let unet = trained.model.unet.config().clone();
     let k = req.k.unwrap_or(unet.knn);

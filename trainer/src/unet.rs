@@ -624,6 +624,7 @@ pub fn parameter_count(vs: &nn::VarStore) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::TrainerError;
     use tch::Device;
 
     fn condition(b: i64, cfg: &UNetConfig) -> Condition {
@@ -679,14 +680,19 @@ mod tests {
     #[test]
     fn bad_shapes_name_the_key() {
         let mut cfg = UNetConfig::preset(UNetPreset::Small, 62, 8, 2);
-        let e = cfg.validate("train.model").unwrap_err().to_string();
+        let e = cfg.validate("train.model").unwrap_err();
         assert!(
-            e.contains("train.model.image_size_px") && e.contains("divisible by 4"),
+            matches!(&e, TrainerError::Config { key, reason }
+                if key == "train.model.image_size_px" && reason.contains("divisible by 4")),
             "{e}"
         );
         cfg.image_size_px = 64;
         cfg.attention_resolutions_px = vec![7];
-        let e = cfg.validate("train.model").unwrap_err().to_string();
-        assert!(e.contains("attention_resolutions_px"), "{e}");
+        let e = cfg.validate("train.model").unwrap_err();
+        assert!(
+            matches!(&e, TrainerError::Config { key, .. }
+                if key == "train.model.attention_resolutions_px"),
+            "{e}"
+        );
     }
 }

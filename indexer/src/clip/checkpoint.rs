@@ -96,8 +96,7 @@ impl ClipCheckpoint {
             ));
         }
         let processor = match std::fs::read_to_string(dir.join("preprocessor_config.json")) {
-            Ok(t) => ClipImageProcessor::from_json(&t)
-                .map_err(|e| bad(format!("preprocessor_config.json: {e}")))?,
+            Ok(t) => ClipImageProcessor::from_json(&t).map_err(|e| bad(e.to_string()))?,
             Err(_) => ClipImageProcessor::for_image_size(config.vision_config.image_size as u32),
         };
         Ok(Self {
@@ -170,10 +169,6 @@ impl ClipCheckpoint {
             pad_id as u32,
         )
         .map(Some)
-        .map_err(|reason| IndexerError::Checkpoint {
-            path: path.clone(),
-            reason,
-        })
     }
 }
 

@@ -75,8 +75,9 @@ impl ClipImageProcessor {
     }
 
     /// Parses `preprocessor_config.json` text.
-    pub fn from_json(text: &str) -> Result<Self, String> {
-        let raw: RawProcessorConfig = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    pub fn from_json(text: &str) -> crate::Result<Self> {
+        let bad = |reason: String| crate::IndexerError::ProcessorConfig { reason };
+        let raw: RawProcessorConfig = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
         let side = |v: &Value, keys: &[&str]| -> Option<u32> {
             if let Some(n) = v.as_u64() {
                 return Some(n as u32);
@@ -90,29 +91,30 @@ impl ClipImageProcessor {
             2 => Filter::Bilinear,
             3 => Filter::Bicubic,
             other => {
-                return Err(format!(
+                return Err(bad(format!(
                     "resample = {other} is not supported (use 1, 2 or 3)"
-                ))
+                )))
             }
         };
         let shortest_edge = if raw.do_resize {
             Some(
                 side(&raw.size, &["shortest_edge"])
-                    .ok_or("`size` must be a number or have `shortest_edge`")?,
+                    .ok_or_else(|| bad("`size` must be a number or have `shortest_edge`".into()))?,
             )
         } else {
             None
         };
         let crop = if raw.do_center_crop {
-            let w = side(&raw.crop_size, &["width"]).ok_or("`crop_size` needs a width")?;
+            let w = side(&raw.crop_size, &["width"])
+                .ok_or_else(|| bad("`crop_size` needs a width".into()))?;
             let h = side(&raw.crop_size, &["height"]).unwrap_or(w);
             Some((w, h))
         } else {
             None
         };
-        let three = |v: &[f32], name: &str| -> Result<[f32; 3], String> {
+        let three = |v: &[f32], name: &str| -> crate::Result<[f32; 3]> {
             v.try_into()
-                .map_err(|_| format!("`{name}` must have 3 values, has {}", v.len()))
+                .map_err(|_| bad(format!("`{name}` must have 3 values, has {}", v.len())))
         };
         Ok(Self {
             shortest_edge,
@@ -131,7 +133,7 @@ impl ClipImageProcessor {
     }
 
     /// `preprocessor_config.json` in HF's layout, as `CLIPImageProcessor` reads it.
-    pub fn to_json(&self) -> Result<String, String> {
+    pub fn to_json(&self) -> String {
         let resample = match self.filter {
             Filter::Lanczos => 1,
             Filter::Bilinear => 2,
@@ -153,7 +155,7 @@ impl ClipImageProcessor {
             "image_std": std,
             "do_convert_rgb": true,
         });
-        serde_json::to_string_pretty(&v).map_err(|e| e.to_string())
+        serde_json::to_string_pretty(&v).expect("a JSON value serialises")
     }
 
     /// Output (width, height) for an input of the given size.
@@ -240,7 +242,7 @@ mod tests {
         assert_eq!(p, ClipImageProcessor::for_image_size(224));
         let round = ClipImageProcessor::for_image_size(32);
         assert_eq!(
-            ClipImageProcessor::from_json(&round.to_json().unwrap()).unwrap(),
+            ClipImageProcessor::from_json(&round.to_json()).unwrap(),
             round
         );
         let old = r#"{"crop_size": 224, "size": 224, "resample": 3}"#;

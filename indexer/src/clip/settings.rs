@@ -122,17 +122,20 @@ impl Default for ClipSettings {
     }
 }
 
+/// `cuda` was asked for on a machine where libtorch sees no CUDA GPU: the one way
+/// [`DeviceChoice::resolve`] fails. Callers report it under their own config key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("`cuda` asked for but libtorch sees no CUDA GPU; use `auto` or `cpu`")]
+pub struct NoCudaDevice;
+
 impl DeviceChoice {
-    /// The device, checked against what this machine has; the error is the reason, for the
-    /// caller to report under its own config key.
-    pub fn resolve(self) -> std::result::Result<Device, String> {
+    /// The device, checked against what this machine has.
+    pub fn resolve(self) -> std::result::Result<Device, NoCudaDevice> {
         match self {
             DeviceChoice::Auto => Ok(Device::cuda_if_available()),
             DeviceChoice::Cpu => Ok(Device::Cpu),
             DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-            DeviceChoice::Cuda => {
-                Err("`cuda` asked for but libtorch sees no CUDA GPU; use `auto` or `cpu`".into())
-            }
+            DeviceChoice::Cuda => Err(NoCudaDevice),
         }
     }
 }
@@ -140,12 +143,10 @@ impl DeviceChoice {
 impl ClipSettings {
     /// The device to run on, checked against what this machine has.
     pub fn device(&self) -> Result<Device> {
-        self.device
-            .resolve()
-            .map_err(|reason| IndexerError::Config {
-                key: "embed.clip.device".into(),
-                reason,
-            })
+        self.device.resolve().map_err(|e| IndexerError::Config {
+            key: "embed.clip.device".into(),
+            reason: e.to_string(),
+        })
     }
 
     /// The tensor kind for `device`.

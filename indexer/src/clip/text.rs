@@ -10,10 +10,7 @@ impl LoadedClip {
     /// the random-weight CLIP byte tokens.
     pub fn tokenize(&self, texts: &[&str]) -> Result<Tensor> {
         match (&self.tokenizer, self.random) {
-            (Some(tok), _) => tok.encode(texts).map_err(|reason| IndexerError::Config {
-                key: "embed.clip.checkpoint".into(),
-                reason: format!("tokenizer.json: {reason}"),
-            }),
+            (Some(tok), _) => tok.encode(texts),
             (None, true) => Ok(self.byte_tokens(texts)),
             (None, false) => Err(IndexerError::Config {
                 key: "embed.clip.checkpoint".into(),

@@ -2,6 +2,7 @@
 //! `tokenizer.json`: the same library HF's `CLIPTokenizerFast` runs, padded and truncated to
 //! the model's context length with begin/end tokens kept.
 
+use crate::{IndexerError, Result};
 use std::path::Path;
 use tch::Tensor;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
@@ -21,9 +22,14 @@ impl std::fmt::Debug for ClipTokenizer {
 }
 
 impl ClipTokenizer {
-    /// Loads `tokenizer.json`; pads with `pad_id` to `context_length` tokens.
-    pub fn from_file(path: &Path, context_length: usize, pad_id: u32) -> Result<Self, String> {
-        let mut inner = Tokenizer::from_file(path).map_err(|e| e.to_string())?;
+    /// Loads `tokenizer.json`; pads with `pad_id` to `context_length` tokens. A file that
+    /// does not load is an [`IndexerError::Checkpoint`] naming it.
+    pub fn from_file(path: &Path, context_length: usize, pad_id: u32) -> Result<Self> {
+        let bad = |e: tokenizers::Error| IndexerError::Checkpoint {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let mut inner = Tokenizer::from_file(path).map_err(bad)?;
         let pad_token = inner
             .id_to_token(pad_id)
             .unwrap_or_else(|| "<pad>".to_string());
@@ -38,7 +44,7 @@ impl ClipTokenizer {
                 max_length: context_length,
                 ..Default::default()
             }))
-            .map_err(|e| e.to_string())?;
+            .map_err(bad)?;
         Ok(Self {
             inner,
             context_length,
@@ -51,11 +57,13 @@ impl ClipTokenizer {
     }
 
     /// Token ids `[texts, context_length]` (i64) for the text tower.
-    pub fn encode(&self, texts: &[&str]) -> Result<Tensor, String> {
-        let encodings = self
-            .inner
-            .encode_batch(texts.to_vec(), true)
-            .map_err(|e| e.to_string())?;
+    pub fn encode(&self, texts: &[&str]) -> Result<Tensor> {
+        let encodings =
+            self.inner
+                .encode_batch(texts.to_vec(), true)
+                .map_err(|e| IndexerError::Tokenizer {
+                    reason: e.to_string(),
+                })?;
         let ids: Vec<i64> = encodings
             .iter()
             .flat_map(|e| e.get_ids().iter().map(|&i| i as i64))
@@ -78,7 +86,7 @@ pub const PAD_TOKEN: (&str, u32) = ("<|pad|>", 2);
 pub fn train_bpe<'a>(
     texts: impl Iterator<Item = &'a str> + Send,
     vocab_size: usize,
-) -> Result<String, String> {
+) -> Result<String> {
     use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
     use tokenizers::models::TrainerWrapper;
     use tokenizers::normalizers::{Lowercase, Sequence, NFC};
@@ -86,6 +94,7 @@ pub fn train_bpe<'a>(
     use tokenizers::processors::template::TemplateProcessing;
     use tokenizers::AddedToken;
 
+    let fail = |reason: String| IndexerError::Tokenizer { reason };
     let specials = [BOS_TOKEN, EOS_TOKEN, PAD_TOKEN];
     let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
         .vocab_size(vocab_size)
@@ -102,13 +111,14 @@ pub fn train_bpe<'a>(
         .into();
     let mut tok = Tokenizer::new(BPE::default());
     tok.with_normalizer(Some(Sequence::new(vec![NFC.into(), Lowercase.into()])))
-        .map_err(|e| e.to_string())?
+        .map_err(|e| fail(e.to_string()))?
         .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
         .with_decoder(Some(ByteLevel::default()));
-    tok.train(&mut trainer, texts).map_err(|e| e.to_string())?;
+    tok.train(&mut trainer, texts)
+        .map_err(|e| fail(e.to_string()))?;
     for (t, id) in specials {
         if tok.token_to_id(t) != Some(id) {
-            return Err(format!("special token {t} did not get id {id}"));
+            return Err(fail(format!("special token {t} did not get id {id}")));
         }
     }
     let template = TemplateProcessing::builder()
@@ -120,9 +130,10 @@ pub fn train_bpe<'a>(
             ])
             .build()
             .map_err(|e| e.to_string())
-        })?;
+        })
+        .map_err(fail)?;
     tok.with_post_processor(Some(template));
-    tok.to_string(true).map_err(|e| e.to_string())
+    tok.to_string(true).map_err(|e| fail(e.to_string()))
 }
 
 #[cfg(test)]

@@ -721,9 +721,9 @@ pub async fn precompute_knn(
         .compute
         .device
         .resolve()
-        .map_err(|reason| IndexerError::Config {
+        .map_err(|e| IndexerError::Config {
             key: "knn.compute.device".into(),
-            reason,
+            reason: e.to_string(),
         })?;
     let prepared = prepare(cfg, storage, device).await?;
     let Prepared {

@@ -4,7 +4,7 @@
 use crate::images::{bomb_png, png, tar};
 use arrow_array::Array;
 use knn_datasets::StorageConfig;
-use knn_indexer::{embed, EmbedConfig, EmbedProgress, EmbedSummary};
+use knn_indexer::{embed, EmbedConfig, EmbedProgress, EmbedSummary, IndexerError};
 use lance::Dataset;
 use std::collections::HashSet;
 use std::io::Cursor;
@@ -641,12 +641,10 @@ async fn score_adds_a_colourfulness_column_once() {
         "{late}"
     );
 
-    let err = score(&cfg, &StorageConfig::default())
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = score(&cfg, &StorageConfig::default()).await.unwrap_err();
     assert!(
-        err.contains("score.column") && err.contains("already has a column `score`"),
+        matches!(&err, IndexerError::Config { key, reason }
+            if key == "score.column" && reason.contains("already has a column `score`")),
         "{err}"
     );
 }

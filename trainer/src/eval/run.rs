@@ -125,7 +125,7 @@ pub async fn eval(plan: &EvalPlan, storage: &StorageConfig) -> Result<EvalSummar
         .train
         .device
         .resolve()
-        .map_err(|reason| TrainerError::config("train.device", reason))?;
+        .map_err(|e| TrainerError::config("train.device", e.to_string()))?;
     let table = plan
         .train
         .data

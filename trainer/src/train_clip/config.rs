@@ -402,9 +402,9 @@ impl TrainClipConfig {
                 "a fraction of the side in (0, 1]",
             ));
         }
-        self.split()
-            .validate()
-            .map_err(|r| TrainerError::config("train_clip.split.holdout_fraction", r))?;
+        self.split().validate().map_err(|e| {
+            TrainerError::config("train_clip.split.holdout_fraction", e.to_string())
+        })?;
         self.model.resolve()?;
         self.optim.validate()
     }

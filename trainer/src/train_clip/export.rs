@@ -59,9 +59,7 @@ pub fn write_hf_dir(
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(|e| io(&staging, e))?;
     let config = serde_json::to_vec_pretty(&hf_config(cfg)).expect("config serialises");
-    let processor_json = processor
-        .to_json()
-        .map_err(|r| TrainerError::config("train_clip.model", r))?;
+    let processor_json = processor.to_json();
     let files: [(&str, Vec<u8>); 5] = [
         ("config.json", config),
         ("model.safetensors", to_safetensors(params)?),

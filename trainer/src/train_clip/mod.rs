@@ -120,90 +120,14 @@ pub async fn train_clip(
     progress: &mut dyn FnMut(&TrainProgress) -> ControlFlow<()>,
 ) -> Result<ClipTrainSummary> {
     cfg.validate()?;
-    let clip_cfg = cfg.model.resolve()?;
-    let (mut dp, reduced) = DataParallel::for_run(
-        cfg.device,
-        cfg.precision,
-        &cfg.distributed,
-        rdv,
-        "train_clip",
-    )?;
-    let device = dp.device();
-    let primary = dp.is_primary();
-    let out_dir = PathBuf::from(&cfg.output_dir);
-    std::fs::create_dir_all(&out_dir).map_err(|e| TrainerError::io(&out_dir, e))?;
-    let processor = ClipImageProcessor::for_image_size(clip_cfg.vision_config.image_size as u32);
-
-    let (prepare, rows, version) = open_captions(cfg, storage, &processor, &mut dp).await?;
-    let split = cfg.split();
-    let layout = data_layout(cfg, &rows, &dp)?;
-
-    let (tokenizer_json, tokenizer) = tokenizer(cfg, &clip_cfg, &rows, &mut dp).await?;
-    let tokenizer = Arc::new(tokenizer);
-    let tokenizer_sha: String = Sha256::digest(tokenizer_json.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-
-    tch::manual_seed(cfg.seed as i64);
-    let vs = nn::VarStore::new(device);
-    let model = ClipModel::new(vs.root(), &clip_cfg);
-    let params = named_parameters(&vs);
-    define_gradients(&params);
-    let n_params: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
-    tracing::info!(
-        parameters = n_params,
-        dim = clip_cfg.projection_dim,
-        device = ?device,
-        rank = dp.rank(),
-        world = dp.world(),
-        "CLIP with {:.2}M parameters",
-        n_params as f64 / 1e6
-    );
-    let mut opt = Optimiser::new(&params, &cfg.optim, reduced == Some(AutocastDtype::F16));
-    // Decay weight matrices only, as open_clip does.
-    opt.adamw = AdamW::new(&params).decay_only(&params, |name, t| {
-        t.dim() >= 2 && !name.contains("embedding")
-    });
-    let trajectory = Trajectory::of(&ClipTrajectory {
-        model: &clip_cfg,
-        optim: &cfg.optim,
-        seed: cfg.seed,
-        global_batch_size: cfg.batch_size * dp.world(),
-        split: &split,
-        captions_version: version,
-        rows: rows.rows(),
-        tokenizer_sha256: &tokenizer_sha,
-        caption_templates: &cfg.data.caption_templates,
-        random_crop_scale: cfg.data.random_crop_scale,
-        first_part_prob: cfg.data.first_part_prob,
-    });
-    let store = CheckpointStore::open(&cfg.checkpoint_url(), storage, cfg.checkpoint.keep_last)?;
-    let checkpoints = TrainingCheckpoints::new(store, trajectory);
-    let mut step = 0u64;
-    if let Some((state, location)) = checkpoints.resume(&mut dp, &params, &mut opt).await? {
-        if state.cursor != layout.cursor(state.step) {
-            return Err(TrainerError::Checkpoint {
-                location,
-                reason: format!(
-                    "its data cursor {:?} disagrees with step {}",
-                    state.cursor, state.step
-                ),
-            });
-        }
-        step = state.step;
-        tracing::info!(step, checkpoint = %location, "resuming");
-    }
-    let resumed_from = step;
-    let tensors: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
-    dp.broadcast(&tensors)?;
-
-    let side = clip_cfg.vision_config.image_size as u32;
-    let mut loader = start_loader(cfg, side, &rows, &tokenizer, &processor, layout, step)?;
-    let images_per_step = (cfg.batch_size * dp.world()) as u64;
+    let mut run = ClipRun::set_up(cfg, storage, rdv).await?;
+    let resumed_from = run.resume().await?;
+    let mut loader = run.start_loader()?;
+    let primary = run.dp.is_primary();
+    let images_per_step = (cfg.batch_size * run.dp.world()) as u64;
     let mut metrics = MetricsLog::open(
-        &out_dir.join("metrics.jsonl"),
-        step,
+        &run.out_dir.join("metrics.jsonl"),
+        run.step,
         primary,
         images_per_step,
     )?;
@@ -211,33 +135,20 @@ pub async fn train_clip(
     let (run_start, mut steps_run) = (Instant::now(), 0u64);
     let mut stopped = false;
     let mut cadence = SaveCadence::new(&cfg.checkpoint);
-    while step < cfg.max_steps {
+    while run.step < cfg.max_steps {
         let started = Instant::now();
-        let lr = cfg.optim.lr_at(step, cfg.max_steps);
-        zero_gradients(&params);
-        let batch = loader.next_batch()?;
-        let loss = contrastive_loss(&model, &batch, device, reduced, &mut dp)?;
-        (&loss * opt.loss_factor(1)).backward();
-        let local = f64::try_from(&loss)? / dp.world() as f64;
-        dp.average_gradients(&params)?;
-        let (grad_norm, _) = opt.step(&params, &cfg.optim, lr, step);
-        tch::no_grad(|| {
-            let _ = model
-                .logit_scale()
-                .shallow_clone()
-                .clamp_(0.0, loss::MAX_LOGIT_SCALE);
-        });
-        step += 1;
+        let done = run.optimiser_step(&mut loader)?;
         steps_run += 1;
+        let step = run.step;
         let asked = progress(&TrainProgress {
             step,
             max_steps: cfg.max_steps,
-            loss: local,
-            lr,
+            loss: done.loss,
+            lr: done.lr,
             images_per_s: images_per_step as f64 / started.elapsed().as_secs_f64().max(1e-9),
         })
         .is_break();
-        let agreed = dp.agree(local, asked, cadence.clock_due())?;
+        let agreed = run.dp.agree(done.loss, asked, cadence.clock_due())?;
         let (loss_all, stop) = (agreed.loss, agreed.stop);
         last_loss = loss_all;
         metrics.record(loss_all, loader.take_waited().as_secs_f64());
@@ -245,14 +156,13 @@ pub async fn train_clip(
             recent_losses.push(loss_all);
         }
         if step.is_multiple_of(cfg.log_every) || step == cfg.max_steps {
-            let scale = f64::try_from(model.logit_scale())?;
             metrics.write(
                 step,
                 serde_json::json!({
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "logit_scale": scale,
-                    "skipped_steps": opt.skipped_steps,
+                    "lr": done.lr,
+                    "grad_norm": done.grad_norm,
+                    "logit_scale": f64::try_from(run.model.logit_scale())?,
+                    "skipped_steps": run.opt.skipped_steps,
                 }),
             )?;
         }
@@ -261,25 +171,18 @@ pub async fn train_clip(
             cadence.saved();
         }
         if primary && at_checkpoint {
-            let at = SavePoint {
-                step,
-                cursor: layout.cursor(step),
-                seed: cfg.seed,
-                world_size: dp.world(),
-                recent_losses: std::mem::take(&mut recent_losses),
-            };
-            let location = checkpoints.save(at, &params, &opt).await?;
+            let location = run.save(std::mem::take(&mut recent_losses)).await?;
             tracing::info!(step, checkpoint = %location, "checkpoint written");
             last_ckpt = Some(location);
         }
         let at_eval =
             cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every) && step < cfg.max_steps;
         if primary && at_eval {
-            let e = evaluate(&model, &rows, &tokenizer, &processor, device).await?;
+            let e = run.evaluate().await?;
             tracing::info!(step, "held-out: {e}");
         }
         if at_checkpoint || at_eval {
-            dp.wait_for_primary()?;
+            run.dp.wait_for_primary()?;
         }
         if stop {
             tracing::info!(
@@ -292,46 +195,23 @@ pub async fn train_clip(
     }
     drop(loader);
     let elapsed = run_start.elapsed().as_secs_f64();
-
-    let (mut eval_result, mut export_dir) = (None, None);
-    if primary && !stopped {
-        let e = evaluate(&model, &rows, &tokenizer, &processor, device).await?;
-        tracing::info!("held-out after step {step}: {e}");
-        let path = out_dir.join("eval.json");
-        std::fs::write(
-            &path,
-            serde_json::to_vec_pretty(&e).expect("eval serialises"),
-        )
-        .map_err(|err| TrainerError::io(&path, err))?;
-        eval_result = Some(e);
-        let dir = cfg.export_dir();
-        let cpu: Vec<(String, Tensor)> = params
-            .iter()
-            .map(|(n, p)| (n.clone(), p.detach().to_device(Device::Cpu)))
-            .collect();
-        let means = modality_means(&model, &rows, &tokenizer, &processor, device).await?;
-        export::write_hf_dir(
-            Path::new(&dir),
-            &clip_cfg,
-            &cpu,
-            &tokenizer_json,
-            &processor,
-            &means,
-        )?;
-        tracing::info!(dir = %dir, "exported the CLIP as an HF directory");
-        export_dir = Some(dir);
-    }
-    dp.wait_for_primary()?;
+    let (eval, export_dir) = if primary && !stopped {
+        let (e, dir) = run.finish().await?;
+        (Some(e), Some(dir))
+    } else {
+        (None, None)
+    };
+    run.dp.wait_for_primary()?;
     Ok(ClipTrainSummary {
         resumed_from,
-        step,
-        parameters: n_params,
+        step: run.step,
+        parameters: run.n_params,
         last_loss,
-        temperature_inverse: f64::try_from(model.logit_scale())?.exp(),
-        train_rows: rows.train.len(),
-        holdout_rows: rows.holdout.len(),
-        prepare,
-        eval: eval_result,
+        temperature_inverse: f64::try_from(run.model.logit_scale())?.exp(),
+        train_rows: run.rows.train.len(),
+        holdout_rows: run.rows.holdout.len(),
+        prepare: run.prepare.clone(),
+        eval,
         export_dir,
         checkpoint: last_ckpt,
         step_time_s: elapsed / steps_run.max(1) as f64,
@@ -341,9 +221,287 @@ pub async fn train_clip(
             0.0
         },
         metrics: metrics.path().to_path_buf(),
-        rank: dp.rank(),
-        world_size: dp.world(),
+        rank: run.dp.rank(),
+        world_size: run.dp.world(),
     })
+}
+
+/// What one optimiser step did.
+struct StepDone {
+    /// This rank's share of the global batch's loss.
+    loss: f64,
+    /// Learning rate used.
+    lr: f64,
+    /// Gradient norm before clipping.
+    grad_norm: f64,
+}
+
+/// A `train-clip` run once set up: where it runs, its captions and tokenizer, the model and
+/// optimiser, its checkpoints, and the step it has reached.
+struct ClipRun<'a> {
+    cfg: &'a TrainClipConfig,
+    clip_cfg: ClipConfig,
+    device: Device,
+    reduced: Option<AutocastDtype>,
+    dp: DataParallel,
+    out_dir: PathBuf,
+    prepare: PrepareSummary,
+    rows: Arc<CaptionRows>,
+    layout: DataLayout,
+    processor: ClipImageProcessor,
+    tokenizer_json: String,
+    tokenizer: Arc<ClipTokenizer>,
+    model: ClipModel,
+    params: Vec<(String, Tensor)>,
+    n_params: i64,
+    opt: Optimiser,
+    checkpoints: TrainingCheckpoints,
+    step: u64,
+}
+
+impl<'a> ClipRun<'a> {
+    /// Device and precision, the process group, the captions table and tokenizer, a fresh
+    /// model and optimiser, and the checkpoint store.
+    async fn set_up(
+        cfg: &'a TrainClipConfig,
+        storage: &StorageConfig,
+        rdv: &Rendezvous,
+    ) -> Result<Self> {
+        let clip_cfg = cfg.model.resolve()?;
+        let (mut dp, reduced) = DataParallel::for_run(
+            cfg.device,
+            cfg.precision,
+            &cfg.distributed,
+            rdv,
+            "train_clip",
+        )?;
+        let device = dp.device();
+        let out_dir = PathBuf::from(&cfg.output_dir);
+        std::fs::create_dir_all(&out_dir).map_err(|e| TrainerError::io(&out_dir, e))?;
+        let processor =
+            ClipImageProcessor::for_image_size(clip_cfg.vision_config.image_size as u32);
+        let (prepare, rows, version) = open_captions(cfg, storage, &processor, &mut dp).await?;
+        let layout = data_layout(cfg, &rows, &dp)?;
+        let (tokenizer_json, tokenizer) = tokenizer(cfg, &clip_cfg, &rows, &mut dp).await?;
+        let tokenizer_sha: String = Sha256::digest(tokenizer_json.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+
+        tch::manual_seed(cfg.seed as i64);
+        let vs = nn::VarStore::new(device);
+        let model = ClipModel::new(vs.root(), &clip_cfg);
+        let params = named_parameters(&vs);
+        define_gradients(&params);
+        let n_params: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
+        tracing::info!(
+            parameters = n_params,
+            dim = clip_cfg.projection_dim,
+            device = ?device,
+            rank = dp.rank(),
+            world = dp.world(),
+            "CLIP with {:.2}M parameters",
+            n_params as f64 / 1e6
+        );
+        let mut opt = Optimiser::new(&params, &cfg.optim, reduced == Some(AutocastDtype::F16));
+        // Decay weight matrices only, as open_clip does.
+        opt.adamw = AdamW::new(&params).decay_only(&params, |name, t| {
+            t.dim() >= 2 && !name.contains("embedding")
+        });
+        let trajectory = Trajectory::of(&ClipTrajectory {
+            model: &clip_cfg,
+            optim: &cfg.optim,
+            seed: cfg.seed,
+            global_batch_size: cfg.batch_size * dp.world(),
+            split: &cfg.split(),
+            captions_version: version,
+            rows: rows.rows(),
+            tokenizer_sha256: &tokenizer_sha,
+            caption_templates: &cfg.data.caption_templates,
+            random_crop_scale: cfg.data.random_crop_scale,
+            first_part_prob: cfg.data.first_part_prob,
+        });
+        let store =
+            CheckpointStore::open(&cfg.checkpoint_url(), storage, cfg.checkpoint.keep_last)?;
+        Ok(Self {
+            cfg,
+            clip_cfg,
+            device,
+            reduced,
+            dp,
+            out_dir,
+            prepare,
+            rows,
+            layout,
+            processor,
+            tokenizer_json,
+            tokenizer: Arc::new(tokenizer),
+            model,
+            params,
+            n_params,
+            opt,
+            checkpoints: TrainingCheckpoints::new(store, trajectory),
+            step: 0,
+        })
+    }
+
+    /// Loads the newest valid checkpoint, if any, then makes every replica rank 0's.
+    /// Returns the step resumed from (0: a fresh start).
+    async fn resume(&mut self) -> Result<u64> {
+        let found = self
+            .checkpoints
+            .resume(&mut self.dp, &self.params, &mut self.opt)
+            .await?;
+        if let Some((state, location)) = found {
+            if state.cursor != self.layout.cursor(state.step) {
+                return Err(TrainerError::Checkpoint {
+                    location,
+                    reason: format!(
+                        "its data cursor {:?} disagrees with step {}",
+                        state.cursor, state.step
+                    ),
+                });
+            }
+            self.step = state.step;
+            tracing::info!(step = self.step, checkpoint = %location, "resuming");
+        }
+        let tensors: Vec<Tensor> = self.params.iter().map(|(_, p)| p.shallow_clone()).collect();
+        self.dp.broadcast(&tensors)?;
+        Ok(self.step)
+    }
+
+    /// The training batches from the current step to the last.
+    fn start_loader(&self) -> Result<Loader<ClipBatch>> {
+        start_loader(
+            self.cfg,
+            self.clip_cfg.vision_config.image_size as u32,
+            &self.rows,
+            &self.tokenizer,
+            &self.processor,
+            self.layout,
+            self.step,
+        )
+    }
+
+    /// One optimiser step on the global batch: both towers, the gathered loss, gradients
+    /// averaged over ranks, AdamW, and the temperature kept in range.
+    fn optimiser_step(&mut self, loader: &mut Loader<ClipBatch>) -> Result<StepDone> {
+        let cfg = self.cfg;
+        let lr = cfg.optim.lr_at(self.step, cfg.max_steps);
+        zero_gradients(&self.params);
+        let batch = loader.next_batch()?;
+        let loss = contrastive_loss(&self.model, &batch, self.device, self.reduced, &mut self.dp)?;
+        (&loss * self.opt.loss_factor(1)).backward();
+        let local = f64::try_from(&loss)? / self.dp.world() as f64;
+        self.dp.average_gradients(&self.params)?;
+        let (grad_norm, _) = self.opt.step(&self.params, &cfg.optim, lr, self.step);
+        tch::no_grad(|| {
+            let _ = self
+                .model
+                .logit_scale()
+                .shallow_clone()
+                .clamp_(0.0, loss::MAX_LOGIT_SCALE);
+        });
+        self.step += 1;
+        Ok(StepDone {
+            loss: local,
+            lr,
+            grad_norm,
+        })
+    }
+
+    /// Writes the checkpoint of the current step (rank 0).
+    async fn save(&self, recent_losses: Vec<f64>) -> Result<String> {
+        let at = SavePoint {
+            step: self.step,
+            cursor: self.layout.cursor(self.step),
+            seed: self.cfg.seed,
+            world_size: self.dp.world(),
+            recent_losses,
+        };
+        self.checkpoints.save(at, &self.params, &self.opt).await
+    }
+
+    /// Embeds the held-out rows and scores them.
+    async fn evaluate(&self) -> Result<ClipEval> {
+        let rows = &self.rows;
+        if rows.holdout.is_empty() {
+            return Err(TrainerError::config(
+                "train_clip.split.holdout_fraction",
+                "no held-out rows to evaluate on; raise the fraction or add data",
+            ));
+        }
+        let (img, txt) = self.embed_rows(&rows.holdout).await?;
+        Ok(eval::evaluate(&img, &txt))
+    }
+
+    /// After the last step (rank 0): the held-out scores in `eval.json`, and the model with
+    /// its tokenizer, processor and modality means as an HF directory. Returns the scores
+    /// and the directory.
+    async fn finish(&self) -> Result<(ClipEval, String)> {
+        let e = self.evaluate().await?;
+        tracing::info!("held-out after step {}: {e}", self.step);
+        let path = self.out_dir.join("eval.json");
+        std::fs::write(
+            &path,
+            serde_json::to_vec_pretty(&e).expect("eval serialises"),
+        )
+        .map_err(|err| TrainerError::io(&path, err))?;
+        let dir = self.cfg.export_dir();
+        let cpu: Vec<(String, Tensor)> = self
+            .params
+            .iter()
+            .map(|(n, p)| (n.clone(), p.detach().to_device(Device::Cpu)))
+            .collect();
+        let means = self.modality_means().await?;
+        export::write_hf_dir(
+            Path::new(&dir),
+            &self.clip_cfg,
+            &cpu,
+            &self.tokenizer_json,
+            &self.processor,
+            &means,
+        )?;
+        tracing::info!(dir = %dir, "exported the CLIP as an HF directory");
+        Ok((e, dir))
+    }
+
+    /// L2-normalised image and text embeddings `[n, d]` of the rows at `offsets` (captions
+    /// as they are, images not cropped).
+    async fn embed_rows(&self, offsets: &[u64]) -> Result<(Tensor, Tensor)> {
+        let (model, device) = (&self.model, self.device);
+        let (mut imgs, mut txts) = (Vec::new(), Vec::new());
+        for chunk in offsets.chunks(256) {
+            let b = load_batch(&self.rows, chunk, &self.tokenizer, &self.processor, None).await?;
+            tch::no_grad(|| {
+                imgs.push(l2_normalize(
+                    &model.image_features(&b.pixels.to_device(device)),
+                ));
+                txts.push(l2_normalize(
+                    &model.text_features(&b.tokens.to_device(device)),
+                ));
+            });
+        }
+        Ok((Tensor::cat(&imgs, 0), Tensor::cat(&txts, 0)))
+    }
+
+    /// The mean text and image embeddings of (up to 8,192, evenly spread) training pairs.
+    async fn modality_means(&self) -> Result<ModalityMeans> {
+        let train = &self.rows.train;
+        let every = train.len().div_ceil(8192).max(1);
+        let offsets: Vec<u64> = train.iter().step_by(every).copied().collect();
+        let (img, txt) = self.embed_rows(&offsets).await?;
+        let mean = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(Vec::<f32>::try_from(
+                t.mean_dim(0, false, Kind::Float).to_device(Device::Cpu),
+            )?)
+        };
+        Ok(ModalityMeans {
+            text_mean: mean(&txt)?,
+            image_mean: mean(&img)?,
+            pairs: offsets.len(),
+        })
+    }
 }
 
 /// The captions table, prepared (once, by every rank's share of the shards) and opened at
@@ -461,7 +619,7 @@ async fn tokenizer(
         let json = train_bpe(captions.iter().map(String::as_str), vocab).map_err(|r| {
             TrainerError::config(
                 "train_clip.model.vocab_size",
-                format!("training the tokenizer: {r}"),
+                format!("training it on the captions failed: {r}"),
             )
         })?;
         let tmp = path.with_extension("json.partial");
@@ -475,11 +633,7 @@ async fn tokenizer(
         &path,
         clip.text_config.max_position_embeddings as usize,
         PAD_TOKEN.1,
-    )
-    .map_err(|r| TrainerError::Checkpoint {
-        location: path.display().to_string(),
-        reason: r,
-    })?;
+    )?;
     let model_vocab = clip.text_config.vocab_size as usize;
     if tok.vocab_size() > model_vocab {
         return Err(TrainerError::config(
@@ -556,9 +710,7 @@ async fn load_batch(
         None => b.captions,
     };
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let tokens = tokenizer
-        .encode(&refs)
-        .map_err(|r| TrainerError::Loader(format!("tokenizing captions: {r}")))?;
+    let tokens = tokenizer.encode(&refs)?;
     Ok(ClipBatch {
         pixels: Tensor::from_slice(&pixels).view([offsets.len() as i64, 3, side, side]),
         tokens,
@@ -594,70 +746,4 @@ fn contrastive_loss(
     let scale = model.logit_scale();
     let scale = scale / w + scale.detach() * (1.0 - 1.0 / w);
     Ok(loss::clip_loss(&all_img, &all_txt, &scale) * w)
-}
-
-/// L2-normalised image and text embeddings `[n, d]` of the rows at `offsets` (captions as
-/// they are, images not cropped).
-async fn embed_rows(
-    model: &ClipModel,
-    rows: &CaptionRows,
-    offsets: &[u64],
-    tokenizer: &ClipTokenizer,
-    processor: &ClipImageProcessor,
-    device: Device,
-) -> Result<(Tensor, Tensor)> {
-    let (mut imgs, mut txts) = (Vec::new(), Vec::new());
-    for chunk in offsets.chunks(256) {
-        let b = load_batch(rows, chunk, tokenizer, processor, None).await?;
-        tch::no_grad(|| {
-            imgs.push(l2_normalize(
-                &model.image_features(&b.pixels.to_device(device)),
-            ));
-            txts.push(l2_normalize(
-                &model.text_features(&b.tokens.to_device(device)),
-            ));
-        });
-    }
-    Ok((Tensor::cat(&imgs, 0), Tensor::cat(&txts, 0)))
-}
-
-/// Embeds the held-out rows and scores them.
-async fn evaluate(
-    model: &ClipModel,
-    rows: &CaptionRows,
-    tokenizer: &ClipTokenizer,
-    processor: &ClipImageProcessor,
-    device: Device,
-) -> Result<ClipEval> {
-    if rows.holdout.is_empty() {
-        return Err(TrainerError::config(
-            "train_clip.split.holdout_fraction",
-            "no held-out rows to evaluate on; raise the fraction or add data",
-        ));
-    }
-    let (img, txt) = embed_rows(model, rows, &rows.holdout, tokenizer, processor, device).await?;
-    Ok(eval::evaluate(&img, &txt))
-}
-
-/// The mean text and image embeddings of (up to 8,192, evenly spread) training pairs.
-async fn modality_means(
-    model: &ClipModel,
-    rows: &CaptionRows,
-    tokenizer: &ClipTokenizer,
-    processor: &ClipImageProcessor,
-    device: Device,
-) -> Result<ModalityMeans> {
-    let every = rows.train.len().div_ceil(8192).max(1);
-    let offsets: Vec<u64> = rows.train.iter().step_by(every).copied().collect();
-    let (img, txt) = embed_rows(model, rows, &offsets, tokenizer, processor, device).await?;
-    let mean = |t: &Tensor| -> Result<Vec<f32>> {
-        Ok(Vec::<f32>::try_from(
-            t.mean_dim(0, false, Kind::Float).to_device(Device::Cpu),
-        )?)
-    };
-    Ok(ModalityMeans {
-        text_mean: mean(&txt)?,
-        image_mean: mean(&img)?,
-        pairs: offsets.len(),
-    })
 }

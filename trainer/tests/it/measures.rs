@@ -3,6 +3,7 @@
 //! improved precision/recall and R-precision by brute force, on fixed random inputs.
 
 use knn_trainer::eval::metrics::{frechet_distance, precision_recall, r_precision};
+use knn_trainer::TrainerError;
 use serde_json::Value;
 use std::path::PathBuf;
 use tch::{Kind, Tensor};
@@ -68,17 +69,22 @@ fn r_precision_matches_numpy() {
 fn bad_inputs_name_what_is_wrong() {
     let a = Tensor::zeros([1, 4], (Kind::Float, tch::Device::Cpu));
     let b = Tensor::zeros([5, 3], (Kind::Float, tch::Device::Cpu));
-    let e = frechet_distance(&a, &b).unwrap_err().to_string();
+    // Each names its measure and what is wrong with the input.
+    let said = |e: TrainerError| match e {
+        TrainerError::Measure { measure, reason } => (measure, reason),
+        other => panic!("not a Measure error: {other:?}"),
+    };
+    let (m, why) = said(frechet_distance(&a, &b).unwrap_err());
+    assert_eq!(m, "Fréchet distance");
     assert!(
-        e.contains("the first set has 1 rows; it needs at least 2"),
-        "{e}"
+        why.contains("the first set has 1 rows; it needs at least 2"),
+        "{why}"
     );
-    let e = frechet_distance(&b, &Tensor::zeros([5, 4], (Kind::Float, tch::Device::Cpu)))
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("3 and 4 dimensions"), "{e}");
-    let e = r_precision(&b, &b, &vec![vec![0, 9]; 5])
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("among 5 captions"), "{e}");
+    let zeros = Tensor::zeros([5, 4], (Kind::Float, tch::Device::Cpu));
+    let (m, why) = said(frechet_distance(&b, &zeros).unwrap_err());
+    assert_eq!(m, "Fréchet distance");
+    assert!(why.contains("3 and 4 dimensions"), "{why}");
+    let (m, why) = said(r_precision(&b, &b, &vec![vec![0, 9]; 5]).unwrap_err());
+    assert_eq!(m, "R-precision");
+    assert!(why.contains("among 5 captions"), "{why}");
 }
