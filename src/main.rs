@@ -1,13 +1,13 @@
 //! `knn-diffusion`: the command line. Thin subcommands that parse flags, load and validate
 //! the config, and call one library function each.
 
-mod bench;
 mod cli;
 mod config;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use cli::{BenchCommand, Cli, Command, ConfigArgs, EmbedArgs, LogFormat, SampleArgs, SamplerArg};
+use cli::{Cli, Command, ConfigArgs, EmbedArgs, LogFormat, SampleArgs, SamplerArg};
+use knn_bench::BenchCommand;
 use knn_cluster::WorkerSlot;
 use knn_indexer::knn::KnnProgress;
 use knn_indexer::{EmbedProgress, IndexerError};
@@ -164,75 +164,11 @@ fn try_main(cli: Cli) -> Result<()> {
         }
         Command::Bench(BenchCommand::Train(args)) => {
             let wait = runtime.block_on(loader_wait(&args))?;
-            let md = runtime.block_on(bench::train::run(&args, wait))?;
+            let md = runtime.block_on(knn_bench::train::run(&args, wait))?;
             println!("{md}");
             Ok(())
         }
-        Command::Bench(BenchCommand::TrainClip(args)) => {
-            let md = bench::train_clip::run(&args)?;
-            println!("{md}");
-            Ok(())
-        }
-        Command::Bench(BenchCommand::Allreduce(args)) => {
-            let md = bench::allreduce::run(&args)?;
-            println!("{md}");
-            Ok(())
-        }
-        Command::Bench(BenchCommand::Scale(cli::BenchScaleCommand::Commits(args))) => {
-            let md = runtime.block_on(bench::scale::commits(&args))?;
-            println!("{md}");
-            Ok(())
-        }
-        Command::Bench(BenchCommand::Scale(cli::BenchScaleCommand::Loader(args))) => {
-            let md = runtime.block_on(bench::loader::run(&args))?;
-            println!("{md}");
-            Ok(())
-        }
-        Command::Bench(BenchCommand::Scale(cli::BenchScaleCommand::Embed(args))) => {
-            let md = bench::scale_embed::run(&args)?;
-            println!("{md}");
-            Ok(())
-        }
-        Command::Bench(BenchCommand::Scale(cli::BenchScaleCommand::LoaderProbe(args))) => {
-            runtime.block_on(bench::loader::probe(&args))
-        }
-        Command::Bench(BenchCommand::Plot(args)) => {
-            for png in bench::plot::render_dir(&args.dir, args.font.as_deref())? {
-                println!("{}", png.display());
-            }
-            Ok(())
-        }
-        Command::Bench(BenchCommand::ImagePath(args)) => {
-            let md = bench::image_path::run(&args)?;
-            println!("{md}");
-            Ok(())
-        }
-        Command::Bench(BenchCommand::Knn(args)) => {
-            let md = runtime.block_on(bench::knn::run(&args))?;
-            println!("{md}");
-            Ok(())
-        }
-        Command::Bench(BenchCommand::Embed(args)) => {
-            let model = match args.model.as_str() {
-                "tiny" => knn_indexer::clip::RandomPreset::Tiny,
-                "vit-b-32" => knn_indexer::clip::RandomPreset::VitB32,
-                "vit-l-14" => knn_indexer::clip::RandomPreset::VitL14,
-                other => anyhow::bail!("--model `{other}`: use tiny, vit-b-32 or vit-l-14"),
-            };
-            let md = bench::run(&bench::EmbedBench {
-                images: args.images,
-                model,
-                batch_size: args.batch_size,
-                scales: args.scales,
-                limit: args.limit,
-                python: !args.no_python,
-                python_workers: args.python_workers,
-                write: Some(args.write),
-                repeats: args.repeats,
-            })?;
-            println!("{md}");
-            Ok(())
-        }
+        Command::Bench(other) => knn_bench::run(other, &runtime),
     }
 }
 
@@ -711,7 +647,7 @@ fn stop_on_signals() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
 
 /// `bench train`'s data-loader measurement: a real `train` run of `loader_steps` steps on
 /// the config's tables, into a scratch directory. Returns (wait fraction, s/step, steps).
-async fn loader_wait(args: &cli::BenchTrainArgs) -> Result<Option<(f64, f64, u64)>> {
+async fn loader_wait(args: &knn_bench::train::BenchTrainArgs) -> Result<Option<(f64, f64, u64)>> {
     if args.loader_steps == 0 {
         return Ok(None);
     }
@@ -941,6 +877,7 @@ async fn report_knn_progress(
 mod tests {
     use super::*;
     use clap::Parser;
+    use knn_bench::BenchScaleCommand;
     use knn_trainer::config::SampleGridConfig;
     use knn_trainer::diffusion::SamplerKind;
 
@@ -966,9 +903,7 @@ mod tests {
             let mut argv = vec!["knn-diffusion", "bench", "scale", "commits"];
             argv.extend_from_slice(extra);
             match Cli::try_parse_from(argv).expect("parses").command {
-                Command::Bench(BenchCommand::Scale(cli::BenchScaleCommand::Commits(a))) => {
-                    a.peer_sizes
-                }
+                Command::Bench(BenchCommand::Scale(BenchScaleCommand::Commits(a))) => a.peer_sizes,
                 other => panic!("parsed as {other:?}"),
             }
         };

@@ -542,24 +542,6 @@ impl Job {
             // does not count it as a failure) and the new pod resumes.
             args.extend(["--stopped-exit-code".to_string(), "143".to_string()]);
         }
-        let gpus = if self.stage().is_sharded() {
-            c.tasks_gpus()
-        } else {
-            r.gpus_per_node
-        };
-        let cpus = r.cpus_per_task * if train { c.tasks_per_node() } else { 1 };
-        let mut limits = BTreeMap::from([("cpu".to_string(), cpus.to_string())]);
-        if let Some(m) = &r.memory {
-            limits.insert("memory".into(), kube_memory(m));
-        }
-        if gpus > 0 {
-            limits.insert("nvidia.com/gpu".into(), gpus.to_string());
-        }
-        let volume = |name: &str, mount_path: &str| kube::VolumeMount {
-            name: name.into(),
-            mount_path: mount_path.into(),
-        };
-        let mut volume_mounts = vec![volume("config", mount)];
         let mut volumes = vec![kube::Volume {
             name: "config".into(),
             source: kube::VolumeSource::ConfigMap {
@@ -568,31 +550,12 @@ impl Job {
         }];
         if train {
             // NCCL needs more shared memory than a container's default 64 MiB.
-            volume_mounts.push(volume("shm", "/dev/shm"));
             volumes.push(kube::Volume {
                 name: "shm".into(),
                 source: kube::VolumeSource::EmptyDir { medium: "Memory" },
             });
         }
-        let container = kube::Container {
-            name: c.job.stage.command().to_string(),
-            image: image.to_string(),
-            command: vec!["knn-diffusion".into()],
-            args,
-            env: vec![kube::EnvVar {
-                name: "OMP_NUM_THREADS".into(),
-                value: r.cpus_per_task.to_string(),
-            }],
-            env_from: k
-                .env_secret
-                .iter()
-                .map(|s| kube::EnvFromSource {
-                    secret_ref: kube::SecretRef { name: s.clone() },
-                })
-                .collect(),
-            resources: kube::ResourceRequirements { limits },
-            volume_mounts,
-        };
+        let container = self.kube_container(image, args, mount);
         kube::JobSpec {
             completion_mode: "Indexed",
             completions: pods,
@@ -622,6 +585,54 @@ impl Job {
                     volumes,
                 },
             },
+        }
+    }
+
+    /// The stage's container: the command line, its CPU, memory and GPU limits, the config
+    /// mount (and for training /dev/shm), and the Secret's variables when one is named.
+    fn kube_container(&self, image: &str, args: Vec<String>, mount: &str) -> kube::Container {
+        let (c, r) = (&self.cfg, &self.cfg.resources);
+        let train = self.stage() == Stage::Train;
+        let gpus = if self.stage().is_sharded() {
+            c.tasks_gpus()
+        } else {
+            r.gpus_per_node
+        };
+        let cpus = r.cpus_per_task * if train { c.tasks_per_node() } else { 1 };
+        let mut limits = BTreeMap::from([("cpu".to_string(), cpus.to_string())]);
+        if let Some(m) = &r.memory {
+            limits.insert("memory".into(), kube_memory(m));
+        }
+        if gpus > 0 {
+            limits.insert("nvidia.com/gpu".into(), gpus.to_string());
+        }
+        let volume = |name: &str, mount_path: &str| kube::VolumeMount {
+            name: name.into(),
+            mount_path: mount_path.into(),
+        };
+        let mut volume_mounts = vec![volume("config", mount)];
+        if train {
+            volume_mounts.push(volume("shm", "/dev/shm"));
+        }
+        kube::Container {
+            name: c.job.stage.command().to_string(),
+            image: image.to_string(),
+            command: vec!["knn-diffusion".into()],
+            args,
+            env: vec![kube::EnvVar {
+                name: "OMP_NUM_THREADS".into(),
+                value: r.cpus_per_task.to_string(),
+            }],
+            env_from: c
+                .kubernetes
+                .env_secret
+                .iter()
+                .map(|s| kube::EnvFromSource {
+                    secret_ref: kube::SecretRef { name: s.clone() },
+                })
+                .collect(),
+            resources: kube::ResourceRequirements { limits },
+            volume_mounts,
         }
     }
 }
@@ -763,7 +774,8 @@ mod tests {
         .unwrap();
         let job = Job::new(&file, cfg, dir.path(), "/bin/knn".into()).unwrap();
         // A tab, trailing spaces, a quote and a credential: the copy must come back exact.
-        let text = "[train]\n\tk = 10   \nname = \"it's: #1\"\n[storage]\nsecret_access_key = \"s\"\n";
+        let text =
+            "[train]\n\tk = 10   \nname = \"it's: #1\"\n[storage]\nsecret_access_key = \"s\"\n";
         let yaml = job.kubernetes_manifest(text).unwrap();
         let docs: Vec<yaml_serde::Value> = yaml_serde::Deserializer::from_str(&yaml)
             .map(|d| yaml_serde::Value::deserialize(d).unwrap())
@@ -791,7 +803,10 @@ mod tests {
         assert_eq!(args[args.len() - 2..], ["--stopped-exit-code", "143"]);
         assert_eq!(c["envFrom"][0]["secretRef"]["name"].as_str(), Some("creds"));
         assert_eq!(c["resources"]["limits"]["memory"].as_str(), Some("64Gi"));
-        assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"].as_str(), Some("4"));
+        assert_eq!(
+            c["resources"]["limits"]["nvidia.com/gpu"].as_str(),
+            Some("4")
+        );
     }
 
     #[test]

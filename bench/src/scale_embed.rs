@@ -10,9 +10,10 @@
 //! and the largest size: a cost that is flat does not grow with the input.
 
 use super::{build_profile, machine, write_section};
-use crate::cli::BenchScaleEmbedArgs;
 use anyhow::{bail, Context, Result};
 use arrow_array::{ArrayRef, BinaryArray, RecordBatch, StringArray};
+use clap::Args;
+use knn_cluster::job::Stage;
 use knn_indexer::EmbedSummary;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -22,6 +23,32 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::s3_server;
+
+/// Flags of `bench scale embed`.
+#[derive(Debug, Args)]
+pub struct BenchScaleEmbedArgs {
+    /// Records at which to measure, increasing.
+    #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
+    pub sizes: Vec<usize>,
+    /// Embed worker processes at once.
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// Records a parquet shard.
+    #[arg(long, default_value_t = 2000)]
+    pub shard_rows: usize,
+    /// Distinct generated JPEGs, cycled through the records.
+    #[arg(long, default_value_t = 500)]
+    pub pool: usize,
+    /// JPEG quality of the generated images.
+    #[arg(long, default_value_t = 85)]
+    pub quality: u8,
+    /// Where the image pool, the configs and the workers' logs go.
+    #[arg(long, default_value = "target/bench-scale-embed")]
+    pub work: PathBuf,
+    /// Markdown file whose section for this benchmark is replaced; `-` prints it only.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub out: PathBuf,
+}
 
 /// What one size measured.
 struct Point {
@@ -149,7 +176,7 @@ fn measure(
         .map(|i| {
             let err = std::fs::File::create(work.join(format!("worker-{i}.log")))?;
             Command::new(&exe)
-                .args(["embed", "--config"])
+                .args([Stage::Embed.command(), "--config"])
                 .arg(&cfg)
                 .args(["--worker", &i.to_string(), "--workers"])
                 .arg(args.workers.to_string())

@@ -5,8 +5,8 @@
 //! grain, JPEG quality 90 with 4:2:0 chroma (libjpeg's default, what img2dataset's shards
 //! hold), longest side `--max-side` at five aspect ratios.
 
-use crate::cli::BenchImagePathArgs;
 use anyhow::{Context, Result};
+use clap::Args;
 use knn_datasets::decode::{decode_image, DecodeLimits};
 use knn_datasets::resize::Filter;
 use knn_datasets::stored::StoredFormat;
@@ -15,8 +15,37 @@ use knn_indexer::embed::ImagePrep;
 use knn_indexer::knn::quantizer::SplitMix;
 use serde_json::Value;
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// Flags of `bench image-path`.
+#[derive(Debug, Args)]
+pub struct BenchImagePathArgs {
+    /// Generated JPEGs.
+    #[arg(long, default_value_t = 200)]
+    pub images: usize,
+    /// Longest side of the generated JPEGs.
+    #[arg(long, default_value_t = 512)]
+    pub max_side: u32,
+    /// CLIP input side (shortest edge and crop).
+    #[arg(long, default_value_t = 224)]
+    pub clip_px: u32,
+    /// Side of the stored training image.
+    #[arg(long, default_value_t = 64)]
+    pub stored_px: u32,
+    /// Timed passes over the images (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub passes: usize,
+    /// Skip the Python reference.
+    #[arg(long)]
+    pub no_python: bool,
+    /// Where the JPEGs are written.
+    #[arg(long, default_value = "target/bench-image-path")]
+    pub work: PathBuf,
+    /// Markdown file whose section for this benchmark is replaced; `-` prints it only.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub out: PathBuf,
+}
 
 /// Uniform in `[lo, hi)` from a deterministic stream: the images are the same in every run.
 fn uniform(rng: &mut SplitMix, lo: f64, hi: f64) -> f64 {

@@ -6,25 +6,48 @@
 //! - the Python reference (`python/bench_embed_reference.py`: PIL + HF processor in a torch
 //!   DataLoader, `CLIPModel.get_image_features`) on the same images, model and batch.
 
-pub mod allreduce;
-pub mod image_path;
-pub mod knn;
-pub mod loader;
-pub mod plot;
-#[path = "../tests/support/s3_server.rs"]
-mod s3_server;
-pub mod scale;
-pub mod scale_embed;
-pub mod train;
-pub mod train_clip;
-
+use crate::{build_profile, machine, python_json, write_section};
 use anyhow::{bail, Context, Result};
+use clap::Args;
+use knn_cluster::job::Stage;
 use knn_indexer::clip::RandomPreset;
 use knn_indexer::EmbedSummary;
 use serde_json::Value;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// Flags of `bench embed`.
+#[derive(Debug, Args)]
+pub struct BenchEmbedArgs {
+    /// Folder of images (the 1x input).
+    #[arg(long, default_value = "data/emoji-google/images")]
+    pub images: PathBuf,
+    /// Random-weight CLIP shape: tiny, vit-b-32 or vit-l-14.
+    #[arg(long, default_value = "tiny", value_parser = crate::named::<RandomPreset>("tiny, vit-b-32 or vit-l-14"))]
+    pub model: RandomPreset,
+    /// Images per batch.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Input scales for the end-to-end runs, e.g. `1,4`.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    pub scales: Vec<usize>,
+    /// Use only the first N images of the folder (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub limit: usize,
+    /// Skip the Python reference.
+    #[arg(long)]
+    pub no_python: bool,
+    /// DataLoader workers of the Python reference.
+    #[arg(long, default_value_t = 2)]
+    pub python_workers: usize,
+    /// Repeats of each 1x measurement; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Markdown file whose section for this benchmark is replaced.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub write: PathBuf,
+}
 
 /// What to measure.
 #[derive(Debug)]
@@ -97,7 +120,7 @@ fn run_embed(bench: &EmbedBench, source: &Path, work: &Path) -> Result<EmbedSumm
     let json = work.join("summary.json");
     let exe = std::env::current_exe()?;
     let out = Command::new(exe)
-        .args(["embed", "--config"])
+        .args([Stage::Embed.command(), "--config"])
         .arg(&cfg)
         .arg("--summary-json")
         .arg(&json)
@@ -128,50 +151,6 @@ fn run_python(bench: &EmbedBench, images: &Path, config: &Path) -> Result<Value>
             bench.python_workers.to_string().into(),
         ],
     )
-}
-
-/// Runs `.venv/bin/python SCRIPT ARGS…` from the repository root and parses the one JSON
-/// object it prints on stdout.
-pub(crate) fn python_json(script: &str, args: &[std::ffi::OsString]) -> Result<Value> {
-    let out = Command::new(".venv/bin/python")
-        .arg(script)
-        .args(args)
-        .output()
-        .with_context(|| {
-            format!("running .venv/bin/python {script} (from the repository root; scripts/setup.sh makes .venv)")
-        })?;
-    if !out.status.success() {
-        bail!("{script} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    serde_json::from_slice(&out.stdout).with_context(|| format!("{script}'s JSON output"))
-}
-
-/// How this binary was built, for a benchmark's "Build:" line.
-pub(crate) fn build_profile() -> &'static str {
-    if cfg!(debug_assertions) {
-        "dev profile (our crates and the image codecs optimised, other deps, Lance among them, not)"
-    } else {
-        "optimised"
-    }
-}
-
-pub(crate) fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let gpu = if tch::Cuda::is_available() {
-        format!("{} CUDA device(s)", tch::Cuda::device_count())
-    } else {
-        "no GPU".into()
-    };
-    format!("{cpu}, {cores} cores, {gpu}")
 }
 
 /// Runs the benchmark and returns the markdown section.
@@ -320,125 +299,4 @@ pub fn run(bench: &EmbedBench) -> Result<String> {
         write_section(path, &format!("embed:{}", bench.model.name()), &md)?;
     }
     Ok(md)
-}
-
-/// Replaces (or appends) the block between `<!-- bench:NAME -->` markers in `path`.
-pub(crate) fn write_section(path: &Path, name: &str, body: &str) -> Result<()> {
-    let start = format!("<!-- bench:{name}:start -->");
-    let end = format!("<!-- bench:{name}:end -->");
-    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
-    let block = format!("{start}\n{body}{end}");
-    let new = match (old.find(&start), old.find(&end)) {
-        (Some(a), Some(b)) if b > a => format!("{}{block}{}", &old[..a], &old[b + end.len()..]),
-        _ => format!("{}\n{block}\n", old.trim_end()),
-    };
-    std::fs::write(path, new).with_context(|| format!("writing `{}`", path.display()))
-}
-
-/// The middle value (the upper one of an even count; NaN when empty).
-pub(crate) fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-/// Step times of ours and the PyTorch peer over rounds that alternate the two, so that
-/// the machine's drift falls on both (the training benchmarks).
-pub(crate) struct StepRounds {
-    /// Our median step time (s) in each round.
-    pub ours: Vec<f64>,
-    /// The peer's, from its `step_time_s_median`.
-    pub peer: Vec<f64>,
-    /// Our parameter count.
-    pub params: i64,
-    /// The peer's last JSON report (`torch_version`, `parameters`, …); None without a peer.
-    pub peer_report: Option<Value>,
-}
-
-impl StepRounds {
-    /// Runs `rounds` rounds of `ours` (median step seconds, parameters) then `peer`.
-    pub fn run(
-        rounds: usize,
-        with_peer: bool,
-        mut ours: impl FnMut() -> Result<(f64, i64)>,
-        mut peer: impl FnMut() -> Result<Value>,
-    ) -> Result<Self> {
-        let mut r = Self {
-            ours: Vec::new(),
-            peer: Vec::new(),
-            params: 0,
-            peer_report: None,
-        };
-        for _ in 0..rounds.max(1) {
-            let (s, n) = ours()?;
-            r.ours.push(s);
-            r.params = n;
-            if with_peer {
-                let p = peer()?;
-                r.peer
-                    .push(p["step_time_s_median"].as_f64().unwrap_or(f64::NAN));
-                r.peer_report = Some(p);
-            }
-        }
-        Ok(r)
-    }
-
-    /// Our median step time over the rounds.
-    pub fn ours_s(&self) -> f64 {
-        median(&self.ours)
-    }
-
-    /// The step-time table (`per` items a step: "images", "pairs"), the peer's row named
-    /// `peer_label` (given its report), and each round's times and ratios below it.
-    pub fn table(
-        &self,
-        md: &mut String,
-        per: &str,
-        batch: usize,
-        peer_label: impl Fn(&Value) -> String,
-    ) -> std::fmt::Result {
-        let ours_s = self.ours_s();
-        writeln!(
-            md,
-            "| peer | step time (s) | {per}/s | parameters | ratio (ours / peer) |"
-        )?;
-        writeln!(md, "|---|---:|---:|---:|---:|")?;
-        writeln!(
-            md,
-            "| **ours** (tch, libtorch 2.13) | {ours_s:.4} | {:.1} | {} | |",
-            batch as f64 / ours_s,
-            self.params
-        )?;
-        let Some(p) = &self.peer_report else {
-            return Ok(());
-        };
-        let ps = median(&self.peer);
-        writeln!(
-            md,
-            "| {} | {ps:.4} | {:.1} | {} | {:.3} |",
-            peer_label(p),
-            batch as f64 / ps,
-            p["parameters"],
-            ours_s / ps
-        )?;
-        let ratios: Vec<f64> = self
-            .ours
-            .iter()
-            .zip(&self.peer)
-            .map(|(a, b)| a / b)
-            .collect();
-        let fmt = |v: &[f64]| {
-            v.iter()
-                .map(|x| format!("{x:.3}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        writeln!(
-            md,
-            "\nPer round: ours {} s; peer {} s; ratio {}.",
-            fmt(&self.ours),
-            fmt(&self.peer),
-            fmt(&ratios)
-        )
-    }
 }

@@ -11,8 +11,9 @@
 //! (self excluded).
 
 use super::{machine, write_section};
-use crate::cli::BenchKnnArgs;
 use anyhow::{bail, Context, Result};
+use clap::Args;
+use knn_cluster::job::Stage;
 use knn_datasets::StorageConfig;
 use knn_indexer::knn::quantizer::sample_offsets;
 use knn_indexer::knn::search::{exact_knn, Exclusion};
@@ -22,10 +23,45 @@ use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
+
+/// Flags of `bench knn`.
+#[derive(Debug, Args)]
+pub struct BenchKnnArgs {
+    /// Table sizes, e.g. `100000,1000000`.
+    #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
+    pub rows: Vec<usize>,
+    /// Dimension.
+    #[arg(long, default_value_t = 512)]
+    pub dim: usize,
+    /// Clusters in the generated data (0: rows / 100).
+    #[arg(long, default_value_t = 0)]
+    pub clusters: usize,
+    /// Spread of points around their cluster centre, relative to the centres' spread.
+    #[arg(long, default_value_t = 0.5)]
+    pub noise: f64,
+    /// Sample queries for recall (exact neighbours by brute force).
+    #[arg(long, default_value_t = 1000)]
+    pub recall_queries: usize,
+    /// Queries timed for the per-query Lance peer.
+    #[arg(long, default_value_t = 1000)]
+    pub lance_queries: usize,
+    /// Skip the faiss-cpu peer.
+    #[arg(long)]
+    pub no_faiss: bool,
+    /// Skip the per-query Lance peer.
+    #[arg(long)]
+    pub no_lance: bool,
+    /// Where generated tables go.
+    #[arg(long, default_value = "target/bench-knn")]
+    pub workdir: PathBuf,
+    /// Markdown file whose section for this benchmark is replaced.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub write: PathBuf,
+}
 
 const K: usize = 10;
 
@@ -96,7 +132,7 @@ fn run_ours(table: &str, output: &str, work: &Path) -> Result<KnnSummary> {
     let summary_path = work.join("knn-summary.json");
     let exe = std::env::current_exe()?;
     let status = Command::new(exe)
-        .args(["precompute-knn", "--config"])
+        .args([Stage::PrecomputeKnn.command(), "--config"])
         .arg(&config)
         .arg("--summary-json")
         .arg(&summary_path)

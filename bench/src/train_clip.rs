@@ -4,8 +4,8 @@
 //! alternating the two. Writes the `train-clip` section of BENCHMARKS.md.
 
 use super::{machine, median, write_section, StepRounds};
-use crate::cli::BenchTrainClipArgs;
 use anyhow::{bail, Context, Result};
+use clap::Args;
 use knn_indexer::clip::{l2_normalize, ClipModel};
 use knn_trainer::model::named_parameters;
 use knn_trainer::optim::{zero_gradients, AdamW, OptimConfig, Optimiser};
@@ -14,9 +14,39 @@ use knn_trainer::train_clip::export::hf_config;
 use knn_trainer::train_clip::loss::{clip_loss, MAX_LOGIT_SCALE};
 use serde_json::Value;
 use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 use tch::{nn, Device, Kind, Tensor};
+
+/// Flags of `bench train-clip`.
+#[derive(Debug, Args)]
+pub struct BenchTrainClipArgs {
+    /// CLIP preset: tiny, small or base.
+    #[arg(long, default_value = "small", value_parser = crate::named::<knn_trainer::train_clip::config::ClipPreset>("tiny, small or base"))]
+    pub preset: knn_trainer::train_clip::config::ClipPreset,
+    /// Pairs per step.
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+    /// Timed steps per round.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed warm-up steps per round.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Rounds, alternating ours and the peer.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Skip the PyTorch peer.
+    #[arg(long)]
+    pub no_python: bool,
+    /// Scratch directory.
+    #[arg(long, default_value = "target/bench-train-clip")]
+    pub workdir: PathBuf,
+    /// Markdown file whose section for this benchmark is replaced.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub write: PathBuf,
+}
 
 /// Our median step time (s) and parameter count.
 fn ours(args: &BenchTrainClipArgs) -> Result<(f64, i64)> {

@@ -11,8 +11,8 @@
 //! (`s3s-fs`) serving the same directory.
 
 use super::{build_profile, machine, median, write_section};
-use crate::cli::BenchScaleCommitsArgs;
 use anyhow::{bail, Context, Result};
+use clap::Args;
 use knn_datasets::{Secret, StorageConfig, TableMaintenance};
 use knn_indexer::table::{rejects_schema, ShardedTable};
 use lance::deps::datafusion::physical_plan::stream::RecordBatchStreamAdapter;
@@ -24,6 +24,33 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::s3_server;
+
+/// Flags of `bench scale commits`.
+#[derive(Debug, Args)]
+pub struct BenchScaleCommitsArgs {
+    /// Committed shards at which to measure, increasing.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000")]
+    pub sizes: Vec<usize>,
+    /// Sizes for the peer without upkeep (its total cost grows with the square of the
+    /// shards; keep them small). `--peer-sizes` with no value skips it.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1000,3000")]
+    pub peer_sizes: Vec<usize>,
+    /// Workers committing at once while the table grows.
+    #[arg(long, default_value_t = 4)]
+    pub committers: usize,
+    /// Timed commits by one warm worker at each size.
+    #[arg(long, default_value_t = 20)]
+    pub samples: usize,
+    /// Skip the loopback S3 server (start-up through S3 is then not measured).
+    #[arg(long)]
+    pub no_s3: bool,
+    /// Skip the arm with upkeep that keeps no old versions (`keep_versions_hours = 0`).
+    #[arg(long)]
+    pub no_keep_0: bool,
+    /// Markdown file whose section for this benchmark is replaced.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub out: PathBuf,
+}
 
 /// One arm: a table grown with or without upkeep.
 struct Arm {

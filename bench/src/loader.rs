@@ -12,7 +12,6 @@
 //! (id, row) pairs.
 
 use super::{build_profile, machine, write_section};
-use crate::cli::{BenchScaleLoaderArgs, BenchScaleLoaderProbeArgs};
 use anyhow::{bail, Context, Result};
 use arrow_array::cast::AsArray;
 use arrow_array::types::UInt64Type;
@@ -20,6 +19,7 @@ use arrow_array::{
     ArrayRef, BinaryArray, BooleanArray, FixedSizeListArray, Float32Array, RecordBatch,
     RecordBatchIterator, StringArray, UInt64Array,
 };
+use clap::Args;
 use futures::StreamExt;
 use knn_datasets::{SplitConfig, StorageConfig};
 use knn_indexer::embed::proc_status_mib;
@@ -30,9 +30,68 @@ use lance::dataset::{WriteMode, WriteParams};
 use lance::deps::arrow_schema::{DataType, Field, Schema};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Flags of `bench scale loader`.
+#[derive(Debug, Args)]
+pub struct BenchScaleLoaderArgs {
+    /// Rows of the tables at which to measure, increasing.
+    #[arg(long, value_delimiter = ',', default_value = "250000,1000000,4000000")]
+    pub sizes: Vec<usize>,
+    /// Micro-batch size.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Batches the loader reads ahead (`train.data.prefetch_batches`).
+    #[arg(long, default_value_t = 2)]
+    pub prefetch: usize,
+    /// Micro-batches timed in each of the two passes.
+    #[arg(long, default_value_t = 100)]
+    pub batches: usize,
+    /// The consumer's time per step in the second pass, ms (a tiny U-Net step at 32 px,
+    /// batch 16, on 2 cores, is about this).
+    #[arg(long, default_value_t = 250)]
+    pub step_ms: u64,
+    /// Neighbours per row.
+    #[arg(long, default_value_t = 10)]
+    pub k: usize,
+    /// Embedding dimension.
+    #[arg(long, default_value_t = 128)]
+    pub dim: usize,
+    /// Where the synthetic tables are written (kept, and reused by a later run).
+    #[arg(long, default_value = "target/bench-scale-loader")]
+    pub dir: PathBuf,
+    /// Markdown file whose section for this benchmark is replaced.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub out: PathBuf,
+}
+
+/// Flags of the hidden `bench scale loader-probe`.
+#[derive(Debug, Args)]
+pub struct BenchScaleLoaderProbeArgs {
+    /// Embeddings table URI.
+    #[arg(long)]
+    pub embeddings: String,
+    /// kNN table URI.
+    #[arg(long)]
+    pub knn: String,
+    /// Neighbours used.
+    #[arg(long)]
+    pub k: usize,
+    /// Micro-batch size.
+    #[arg(long)]
+    pub batch_size: usize,
+    /// Batches read ahead.
+    #[arg(long)]
+    pub prefetch: usize,
+    /// Micro-batches timed in each pass.
+    #[arg(long)]
+    pub batches: usize,
+    /// The consumer's time per step, ms.
+    #[arg(long)]
+    pub step_ms: u64,
+}
 
 /// Side of the synthetic images.
 const SIDE_PX: u32 = 32;

@@ -5,15 +5,63 @@
 //! (algbw x 2(n-1)/n, the nccl-tests convention: what each link carries in a ring).
 
 use super::{machine, write_section};
-use crate::cli::BenchAllReduceArgs;
 use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
 use knn_cluster::group::{self, Backend, GroupOptions};
 use knn_cluster::launch::free_port;
 use knn_cluster::rendezvous::Rendezvous;
 use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
+
+/// `--backend`: which transport of the process group is measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    /// The TCP ring on CPU tensors.
+    Tcp,
+    /// NCCL, one GPU per rank.
+    Nccl,
+}
+
+impl From<BackendArg> for Backend {
+    fn from(b: BackendArg) -> Self {
+        match b {
+            BackendArg::Tcp => Backend::Tcp,
+            BackendArg::Nccl => Backend::Nccl,
+        }
+    }
+}
+
+/// Flags of `bench allreduce`.
+#[derive(Debug, Args)]
+pub struct BenchAllReduceArgs {
+    /// The process group's transport.
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub backend: BackendArg,
+    /// Ranks (threads of this process; GPUs 0..world for NCCL).
+    #[arg(long, default_value_t = 2)]
+    pub world: usize,
+    /// Buffer size in MiB (float32).
+    #[arg(long, default_value_t = 64)]
+    pub mib: usize,
+    /// Timed all-reduces per run.
+    #[arg(long, default_value_t = 10)]
+    pub rounds: usize,
+    /// Untimed all-reduces first.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Runs of each side, alternating.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Skip the torch.distributed peer.
+    #[arg(long)]
+    pub no_peer: bool,
+    /// File whose section to rewrite.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub out: PathBuf,
+}
 
 /// Our seconds per all-reduce: one thread per rank, each with its own group member.
 fn ours(args: &BenchAllReduceArgs, backend: Backend) -> Result<f64> {
@@ -100,11 +148,7 @@ fn torch(args: &BenchAllReduceArgs, backend: Backend) -> Result<f64> {
 
 /// Runs both sides `rounds` times alternately (VM noise), writes the section, returns it.
 pub fn run(args: &BenchAllReduceArgs) -> Result<String> {
-    let backend = match args.backend.as_str() {
-        "tcp" => Backend::Tcp,
-        "nccl" => Backend::Nccl,
-        other => bail!("--backend `{other}`: use tcp or nccl"),
-    };
+    let backend = Backend::from(args.backend);
     if backend == Backend::Nccl && (tch::Cuda::device_count() as usize) < args.world {
         bail!(
             "--backend nccl --world {} needs {} GPUs; libtorch sees {}",

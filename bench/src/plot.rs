@@ -10,10 +10,22 @@
 //! `fonts-dejavu-core`, which `scripts/setup.sh` installs, or `--font`/`KNN_PLOT_FONT`).
 
 use anyhow::{bail, Context, Result};
+use clap::Args;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+
+/// Flags of `bench plot`.
+#[derive(Debug, Args)]
+pub struct BenchPlotArgs {
+    /// Folder of figures (`<name>.json`); each PNG is written beside its JSON.
+    #[arg(long, default_value = "docs/bench")]
+    pub dir: PathBuf,
+    /// TrueType font for the text (default: DejaVu Sans from Debian's fonts-dejavu-core).
+    #[arg(long, env = "KNN_PLOT_FONT")]
+    pub font: Option<PathBuf>,
+}
 
 /// One figure: log–log, one or more measured series.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -5,8 +5,8 @@
 //! `train` section of BENCHMARKS.md.
 
 use super::{machine, median, write_section, StepRounds};
-use crate::cli::BenchTrainArgs;
 use anyhow::{bail, Context, Result};
+use clap::Args;
 use knn_trainer::config::ModelConfig;
 use knn_trainer::data::Batch;
 use knn_trainer::diffusion::{DiffusionConfig, SamplerConfig};
@@ -16,9 +16,58 @@ use knn_trainer::sampling::generate;
 use knn_trainer::unet::{parameter_count, Condition};
 use serde_json::Value;
 use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
+
+/// Flags of `bench train`.
+#[derive(Debug, Args)]
+pub struct BenchTrainArgs {
+    /// U-Net preset: tiny, small, base or paper-400m.
+    #[arg(long, default_value = "tiny", value_parser = crate::named::<knn_trainer::unet::UNetPreset>("tiny, small, base or paper-400m"))]
+    pub preset: knn_trainer::unet::UNetPreset,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 64)]
+    pub image_size: usize,
+    /// Images per step.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Neighbours.
+    #[arg(long, default_value_t = 10)]
+    pub k: usize,
+    /// Embedding dimension (the embedded default's tiny CLIP: 64).
+    #[arg(long, default_value_t = 64)]
+    pub dim: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Rounds, each timing ours then the peer, so machine noise falls on both alike; the
+    /// median over rounds is reported.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// DDIM steps of the sampling measurement.
+    #[arg(long, default_value_t = 50)]
+    pub sample_steps: usize,
+    /// Skip the PyTorch peer.
+    #[arg(long)]
+    pub no_python: bool,
+    /// Steps of the real `train` run that measures data-loader wait (0: skip it).
+    #[arg(long, default_value_t = 60)]
+    pub loader_steps: u64,
+    /// Config whose tables the data-loader run reads.
+    #[arg(long, default_value = "configs/stickers.toml")]
+    pub config: PathBuf,
+    /// Scratch directory.
+    #[arg(long, default_value = "target/bench-train")]
+    pub workdir: PathBuf,
+    /// Markdown file whose section for this benchmark is replaced.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub write: PathBuf,
+}
 
 /// Our median step time (s) and parameter count.
 fn ours(args: &BenchTrainArgs, device: Device) -> Result<(f64, i64, Vec<f64>)> {
