@@ -25,7 +25,7 @@ pub enum IndexerError {
 
     /// A `preprocessor_config.json` asks for something CLIPImageProcessor does not do, or is
     /// not one.
-    #[error("preprocessor config: {reason}")]
+    #[error("preprocessor_config.json: {reason}")]
     ProcessorConfig { reason: String },
 
     /// A config value is out of range or inconsistent.

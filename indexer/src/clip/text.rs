@@ -10,7 +10,10 @@ impl LoadedClip {
     /// the random-weight CLIP byte tokens.
     pub fn tokenize(&self, texts: &[&str]) -> Result<Tensor> {
         match (&self.tokenizer, self.random) {
-            (Some(tok), _) => tok.encode(texts),
+            (Some(tok), _) => tok.encode(texts).map_err(|e| IndexerError::Config {
+                key: "embed.clip.checkpoint".into(),
+                reason: format!("tokenizer.json: {e}"),
+            }),
             (None, true) => Ok(self.byte_tokens(texts)),
             (None, false) => Err(IndexerError::Config {
                 key: "embed.clip.checkpoint".into(),

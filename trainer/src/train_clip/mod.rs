@@ -370,16 +370,59 @@ impl<'a> ClipRun<'a> {
         Ok(self.step)
     }
 
-    /// The training batches from the current step to the last.
+    /// The training batches, read `cfg.data.prefetch_batches` ahead from the current step to
+    /// the last, each sample augmented from its own random stream (template, first part,
+    /// crop of the image).
     fn start_loader(&self) -> Result<Loader<ClipBatch>> {
-        start_loader(
-            self.cfg,
-            self.clip_cfg.vision_config.image_size as u32,
-            &self.rows,
-            &self.tokenizer,
-            &self.processor,
+        let cfg = self.cfg;
+        let side = self.clip_cfg.vision_config.image_size as u32;
+        let (rows, tokenizer, processor, layout) = (
+            self.rows.clone(),
+            self.tokenizer.clone(),
+            self.processor.clone(),
             self.layout,
-            self.step,
+        );
+        let seed = cfg.seed;
+        let templates = Arc::new(cfg.data.caption_templates.clone());
+        let min_side = ((side as f64 * cfg.data.random_crop_scale).ceil() as u32).clamp(1, side);
+        let first_part_prob = cfg.data.first_part_prob;
+        Loader::start(
+            move |m| {
+                let (rows, tokenizer, processor, templates) = (
+                    rows.clone(),
+                    tokenizer.clone(),
+                    processor.clone(),
+                    templates.clone(),
+                );
+                async move {
+                    let (epoch, positions) = layout.positions(m);
+                    let perm = EpochPermutation::new(layout.train_rows(), seed, epoch);
+                    let offsets: Vec<u64> = positions
+                        .iter()
+                        .map(|&p| rows.train[perm.apply(p) as usize])
+                        .collect();
+                    // Each sample's template from its own stream, like every other draw.
+                    let augs: Vec<SampleAug> = positions
+                        .iter()
+                        .map(|&p| {
+                            let mut rng = SampleRng::new(seed ^ AUGMENT_STREAM, epoch, p);
+                            let t = (rng.next_u64() % templates.len() as u64) as usize;
+                            let c =
+                                min_side + (rng.next_u64() % (side - min_side + 1) as u64) as u32;
+                            let x = (rng.next_u64() % (side - c + 1) as u64) as u32;
+                            let y = (rng.next_u64() % (side - c + 1) as u64) as u32;
+                            SampleAug {
+                                template: templates[t].as_str(),
+                                crop: (x, y, c),
+                                first_part: rng.uniform() < first_part_prob,
+                            }
+                        })
+                        .collect();
+                    load_batch(&rows, &offsets, &tokenizer, &processor, Some(&augs)).await
+                }
+            },
+            self.step..cfg.max_steps,
+            cfg.data.prefetch_batches,
         )
     }
 
@@ -547,62 +590,6 @@ fn data_layout(cfg: &TrainClipConfig, rows: &CaptionRows, dp: &DataParallel) -> 
         ))
 }
 
-/// The training batches, read `cfg.data.prefetch_batches` ahead from micro-batch `step`, each
-/// sample augmented from its own random stream (template, first part, crop of an image of
-/// `side` px).
-fn start_loader(
-    cfg: &TrainClipConfig,
-    side: u32,
-    rows: &Arc<CaptionRows>,
-    tokenizer: &Arc<ClipTokenizer>,
-    processor: &ClipImageProcessor,
-    layout: DataLayout,
-    step: u64,
-) -> Result<Loader<ClipBatch>> {
-    let (rows, tokenizer, processor) = (rows.clone(), tokenizer.clone(), processor.clone());
-    let seed = cfg.seed;
-    let templates = Arc::new(cfg.data.caption_templates.clone());
-    let min_side = ((side as f64 * cfg.data.random_crop_scale).ceil() as u32).clamp(1, side);
-    let first_part_prob = cfg.data.first_part_prob;
-    Loader::start(
-        move |m| {
-            let (rows, tokenizer, processor, templates) = (
-                rows.clone(),
-                tokenizer.clone(),
-                processor.clone(),
-                templates.clone(),
-            );
-            async move {
-                let (epoch, positions) = layout.positions(m);
-                let perm = EpochPermutation::new(layout.train_rows(), seed, epoch);
-                let offsets: Vec<u64> = positions
-                    .iter()
-                    .map(|&p| rows.train[perm.apply(p) as usize])
-                    .collect();
-                // Each sample's template from its own stream, like every other draw.
-                let augs: Vec<SampleAug> = positions
-                    .iter()
-                    .map(|&p| {
-                        let mut rng = SampleRng::new(seed ^ AUGMENT_STREAM, epoch, p);
-                        let t = (rng.next_u64() % templates.len() as u64) as usize;
-                        let c = min_side + (rng.next_u64() % (side - min_side + 1) as u64) as u32;
-                        let x = (rng.next_u64() % (side - c + 1) as u64) as u32;
-                        let y = (rng.next_u64() % (side - c + 1) as u64) as u32;
-                        SampleAug {
-                            template: templates[t].as_str(),
-                            crop: (x, y, c),
-                            first_part: rng.uniform() < first_part_prob,
-                        }
-                    })
-                    .collect();
-                load_batch(&rows, &offsets, &tokenizer, &processor, Some(&augs)).await
-            }
-        },
-        step..cfg.max_steps,
-        cfg.data.prefetch_batches,
-    )
-}
-
 /// The run's tokenizer: trained by rank 0 on the training captions the first time and kept
 /// in `<output_dir>/tokenizer.json`, so a resumed run tokenizes exactly as before. Returns its
 /// JSON text and the loaded tokenizer.
@@ -710,7 +697,9 @@ async fn load_batch(
         None => b.captions,
     };
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let tokens = tokenizer.encode(&refs)?;
+    let tokens = tokenizer
+        .encode(&refs)
+        .map_err(|e| TrainerError::Loader(format!("tokenizing captions: {e}")))?;
     Ok(ClipBatch {
         pixels: Tensor::from_slice(&pixels).view([offsets.len() as i64, 3, side, side]),
         tokens,
