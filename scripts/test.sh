@@ -29,6 +29,12 @@ LOG=target/test-output.log
 set +e
 cargo test --workspace --all-targets "$@" 2>&1 | tee "$LOG"
 status=${PIPESTATUS[0]}
+# Each crate's lib.rs example (`--all-targets` leaves doctests out). rustdoc links them in a
+# temporary directory, where the binaries' relative rpath cannot find libtorch.
+LD_LIBRARY_PATH="$PWD/.libtorch/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  cargo test --workspace --doc --no-fail-fast "$@" 2>&1 | tee -a "$LOG"
+doc_status=${PIPESTATUS[0]}
+(( status != 0 )) || status=$doc_status
 set -e
 # One closing line for the whole run, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?/) p += $i; if ($(i+1) ~ /^failed;?/) f += $i } }

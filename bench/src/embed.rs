@@ -158,17 +158,47 @@ pub fn run(bench: &EmbedBench) -> Result<String> {
     let files = image_files(&bench.images, bench.limit)?;
     let n = files.len();
     let work = tempfile::tempdir()?;
-    // Repeated measurements alternate between ours, the model alone and Python, so that
-    // noise from a shared machine falls on all three alike; each reports its median.
-    let device = tch::Device::cuda_if_available();
-    let batches = n.div_ceil(bench.batch_size).clamp(3, 200);
-    let hf_config = work.path().join("hf-config.json");
-    if bench.python {
-        std::fs::write(&hf_config, serde_json::to_string(&bench.model.config())?)?;
-    }
     // One 1x copy of the images serves both our runs and Python's.
     let one_x = work.path().join("x1");
     layout(&files, &one_x.join("src"), 1)?;
+    let repeats = alternate(bench, &one_x, n)?;
+    let spread = repeats
+        .ours
+        .iter()
+        .map(|s| format!("{:.1}", s.images_per_s()))
+        .collect::<Vec<_>>();
+    let median = repeats.ours[repeats.ours.len() / 2].clone();
+    let mut runs = vec![(1usize, median)];
+    for &scale in bench.scales.iter().filter(|&&s| s != 1) {
+        let dir = work.path().join(format!("x{scale}"));
+        layout(&files, &dir.join("src"), scale)?;
+        eprintln!("end to end at {scale}x ({} images)...", n * scale);
+        runs.push((scale, run_embed(bench, &dir.join("src"), &dir)?));
+    }
+    let md = report(bench, n, &runs, &spread, &repeats)?;
+    if let Some(path) = &bench.write {
+        write_section(path, &format!("embed:{}", bench.model.name()), &md)?;
+    }
+    Ok(md)
+}
+
+/// The 1x measurements, each sorted by rate.
+struct Repeats {
+    ours: Vec<EmbedSummary>,
+    model_only: f64,
+    python: Option<Value>,
+}
+
+/// Repeated 1x measurements of the `n` images under `one_x/src`. They alternate between
+/// ours, the model alone and Python, so that noise from a shared machine falls on all three
+/// alike; each reports its median.
+fn alternate(bench: &EmbedBench, one_x: &Path, n: usize) -> Result<Repeats> {
+    let device = tch::Device::cuda_if_available();
+    let batches = n.div_ceil(bench.batch_size).clamp(3, 200);
+    let hf_config = one_x.join("hf-config.json");
+    if bench.python {
+        std::fs::write(&hf_config, serde_json::to_string(&bench.model.config())?)?;
+    }
     let (mut ours, mut model, mut python) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..bench.repeats.max(1) {
         eprintln!(
@@ -200,18 +230,22 @@ pub fn run(bench: &EmbedBench) -> Result<String> {
     python.sort_by(|a, b| py_rate(a).total_cmp(&py_rate(b)));
     let model_only = model[model.len() / 2];
     let python = (!python.is_empty()).then(|| python[python.len() / 2].clone());
-    let spread = ours
-        .iter()
-        .map(|s| format!("{:.1}", s.images_per_s()))
-        .collect::<Vec<_>>();
-    let mut runs = vec![(1usize, ours[ours.len() / 2].clone())];
-    for &scale in bench.scales.iter().filter(|&&s| s != 1) {
-        let dir = work.path().join(format!("x{scale}"));
-        layout(&files, &dir.join("src"), scale)?;
-        eprintln!("end to end at {scale}x ({} images)...", n * scale);
-        runs.push((scale, run_embed(bench, &dir.join("src"), &dir)?));
-    }
+    Ok(Repeats {
+        ours,
+        model_only,
+        python,
+    })
+}
 
+/// The markdown section: the 1x table beside the model alone and Python, then the scales.
+fn report(
+    bench: &EmbedBench,
+    n: usize,
+    runs: &[(usize, EmbedSummary)],
+    spread: &[String],
+    repeats: &Repeats,
+) -> Result<String> {
+    let (model_only, python) = (repeats.model_only, &repeats.python);
     let (_, base) = &runs[0];
     let e2e = base.images_per_s();
     let mut md = String::new();
@@ -276,7 +310,7 @@ pub fn run(bench: &EmbedBench) -> Result<String> {
     writeln!(md)?;
     writeln!(md, "| input | images | end-to-end img/s | peak RSS MiB |")?;
     writeln!(md, "|---|---:|---:|---:|")?;
-    for (scale, s) in &runs {
+    for (scale, s) in runs {
         writeln!(
             md,
             "| {scale}x | {} | {:.1} | {:.0} |",
@@ -294,9 +328,6 @@ pub fn run(bench: &EmbedBench) -> Result<String> {
             p["peak_rss_self_mb"].as_f64().unwrap_or(f64::NAN),
             p["peak_rss_children_mb"].as_f64().unwrap_or(f64::NAN)
         )?;
-    }
-    if let Some(path) = &bench.write {
-        write_section(path, &format!("embed:{}", bench.model.name()), &md)?;
     }
     Ok(md)
 }

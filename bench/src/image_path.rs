@@ -171,11 +171,42 @@ fn run_python(args: &BenchImagePathArgs, dir: &Path) -> Result<Value> {
     )
 }
 
+/// Rates of one pass set, in images per second.
+struct Measured {
+    files: usize,
+    mean_kib: f64,
+    need: u32,
+    decode_draft: f64,
+    decode_full: f64,
+    decode_small: f64,
+    ours_draft: f64,
+    ours_full: f64,
+    /// Per stored format: rate of the whole record and mean bytes of the stored image.
+    stored: Vec<(StoredFormat, f64, f64)>,
+}
+
 /// Runs the benchmark and returns the markdown section.
 pub fn run(args: &BenchImagePathArgs) -> Result<String> {
     let dir = args.work.join(format!("jpeg{}", args.max_side));
     eprintln!("generating {} JPEGs in {}...", args.images, dir.display());
     let files = make_jpegs(&dir, args.images, args.max_side)?;
+    let measured = measure(args, &files);
+    let python = if args.no_python {
+        None
+    } else {
+        eprintln!("python reference...");
+        Some(run_python(args, &dir)?)
+    };
+    let md = report(args, &dir, &measured, python.as_ref())?;
+    if args.out.as_os_str() != "-" {
+        super::write_section(&args.out, "image-path", &md)?;
+    }
+    Ok(md)
+}
+
+/// Our rates on `files`: decode alone, decode + CLIP input, and the whole record per
+/// stored format.
+fn measure(args: &BenchImagePathArgs, files: &[Vec<u8>]) -> Measured {
     let mean_kib = files.iter().map(Vec::len).sum::<usize>() as f64 / files.len() as f64 / 1024.0;
     let processor = ClipImageProcessor::for_image_size(args.clip_px);
     let need = args.clip_px.max(args.stored_px);
@@ -191,12 +222,12 @@ pub fn run(args: &BenchImagePathArgs) -> Result<String> {
         processor.preprocess_into(&img.rgb, &mut pixels);
     };
     eprintln!("ours: decode + CLIP input...");
-    let ours_draft = per_second(&files, args.passes, |f| preprocess(&drafted, f));
-    let ours_full = per_second(&files, args.passes, |f| preprocess(&full, f));
-    let decode_draft = per_second(&files, args.passes, |f| {
+    let ours_draft = per_second(files, args.passes, |f| preprocess(&drafted, f));
+    let ours_full = per_second(files, args.passes, |f| preprocess(&full, f));
+    let decode_draft = per_second(files, args.passes, |f| {
         decode_image(f, &drafted).expect("decodes");
     });
-    let decode_full = per_second(&files, args.passes, |f| {
+    let decode_full = per_second(files, args.passes, |f| {
         decode_image(f, &full).expect("decodes");
     });
     // What a CLIP whose input is no larger than the stored image drafts to.
@@ -204,7 +235,7 @@ pub fn run(args: &BenchImagePathArgs) -> Result<String> {
         jpeg_draft_px: args.stored_px,
         ..Default::default()
     };
-    let decode_small = per_second(&files, args.passes, |f| {
+    let decode_small = per_second(files, args.passes, |f| {
         decode_image(f, &small).expect("decodes");
     });
     let mut stored = Vec::new();
@@ -222,37 +253,43 @@ pub fn run(args: &BenchImagePathArgs) -> Result<String> {
             processor: processor.clone(),
         };
         let (mut bytes, mut pixels) = (0usize, Vec::new());
-        let rate = per_second(&files, args.passes, |f| {
+        let rate = per_second(files, args.passes, |f| {
             pixels.clear();
             bytes += prep.prepare(f, &mut pixels).expect("prepares").1.len();
         });
         let mean_bytes = bytes as f64 / (files.len() * (args.passes.max(1) + 1)) as f64;
         stored.push((format, rate, mean_bytes));
     }
-    let python = if args.no_python {
-        None
-    } else {
-        eprintln!("python reference...");
-        Some(run_python(args, &dir)?)
-    };
-    let py = |key: &str| {
-        python
-            .as_ref()
-            .and_then(|p| p[key].as_f64())
-            .unwrap_or(f64::NAN)
-    };
+    Measured {
+        files: files.len(),
+        mean_kib,
+        need,
+        decode_draft,
+        decode_full,
+        decode_small,
+        ours_draft,
+        ours_full,
+        stored,
+    }
+}
 
+/// The markdown section: our rates beside Python's, where it ran.
+fn report(
+    args: &BenchImagePathArgs,
+    dir: &Path,
+    m: &Measured,
+    python: Option<&Value>,
+) -> Result<String> {
+    let py = |key: &str| python.and_then(|p| p[key].as_f64()).unwrap_or(f64::NAN);
     let mut md = String::new();
     writeln!(
         md,
         "### image path, one thread: {} JPEGs → {} px CLIP input + {} px stored image",
-        files.len(),
-        args.clip_px,
-        args.stored_px
+        m.files, args.clip_px, args.stored_px
     )?;
     writeln!(md)?;
-    writeln!(md, "Machine: {}. Build: {}. Images: generated photo-like JPEGs, longest side {} at 1:1, 4:3, 3:4, 3:2, 2:3, quality 90, 4:2:0, {mean_kib:.1} KiB on average (`{}`). Medians of {} passes.", super::machine(), super::build_profile(), args.max_side, dir.display(), args.passes)?;
-    if let Some(p) = &python {
+    writeln!(md, "Machine: {}. Build: {}. Images: generated photo-like JPEGs, longest side {} at 1:1, 4:3, 3:4, 3:2, 2:3, quality 90, 4:2:0, {:.1} KiB on average (`{}`). Medians of {} passes.", super::machine(), super::build_profile(), args.max_side, m.mean_kib, dir.display(), args.passes)?;
+    if let Some(p) = python {
         writeln!(
             md,
             "Peer: Pillow {} (libjpeg-turbo), transformers {} `CLIPImageProcessorPil`, one thread.",
@@ -279,33 +316,33 @@ pub fn run(args: &BenchImagePathArgs) -> Result<String> {
     };
     row(
         &mut md,
-        &format!("decode, drafted to ≥ {need} px"),
-        decode_draft,
+        &format!("decode, drafted to ≥ {} px", m.need),
+        m.decode_draft,
         f64::NAN,
     )?;
-    row(&mut md, "decode, full size", decode_full, f64::NAN)?;
+    row(&mut md, "decode, full size", m.decode_full, f64::NAN)?;
     row(
         &mut md,
         &format!(
             "decode, drafted to ≥ {} px (a CLIP input no larger)",
             args.stored_px
         ),
-        decode_small,
+        m.decode_small,
         f64::NAN,
     )?;
     row(
         &mut md,
         &format!("decode drafted + {} px CLIP input", args.clip_px),
-        ours_draft,
+        m.ours_draft,
         py("draft_preprocess_img_per_s"),
     )?;
     row(
         &mut md,
         &format!("decode full size + {} px CLIP input", args.clip_px),
-        ours_full,
+        m.ours_full,
         py("full_preprocess_img_per_s"),
     )?;
-    let png = stored[0].1;
+    let png = m.stored[0].1;
     row(
         &mut md,
         &format!(
@@ -321,11 +358,8 @@ pub fn run(args: &BenchImagePathArgs) -> Result<String> {
         "| stored image (`embed.output.image_format`) | whole record img/s | bytes per image |"
     )?;
     writeln!(md, "|---|---:|---:|")?;
-    for (format, rate, bytes) in &stored {
+    for (format, rate, bytes) in &m.stored {
         writeln!(md, "| {} | {rate:.1} | {bytes:.0} |", format.name())?;
-    }
-    if args.out.as_os_str() != "-" {
-        super::write_section(&args.out, "image-path", &md)?;
     }
     Ok(md)
 }

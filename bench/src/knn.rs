@@ -17,7 +17,7 @@ use knn_cluster::job::Stage;
 use knn_datasets::StorageConfig;
 use knn_indexer::knn::quantizer::sample_offsets;
 use knn_indexer::knn::search::{exact_knn, Exclusion};
-use knn_indexer::knn::synthetic::{clustered, write_vectors};
+use knn_indexer::knn::synthetic::{clustered, write_vectors, Clustered};
 use knn_indexer::knn::{build_index, IndexConfig, KnnSummary, Retriever, RetrieverOptions};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
@@ -304,54 +304,7 @@ async fn one_size(args: &BenchKnnArgs, n: usize) -> Result<Row> {
         None
     } else {
         eprintln!("bench knn: faiss-cpu IVF-Flat");
-        let row_of: HashMap<u64, i64> = data
-            .ids
-            .iter()
-            .enumerate()
-            .map(|(i, &id)| (id, i as i64))
-            .collect();
-        write_npy_f32(&work.join("vectors.npy"), &data.emb)?;
-        write_npy_i64(
-            &work.join("gt_queries.npy"),
-            &sample,
-            &format!("({},)", sample.len()),
-        )?;
-        let gt_rows: Vec<i64> = truth.iter().flatten().map(|id| row_of[id]).collect();
-        write_npy_i64(
-            &work.join("gt.npy"),
-            &gt_rows,
-            &format!("({}, {K})", sample.len()),
-        )?;
-        let out = Command::new(".venv/bin/python")
-            .arg("python/bench_knn_faiss.py")
-            .arg("--vectors")
-            .arg(work.join("vectors.npy"))
-            .arg("--gt-queries")
-            .arg(work.join("gt_queries.npy"))
-            .arg("--gt")
-            .arg(work.join("gt.npy"))
-            .args([
-                "--k",
-                &K.to_string(),
-                "--target-recall",
-                "0.99",
-                "--threads",
-            ])
-            .arg(
-                std::thread::available_parallelism()
-                    .map_or(1, |n| n.get())
-                    .to_string(),
-            )
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .context(
-                "running .venv/bin/python python/bench_knn_faiss.py (from the repository root)",
-            )?;
-        if !out.status.success() {
-            bail!("faiss peer failed ({})", out.status);
-        }
-        std::fs::remove_file(work.join("vectors.npy"))?;
-        Some(serde_json::from_slice::<Value>(&out.stdout).context("faiss peer output")?)
+        Some(run_faiss(&work, &data, &sample, &truth)?)
     };
 
     let lance = if args.no_lance {
@@ -374,6 +327,57 @@ async fn one_size(args: &BenchKnnArgs, n: usize) -> Result<Row> {
         faiss,
         lance,
     })
+}
+
+/// The faiss-cpu IVF-Flat peer on the same vectors, tuned to the same recall of the exact
+/// neighbours `truth` of the rows `sample`.
+fn run_faiss(work: &Path, data: &Clustered, sample: &[i64], truth: &[Vec<u64>]) -> Result<Value> {
+    let row_of: HashMap<u64, i64> = data
+        .ids
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| (id, i as i64))
+        .collect();
+    write_npy_f32(&work.join("vectors.npy"), &data.emb)?;
+    write_npy_i64(
+        &work.join("gt_queries.npy"),
+        sample,
+        &format!("({},)", sample.len()),
+    )?;
+    let gt_rows: Vec<i64> = truth.iter().flatten().map(|id| row_of[id]).collect();
+    write_npy_i64(
+        &work.join("gt.npy"),
+        &gt_rows,
+        &format!("({}, {K})", sample.len()),
+    )?;
+    let out = Command::new(".venv/bin/python")
+        .arg("python/bench_knn_faiss.py")
+        .arg("--vectors")
+        .arg(work.join("vectors.npy"))
+        .arg("--gt-queries")
+        .arg(work.join("gt_queries.npy"))
+        .arg("--gt")
+        .arg(work.join("gt.npy"))
+        .args([
+            "--k",
+            &K.to_string(),
+            "--target-recall",
+            "0.99",
+            "--threads",
+        ])
+        .arg(
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .to_string(),
+        )
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running .venv/bin/python python/bench_knn_faiss.py (from the repository root)")?;
+    if !out.status.success() {
+        bail!("faiss peer failed ({})", out.status);
+    }
+    std::fs::remove_file(work.join("vectors.npy"))?;
+    serde_json::from_slice::<Value>(&out.stdout).context("faiss peer output")
 }
 
 /// Runs the benchmark and returns the markdown section.

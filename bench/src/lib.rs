@@ -15,6 +15,32 @@
 //! image-path   one decode thread vs Pillow + HF's processor
 //! plot         BENCHMARKS.md's figures from their measured points
 //! ```
+//!
+//! A benchmark run from its flags, as `knn-diffusion bench allreduce …` runs it; its section
+//! lands between its markers in the file `--out` names (here two in-process ranks over TCP,
+//! without the torch.distributed peer):
+//!
+//! ```
+//! use clap::Parser;
+//! use knn_bench::BenchCommand;
+//!
+//! #[derive(Parser)]
+//! struct Cli {
+//!     #[command(subcommand)]
+//!     bench: BenchCommand,
+//! }
+//!
+//! let dir = tempfile::tempdir()?;
+//! let out = dir.path().join("BENCHMARKS.md");
+//! let cli = Cli::try_parse_from([
+//!     "bench", "allreduce", "--mib", "1", "--rounds", "2", "--warmup", "1", "--repeats", "1",
+//!     "--no-peer", "--out", out.to_str().unwrap(),
+//! ])?;
+//! knn_bench::run(cli.bench, &tokio::runtime::Runtime::new()?)?;
+//! let written = std::fs::read_to_string(&out)?;
+//! assert!(written.contains("<!-- bench:allreduce"), "{written}");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod allreduce;
 pub mod embed;
@@ -22,12 +48,12 @@ pub mod image_path;
 pub mod knn;
 pub mod loader;
 pub mod plot;
-#[path = "../../tests/support/s3_server.rs"]
-mod s3_server;
 pub mod scale;
 pub mod scale_embed;
 pub mod train;
 pub mod train_clip;
+
+use knn_test_support::s3_server;
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;

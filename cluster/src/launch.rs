@@ -40,25 +40,61 @@ impl LocalLaunch {
     /// checkpoint and exit), then killed after the grace period; `stop` set by the caller
     /// (a signal to the launcher) is forwarded the same way.
     pub fn run(&self, stop: &AtomicBool) -> Result<Vec<ExitStatus>, ClusterError> {
+        let port = self.rendezvous_port()?;
+        let world = self.nproc_per_node * self.nnodes;
+        let (mut children, printers) = self.spawn_all(world, port)?;
+        tracing::info!(
+            world,
+            node = self.node_rank,
+            port,
+            "started {} processes",
+            children.len()
+        );
+        let statuses = self.supervise(&mut children, stop);
+        for p in printers {
+            let _ = p.join();
+        }
+        let bad: Vec<String> = children
+            .iter()
+            .zip(&statuses)
+            .filter(|(_, s)| !s.success())
+            .map(|((rank, _), s)| format!("rank {rank} {s}"))
+            .collect();
+        if bad.is_empty() {
+            Ok(statuses)
+        } else {
+            Err(ClusterError::Failed {
+                failed: bad.len(),
+                total: statuses.len(),
+                detail: bad.join(", "),
+                codes: statuses.iter().map(|s| s.code()).collect(),
+            })
+        }
+    }
+
+    /// The layout checked, and the port rank 0's store listens on.
+    fn rendezvous_port(&self) -> Result<u16, ClusterError> {
         if self.nproc_per_node == 0 || self.nnodes == 0 || self.node_rank >= self.nnodes {
             return Err(ClusterError::Unrunnable(format!(
                 "node {} of {} with {} processes per node is not a valid layout",
                 self.node_rank, self.nnodes, self.nproc_per_node
             )));
         }
-        let port = match self.master_port {
-            0 if self.nnodes > 1 => {
-                return Err(ClusterError::Unrunnable(
-                    "a job over several nodes needs --master-port".into(),
-                ))
-            }
+        match self.master_port {
+            0 if self.nnodes > 1 => Err(ClusterError::Unrunnable(
+                "a job over several nodes needs --master-port".into(),
+            )),
             0 => free_port().map_err(|source| ClusterError::Io {
                 path: "127.0.0.1:0".into(),
                 source,
-            })?,
-            p => p,
-        };
-        let world = self.nproc_per_node * self.nnodes;
+            }),
+            p => Ok(p),
+        }
+    }
+
+    /// This node's processes, each with its rank, and the threads that print their stderr
+    /// tagged with it. A failed spawn kills the ones already started.
+    fn spawn_all(&self, world: usize, port: u16) -> Result<Spawned, ClusterError> {
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .div_euclid(self.nproc_per_node)
@@ -108,14 +144,12 @@ impl LocalLaunch {
             }
             children.push((rank, child));
         }
-        tracing::info!(
-            world,
-            node = self.node_rank,
-            port,
-            "started {} processes",
-            children.len()
-        );
+        Ok((children, printers))
+    }
 
+    /// Waits for every process; once one fails or `stop` is set, SIGTERM to the rest, and
+    /// a kill after the grace period.
+    fn supervise(&self, children: &mut [(usize, Child)], stop: &AtomicBool) -> Vec<ExitStatus> {
         let mut status: Vec<Option<ExitStatus>> = vec![None; children.len()];
         let mut stopping_since: Option<Instant> = None;
         loop {
@@ -148,29 +182,12 @@ impl LocalLaunch {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        for p in printers {
-            let _ = p.join();
-        }
-        let statuses: Vec<ExitStatus> =
-            status.into_iter().map(|s| s.expect("all exited")).collect();
-        let bad: Vec<String> = children
-            .iter()
-            .zip(&statuses)
-            .filter(|(_, s)| !s.success())
-            .map(|((rank, _), s)| format!("rank {rank} {s}"))
-            .collect();
-        if bad.is_empty() {
-            Ok(statuses)
-        } else {
-            Err(ClusterError::Failed {
-                failed: bad.len(),
-                total: statuses.len(),
-                detail: bad.join(", "),
-                codes: statuses.iter().map(|s| s.code()).collect(),
-            })
-        }
+        status.into_iter().map(|s| s.expect("all exited")).collect()
     }
 }
+
+/// This node's processes with their ranks, and the threads printing their stderr.
+type Spawned = (Vec<(usize, Child)>, Vec<std::thread::JoinHandle<()>>);
 
 fn signal_all(children: &[(usize, Child)], sig: i32) {
     for (_, c) in children {
@@ -205,126 +222,134 @@ pub fn submit(
     stop: &AtomicBool,
 ) -> Result<Submitted, ClusterError> {
     match backend {
-        BackendKind::Local => {
-            let r = &job.cfg.resources;
-            if r.nodes > 1 {
-                return Err(ClusterError::Unrunnable(format!(
-                    "job `{}` asks for {} nodes; the local backend runs on this machine only (use slurm or kubernetes)",
-                    job.file.display(),
-                    r.nodes
-                )));
-            }
-            let launch = LocalLaunch {
-                program: job.binary.clone(),
-                args: job.stage_args(&job.stage_config.display().to_string()),
-                nproc_per_node: job.processes(),
-                nnodes: 1,
-                node_rank: 0,
-                master_addr: "127.0.0.1".into(),
-                master_port: 0,
-                workdir: Some(job.workdir.clone()),
-                grace_s: job.cfg.slurm.signal_grace_s.max(30),
-            };
-            if dry_run {
-                let env = match job.processes() {
-                    1 => String::new(),
-                    n => format!("RANK=0..{} WORLD_SIZE={n} MASTER_ADDR=127.0.0.1 ", n - 1),
-                };
-                return Ok(Submitted::DryRun(format!(
-                    "cd {} && {env}{} {}\n",
-                    job.workdir.display(),
-                    launch.program.display(),
-                    launch.args.join(" ")
-                )));
-            }
-            launch.run(stop)?;
-            Ok(Submitted::Local {
-                processes: job.processes(),
-            })
-        }
-        BackendKind::Slurm => {
-            let script = job.sbatch_script();
-            if dry_run {
-                return Ok(Submitted::DryRun(script));
-            }
-            let dir = job.workdir.join(".knn-jobs");
-            std::fs::create_dir_all(&dir).map_err(|source| ClusterError::Io {
-                path: dir.clone(),
-                source,
-            })?;
-            let stamp = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis());
-            let path = dir.join(format!("{}-{stamp}.sbatch", job.cfg.job.name));
-            std::fs::write(&path, &script).map_err(|source| ClusterError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            let out = Command::new("sbatch")
-                .arg("--parsable")
-                .arg(&path)
-                .current_dir(&job.workdir)
-                .output()
-                .map_err(|source| ClusterError::Spawn {
-                    program: "sbatch".into(),
-                    hint: "; is this a Slurm login node? `--dry-run` prints the script instead",
-                    source,
-                })?;
-            if !out.status.success() {
-                return Err(ClusterError::Refused {
-                    program: "sbatch".into(),
-                    status: out.status.to_string(),
-                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-                });
-            }
-            let text = String::from_utf8_lossy(&out.stdout);
-            let job_id = text.trim().split(';').next().unwrap_or("").to_string();
-            Ok(Submitted::Slurm {
-                job_id,
-                script: path,
-            })
-        }
-        BackendKind::Kubernetes => {
-            let text =
-                std::fs::read_to_string(&job.stage_config).map_err(|source| ClusterError::Io {
-                    path: job.stage_config.clone(),
-                    source,
-                })?;
-            let manifest = job.kubernetes_manifest(&text)?;
-            if dry_run {
-                return Ok(Submitted::DryRun(manifest));
-            }
-            let mut child = Command::new("kubectl")
-                .args(["apply", "-f", "-"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .map_err(|source| ClusterError::Spawn {
-                    program: "kubectl".into(),
-                    hint: "; install kubectl and select a context, or use `--dry-run` and apply the manifest yourself",
-                    source,
-                })?;
-            if let Some(mut stdin) = child.stdin.take() {
-                let _ = stdin.write_all(manifest.as_bytes());
-            }
-            let out = child
-                .wait_with_output()
-                .map_err(|source| ClusterError::Spawn {
-                    program: "kubectl".into(),
-                    hint: "",
-                    source,
-                })?;
-            if !out.status.success() {
-                return Err(ClusterError::Refused {
-                    program: "kubectl apply".into(),
-                    status: out.status.to_string(),
-                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-                });
-            }
-            Ok(Submitted::Kubernetes {
-                output: String::from_utf8_lossy(&out.stdout).trim().to_string(),
-            })
-        }
+        BackendKind::Local => submit_local(job, dry_run, stop),
+        BackendKind::Slurm => submit_slurm(job, dry_run),
+        BackendKind::Kubernetes => submit_kubernetes(job, dry_run),
     }
+}
+
+/// Runs the job's processes on this machine to the end.
+fn submit_local(job: &Job, dry_run: bool, stop: &AtomicBool) -> Result<Submitted, ClusterError> {
+    let r = &job.cfg.resources;
+    if r.nodes > 1 {
+        return Err(ClusterError::Unrunnable(format!(
+            "job `{}` asks for {} nodes; the local backend runs on this machine only (use slurm or kubernetes)",
+            job.file.display(),
+            r.nodes
+        )));
+    }
+    let launch = LocalLaunch {
+        program: job.binary.clone(),
+        args: job.stage_args(&job.stage_config.display().to_string()),
+        nproc_per_node: job.processes(),
+        nnodes: 1,
+        node_rank: 0,
+        master_addr: "127.0.0.1".into(),
+        master_port: 0,
+        workdir: Some(job.workdir.clone()),
+        grace_s: job.cfg.slurm.signal_grace_s.max(30),
+    };
+    if dry_run {
+        let env = match job.processes() {
+            1 => String::new(),
+            n => format!("RANK=0..{} WORLD_SIZE={n} MASTER_ADDR=127.0.0.1 ", n - 1),
+        };
+        return Ok(Submitted::DryRun(format!(
+            "cd {} && {env}{} {}\n",
+            job.workdir.display(),
+            launch.program.display(),
+            launch.args.join(" ")
+        )));
+    }
+    launch.run(stop)?;
+    Ok(Submitted::Local {
+        processes: job.processes(),
+    })
+}
+
+/// Writes the sbatch script under `.knn-jobs/` and queues it.
+fn submit_slurm(job: &Job, dry_run: bool) -> Result<Submitted, ClusterError> {
+    let script = job.sbatch_script();
+    if dry_run {
+        return Ok(Submitted::DryRun(script));
+    }
+    let dir = job.workdir.join(".knn-jobs");
+    std::fs::create_dir_all(&dir).map_err(|source| ClusterError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let path = dir.join(format!("{}-{stamp}.sbatch", job.cfg.job.name));
+    std::fs::write(&path, &script).map_err(|source| ClusterError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let out = Command::new("sbatch")
+        .arg("--parsable")
+        .arg(&path)
+        .current_dir(&job.workdir)
+        .output()
+        .map_err(|source| ClusterError::Spawn {
+            program: "sbatch".into(),
+            hint: "; is this a Slurm login node? `--dry-run` prints the script instead",
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(ClusterError::Refused {
+            program: "sbatch".into(),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let job_id = text.trim().split(';').next().unwrap_or("").to_string();
+    Ok(Submitted::Slurm {
+        job_id,
+        script: path,
+    })
+}
+
+/// Pipes the manifest to `kubectl apply`.
+fn submit_kubernetes(job: &Job, dry_run: bool) -> Result<Submitted, ClusterError> {
+    let text = std::fs::read_to_string(&job.stage_config).map_err(|source| ClusterError::Io {
+        path: job.stage_config.clone(),
+        source,
+    })?;
+    let manifest = job.kubernetes_manifest(&text)?;
+    if dry_run {
+        return Ok(Submitted::DryRun(manifest));
+    }
+    let mut child = Command::new("kubectl")
+        .args(["apply", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| ClusterError::Spawn {
+            program: "kubectl".into(),
+            hint: "; install kubectl and select a context, or use `--dry-run` and apply the manifest yourself",
+            source,
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(manifest.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|source| ClusterError::Spawn {
+            program: "kubectl".into(),
+            hint: "",
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(ClusterError::Refused {
+            program: "kubectl apply".into(),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(Submitted::Kubernetes {
+        output: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    })
 }

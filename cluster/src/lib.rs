@@ -14,6 +14,41 @@
 //! Slurm step (`SLURM_PROCID` / `SLURM_NTASKS`), torch-style `RANK` / `WORLD_SIZE`, or a
 //! Kubernetes Indexed Job (`JOB_COMPLETION_INDEX`, with the count from flags). A process
 //! alone is worker 0 of 1.
+//!
+//! Two ranks of a job meeting through rank 0's store and averaging a tensor, as the
+//! launcher's environment (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`) tells them:
+//!
+//! ```
+//! use knn_cluster::group::{join, Backend, GroupOptions};
+//! use knn_cluster::launch::free_port;
+//! use knn_cluster::rendezvous::Rendezvous;
+//! use tch::{Device, Tensor};
+//!
+//! let port = free_port()?.to_string();
+//! let ranks: Vec<_> = (0..2)
+//!     .map(|rank| {
+//!         let port = port.clone();
+//!         std::thread::spawn(move || -> knn_cluster::Result<Vec<f32>> {
+//!             let env = |key: &str| match key {
+//!                 "RANK" => Some(rank.to_string()),
+//!                 "WORLD_SIZE" => Some("2".to_string()),
+//!                 "MASTER_ADDR" => Some("127.0.0.1".to_string()),
+//!                 "MASTER_PORT" => Some(port.clone()),
+//!                 _ => None,
+//!             };
+//!             let rdv = Rendezvous::resolve(env)?;
+//!             let mut group = join(&rdv, Backend::Tcp, Device::Cpu, GroupOptions::default())?;
+//!             let grad = Tensor::from_slice(&[rank as f32, 10.0 * rank as f32]);
+//!             group.all_reduce_mean(std::slice::from_ref(&grad))?;
+//!             Ok(Vec::try_from(&grad).expect("f32 values"))
+//!         })
+//!     })
+//!     .collect();
+//! for rank in ranks {
+//!     assert_eq!(rank.join().unwrap()?, vec![0.5, 5.0]);
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod error;
 pub mod group;

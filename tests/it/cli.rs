@@ -363,17 +363,7 @@ async fn the_embedded_default_config_runs() {
     );
     let dir = tempfile::tempdir().unwrap();
     let table = dir.path().join("stickers.lance");
-    let o = run(bin().args([
-        "embed",
-        "--config",
-        "configs/stickers.toml",
-        "--set",
-        "embed.pipeline.max_shards=1",
-        "--set",
-        "embed.clip.checkpoint=\"\"",
-        "--set",
-        &format!("embed.output.table={}", table.display()),
-    ]));
+    let o = embed_default(&table, &[]);
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert!(
@@ -448,11 +438,35 @@ async fn the_embedded_default_config_runs() {
     );
     assert!(t.contains("denoising steps"), "shows progress: {t}");
 
-    // Another CLIP (another seed) for the prompt: the model was trained on this one's space.
+    assert_sample_refuses_mistakes(dir.path(), &set_table, &set_out, &grid);
+}
+
+/// `embed` on the embedded default's first shard with a random CLIP, into `table`, with
+/// `--set` for each of `sets` too.
+fn embed_default(table: &Path, sets: &[&str]) -> std::process::Output {
+    let mut cmd = bin();
+    cmd.args(["embed", "--config", "configs/stickers.toml"]);
+    let out = format!("embed.output.table={}", table.display());
+    for s in [
+        "embed.pipeline.max_shards=1",
+        "embed.clip.checkpoint=\"\"",
+        &out,
+    ]
+    .into_iter()
+    .chain(sets.iter().copied())
+    {
+        cmd.args(["--set", s]);
+    }
+    run(&mut cmd)
+}
+
+/// `sample` on the default's model refuses what a new user mistypes, naming the flag and
+/// leaving nothing behind, and refuses a prompt or table from another CLIP.
+fn assert_sample_refuses_mistakes(dir: &Path, set_table: &str, set_out: &str, grid: &Path) {
     let other = |extra: &[&str]| {
         let mut cmd = bin();
         cmd.args(["sample", "--config", "configs/stickers.toml"]);
-        for s in [&set_table, &set_out, "embed.clip.checkpoint=\"\""] {
+        for s in [set_table, set_out, "embed.clip.checkpoint=\"\""] {
             cmd.args(["--set", s]);
         }
         cmd.args(extra).args([
@@ -475,13 +489,10 @@ async fn the_embedded_default_config_runs() {
     );
     let t = other(&["--prompt", " "]);
     assert!(t.contains("prompt 1 of 2 is empty"), "{t}");
-    let missing = dir.path().join("no/such/checkpoints");
+    let missing = dir.join("no/such/checkpoints");
     let t = other(&["--checkpoint", missing.to_str().unwrap()]);
     assert!(t.contains("does not exist"), "{t}");
-    assert!(
-        !dir.path().join("no").exists(),
-        "sample created {missing:?}"
-    );
+    assert!(!dir.join("no").exists(), "sample created {missing:?}");
     let t = other(&["--checkpoint", "README.md"]);
     assert!(t.contains("is a file, not a checkpoint directory"), "{t}");
     let t = other(&["--set", "embed.clip.random_seed=7"]);
@@ -490,20 +501,8 @@ async fn the_embedded_default_config_runs() {
         "names both CLIPs: {t}"
     );
     // A retrieval table of another CLIP is refused too, naming it.
-    let table7 = dir.path().join("seed7.lance");
-    let o = run(bin().args([
-        "embed",
-        "--config",
-        "configs/stickers.toml",
-        "--set",
-        "embed.pipeline.max_shards=1",
-        "--set",
-        "embed.clip.checkpoint=\"\"",
-        "--set",
-        "embed.clip.random_seed=7",
-        "--set",
-        &format!("embed.output.table={}", table7.display()),
-    ]));
+    let table7 = dir.join("seed7.lance");
+    let o = embed_default(&table7, &["embed.clip.random_seed=7"]);
     assert!(o.status.success(), "{}", text(&o));
     let t = other(&["--retrieval-db", table7.to_str().unwrap()]);
     assert!(

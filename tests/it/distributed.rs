@@ -409,10 +409,7 @@ fn captioned_job(dir: &Path) -> PathBuf {
         ],
     )
     .unwrap();
-    let mut bytes = Vec::new();
-    let mut w = parquet::arrow::ArrowWriter::try_new(&mut bytes, schema, None).unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
+    let bytes = crate::parquet::parquet_bytes(&batch);
     std::fs::write(data.join("part-0.parquet"), bytes).unwrap();
     let cfg = dir.join("clip.toml");
     std::fs::write(

@@ -144,6 +144,32 @@ async fn quick_eval_reports_every_comparison_and_reruns_from_its_cache() {
     );
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let prompts = assert_report(&report, dir.path(), &out);
+    // One grid row each: held-out, NN retrieval, k = 0, the sweep's three, the swap.
+    let grid = image::open(out.join("grids/seed-0.png")).unwrap();
+    let cols = prompts.min(8) as u32;
+    assert_eq!((grid.width(), grid.height()), (cols * 16, 7 * 16));
+
+    // A rerun finds every arm trained and measures the same numbers (same noise).
+    let t = stage(&cfg, &["eval", "--quick"]);
+    assert!(t.contains("0 arms trained now"), "{t}");
+    assert!(
+        !t.contains("in child processes"),
+        "nothing left to train: {t}"
+    );
+    let again: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(again["seeds"][0]["sweep"], report["seeds"][0]["sweep"]);
+    assert_eq!(again["claims"], report["claims"]);
+
+    assert_a_given_checkpoint_is_taken(dir.path(), &out, &report);
+
+    assert_bad_settings_are_named(&cfg, dir.path());
+}
+
+/// Checks each seed's sweep, k = 0, swap and buckets, the tables eval made and the claims;
+/// returns how many held-out prompts were scored.
+fn assert_report(report: &Value, dir: &Path, out: &Path) -> u64 {
     let seeds = report["seeds"].as_array().unwrap();
     assert_eq!(seeds.len(), 3, "three seeds by default");
     let prompts = report["facts"]["prompts"].as_u64().unwrap();
@@ -181,8 +207,8 @@ async fn quick_eval_reports_every_comparison_and_reruns_from_its_cache() {
     }
     assert_eq!(report["styles"], serde_json::json!(["own", "alt"]));
     // The swap table was embedded with the pipeline's CLIP; the kNN arm needed k = 4 > 3.
-    assert!(dir.path().join("eval/tables/alt.lance").is_dir());
-    assert!(dir.path().join("eval/tables/knn-k4.lance").is_dir());
+    assert!(dir.join("eval/tables/alt.lance").is_dir());
+    assert!(dir.join("eval/tables/knn-k4.lance").is_dir());
     let claims: Vec<&str> = report["claims"]
         .as_array()
         .unwrap()
@@ -204,25 +230,12 @@ async fn quick_eval_reports_every_comparison_and_reruns_from_its_cache() {
     ] {
         assert!(md.contains(needle), "{needle}: {md}");
     }
-    // One grid row each: held-out, NN retrieval, k = 0, the sweep's three, the swap.
-    let grid = image::open(out.join("grids/seed-0.png")).unwrap();
-    let cols = prompts.min(8) as u32;
-    assert_eq!((grid.width(), grid.height()), (cols * 16, 7 * 16));
+    prompts
+}
 
-    // A rerun finds every arm trained and measures the same numbers (same noise).
-    let t = stage(&cfg, &["eval", "--quick"]);
-    assert!(t.contains("0 arms trained now"), "{t}");
-    assert!(
-        !t.contains("in child processes"),
-        "nothing left to train: {t}"
-    );
-    let again: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
-    assert_eq!(again["seeds"][0]["sweep"], report["seeds"][0]["sweep"]);
-    assert_eq!(again["claims"], report["claims"]);
-
-    // An arm given as a checkpoint is taken as it is (here the one just trained, copied).
-    let copy = dir.path().join("given");
+/// An arm given as a checkpoint is taken as it is (here the one just trained, copied).
+fn assert_a_given_checkpoint_is_taken(dir: &Path, out: &Path, report: &Value) {
+    let copy = dir.join("given");
     let from = out.join("arms/seed-0/none/checkpoints");
     let o = std::process::Command::new("cp")
         .arg("-r")
@@ -235,7 +248,7 @@ async fn quick_eval_reports_every_comparison_and_reruns_from_its_cache() {
         "[[eval.checkpoints]]\nseed = 0\narm = \"none\"\nurl = \"{}\"\n",
         copy.display()
     );
-    let t = stage(&config(dir.path(), &given), &["eval", "--quick"]);
+    let t = stage(&config(dir, &given), &["eval", "--quick"]);
     assert!(t.contains("0 arms trained now"), "{t}");
     let with_given: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
@@ -253,11 +266,13 @@ async fn quick_eval_reports_every_comparison_and_reruns_from_its_cache() {
         with_given["seeds"][0]["no_knn"],
         report["seeds"][0]["no_knn"]
     );
+}
 
-    // Errors name the key or the table.
+/// Errors name the key or the table, and arms trained with other settings are refused.
+fn assert_bad_settings_are_named(cfg: &Path, dir: &Path) {
     let o = run(bin()
         .args(["eval", "--quick", "--config"])
-        .arg(&cfg)
+        .arg(cfg)
         .args(["--set", "eval.sweep_k=[1, 9]"]));
     let t = text(&o);
     assert!(
@@ -267,22 +282,22 @@ async fn quick_eval_reports_every_comparison_and_reruns_from_its_cache() {
     // The headline k is one of the sweep's (its samples are the ones compared with k = 0).
     let o = run(bin()
         .args(["eval", "--quick", "--config"])
-        .arg(&cfg)
+        .arg(cfg)
         .args(["--set", "eval.headline_k=3"]));
     let t = text(&o);
     assert!(
         !o.status.success() && t.contains("eval.headline_k") && t.contains("not in eval.sweep_k"),
         "{t}"
     );
-    let o = run(bin().args(["eval", "--quick", "--config"]).arg(&cfg).args([
+    let o = run(bin().args(["eval", "--quick", "--config"]).arg(cfg).args([
         "--set",
-        &format!("eval.captions={}/nowhere.lance", dir.path().display()),
+        &format!("eval.captions={}/nowhere.lance", dir.display()),
     ]));
     let t = text(&o);
     assert!(!o.status.success() && t.contains("nowhere.lance"), "{t}");
     // Arms trained with other settings are not silently reused nor overwritten: each child
     // says which directory to delete, and eval which arms failed.
-    let o = run(bin().args(["eval", "--quick", "--config"]).arg(&cfg).args([
+    let o = run(bin().args(["eval", "--quick", "--config"]).arg(cfg).args([
         "--set",
         "eval.lr=0.003",
         "--set",

@@ -5,17 +5,8 @@ mod cli;
 mod disk;
 mod distributed;
 mod eval;
-#[path = "../support/fault_proxy.rs"]
-mod fault_proxy;
 mod faults;
-#[path = "../support/images.rs"]
-#[allow(dead_code)]
-mod images;
-#[path = "../support/parquet.rs"]
-mod parquet;
-#[path = "../support/s3_server.rs"]
-mod s3_server;
 mod secrets;
 mod slurm;
-#[path = "../support/tables.rs"]
-mod tables;
+
+use knn_test_support::{fault_proxy, images, parquet, s3_server, tables};

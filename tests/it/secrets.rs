@@ -94,8 +94,26 @@ fn credentials_appear_in_no_log_summary_table_checkpoint_or_job_file() {
     stage(&["gc", "--dry-run"]);
     stage(&["gc"]);
 
+    said.push_str(&submit_dry_runs(dir.path(), &cfg, &server));
+
+    for s in secrets {
+        let lines: Vec<&str> = said.lines().filter(|l| l.contains(s)).collect();
+        assert!(lines.is_empty(), "`{s}` was printed: {lines:#?}");
+    }
+    let leaks: Vec<String> = [server.root.path(), dir.path()]
+        .iter()
+        .flat_map(|root| files_holding(root, &secrets))
+        .filter(|f| !f.contains("job.toml holds")) // the config the user wrote it in
+        .collect();
+    assert!(leaks.is_empty(), "{leaks:#?}");
+}
+
+/// What `submit --dry-run` prints for each backend's job file, rendered with the
+/// credentials in the environment, and the refusal of a manifest that would inline them.
+fn submit_dry_runs(dir: &Path, cfg: &Path, server: &S3Server) -> String {
+    let mut said = String::new();
     // Job files for each backend, rendered with the same environment.
-    let job = dir.path().join("job.toml").with_file_name("submit.toml");
+    let job = dir.join("job.toml").with_file_name("submit.toml");
     std::fs::write(
         &job,
         format!(
@@ -146,15 +164,5 @@ fn credentials_appear_in_no_log_summary_table_checkpoint_or_job_file() {
         "{t}"
     );
     said.push_str(&t);
-
-    for s in secrets {
-        let lines: Vec<&str> = said.lines().filter(|l| l.contains(s)).collect();
-        assert!(lines.is_empty(), "`{s}` was printed: {lines:#?}");
-    }
-    let leaks: Vec<String> = [server.root.path(), dir.path()]
-        .iter()
-        .flat_map(|root| files_holding(root, &secrets))
-        .filter(|f| !f.contains("job.toml holds")) // the config the user wrote it in
-        .collect();
-    assert!(leaks.is_empty(), "{leaks:#?}");
+    said
 }

@@ -5,10 +5,8 @@ mod cut_store;
 mod fixtures;
 mod fuzz;
 mod image_parity;
-#[path = "../../../tests/support/images.rs"]
-mod images;
 mod packaged;
 mod readers;
 mod s3;
-#[path = "../../../tests/support/s3_server.rs"]
-mod s3_server;
+
+use knn_test_support::{images, s3_server};

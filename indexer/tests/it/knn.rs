@@ -572,7 +572,18 @@ async fn retriever_searches_any_table_with_filters_and_clear_errors() {
         "{err}"
     );
 
-    // Errors.
+    assert_retriever_errors(dir.path(), &ra, &rb, &table_a, &query).await;
+}
+
+/// A query of the wrong width, too large a k, a missing filter column, no index when one is
+/// required, and an empty table: each its own error naming what to fix.
+async fn assert_retriever_errors(
+    dir: &Path,
+    ra: &Retriever,
+    rb: &Retriever,
+    table_a: &str,
+    query: &[f32],
+) {
     let err = ra.search(&query[..4], 5).await.unwrap_err();
     assert!(
         matches!(
@@ -585,8 +596,8 @@ async fn retriever_searches_any_table_with_filters_and_clear_errors() {
         ),
         "{err}"
     );
-    assert!(err.to_string().contains(&table_a));
-    let err = ra.search(&query, 501).await.unwrap_err();
+    assert!(err.to_string().contains(table_a));
+    let err = ra.search(query, 501).await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -603,18 +614,18 @@ async fn retriever_searches_any_table_with_filters_and_clear_errors() {
         low: 0.0,
         high: 1.0,
     };
-    let err = rb.search_filtered(&query, 3, Some(&bad)).await.unwrap_err();
+    let err = rb.search_filtered(query, 3, Some(&bad)).await.unwrap_err();
     assert!(matches!(err, IndexerError::MissingColumn { .. }), "{err}");
     let strict = RetrieverOptions {
         require_index: true,
         ..Default::default()
     };
-    let err = Retriever::open_with(&table_a, &StorageConfig::default(), None, strict)
+    let err = Retriever::open_with(table_a, &StorageConfig::default(), None, strict)
         .await
         .unwrap_err();
     assert!(matches!(err, IndexerError::NoIndex { .. }), "{err}");
     assert!(err.to_string().contains("build-index"), "{err}");
-    let empty = path(dir.path(), "empty.lance");
+    let empty = path(dir, "empty.lance");
     let reader = arrow_array::RecordBatchIterator::new(vec![], vector_schema(8, &[]));
     lance::Dataset::write(reader, &empty, None).await.unwrap();
     let err = Retriever::open(&empty, &StorageConfig::default())

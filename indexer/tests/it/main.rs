@@ -3,11 +3,7 @@
 
 mod clip_parity;
 mod embed;
-#[path = "../../../tests/support/images.rs"]
-mod images;
 mod knn;
-#[path = "../../../tests/support/parquet.rs"]
-mod parquet;
-#[path = "../../../tests/support/tables.rs"]
-mod tables;
 mod upkeep;
+
+use knn_test_support::{images, parquet, tables};

@@ -5,11 +5,9 @@ mod clip;
 mod fixtures;
 mod measures;
 mod parity;
-#[path = "../../../tests/support/parquet.rs"]
-mod parquet;
-#[path = "../../../tests/support/s3_server.rs"]
-mod s3_server;
 mod training;
+
+use knn_test_support::{parquet, s3_server};
 
 /// libtorch's random generator is process-global (weight init and dropout draw from it), so
 /// tests that train hold this lock: concurrent trainings would interleave its stream.

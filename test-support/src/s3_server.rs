@@ -1,6 +1,6 @@
 //! A real S3-protocol server on 127.0.0.1 for tests: `s3s-fs` (installed by
 //! `scripts/setup.sh --tests` into `.tools/bin`) serving a temporary directory with SigV4
-//! authentication. Shared by the crates' integration tests through `#[path]`.
+//! authentication.
 
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;

@@ -1,4 +1,4 @@
-//! Writing test shards as parquet bytes. Shared through `#[path]`.
+//! Writing test shards as parquet bytes.
 
 /// `batch` as the bytes of one parquet file (default writer settings).
 pub fn parquet_bytes(batch: &arrow_array::RecordBatch) -> Vec<u8> {

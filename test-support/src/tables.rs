@@ -1,4 +1,4 @@
-//! Reading Lance tables back in tests. Shared through `#[path]`.
+//! Reading Lance tables back in tests.
 
 use futures::TryStreamExt;
 
@@ -20,7 +20,6 @@ pub async fn u64_column(uri: &str, column: &str) -> Vec<u64> {
 }
 
 /// Every value of a string column of the table at `uri` (after `validate()`).
-#[allow(dead_code)]
 pub async fn string_column(uri: &str, column: &str) -> Vec<String> {
     scan(uri, Some(&[column]))
         .await
@@ -40,7 +39,6 @@ pub async fn string_column(uri: &str, column: &str) -> Vec<String> {
 
 /// Every row of the table at `uri` (after `validate()`) as text, keyed by its `id`, without
 /// the columns named in `skip` (row addresses, say, which follow the order of commits).
-#[allow(dead_code)]
 pub async fn rows_by_id(uri: &str, skip: &[&str]) -> std::collections::BTreeMap<u64, String> {
     use arrow::util::display::{ArrayFormatter, FormatOptions};
     let batches = scan(uri, None).await;

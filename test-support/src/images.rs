@@ -1,5 +1,5 @@
 //! Generated inputs for tests: real PNGs with a seed-dependent pattern, a decompression
-//! bomb, and WebDataset tar shards. Shared by the crates' integration tests through `#[path]`.
+//! bomb, and WebDataset tar shards.
 
 use std::io::Cursor;
 
