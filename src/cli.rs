@@ -182,7 +182,7 @@ pub struct TrainClipArgs {
 /// Flags of `submit`.
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
-    /// The job file (TOML with [job], [resources], [slurm], [kubernetes]).
+    /// The job file (TOML with `[job]`, `[resources]`, `[slurm]`, `[kubernetes]`).
     pub job: PathBuf,
 
     /// Override the job's backend.

@@ -2,7 +2,7 @@
 //! of CLIP embeddings (PAPER.md: `f_img(I)` for every image of the database).
 //!
 //! - [`clip`]: the model, its preprocessing and tokenizer, HF checkpoint loading;
-//! - [`embed`]: the stage: fetch → decode/resize → batch → CLIP → Lance, sharded over
+//! - [`embed`](mod@embed): the stage: fetch → decode/resize → batch → CLIP → Lance, sharded over
 //!   workers, exactly once per shard ([`ledger`]), resumable;
 //! - [`table`]: the output tables' schemas and the shard-committing writer;
 //! - [`knn`]: nearest neighbours: `build-index`, batch `precompute-knn`, the [`Retriever`].

@@ -14,11 +14,13 @@
 //! - [`parallel`]: data parallelism over a process group (broadcast, gradient averaging);
 //! - [`checkpoint`]: where checkpoints live, what they hold, tensors as safetensors;
 //! - [`metrics`]: `metrics.jsonl` and the progress callback;
-//! - [`train`]: the *loop* that wires them together and resumes by itself;
+//! - [`train`](mod@train): the *loop* that wires them together and resumes by itself; the step loop
+//!   itself (progress, the ranks' agreement, metrics lines, checkpoints, stops) is shared
+//!   with `train_clip` in the private `steps` module;
 //! - [`sampling`]: the guided reverse process and PNG grids;
-//! - [`sample`]: text → retrieval → sampling → PNG grids (the `sample` command);
+//! - [`sample`](mod@sample): text → retrieval → sampling → PNG grids (the `sample` command);
 //! - [`judge`]: how an independent CLIP reads the samples;
-//! - [`train_clip`]: the other loop: contrastive training of the project's own CLIP.
+//! - [`train_clip`](mod@train_clip): the other loop: contrastive training of the project's own CLIP.
 //!
 //! The pipeline in small: a folder of images embedded with a random-weight CLIP, each
 //! image's neighbours precomputed, then two training steps of the default U-Net on the CPU,
@@ -82,6 +84,7 @@ pub mod parallel;
 pub mod rng;
 pub mod sample;
 pub mod sampling;
+mod steps;
 pub mod train;
 pub mod train_clip;
 pub mod unet;

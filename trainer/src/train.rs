@@ -4,7 +4,7 @@
 //! data in [`crate::data`], the model and its loss in [`crate::model`], the optimiser in
 //! [`crate::optim`], data parallelism in [`crate::parallel`], checkpoints in
 //! [`crate::checkpoint`], the metrics file in [`crate::metrics`], the grid in
-//! [`crate::sampling`].
+//! [`crate::sampling`], and the step loop both training loops run in `crate::steps`.
 //!
 //! Guarantees:
 //! - resumes by itself from the newest valid checkpoint under the output directory (a torn
@@ -17,14 +17,15 @@
 //!   `<output_dir>/samples/step-N.png`.
 
 use crate::autocast::AutocastDtype;
-use crate::checkpoint::{CheckpointStore, SaveCadence, SavePoint, TrainingCheckpoints, Trajectory};
+use crate::checkpoint::{CheckpointStore, SavePoint, TrainingCheckpoints, Trajectory};
 use crate::config::{TrainConfig, TrajectoryConfig};
-use crate::data::{build_batch, DataLayout, Loader, SampleSpec, TrainingData};
+use crate::data::{build_batch, Batch, DataLayout, Loader, SampleSpec, TrainingData};
 use crate::metrics::{MetricsLog, TrainProgress};
 use crate::model::{batch_loss, DiffusionModel};
 use crate::optim::{zero_gradients, Optimiser};
 use crate::parallel::{define_gradients, DataParallel};
 use crate::sampling::HoldoutGrid;
+use crate::steps::{run_steps, Schedule, StepDone, Stepping};
 use crate::unet::{parameter_count, UNetConfig};
 use crate::{Result, TrainerError};
 use knn_cluster::rendezvous::Rendezvous;
@@ -33,7 +34,6 @@ use serde::Serialize;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
 use tch::{Device, Tensor};
 
 /// What a training run did.
@@ -87,92 +87,38 @@ pub async fn train(
     let mut loader = run.start_loader()?;
     let out_dir = PathBuf::from(&cfg.output_dir);
     std::fs::create_dir_all(&out_dir).map_err(|e| TrainerError::io(&out_dir, e))?;
-    let primary = run.dp.is_primary();
     // Over all ranks.
     let images_per_step = accum * cfg.batch_size as u64 * run.dp.world() as u64;
     let mut metrics = MetricsLog::open(
         &out_dir.join("metrics.jsonl"),
         run.step,
-        primary,
+        run.dp.is_primary(),
         images_per_step,
     )?;
-
-    let (mut last_ckpt, mut last_loss, mut bad_rows) = (None, f64::NAN, 0u64);
-    let mut recent_losses = Vec::new();
-    let (run_start, mut steps_run) = (Instant::now(), 0u64);
-    let mut cadence = SaveCadence::new(&cfg.checkpoint);
-    while run.step < cfg.max_steps {
-        let started = Instant::now();
-        let done = run.optimiser_step(&mut loader, &mut bad_rows)?;
-        steps_run += 1;
-        let step = run.step;
-        let asked = progress(&TrainProgress {
-            step,
-            max_steps: cfg.max_steps,
-            loss: done.loss,
-            lr: done.lr,
-            images_per_s: images_per_step as f64 / started.elapsed().as_secs_f64().max(1e-9),
-        })
-        .is_break();
-        // Every rank logs the same mean loss and stops at the same step.
-        let agreed = run.dp.agree(done.loss, asked, cadence.clock_due())?;
-        let (loss, stop) = (agreed.loss, agreed.stop);
-        last_loss = loss;
-        metrics.record(loss, loader.take_waited().as_secs_f64());
-        if primary {
-            // Only rank 0's checkpoints record them.
-            recent_losses.push(loss);
-        }
-        if step.is_multiple_of(cfg.log_every) || step == cfg.max_steps {
-            metrics.write(
-                step,
-                serde_json::json!({
-                    "lr": done.lr,
-                    "grad_norm": done.grad_norm,
-                    "bad_rows": bad_rows,
-                    "skipped_steps": run.opt.skipped_steps,
-                }),
-            )?;
-        }
-        let at_checkpoint = cadence.due(step, cfg.max_steps, agreed.clock_due, stop);
-        if at_checkpoint {
-            cadence.saved();
-        }
-        if primary && at_checkpoint {
-            let at = run.save(std::mem::take(&mut recent_losses)).await?;
-            tracing::info!(step, checkpoint = %at, "checkpoint written");
-            last_ckpt = Some(at);
-        }
-        let at_grid = cfg.samples.every_steps > 0 && step.is_multiple_of(cfg.samples.every_steps);
-        // Rank 0 alone holds the held-out rows (see `holdout_grid`).
-        if let Some(g) = grid.as_ref().filter(|_| at_grid) {
-            let path = out_dir.join("samples").join(format!("step-{step:010}.png"));
-            g.write(&run.opt.ema, &path)?;
-            tracing::info!(step, grid = %path.display(), "sample grid (top: held-out images; bottom: samples from their conditions)");
-        }
-        if at_checkpoint || (at_grid && run.holdout > 0) {
-            // The others wait (under the longer checkpoint bound) while rank 0 writes, so
-            // none exits before the checkpoint exists or times out in the next step.
-            run.dp.wait_for_primary()?;
-        }
-        if stop {
-            tracing::info!(
-                step,
-                "stopping early on request; the checkpoint above resumes it"
-            );
-            break;
-        }
-    }
-    let elapsed = run_start.elapsed().as_secs_f64();
+    let schedule = Schedule {
+        max_steps: cfg.max_steps,
+        log_every: cfg.log_every,
+        images_per_step,
+        checkpoint: &cfg.checkpoint,
+    };
+    let mut steps = DiffusionSteps {
+        run: &mut run,
+        grid,
+        out_dir,
+        bad_rows: 0,
+    };
+    let end = run_steps(&mut steps, &mut loader, &schedule, &mut metrics, progress).await?;
+    let bad_rows = steps.bad_rows;
+    let elapsed = end.elapsed_s;
     Ok(TrainSummary {
         resumed_from,
         step: run.step,
         parameters: parameter_count(&run.model.vs),
-        last_loss,
-        mean_recent_loss: metrics.mean_recent_loss(last_loss),
-        checkpoint: last_ckpt,
+        last_loss: end.last_loss,
+        mean_recent_loss: metrics.mean_recent_loss(end.last_loss),
+        checkpoint: end.checkpoint,
         bad_rows,
-        step_time_s: elapsed / steps_run.max(1) as f64,
+        step_time_s: elapsed / end.steps_run.max(1) as f64,
         data_wait_fraction: if elapsed > 0.0 {
             metrics.total_wait_s() / elapsed
         } else {
@@ -184,14 +130,58 @@ pub async fn train(
     })
 }
 
-/// What one optimiser step did.
-struct StepDone {
-    /// Mean loss of its micro-batches (this rank).
-    loss: f64,
-    /// Learning rate used.
-    lr: f64,
-    /// Gradient norm before clipping.
-    grad_norm: f64,
+/// The diffusion run as the step loop drives it: the run, the held-out grid it writes (rank
+/// 0) and the unusable rows its batches have met.
+struct DiffusionSteps<'r, 'a> {
+    run: &'r mut Run<'a>,
+    grid: Option<HoldoutGrid>,
+    out_dir: PathBuf,
+    bad_rows: u64,
+}
+
+impl Stepping for DiffusionSteps<'_, '_> {
+    type Batch = Batch;
+
+    fn step(&self) -> u64 {
+        self.run.step
+    }
+
+    fn dp(&mut self) -> &mut DataParallel {
+        &mut self.run.dp
+    }
+
+    fn optimiser_step(&mut self, loader: &mut Loader) -> Result<StepDone> {
+        self.run.optimiser_step(loader, &mut self.bad_rows)
+    }
+
+    fn metrics_fields(&self, done: &StepDone) -> Result<serde_json::Value> {
+        Ok(serde_json::json!({
+            "lr": done.lr,
+            "grad_norm": done.grad_norm,
+            "bad_rows": self.bad_rows,
+            "skipped_steps": self.run.opt.skipped_steps,
+        }))
+    }
+
+    async fn save(&self, recent_losses: Vec<f64>) -> Result<String> {
+        self.run.save(recent_losses).await
+    }
+
+    /// The sample grid when due; the others wait while rank 0, which alone holds the
+    /// held-out rows (see `holdout_grid`), writes it.
+    async fn after_step(&mut self, step: u64) -> Result<bool> {
+        let every = self.run.cfg.samples.every_steps;
+        let at_grid = every > 0 && step.is_multiple_of(every);
+        if let Some(g) = self.grid.as_ref().filter(|_| at_grid) {
+            let path = self
+                .out_dir
+                .join("samples")
+                .join(format!("step-{step:010}.png"));
+            g.write(&self.run.opt.ema, &path)?;
+            tracing::info!(step, grid = %path.display(), "sample grid (top: held-out images; bottom: samples from their conditions)");
+        }
+        Ok(at_grid && self.run.holdout > 0)
+    }
 }
 
 /// A training run once set up: where it runs, its data, model and optimiser, its

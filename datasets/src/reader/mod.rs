@@ -9,7 +9,7 @@
 //! container that breaks part way ends its stream with one `corrupt_shard` reject for the
 //! unread rest instead, after the records read before the break. A store error met while a
 //! container is parsed (a connection reset in the middle of a tar) is never taken for a
-//! broken container: [`StoreFault`] keeps it, and the stream ends with that error.
+//! broken container: `StoreFault` keeps it, and the stream ends with that error.
 
 mod folder;
 mod parquet;

@@ -48,7 +48,7 @@ impl Cells {
         self.len() == 0
     }
 
-    /// The cell of every partition [p].
+    /// The cell of every partition, `[p]`.
     pub fn of_partition(&self, device: Device) -> Tensor {
         let counts: Vec<i64> = self.starts.windows(2).map(|w| w[1] - w[0]).collect();
         Tensor::arange(self.len() as i64, (Kind::Int64, device)).repeat_interleave_self_tensor(

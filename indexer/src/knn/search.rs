@@ -143,8 +143,8 @@ impl TopK {
     }
 }
 
-/// Exact search: queries `q` [m, d] with ids `q_ids` [m] against database rows `rows` [n, d]
-/// with ids `row_ids` [n], merged into `top`.
+/// Exact search: queries `q` [m, d] with ids `q_ids` `[m]` against database rows `rows` [n, d]
+/// with ids `row_ids` `[n]`, merged into `top`.
 pub fn exact_scan(
     top: &mut TopK,
     q: &Tensor,
@@ -229,7 +229,7 @@ pub(crate) fn offsets(sorted_partition_of: &Tensor, partitions: i64) -> Vec<i64>
 pub struct IvfQueries {
     /// Query vectors [m, d].
     pub emb: Tensor,
-    /// Query ids [m].
+    /// Query ids `[m]`.
     pub ids: Tensor,
     /// Query row numbers grouped by probed partition (m · nprobe entries).
     by_partition: Tensor,
@@ -242,7 +242,7 @@ pub struct IvfQueries {
 }
 
 impl IvfQueries {
-    /// Queries `emb` [m, d] with ids `ids` [m] that look in the partitions `probes`
+    /// Queries `emb` [m, d] with ids `ids` `[m]` that look in the partitions `probes`
     /// [m, nprobe] (from [`flat_probes`] or a two-level quantizer; [`NO_NEIGHBOUR`] where a
     /// query has fewer) of `partitions` partitions.
     pub fn new(emb: Tensor, ids: Tensor, probes: &Tensor, partitions: i64) -> Self {
@@ -271,8 +271,8 @@ impl IvfQueries {
         self.len() == 0
     }
 
-    /// Scans one database block: `rows` [n, d] with ids `row_ids` [n], payload `row_aux` [n]
-    /// (merged into `top`'s `aux` when both track one) and partitions `row_partition` [n]
+    /// Scans one database block: `rows` [n, d] with ids `row_ids` `[n]`, payload `row_aux` `[n]`
+    /// (merged into `top`'s `aux` when both track one) and partitions `row_partition` `[n]`
     /// (from [`assign`]), merging into `top`.
     ///
     /// Each (query, probed partition) pair has its own slot of k candidates, so partitions

@@ -78,7 +78,7 @@ impl VectorBlock {
     }
 
     /// The block as tensors on `device`: embeddings [n, d] (L2-normalised, so dot products
-    /// are cosine similarities) and ids [n] (u64 bits in i64).
+    /// are cosine similarities) and ids `[n]` (u64 bits in i64).
     pub fn tensors(&self, dim: usize, device: Device) -> (Tensor, Tensor) {
         let n = self.ids.len() as i64;
         let mut emb = Tensor::from_slice(&self.emb)
@@ -91,7 +91,7 @@ impl VectorBlock {
         (emb, u64_tensor(&self.ids, device))
     }
 
-    /// The row addresses as a tensor [n] on `device` (u64 bits in i64).
+    /// The row addresses as a tensor `[n]` on `device` (u64 bits in i64).
     pub fn addr_tensor(&self, device: Device) -> Tensor {
         u64_tensor(&self.addrs, device)
     }

@@ -25,13 +25,14 @@ pub mod export;
 pub mod loss;
 
 use crate::autocast::{set_cuda_autocast_dtype, AutocastDtype};
-use crate::checkpoint::{CheckpointStore, SaveCadence, SavePoint, TrainingCheckpoints, Trajectory};
+use crate::checkpoint::{CheckpointStore, SavePoint, TrainingCheckpoints, Trajectory};
 use crate::data::{DataLayout, Loader};
 use crate::metrics::{MetricsLog, TrainProgress};
 use crate::model::named_parameters;
 use crate::optim::{zero_gradients, AdamW, Optimiser};
 use crate::parallel::{define_gradients, DataParallel};
 use crate::rng::{EpochPermutation, SampleRng};
+use crate::steps::{run_steps, Schedule, StepDone, Stepping};
 use crate::{Result, TrainerError};
 use captions::{CaptionRows, PrepareSummary};
 use config::TrainClipConfig;
@@ -47,7 +48,6 @@ use sha2::{Digest, Sha256};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 use tch::{nn, Device, Kind, Tensor};
 
 /// What a `train-clip` run did.
@@ -123,79 +123,23 @@ pub async fn train_clip(
     let mut run = ClipRun::set_up(cfg, storage, rdv).await?;
     let resumed_from = run.resume().await?;
     let mut loader = run.start_loader()?;
-    let primary = run.dp.is_primary();
     let images_per_step = (cfg.batch_size * run.dp.world()) as u64;
     let mut metrics = MetricsLog::open(
         &run.out_dir.join("metrics.jsonl"),
         run.step,
-        primary,
+        run.dp.is_primary(),
         images_per_step,
     )?;
-    let (mut last_ckpt, mut last_loss, mut recent_losses) = (None, f64::NAN, Vec::new());
-    let (run_start, mut steps_run) = (Instant::now(), 0u64);
-    let mut stopped = false;
-    let mut cadence = SaveCadence::new(&cfg.checkpoint);
-    while run.step < cfg.max_steps {
-        let started = Instant::now();
-        let done = run.optimiser_step(&mut loader)?;
-        steps_run += 1;
-        let step = run.step;
-        let asked = progress(&TrainProgress {
-            step,
-            max_steps: cfg.max_steps,
-            loss: done.loss,
-            lr: done.lr,
-            images_per_s: images_per_step as f64 / started.elapsed().as_secs_f64().max(1e-9),
-        })
-        .is_break();
-        let agreed = run.dp.agree(done.loss, asked, cadence.clock_due())?;
-        let (loss_all, stop) = (agreed.loss, agreed.stop);
-        last_loss = loss_all;
-        metrics.record(loss_all, loader.take_waited().as_secs_f64());
-        if primary {
-            recent_losses.push(loss_all);
-        }
-        if step.is_multiple_of(cfg.log_every) || step == cfg.max_steps {
-            metrics.write(
-                step,
-                serde_json::json!({
-                    "lr": done.lr,
-                    "grad_norm": done.grad_norm,
-                    "logit_scale": f64::try_from(run.model.logit_scale())?,
-                    "skipped_steps": run.opt.skipped_steps,
-                }),
-            )?;
-        }
-        let at_checkpoint = cadence.due(step, cfg.max_steps, agreed.clock_due, stop);
-        if at_checkpoint {
-            cadence.saved();
-        }
-        if primary && at_checkpoint {
-            let location = run.save(std::mem::take(&mut recent_losses)).await?;
-            tracing::info!(step, checkpoint = %location, "checkpoint written");
-            last_ckpt = Some(location);
-        }
-        let at_eval =
-            cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every) && step < cfg.max_steps;
-        if primary && at_eval {
-            let e = run.evaluate().await?;
-            tracing::info!(step, "held-out: {e}");
-        }
-        if at_checkpoint || at_eval {
-            run.dp.wait_for_primary()?;
-        }
-        if stop {
-            tracing::info!(
-                step,
-                "stopping early on request; the checkpoint above resumes it"
-            );
-            stopped = true;
-            break;
-        }
-    }
+    let schedule = Schedule {
+        max_steps: cfg.max_steps,
+        log_every: cfg.log_every,
+        images_per_step,
+        checkpoint: &cfg.checkpoint,
+    };
+    let end = run_steps(&mut run, &mut loader, &schedule, &mut metrics, progress).await?;
     drop(loader);
-    let elapsed = run_start.elapsed().as_secs_f64();
-    let (eval, export_dir) = if primary && !stopped {
+    let elapsed = end.elapsed_s;
+    let (eval, export_dir) = if run.dp.is_primary() && !end.stopped {
         let (e, dir) = run.finish().await?;
         (Some(e), Some(dir))
     } else {
@@ -206,15 +150,15 @@ pub async fn train_clip(
         resumed_from,
         step: run.step,
         parameters: run.n_params,
-        last_loss,
+        last_loss: end.last_loss,
         temperature_inverse: f64::try_from(run.model.logit_scale())?.exp(),
         train_rows: run.rows.train.len(),
         holdout_rows: run.rows.holdout.len(),
         prepare: run.prepare.clone(),
         eval,
         export_dir,
-        checkpoint: last_ckpt,
-        step_time_s: elapsed / steps_run.max(1) as f64,
+        checkpoint: end.checkpoint,
+        step_time_s: elapsed / end.steps_run.max(1) as f64,
         data_wait_fraction: if elapsed > 0.0 {
             metrics.total_wait_s() / elapsed
         } else {
@@ -226,14 +170,45 @@ pub async fn train_clip(
     })
 }
 
-/// What one optimiser step did.
-struct StepDone {
-    /// This rank's share of the global batch's loss.
-    loss: f64,
-    /// Learning rate used.
-    lr: f64,
-    /// Gradient norm before clipping.
-    grad_norm: f64,
+impl Stepping for ClipRun<'_> {
+    type Batch = ClipBatch;
+
+    fn step(&self) -> u64 {
+        self.step
+    }
+
+    fn dp(&mut self) -> &mut DataParallel {
+        &mut self.dp
+    }
+
+    fn optimiser_step(&mut self, loader: &mut Loader<ClipBatch>) -> Result<StepDone> {
+        ClipRun::optimiser_step(self, loader)
+    }
+
+    fn metrics_fields(&self, done: &StepDone) -> Result<serde_json::Value> {
+        Ok(serde_json::json!({
+            "lr": done.lr,
+            "grad_norm": done.grad_norm,
+            "logit_scale": f64::try_from(self.model.logit_scale())?,
+            "skipped_steps": self.opt.skipped_steps,
+        }))
+    }
+
+    async fn save(&self, recent_losses: Vec<f64>) -> Result<String> {
+        ClipRun::save(self, recent_losses).await
+    }
+
+    /// The held-out evaluation when due (rank 0; the others wait for it).
+    async fn after_step(&mut self, step: u64) -> Result<bool> {
+        let cfg = self.cfg;
+        let at_eval =
+            cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every) && step < cfg.max_steps;
+        if self.dp.is_primary() && at_eval {
+            let e = self.evaluate().await?;
+            tracing::info!(step, "held-out: {e}");
+        }
+        Ok(at_eval)
+    }
 }
 
 /// A `train-clip` run once set up: where it runs, its captions and tokenizer, the model and
