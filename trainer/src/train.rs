@@ -298,27 +298,13 @@ impl<'a> Run<'a> {
     /// Loads the newest valid checkpoint, if any, then makes every replica rank 0's.
     /// Returns the step resumed from (0: a fresh start).
     async fn resume(&mut self) -> Result<u64> {
-        let found = self
+        let (layout, accum) = (&self.layout, self.cfg.grad_accum as u64);
+        self.step = self
             .checkpoints
-            .resume(&mut self.dp, &self.params, &mut self.opt)
+            .resume_run(&mut self.dp, &self.params, &mut self.opt, |step| {
+                layout.cursor(step * accum)
+            })
             .await?;
-        if let Some((state, location)) = found {
-            let expect = self.layout.cursor(state.step * self.cfg.grad_accum as u64);
-            if state.cursor != expect {
-                return Err(TrainerError::Checkpoint {
-                    location,
-                    reason: format!(
-                        "its data cursor {:?} disagrees with step {} ({expect:?})",
-                        state.cursor, state.step
-                    ),
-                });
-            }
-            self.step = state.step;
-            tracing::info!(step = self.step, checkpoint = %location, "resuming");
-        }
-        // Identical replicas from the first step, however each rank initialised or loaded.
-        let tensors: Vec<Tensor> = self.params.iter().map(|(_, p)| p.shallow_clone()).collect();
-        self.dp.broadcast(&tensors)?;
         Ok(self.step)
     }
 

@@ -192,6 +192,36 @@ impl TrainingCheckpoints {
         Ok(Some((state, ck.location)))
     }
 
+    /// Resumes a run: loads the newest valid checkpoint as [`Self::resume`] does, checks its
+    /// data cursor against `cursor_at(its step)`, then makes every replica rank 0's, however
+    /// each rank initialised or loaded. Returns the step resumed from (0: a fresh start).
+    pub async fn resume_run(
+        &self,
+        dp: &mut DataParallel,
+        params: &[(String, Tensor)],
+        opt: &mut Optimiser,
+        cursor_at: impl Fn(u64) -> DataCursor,
+    ) -> Result<u64> {
+        let mut step = 0;
+        if let Some((state, location)) = self.resume(dp, params, opt).await? {
+            let expect = cursor_at(state.step);
+            if state.cursor != expect {
+                return Err(TrainerError::Checkpoint {
+                    location,
+                    reason: format!(
+                        "its data cursor {:?} disagrees with step {} ({expect:?})",
+                        state.cursor, state.step
+                    ),
+                });
+            }
+            step = state.step;
+            tracing::info!(step, checkpoint = %location, "resuming");
+        }
+        let tensors: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
+        dp.broadcast(&tensors)?;
+        Ok(step)
+    }
+
     /// Writes the checkpoint of `at` (rank 0 only) and prunes old ones; returns its location.
     pub async fn save(
         &self,

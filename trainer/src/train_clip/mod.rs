@@ -323,25 +323,13 @@ impl<'a> ClipRun<'a> {
     /// Loads the newest valid checkpoint, if any, then makes every replica rank 0's.
     /// Returns the step resumed from (0: a fresh start).
     async fn resume(&mut self) -> Result<u64> {
-        let found = self
+        let layout = &self.layout;
+        self.step = self
             .checkpoints
-            .resume(&mut self.dp, &self.params, &mut self.opt)
+            .resume_run(&mut self.dp, &self.params, &mut self.opt, |step| {
+                layout.cursor(step)
+            })
             .await?;
-        if let Some((state, location)) = found {
-            if state.cursor != self.layout.cursor(state.step) {
-                return Err(TrainerError::Checkpoint {
-                    location,
-                    reason: format!(
-                        "its data cursor {:?} disagrees with step {}",
-                        state.cursor, state.step
-                    ),
-                });
-            }
-            self.step = state.step;
-            tracing::info!(step = self.step, checkpoint = %location, "resuming");
-        }
-        let tensors: Vec<Tensor> = self.params.iter().map(|(_, p)| p.shallow_clone()).collect();
-        self.dp.broadcast(&tensors)?;
         Ok(self.step)
     }
 
