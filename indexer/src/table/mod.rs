@@ -426,7 +426,7 @@ impl ShardedTable {
 
     /// Whether `shard` is committed (as of the last refresh).
     pub fn is_committed(&self, shard: &str) -> bool {
-        self.ledger.committed_at(shard).is_some()
+        self.ledger.is_committed(shard)
     }
 
     /// Write parameters for appending uncommitted fragments.
@@ -515,7 +515,7 @@ impl ShardedTable {
                 .await;
             match result {
                 Ok(committed) => break committed,
-                Err(_) if self.ledger.committed_at(shard).is_some() => return Ok(false),
+                Err(_) if self.ledger.is_committed(shard) => return Ok(false),
                 Err(e) if tries < 3 && crate::ledger::is_not_found(&e) => tries += 1,
                 // The store failed the manifest's conditional write in a way it does not
                 // retry itself (a reset connection: the write may or may not have landed).

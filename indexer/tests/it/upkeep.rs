@@ -306,3 +306,107 @@ async fn shard_commits_wait_at_a_compactions_gate_and_a_dead_ones_lapses() {
     assert!(lapsed.await.expect("a stale gate held a commit"));
     assert_eq!(ids(&uri).await.len(), 6);
 }
+
+/// The ledger checkpoint objects in `t.lance/_knn_ledger/`, newest first.
+fn checkpoints(out: &std::path::Path) -> Vec<serde_json::Value> {
+    let mut names: Vec<std::path::PathBuf> = std::fs::read_dir(out.join("t.lance/_knn_ledger"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("ledger-")
+        })
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listed_checkpoint_from_an_earlier_build_still_reads_and_the_next_is_runs() {
+    let out = tempfile::tempdir().unwrap();
+    let uri = out.path().join("t.lance").to_string_lossy().to_string();
+    assert_eq!(worker(uri.clone(), vec![0, 1, 2], 0).await, 3);
+    // What an earlier build wrote at the newest version (shards s0..s2 in versions 2..4),
+    // then every older version removed: the checkpoint alone says which shards are in.
+    let ds = lance::Dataset::open(&uri).await.unwrap();
+    let newest = ds.version().version;
+    let listed = serde_json::json!({
+        "format": "knn-ledger/1",
+        "table_version": newest,
+        "shards": {"s0": 2, "s1": 3, "s2": 4},
+    });
+    std::fs::create_dir_all(out.path().join("t.lance/_knn_ledger")).unwrap();
+    std::fs::write(
+        out.path().join(format!(
+            "t.lance/_knn_ledger/ledger-{:020}.json",
+            u64::MAX - newest
+        )),
+        serde_json::to_vec(&listed).unwrap(),
+    )
+    .unwrap();
+    let policy = lance::dataset::cleanup::CleanupPolicy {
+        before_version: Some(newest),
+        before_timestamp: Some(chrono::Utc::now()),
+        error_if_tagged_old_versions: false,
+        ..Default::default()
+    };
+    assert!(ds.cleanup_with_policy(policy).await.unwrap().old_versions > 0);
+    let fresh = ShardedTable::open_or_create(&uri, rejects_schema(), &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(fresh.refresh_ledger().await.unwrap(), 3);
+    assert!(
+        !commit(&fresh, 1).await,
+        "a shard of the old checkpoint is refused"
+    );
+
+    // Forty more shards with upkeep every 8 versions, taken by two workers from both ends:
+    // the newest checkpoint holds them as at most two runs per width of number (s0..s9 and
+    // s10..s42 are two families).
+    let a = tokio::spawn(worker(uri.clone(), (3..43).collect(), 8));
+    let b = tokio::spawn(worker(uri.clone(), (3..43).rev().collect(), 8));
+    assert_eq!(a.await.unwrap() + b.await.unwrap(), 40);
+    let cp = checkpoints(out.path()).remove(0);
+    assert_eq!(cp["format"], "knn-ledger/2", "{cp}");
+    let runs: usize = cp["committed"]["families"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["runs"].as_array().unwrap().len())
+        .sum();
+    assert!(
+        cp["shard_count"].as_u64().unwrap() >= 30 && runs <= 4,
+        "{cp}"
+    );
+    let want: Vec<u64> = (0..43).flat_map(|s| [10 * s, 10 * s + 1]).collect();
+    assert_eq!(ids(&uri).await, want, "every row exactly once");
+
+    // A checkpoint whose count disagrees with its runs is named as unreadable.
+    let mut bad = cp.clone();
+    bad["shard_count"] = serde_json::json!(7);
+    let path = std::fs::read_dir(out.path().join("t.lance/_knn_ledger"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("ledger-")
+        })
+        .min()
+        .unwrap();
+    std::fs::write(&path, serde_json::to_vec(&bad).unwrap()).unwrap();
+    let fresh = ShardedTable::open_or_create(&uri, rejects_schema(), &Default::default())
+        .await
+        .unwrap();
+    let err = fresh.refresh_ledger().await.unwrap_err().to_string();
+    assert!(
+        err.contains("unreadable") && err.contains("shard_count says 7"),
+        "{err}"
+    );
+}

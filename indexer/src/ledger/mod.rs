@@ -16,7 +16,9 @@
 //! with the table's history, and Lance's `cleanup_old_versions` deletes old transactions. So
 //! the ledger is also written, every `storage.tables.every_commits` versions, as one object
 //! `_knn_ledger/ledger-<V>.json` in the table's directory (which Lance's clean-up never
-//! lists): the shards committed through version V. A worker starts from the checkpoint of
+//! lists): the shards committed through version V, as runs of shard numbers
+//! ([`shard_set`]), so that its size follows the gaps between committed shards rather than
+//! their count. A worker starts from the checkpoint of
 //! the highest V and reads only the transactions after it. A version whose transaction is gone
 //! must be covered by a checkpoint; if none covers it, the refresh fails rather than guess
 //! (see [`crate::table::maintain`] for the clean-up that keeps this true).
@@ -45,14 +47,22 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
+pub mod shard_set;
+pub use shard_set::ShardSet;
+use shard_set::WrittenShards;
+
 /// The transaction property naming the shard a commit belongs to.
 pub const SHARD_PROPERTY: &str = "knn.shard";
 
 /// The directory, inside the table's, that holds ledger checkpoints.
 pub const LEDGER_DIR: &str = "_knn_ledger";
 
-/// Format tag of a checkpoint object.
-const CHECKPOINT_FORMAT: &str = "knn-ledger/1";
+/// Format tag of the checkpoint objects this build writes: the shards as runs of numbers.
+const CHECKPOINT_FORMAT: &str = "knn-ledger/2";
+
+/// Format tag of the checkpoints written before, which list every shard with its version;
+/// still read.
+const CHECKPOINT_FORMAT_LISTED: &str = "knn-ledger/1";
 
 /// Checkpoints (and upkeep round objects) kept after a new one is written (older ones are
 /// deleted).
@@ -73,14 +83,37 @@ pub const GATE_LEASE: std::time::Duration = std::time::Duration::from_secs(120);
 struct Checkpoint {
     format: String,
     table_version: u64,
-    shards: BTreeMap<String, u64>,
+    /// How many shards `committed` holds, checked when read.
+    #[serde(default)]
+    shard_count: usize,
+    /// The shards (format 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    committed: Option<WrittenShards>,
+    /// Every shard with the version that committed it (format 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    shards: Option<BTreeMap<String, u64>>,
 }
 
-/// What the ledger knows about one table: which shards were committed, at which version.
+/// A checkpoint as read: the shards committed through `table_version`, and the versions
+/// that committed them where the checkpoint says (format 1 did).
+#[derive(Debug)]
+struct CheckpointRead {
+    table_version: u64,
+    committed: ShardSet,
+    versions: HashMap<String, u64>,
+}
+
+/// What the ledger knows about one table: which shards were committed, and at which version
+/// where it read that version's transaction.
 #[derive(Debug, Default)]
 struct LedgerState {
     scanned_through: u64,
-    committed: HashMap<String, u64>,
+    committed: ShardSet,
+    /// The version that committed a shard, for the shards learnt from transactions (a
+    /// checkpoint says only that a shard was committed by its version).
+    versions: HashMap<String, u64>,
+    /// The version of the newest checkpoint merged.
+    checkpoint_version: u64,
     /// The newest upkeep mark this worker tried to start a round at.
     mark: u64,
 }
@@ -179,7 +212,7 @@ impl LedgerStore {
 
     /// The checkpoint of the highest version, if any (one that vanishes while read, pruned
     /// by a newer one's writer, is looked for again).
-    async fn newest(&self) -> lance::Result<Option<Checkpoint>> {
+    async fn newest(&self) -> lance::Result<Option<CheckpointRead>> {
         for _ in 0..3 {
             let Some(&version) = self.listed("ledger", ".json").await?.first() else {
                 return Ok(None);
@@ -190,23 +223,56 @@ impl LedgerStore {
                 Err(e) if is_not_found(&e) => continue,
                 Err(e) => return Err(e),
             };
-            let cp: Checkpoint = serde_json::from_slice(&bytes).map_err(|e| {
-                lance::Error::invalid_input(format!(
-                    "ledger checkpoint `{path}` of table `{}` is unreadable ({e}); delete it and \
-                     rerun (the ledger is then read from the table's transactions)",
-                    self.table
-                ))
-            })?;
-            if cp.format != CHECKPOINT_FORMAT {
-                return Err(lance::Error::invalid_input(format!(
-                    "ledger checkpoint `{path}` of table `{}` has format `{}`, this build reads \
-                     `{CHECKPOINT_FORMAT}`",
-                    self.table, cp.format
-                )));
-            }
-            return Ok(Some(cp));
+            return self.parse(&path, &bytes).map(Some);
         }
         Ok(None)
+    }
+
+    /// Reads checkpoint object `path` of either format.
+    fn parse(&self, path: &Path, bytes: &[u8]) -> lance::Result<CheckpointRead> {
+        let unreadable = |why: String| {
+            lance::Error::invalid_input(format!(
+                "ledger checkpoint `{path}` of table `{}` is unreadable ({why}); delete it and \
+                 rerun (the ledger is then read from the table's transactions)",
+                self.table
+            ))
+        };
+        let cp: Checkpoint =
+            serde_json::from_slice(bytes).map_err(|e| unreadable(e.to_string()))?;
+        let read = |committed, versions| CheckpointRead {
+            table_version: cp.table_version,
+            committed,
+            versions,
+        };
+        match (cp.format.as_str(), cp.committed, cp.shards) {
+            (CHECKPOINT_FORMAT, Some(written), _) => {
+                let committed = ShardSet::from_written(written).map_err(unreadable)?;
+                if committed.len() != cp.shard_count {
+                    return Err(unreadable(format!(
+                        "its runs hold {} shards, its shard_count says {}",
+                        committed.len(),
+                        cp.shard_count
+                    )));
+                }
+                Ok(read(committed, HashMap::new()))
+            }
+            (CHECKPOINT_FORMAT_LISTED, _, Some(listed)) => {
+                let mut committed = ShardSet::default();
+                listed.keys().for_each(|s| {
+                    committed.insert(s);
+                });
+                Ok(read(committed, listed.into_iter().collect()))
+            }
+            (CHECKPOINT_FORMAT | CHECKPOINT_FORMAT_LISTED, _, _) => Err(unreadable(format!(
+                "format `{}` without its list of shards",
+                cp.format
+            ))),
+            (other, _, _) => Err(lance::Error::invalid_input(format!(
+                "ledger checkpoint `{path}` of table `{}` has format `{other}`, this build reads \
+                 `{CHECKPOINT_FORMAT}` and `{CHECKPOINT_FORMAT_LISTED}`",
+                self.table
+            ))),
+        }
     }
 
     /// Writes `cp` and prunes older checkpoints.
@@ -328,7 +394,8 @@ impl ShardLedger {
                     tracing::debug!(
                         table = %self.store.table,
                         checkpoint_version = cp.table_version,
-                        shards = cp.shards.len(),
+                        shards = cp.committed.len(),
+                        runs = cp.committed.pieces(),
                         elapsed_s = started.elapsed().as_secs_f64(),
                         "ledger checkpoint read"
                     );
@@ -354,7 +421,8 @@ impl ShardLedger {
                 let mut state = self.lock();
                 for (version, shard) in found {
                     if let Some(Some(shard)) = shard {
-                        let at = state.committed.entry(shard).or_insert(version);
+                        state.committed.insert(&shard);
+                        let at = state.versions.entry(shard).or_insert(version);
                         *at = (*at).min(version);
                     }
                 }
@@ -380,23 +448,30 @@ impl ShardLedger {
         }
     }
 
-    fn merge(&self, cp: Checkpoint) {
+    fn merge(&self, cp: CheckpointRead) {
         let mut state = self.lock();
         if cp.table_version <= state.scanned_through {
             return;
         }
-        for (shard, version) in cp.shards {
-            let at = state.committed.entry(shard).or_insert(version);
+        if state.committed.is_empty() {
+            state.committed = cp.committed;
+        } else {
+            state.committed.extend(&cp.committed);
+        }
+        for (shard, version) in cp.versions {
+            let at = state.versions.entry(shard).or_insert(version);
             *at = (*at).min(version);
         }
         state.scanned_through = cp.table_version;
+        state.checkpoint_version = cp.table_version;
     }
 
     /// Records that `shard` was committed in `version`, which this process just created;
     /// the ledger had read every version before it.
     pub fn record_own_commit(&self, shard: &str, version: u64) {
         let mut state = self.lock();
-        state.committed.insert(shard.to_string(), version);
+        state.committed.insert(shard);
+        state.versions.insert(shard.to_string(), version);
         if state.scanned_through + 1 == version {
             state.scanned_through = version;
         }
@@ -409,11 +484,9 @@ impl ShardLedger {
             Checkpoint {
                 format: CHECKPOINT_FORMAT.to_string(),
                 table_version: state.scanned_through,
-                shards: state
-                    .committed
-                    .iter()
-                    .map(|(s, v)| (s.clone(), *v))
-                    .collect(),
+                shard_count: state.committed.len(),
+                committed: Some(state.committed.to_written()),
+                shards: None,
             }
         };
         self.store.put(&cp).await?;
@@ -471,9 +544,24 @@ impl ShardLedger {
         self.lock().scanned_through
     }
 
-    /// The version at which `shard` was committed, if it was.
-    pub fn committed_at(&self, shard: &str) -> Option<u64> {
-        self.lock().committed.get(shard).copied()
+    /// Whether `shard` was committed.
+    pub fn is_committed(&self, shard: &str) -> bool {
+        self.lock().committed.contains(shard)
+    }
+
+    /// Where `shard` was committed, in words ("in version 7", "at or before version 500"), if
+    /// it was.
+    pub fn committed_where(&self, shard: &str) -> Option<String> {
+        let state = self.lock();
+        if let Some(v) = state.versions.get(shard) {
+            return Some(format!("in version {v}"));
+        }
+        state.committed.contains(shard).then(|| {
+            format!(
+                "at or before version {} (read from the ledger checkpoint)",
+                state.checkpoint_version
+            )
+        })
     }
 
     /// Number of shards committed.
@@ -636,10 +724,10 @@ impl CommitHandler for ShardLedgerHandler {
                 Err(e) => return Err(CommitError::OtherError(e.into())),
             }
         }
-        if let Some(at) = self.ledger.committed_at(&self.shard) {
+        if let Some(at) = self.ledger.committed_where(&self.shard) {
             return Err(CommitError::OtherError(lance::Error::invalid_input(
                 format!(
-                    "shard `{}` was already committed in version {at}; refusing a second commit",
+                    "shard `{}` was already committed {at}; refusing a second commit",
                     self.shard
                 ),
             )));
