@@ -17,9 +17,11 @@
 //! - [`s3_server`]: `s3s-fs` on 127.0.0.1 with SigV4, serving a temporary directory.
 //! - [`fault_proxy`]: an HTTP proxy in front of it that injects an object store's faults.
 //! - [`tables`]: a Lance table's columns and rows, read back after `validate()`.
+//! - [`tensorboard`]: what TensorBoard's reader finds in an event-file folder.
 
 pub mod fault_proxy;
 pub mod images;
 pub mod parquet;
 pub mod s3_server;
 pub mod tables;
+pub mod tensorboard;

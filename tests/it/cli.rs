@@ -409,6 +409,19 @@ async fn the_embedded_default_config_runs() {
     assert!(run_dir.join("samples/step-0000000004.png").is_file(), "{t}");
     let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 1, "{metrics}");
+    // The same line and the grid, as TensorBoard reads them.
+    let tb = knn_test_support::tensorboard::read(&run_dir.join("tensorboard"));
+    let line: serde_json::Value = serde_json::from_str(metrics.trim()).unwrap();
+    let loss = tb["scalars"]["loss"][0].as_array().unwrap();
+    assert_eq!(loss[0], 4, "{tb}");
+    assert_eq!(
+        loss[1].as_f64().unwrap() as f32,
+        line["loss"].as_f64().unwrap() as f32
+    );
+    let grid = tb["images"]["samples"][0].as_array().unwrap();
+    let png = std::fs::read(run_dir.join("samples/step-0000000004.png")).unwrap();
+    assert_eq!(grid[0], 4, "{tb}");
+    assert_eq!(grid[3].as_u64().unwrap() as usize, png.len(), "{tb}");
 
     // sample: text -> retrieval from the embeddings table -> guided DDIM -> two grids.
     let grid = dir.path().join("grid.png");

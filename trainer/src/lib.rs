@@ -14,6 +14,7 @@
 //! - [`parallel`]: data parallelism over a process group (broadcast, gradient averaging);
 //! - [`checkpoint`]: where checkpoints live, what they hold, tensors as safetensors;
 //! - [`metrics`]: `metrics.jsonl` and the progress callback;
+//! - [`tensorboard`]: the same numbers, and the sample grids, as TensorBoard event files;
 //! - [`train`](mod@train): the *loop* that wires them together and resumes by itself; the step loop
 //!   itself (progress, the ranks' agreement, metrics lines, checkpoints, stops) is shared
 //!   with `train_clip` in the private `steps` module;
@@ -85,6 +86,7 @@ pub mod rng;
 pub mod sample;
 pub mod sampling;
 mod steps;
+pub mod tensorboard;
 pub mod train;
 pub mod train_clip;
 pub mod unet;

@@ -5,7 +5,11 @@
 //! per step and images per second over the window since the previous line, plus what the
 //! loop adds (learning rate, gradient norm, counts). On resume the file is cut back to the
 //! resumed step first, so it never holds a step twice.
+//!
+//! Rank 0 writes the same numbers as TensorBoard scalars, and the sample grids as images,
+//! into `<output_dir>/tensorboard/` ([`crate::tensorboard`]).
 
+use crate::tensorboard::EventWriter;
 use crate::{Result, TrainerError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,6 +35,7 @@ pub struct TrainProgress {
 pub struct MetricsLog {
     path: PathBuf,
     file: Option<std::fs::File>,
+    events: Option<EventWriter>,
     images_per_step: u64,
     window_losses: Vec<f64>,
     window_wait_s: f64,
@@ -39,17 +44,23 @@ pub struct MetricsLog {
 }
 
 impl MetricsLog {
-    /// The log at `path`, resumed at `step`; only a `primary` rank writes the file. Every
-    /// step trains `images_per_step` images over all ranks.
+    /// The log at `path`, resumed at `step`; only a `primary` rank writes the file, and its
+    /// TensorBoard events in `tensorboard/` beside it. Every step trains `images_per_step`
+    /// images over all ranks.
     pub fn open(path: &Path, step: u64, primary: bool, images_per_step: u64) -> Result<Self> {
-        let file = if primary {
-            Some(open_truncated(path, step)?)
+        let (file, events) = if primary {
+            let dir = path.parent().unwrap_or(Path::new(".")).join("tensorboard");
+            (
+                Some(open_truncated(path, step)?),
+                Some(EventWriter::create(&dir, step)?),
+            )
         } else {
-            None
+            (None, None)
         };
         Ok(Self {
             path: path.to_path_buf(),
             file,
+            events,
             images_per_step,
             window_losses: Vec::new(),
             window_wait_s: 0.0,
@@ -94,10 +105,29 @@ impl MetricsLog {
                 .map_err(|e| TrainerError::io(&self.path, e))?;
             tracing::info!(step, loss, "step {line}");
         }
+        if let Some(events) = self.events.as_mut() {
+            let scalars: Vec<(String, f64)> = line
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(key, _)| key.as_str() != "step")
+                .filter_map(|(key, v)| Some((key.clone(), v.as_f64()?)))
+                .collect();
+            events.scalars(step, &scalars)?;
+        }
         self.window_losses.clear();
         self.window_wait_s = 0.0;
         self.window_start = Instant::now();
         Ok(())
+    }
+
+    /// Adds the PNG at `path` (a sample grid) to the TensorBoard events at `step` under
+    /// `tag` (rank 0; the others write nothing).
+    pub fn image(&mut self, step: u64, tag: &str, path: &Path) -> Result<()> {
+        match self.events.as_mut() {
+            Some(events) => events.png_file(step, tag, path),
+            None => Ok(()),
+        }
     }
 
     /// Mean loss of the steps since the last line (`last` when there are none).

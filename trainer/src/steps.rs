@@ -36,9 +36,10 @@ pub(crate) trait Stepping {
     fn metrics_fields(&self, done: &StepDone) -> Result<serde_json::Value>;
     /// Writes the checkpoint of the current step (rank 0 only calls it).
     async fn save(&self, recent_losses: Vec<f64>) -> Result<String>;
-    /// What the run does after `step`'s checkpoint, on every rank; true when the other
-    /// ranks must wait while rank 0 does it.
-    async fn after_step(&mut self, step: u64) -> Result<bool>;
+    /// What the run does after `step`'s checkpoint, on every rank (an image it makes goes
+    /// to `metrics`' TensorBoard events); true when the other ranks must wait while rank 0
+    /// does it.
+    async fn after_step(&mut self, step: u64, metrics: &mut MetricsLog) -> Result<bool>;
 }
 
 /// The loop's bounds and cadences.
@@ -122,7 +123,7 @@ pub(crate) async fn run_steps<R: Stepping>(
             tracing::info!(step, checkpoint = %at, "checkpoint written");
             end.checkpoint = Some(at);
         }
-        let others_wait = run.after_step(step).await?;
+        let others_wait = run.after_step(step, metrics).await?;
         if at_checkpoint || others_wait {
             // The others wait (under the longer checkpoint bound) while rank 0 writes, so
             // none exits before the checkpoint exists or times out in the next step.

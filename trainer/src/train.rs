@@ -169,7 +169,7 @@ impl Stepping for DiffusionSteps<'_, '_> {
 
     /// The sample grid when due; the others wait while rank 0, which alone holds the
     /// held-out rows (see `holdout_grid`), writes it.
-    async fn after_step(&mut self, step: u64) -> Result<bool> {
+    async fn after_step(&mut self, step: u64, metrics: &mut MetricsLog) -> Result<bool> {
         let every = self.run.cfg.samples.every_steps;
         let at_grid = every > 0 && step.is_multiple_of(every);
         if let Some(g) = self.grid.as_ref().filter(|_| at_grid) {
@@ -178,6 +178,7 @@ impl Stepping for DiffusionSteps<'_, '_> {
                 .join("samples")
                 .join(format!("step-{step:010}.png"));
             g.write(&self.run.opt.ema, &path)?;
+            metrics.image(step, "samples", &path)?;
             tracing::info!(step, grid = %path.display(), "sample grid (top: held-out images; bottom: samples from their conditions)");
         }
         Ok(at_grid && self.run.holdout > 0)

@@ -199,7 +199,7 @@ impl Stepping for ClipRun<'_> {
     }
 
     /// The held-out evaluation when due (rank 0; the others wait for it).
-    async fn after_step(&mut self, step: u64) -> Result<bool> {
+    async fn after_step(&mut self, step: u64, _metrics: &mut MetricsLog) -> Result<bool> {
         let cfg = self.cfg;
         let at_eval =
             cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every) && step < cfg.max_steps;

@@ -199,6 +199,39 @@ async fn resume_is_bit_identical_and_survives_a_corrupt_checkpoint() {
     assert_eq!((s3.resumed_from, s3.step), (6, 8));
     assert_eq!(model_bytes(&a_dir, 8), model_bytes(&b_dir, 8));
 
+    // Three runs wrote three event files (steps 1-3, 4-8, then 7-8 again): TensorBoard's
+    // reader shows every step once, with the loss metrics.jsonl holds.
+    let events = std::fs::read_dir(b_dir.join("run/tensorboard"))
+        .unwrap()
+        .count();
+    assert_eq!(events, 3);
+    let tb = knn_test_support::tensorboard::read(&b_dir.join("run/tensorboard"));
+    let want: Vec<(u64, f32)> = losses(&s3.metrics)
+        .into_iter()
+        .map(|(step, loss)| (step, loss as f32))
+        .collect();
+    let got: Vec<(u64, f32)> = tb["scalars"]["loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e[0].as_u64().unwrap(), e[1].as_f64().unwrap() as f32))
+        .collect();
+    assert_eq!(got, want, "{tb}");
+    assert_eq!(want.len(), 8);
+    for tag in [
+        "lr",
+        "grad_norm",
+        "data_wait_s",
+        "images_per_s",
+        "mean_loss",
+    ] {
+        assert_eq!(
+            tb["scalars"][tag].as_array().map(Vec::len),
+            Some(8),
+            "{tag}: {tb}"
+        );
+    }
+
     // A torn save (no manifest) is skipped the same way.
     std::fs::remove_file(b_dir.join("run/checkpoints/step-0000000008/MANIFEST.json")).unwrap();
     assert_eq!(store.latest_valid().await.unwrap().unwrap().step, 6);
