@@ -121,6 +121,15 @@ impl MetricsLog {
         Ok(())
     }
 
+    /// Adds `values` as TensorBoard scalars at `step` (rank 0; the others write nothing):
+    /// what a run measures beside its metrics lines, such as a held-out evaluation.
+    pub fn scalars(&mut self, step: u64, values: &[(String, f64)]) -> Result<()> {
+        match self.events.as_mut() {
+            Some(events) => events.scalars(step, values),
+            None => Ok(()),
+        }
+    }
+
     /// Adds the PNG at `path` (a sample grid) to the TensorBoard events at `step` under
     /// `tag` (rank 0; the others write nothing).
     pub fn image(&mut self, step: u64, tag: &str, path: &Path) -> Result<()> {

@@ -49,6 +49,38 @@ pub struct ClipEval {
 }
 
 impl ClipEval {
+    /// The scores as TensorBoard scalars: `held_out/recall@<k>/text_to_image` and
+    /// `…/image_to_text` for every k, and `held_out/gap/<field>`.
+    pub fn scalars(&self) -> Vec<(String, f64)> {
+        let mut out: Vec<(String, f64)> = self
+            .recall
+            .iter()
+            .flat_map(|r| {
+                [
+                    (
+                        format!("held_out/recall@{}/text_to_image", r.k),
+                        r.text_to_image,
+                    ),
+                    (
+                        format!("held_out/recall@{}/image_to_text", r.k),
+                        r.image_to_text,
+                    ),
+                ]
+            })
+            .collect();
+        let g = &self.gap;
+        for (name, v) in [
+            ("paired_text_image_cos", g.paired_text_image_cos),
+            ("unpaired_text_image_cos", g.unpaired_text_image_cos),
+            ("image_image_cos", g.image_image_cos),
+            ("text_text_cos", g.text_text_cos),
+            ("centroid_distance", g.centroid_distance),
+        ] {
+            out.push((format!("held_out/gap/{name}"), v));
+        }
+        out
+    }
+
     /// Recall at `k` (if measured).
     pub fn at(&self, k: usize) -> Option<&RecallAtK> {
         self.recall.iter().find(|r| r.k == k)

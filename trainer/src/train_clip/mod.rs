@@ -141,6 +141,7 @@ pub async fn train_clip(
     let elapsed = end.elapsed_s;
     let (eval, export_dir) = if run.dp.is_primary() && !end.stopped {
         let (e, dir) = run.finish().await?;
+        metrics.scalars(run.step, &e.scalars())?;
         (Some(e), Some(dir))
     } else {
         (None, None)
@@ -199,13 +200,14 @@ impl Stepping for ClipRun<'_> {
     }
 
     /// The held-out evaluation when due (rank 0; the others wait for it).
-    async fn after_step(&mut self, step: u64, _metrics: &mut MetricsLog) -> Result<bool> {
+    async fn after_step(&mut self, step: u64, metrics: &mut MetricsLog) -> Result<bool> {
         let cfg = self.cfg;
         let at_eval =
             cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every) && step < cfg.max_steps;
         if self.dp.is_primary() && at_eval {
             let e = self.evaluate().await?;
             tracing::info!(step, "held-out: {e}");
+            metrics.scalars(step, &e.scalars())?;
         }
         Ok(at_eval)
     }

@@ -149,6 +149,17 @@ async fn learns_exports_and_matches_transformers() {
         at5.text_to_image >= 2.0 * at5.chance && at5.image_to_text >= 2.0 * at5.chance,
         "{e}"
     );
+    // TensorBoard holds the loss of every metrics line and the final held-out scores.
+    let tb = knn_test_support::tensorboard::read(&dir.path().join("run/tensorboard"));
+    let lines = std::fs::read_to_string(&s.metrics).unwrap().lines().count();
+    assert_eq!(
+        tb["scalars"]["loss"].as_array().map(Vec::len),
+        Some(lines),
+        "{tb}"
+    );
+    let r5 = &tb["scalars"]["held_out/recall@5/text_to_image"][0];
+    assert_eq!(r5[0].as_u64(), Some(s.step), "{tb}");
+    assert_eq!(r5[1].as_f64().unwrap() as f32, at5.text_to_image as f32);
 
     // The export loads in our loader and in transformers to the same embeddings.
     let export = s.export_dir.clone().unwrap();
