@@ -44,7 +44,7 @@ use lance_table::io::commit::{
 };
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 pub mod shard_set;
@@ -94,26 +94,18 @@ struct Checkpoint {
     shards: Option<BTreeMap<String, u64>>,
 }
 
-/// A checkpoint as read: the shards committed through `table_version`, and the versions
-/// that committed them where the checkpoint says (format 1 did).
+/// A checkpoint as read: the shards committed through `table_version`.
 #[derive(Debug)]
 struct CheckpointRead {
     table_version: u64,
     committed: ShardSet,
-    versions: HashMap<String, u64>,
 }
 
-/// What the ledger knows about one table: which shards were committed, and at which version
-/// where it read that version's transaction.
+/// What the ledger knows about one table: which shards were committed through which version.
 #[derive(Debug, Default)]
 struct LedgerState {
     scanned_through: u64,
     committed: ShardSet,
-    /// The version that committed a shard, for the shards learnt from transactions (a
-    /// checkpoint says only that a shard was committed by its version).
-    versions: HashMap<String, u64>,
-    /// The version of the newest checkpoint merged.
-    checkpoint_version: u64,
     /// The newest upkeep mark this worker tried to start a round at.
     mark: u64,
 }
@@ -239,10 +231,9 @@ impl LedgerStore {
         };
         let cp: Checkpoint =
             serde_json::from_slice(bytes).map_err(|e| unreadable(e.to_string()))?;
-        let read = |committed, versions| CheckpointRead {
+        let read = |committed| CheckpointRead {
             table_version: cp.table_version,
             committed,
-            versions,
         };
         match (cp.format.as_str(), cp.committed, cp.shards) {
             (CHECKPOINT_FORMAT, Some(written), _) => {
@@ -254,14 +245,14 @@ impl LedgerStore {
                         cp.shard_count
                     )));
                 }
-                Ok(read(committed, HashMap::new()))
+                Ok(read(committed))
             }
             (CHECKPOINT_FORMAT_LISTED, _, Some(listed)) => {
                 let mut committed = ShardSet::default();
                 listed.keys().for_each(|s| {
                     committed.insert(s);
                 });
-                Ok(read(committed, listed.into_iter().collect()))
+                Ok(read(committed))
             }
             (CHECKPOINT_FORMAT | CHECKPOINT_FORMAT_LISTED, _, _) => Err(unreadable(format!(
                 "format `{}` without its list of shards",
@@ -419,11 +410,9 @@ impl ShardLedger {
                 .collect();
             if gone.is_empty() {
                 let mut state = self.lock();
-                for (version, shard) in found {
+                for (_, shard) in found {
                     if let Some(Some(shard)) = shard {
                         state.committed.insert(&shard);
-                        let at = state.versions.entry(shard).or_insert(version);
-                        *at = (*at).min(version);
                     }
                 }
                 state.scanned_through = state.scanned_through.max(through);
@@ -453,17 +442,8 @@ impl ShardLedger {
         if cp.table_version <= state.scanned_through {
             return;
         }
-        if state.committed.is_empty() {
-            state.committed = cp.committed;
-        } else {
-            state.committed.extend(&cp.committed);
-        }
-        for (shard, version) in cp.versions {
-            let at = state.versions.entry(shard).or_insert(version);
-            *at = (*at).min(version);
-        }
+        state.committed.extend(&cp.committed);
         state.scanned_through = cp.table_version;
-        state.checkpoint_version = cp.table_version;
     }
 
     /// Records that `shard` was committed in `version`, which this process just created;
@@ -471,7 +451,6 @@ impl ShardLedger {
     pub fn record_own_commit(&self, shard: &str, version: u64) {
         let mut state = self.lock();
         state.committed.insert(shard);
-        state.versions.insert(shard.to_string(), version);
         if state.scanned_through + 1 == version {
             state.scanned_through = version;
         }
@@ -547,21 +526,6 @@ impl ShardLedger {
     /// Whether `shard` was committed.
     pub fn is_committed(&self, shard: &str) -> bool {
         self.lock().committed.contains(shard)
-    }
-
-    /// Where `shard` was committed, in words ("in version 7", "at or before version 500"), if
-    /// it was.
-    pub fn committed_where(&self, shard: &str) -> Option<String> {
-        let state = self.lock();
-        if let Some(v) = state.versions.get(shard) {
-            return Some(format!("in version {v}"));
-        }
-        state.committed.contains(shard).then(|| {
-            format!(
-                "at or before version {} (read from the ledger checkpoint)",
-                state.checkpoint_version
-            )
-        })
     }
 
     /// Number of shards committed.
@@ -724,10 +688,10 @@ impl CommitHandler for ShardLedgerHandler {
                 Err(e) => return Err(CommitError::OtherError(e.into())),
             }
         }
-        if let Some(at) = self.ledger.committed_where(&self.shard) {
+        if self.ledger.is_committed(&self.shard) {
             return Err(CommitError::OtherError(lance::Error::invalid_input(
                 format!(
-                    "shard `{}` was already committed {at}; refusing a second commit",
+                    "shard `{}` was already committed; refusing a second commit",
                     self.shard
                 ),
             )));

@@ -154,13 +154,7 @@ async fn history_removed_without_a_checkpoint_is_an_error_not_a_guess() {
     assert_eq!(worker(uri.clone(), vec![0, 1, 2], 0).await, 3);
     // Another tool removes the old versions: no checkpoint records their shards.
     let ds = lance::Dataset::open(&uri).await.unwrap();
-    let policy = lance::dataset::cleanup::CleanupPolicy {
-        before_version: Some(ds.version().version),
-        before_timestamp: Some(chrono::Utc::now()),
-        error_if_tagged_old_versions: false,
-        ..Default::default()
-    };
-    assert!(ds.cleanup_with_policy(policy).await.unwrap().old_versions > 0);
+    remove_versions_before(&ds, ds.version().version).await;
     let fresh = ShardedTable::open_or_create(&uri, rejects_schema(), &Default::default())
         .await
         .unwrap();
@@ -307,9 +301,22 @@ async fn shard_commits_wait_at_a_compactions_gate_and_a_dead_ones_lapses() {
     assert_eq!(ids(&uri).await.len(), 6);
 }
 
-/// The ledger checkpoint objects in `t.lance/_knn_ledger/`, newest first.
-fn checkpoints(out: &std::path::Path) -> Vec<serde_json::Value> {
-    let mut names: Vec<std::path::PathBuf> = std::fs::read_dir(out.join("t.lance/_knn_ledger"))
+/// Removes every version of `ds` below `version`, as a tool other than `gc` would: Lance's
+/// own clean-up, with no ledger checkpoint written first.
+async fn remove_versions_before(ds: &lance::Dataset, version: u64) {
+    let policy = lance::dataset::cleanup::CleanupPolicy {
+        before_version: Some(version),
+        before_timestamp: Some(chrono::Utc::now()),
+        error_if_tagged_old_versions: false,
+        ..Default::default()
+    };
+    assert!(ds.cleanup_with_policy(policy).await.unwrap().old_versions > 0);
+}
+
+/// The newest ledger checkpoint object in `t.lance/_knn_ledger/`: its path and contents.
+fn newest_checkpoint(out: &std::path::Path) -> (std::path::PathBuf, serde_json::Value) {
+    // Names hold u64::MAX - version: the lowest name is the newest.
+    let path = std::fs::read_dir(out.join("t.lance/_knn_ledger"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| {
@@ -318,12 +325,10 @@ fn checkpoints(out: &std::path::Path) -> Vec<serde_json::Value> {
                 .to_string_lossy()
                 .starts_with("ledger-")
         })
-        .collect();
-    names.sort();
-    names
-        .iter()
-        .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
-        .collect()
+        .min()
+        .expect("a ledger checkpoint");
+    let cp = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    (path, cp)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -349,13 +354,7 @@ async fn a_listed_checkpoint_from_an_earlier_build_still_reads_and_the_next_is_r
         serde_json::to_vec(&listed).unwrap(),
     )
     .unwrap();
-    let policy = lance::dataset::cleanup::CleanupPolicy {
-        before_version: Some(newest),
-        before_timestamp: Some(chrono::Utc::now()),
-        error_if_tagged_old_versions: false,
-        ..Default::default()
-    };
-    assert!(ds.cleanup_with_policy(policy).await.unwrap().old_versions > 0);
+    remove_versions_before(&ds, newest).await;
     let fresh = ShardedTable::open_or_create(&uri, rejects_schema(), &Default::default())
         .await
         .unwrap();
@@ -371,7 +370,7 @@ async fn a_listed_checkpoint_from_an_earlier_build_still_reads_and_the_next_is_r
     let a = tokio::spawn(worker(uri.clone(), (3..43).collect(), 8));
     let b = tokio::spawn(worker(uri.clone(), (3..43).rev().collect(), 8));
     assert_eq!(a.await.unwrap() + b.await.unwrap(), 40);
-    let cp = checkpoints(out.path()).remove(0);
+    let (path, cp) = newest_checkpoint(out.path());
     assert_eq!(cp["format"], "knn-ledger/2", "{cp}");
     let runs: usize = cp["committed"]["families"]
         .as_array()
@@ -389,17 +388,6 @@ async fn a_listed_checkpoint_from_an_earlier_build_still_reads_and_the_next_is_r
     // A checkpoint whose count disagrees with its runs is named as unreadable.
     let mut bad = cp.clone();
     bad["shard_count"] = serde_json::json!(7);
-    let path = std::fs::read_dir(out.path().join("t.lance/_knn_ledger"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("ledger-")
-        })
-        .min()
-        .unwrap();
     std::fs::write(&path, serde_json::to_vec(&bad).unwrap()).unwrap();
     let fresh = ShardedTable::open_or_create(&uri, rejects_schema(), &Default::default())
         .await
