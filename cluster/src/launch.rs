@@ -296,18 +296,24 @@ fn submit_slurm(job: &Job, dry_run: bool) -> Result<Submitted, ClusterError> {
             hint: "; is this a Slurm login node? `--dry-run` prints the script instead",
             source,
         })?;
-    if !out.status.success() {
-        return Err(ClusterError::Refused {
-            program: "sbatch".into(),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
+    succeeded("sbatch", &out)?;
     let text = String::from_utf8_lossy(&out.stdout);
     let job_id = text.trim().split(';').next().unwrap_or("").to_string();
     Ok(Submitted::Slurm {
         job_id,
         script: path,
+    })
+}
+
+/// `out`'s exit status as a result: a failure is `program` refusing, with its stderr.
+fn succeeded(program: &str, out: &std::process::Output) -> Result<(), ClusterError> {
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(ClusterError::Refused {
+        program: program.into(),
+        status: out.status.to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
     })
 }
 
@@ -342,13 +348,7 @@ fn submit_kubernetes(job: &Job, dry_run: bool) -> Result<Submitted, ClusterError
             hint: "",
             source,
         })?;
-    if !out.status.success() {
-        return Err(ClusterError::Refused {
-            program: "kubectl apply".into(),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
+    succeeded("kubectl apply", &out)?;
     Ok(Submitted::Kubernetes {
         output: String::from_utf8_lossy(&out.stdout).trim().to_string(),
     })
